@@ -1,0 +1,158 @@
+//! Command line: `netbird-operator run`, `netbird-operator crd`, `--version`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::controller::{self, Context, Settings};
+use crate::http::{self, Health};
+use crate::metrics::Metrics;
+use crate::netbird::ClientOptions;
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(name = "netbird-operator", version, about = "Bootstraps self-hosted NetBird management servers and keeps their API token in a Secret")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the controller (in-cluster, or with $KUBECONFIG / ~/.kube/config).
+    Run(RunArgs),
+    /// Print the NetbirdInstance CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log level or filter (RUST_LOG overrides it).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// NetbirdInstances reconciled at once.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 8)]
+    pub concurrency: u16,
+    /// Connect timeout for NetBird, in seconds.
+    #[arg(long, env = "NETBIRD_CONNECT_TIMEOUT", default_value_t = 5)]
+    pub netbird_connect_timeout: u64,
+    /// Whole-request timeout for NetBird, in seconds.
+    #[arg(long, env = "NETBIRD_REQUEST_TIMEOUT", default_value_t = 30)]
+    pub netbird_request_timeout: u64,
+    /// Longest wait between retries of a failing instance, in seconds.
+    #[arg(long, env = "MAX_BACKOFF", default_value_t = 300)]
+    pub max_backoff: u64,
+    /// Name of this replica in Events (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+}
+
+pub async fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Crd => {
+            print!("{}", crate::crd::crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => match run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!(error = %e, "netbird-operator stopped");
+                eprintln!("netbird-operator: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn run(args: RunArgs) -> Result<(), String> {
+    telemetry::init(args.log_format, &args.log_level);
+    crate::tls::install_crypto_provider();
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("failed to connect to Kubernetes (in-cluster or $KUBECONFIG): {e}"))?;
+    let listener = http::bind(args.http_addr)
+        .await
+        .map_err(|e| format!("failed to listen on {}: {e}", args.http_addr))?;
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    let settings = Settings {
+        namespace: args.namespace.clone(),
+        concurrency: args.concurrency.max(1),
+        netbird: ClientOptions {
+            connect_timeout: Duration::from_secs(args.netbird_connect_timeout.max(1)),
+            request_timeout: Duration::from_secs(args.netbird_request_timeout.max(1)),
+            ..ClientOptions::default()
+        },
+        instance_id: args.pod_name.clone(),
+        max_backoff: Duration::from_secs(args.max_backoff.max(1)),
+    };
+    let ctx = Arc::new(Context::new(client, metrics.clone(), settings, shutdown.clone()));
+
+    let store_slot: Arc<OnceLock<kube::runtime::reflector::Store<crate::crd::NetbirdInstance>>> = Arc::default();
+    let gauges_store = store_slot.clone();
+    let gauges_metrics = metrics.clone();
+    let health = Arc::new(Health::new(move || {
+        if let Some(store) = gauges_store.get() {
+            let (r, n, u, up) = controller::instance_gauges(store);
+            gauges_metrics.set_instances(r, n, u, up);
+        }
+    }));
+    let http_task = tokio::spawn(http::serve(listener, health.clone(), metrics, shutdown.clone()));
+
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutting down");
+        signals.cancel();
+    });
+
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        namespace = args.namespace.as_deref().unwrap_or("(all)"),
+        http = %args.http_addr,
+        "netbird-operator starting"
+    );
+    let ready = health.clone();
+    controller::run(ctx, store_slot, move || {
+        info!("watches synced; ready");
+        ready.set_ready();
+    })
+    .await;
+    shutdown.cancel();
+    let _ = http_task.await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,610 @@
+//! The decision: from what is known about one NetbirdInstance, the next step. Pure: no I/O, no
+//! clock. The reconcile calls it again after each step until it returns `Step::Finish`.
+
+use crate::credentials::Credentials;
+use crate::netbird::{InstanceStatus, NetbirdError, User, VersionInfo};
+use crate::token_secret::{OUTCOME_TOKEN_NOT_ISSUED, ANN_SETUP_OUTCOME, TokenSecret, TokenValue};
+
+/// An input the reconcile reads from a Secret.
+#[derive(Debug, Clone)]
+pub enum Input<T> {
+    /// The spec does not ask for it.
+    NotNeeded,
+    /// The Secret does not exist (yet): wait for it.
+    Missing(String),
+    /// The Secret exists but its content is unusable (message for the condition).
+    Invalid(String),
+    Ready(T),
+}
+
+/// Outcome of the one setup call of this pass.
+#[derive(Debug)]
+pub enum SetupOutcome {
+    /// 200 with a token, and the token is in the Secret.
+    TokenStored { user_id: String, email: String },
+    /// 200 without a token; recorded on the Secret.
+    NoToken { user_id: String, email: String },
+    Failed(NetbirdError),
+}
+
+/// A token the server accepted, and when.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub user: User,
+    pub at: jiff::Timestamp,
+}
+
+/// What the steps of this pass found out.
+#[derive(Debug, Default)]
+pub struct Probes {
+    pub metadata_synced: bool,
+    pub verify: Option<Result<Verified, NetbirdError>>,
+    pub instance: Option<Result<InstanceStatus, NetbirdError>>,
+    pub claimed: bool,
+    pub setup: Option<SetupOutcome>,
+    pub claim_released: bool,
+    pub version: Option<Result<VersionInfo, NetbirdError>>,
+}
+
+/// Everything the decision looks at.
+#[derive(Debug)]
+pub struct Facts<'a> {
+    pub suspended: bool,
+    /// A spec error the schema could not catch.
+    pub spec_problem: Option<&'a str>,
+    pub credentials: &'a Input<Credentials>,
+    pub ca: &'a Input<Vec<u8>>,
+    pub token_secret: &'a TokenSecret,
+    /// Labels, annotations and owner references of the token Secret follow the spec.
+    pub secret_metadata_in_sync: bool,
+    /// Whether the previous status says this operator completed setup.
+    pub setup_done_before: bool,
+    /// A version check is due (enabled, and the interval passed or never checked).
+    pub version_due: bool,
+    pub probes: &'a Probes,
+    /// For messages.
+    pub secret_name: &'a str,
+    pub secret_key: &'a str,
+    pub management_url: &'a str,
+}
+
+/// Reasons of the Reconciling condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// A Kubernetes write failed, or the pass ran out of steps.
+    Progressing,
+    WaitingForCredentials,
+    ManagementUnreachable,
+}
+
+/// Reasons of the Stalled condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    InvalidSpec,
+    CredentialsRejected,
+    SetupUnavailable,
+    TokenNotIssued,
+    TokenLost,
+    TokenRejected,
+    SecretConflict,
+}
+
+impl Stall {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stall::InvalidSpec => "InvalidSpec",
+            Stall::CredentialsRejected => "CredentialsRejected",
+            Stall::SetupUnavailable => "SetupUnavailable",
+            Stall::TokenNotIssued => "TokenNotIssued",
+            Stall::TokenLost => "TokenLost",
+            Stall::TokenRejected => "TokenRejected",
+            Stall::SecretConflict => "SecretConflict",
+        }
+    }
+}
+
+impl Waiting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Waiting::Progressing => "Progressing",
+            Waiting::WaitingForCredentials => "WaitingForCredentials",
+            Waiting::ManagementUnreachable => "ManagementUnreachable",
+        }
+    }
+}
+
+/// How a pass ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// `spec.suspend`: nothing observed, nothing changed.
+    Suspended,
+    /// Setup done, token stored and verified.
+    Ready,
+    /// Will retry by itself; `retry` asks for a backoff requeue (else: wait for a watch event).
+    Waiting { reason: Waiting, message: String, retry: bool },
+    /// Needs a person.
+    Stalled { reason: Stall, message: String },
+}
+
+/// The next step of a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Bring the token Secret's labels, annotations and owner references in line with the spec.
+    SyncSecretMetadata,
+    /// `GET /api/users/current` with the stored token.
+    VerifyToken,
+    /// `GET /api/instance`.
+    CheckInstance,
+    /// Create or claim the token Secret with `setup-started-at`, before setup.
+    ClaimSecret,
+    /// `POST /api/setup`, then store the token at once.
+    Setup,
+    /// Remove `setup-started-at` after setup definitively failed.
+    ReleaseClaim,
+    /// `GET /api/instance/version`.
+    CheckVersion,
+    Finish(Verdict),
+}
+
+fn stalled(reason: Stall, message: String) -> Step {
+    Step::Finish(Verdict::Stalled { reason, message })
+}
+
+fn unreachable_or_stalled(e: &NetbirdError, what: &str) -> Step {
+    match e {
+        NetbirdError::Redirect { .. } => stalled(Stall::InvalidSpec, e.to_string()),
+        _ => Step::Finish(Verdict::Waiting {
+            reason: Waiting::ManagementUnreachable,
+            message: format!("{what}: {e}; retrying with backoff"),
+            retry: true,
+        }),
+    }
+}
+
+/// The next step for one NetbirdInstance.
+pub fn decide(f: &Facts<'_>) -> Step {
+    let p = f.probes;
+    if f.suspended {
+        return Step::Finish(Verdict::Suspended);
+    }
+    if let Some(problem) = f.spec_problem {
+        return stalled(Stall::InvalidSpec, problem.to_string());
+    }
+    match f.credentials {
+        Input::Missing(m) => {
+            return Step::Finish(Verdict::Waiting {
+                reason: Waiting::WaitingForCredentials,
+                message: m.clone(),
+                retry: false,
+            });
+        }
+        Input::Invalid(m) => return stalled(Stall::InvalidSpec, m.clone()),
+        Input::NotNeeded | Input::Ready(_) => {}
+    }
+    match f.ca {
+        Input::Missing(m) => {
+            return Step::Finish(Verdict::Waiting {
+                reason: Waiting::WaitingForCredentials,
+                message: m.clone(),
+                retry: false,
+            });
+        }
+        Input::Invalid(m) => return stalled(Stall::InvalidSpec, m.clone()),
+        Input::NotNeeded | Input::Ready(_) => {}
+    }
+
+    let owned = match f.token_secret {
+        TokenSecret::Foreign(why) => {
+            return stalled(
+                Stall::SecretConflict,
+                format!(
+                    "Secret {} exists but is not managed by this operator ({why}); it is left untouched. \
+                     Delete or rename it, or set spec.token.secretName to another name",
+                    f.secret_name
+                ),
+            );
+        }
+        TokenSecret::Ours(s) => Some(s),
+        TokenSecret::Absent => None,
+    };
+
+    if let Some(s) = owned {
+        if !f.secret_metadata_in_sync && !p.metadata_synced {
+            return Step::SyncSecretMetadata;
+        }
+        match &s.token {
+            TokenValue::Present(_) => {
+                return match &p.verify {
+                    None => Step::VerifyToken,
+                    Some(Err(e)) if e.is_token_rejected() => stalled(
+                        Stall::TokenRejected,
+                        format!(
+                            "the token in key {} of Secret {} was rejected: {e}. Create a personal access \
+                             token in the NetBird dashboard and put it under that key; the operator adopts it",
+                            f.secret_key, f.secret_name
+                        ),
+                    ),
+                    Some(Err(e)) => unreachable_or_stalled(e, "could not verify the stored token"),
+                    Some(Ok(_)) if f.version_due && p.version.is_none() => Step::CheckVersion,
+                    Some(Ok(_)) => Step::Finish(Verdict::Ready),
+                };
+            }
+            TokenValue::NotText => {
+                return stalled(
+                    Stall::TokenRejected,
+                    format!(
+                        "key {} of Secret {} holds binary data, not a token. Put a personal access token \
+                         (nbp_...) there; the operator adopts it",
+                        f.secret_key, f.secret_name
+                    ),
+                );
+            }
+            TokenValue::Missing => {}
+        }
+        if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_NOT_ISSUED) {
+            return stalled(Stall::TokenNotIssued, token_not_issued_message(f));
+        }
+    }
+
+    match &p.setup {
+        Some(SetupOutcome::NoToken { .. }) => return stalled(Stall::TokenNotIssued, token_not_issued_message(f)),
+        Some(SetupOutcome::TokenStored { .. }) => {
+            // the world now holds the token; reaching here means it could not be read back
+            return Step::Finish(Verdict::Waiting {
+                reason: Waiting::ManagementUnreachable,
+                message: "setup succeeded and the token was stored; verifying it".into(),
+                retry: true,
+            });
+        }
+        Some(SetupOutcome::Failed(e)) => {
+            let definitive = matches!(e.status(), Some(400 | 412 | 422));
+            if definitive && owned.is_some_and(|s| s.setup_started()) && !p.claim_released {
+                return Step::ReleaseClaim;
+            }
+            return match e.status() {
+                Some(412) => stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true)),
+                Some(422) if e.server_message().is_some_and(|m| m.contains("pat_expire_in")) => {
+                    stalled(Stall::InvalidSpec, format!("spec.token.expiresInDays was refused by NetBird: {e}"))
+                }
+                Some(400 | 422) => stalled(
+                    Stall::CredentialsRejected,
+                    format!("NetBird refused the credentials: {e}. Fix the credentials Secret; the operator retries when it changes"),
+                ),
+                _ => unreachable_or_stalled(e, "setup failed"),
+            };
+        }
+        None => {}
+    }
+
+    let instance = match &p.instance {
+        None => return Step::CheckInstance,
+        Some(Err(e)) => return unreachable_or_stalled(e, "could not read the instance status"),
+        Some(Ok(i)) => i,
+    };
+    let started = owned.is_some_and(|s| s.setup_started());
+    if !instance.setup_required {
+        if started || f.setup_done_before {
+            return stalled(Stall::TokenLost, token_lost_message(f, started));
+        }
+        return stalled(Stall::SetupUnavailable, setup_unavailable_message(f, false));
+    }
+    if !started && !p.claimed {
+        return Step::ClaimSecret;
+    }
+    Step::Setup
+}
+
+fn token_not_issued_message(f: &Facts<'_>) -> String {
+    format!(
+        "setup succeeded but NetBird returned no token: the server runs without NB_SETUP_PAT_ENABLED=true. \
+         Log in to the dashboard as the owner, create a personal access token and put it under key {} of \
+         Secret {}; the operator adopts it",
+        f.secret_key, f.secret_name
+    )
+}
+
+fn token_lost_message(f: &Facts<'_>, started: bool) -> String {
+    let how = if started {
+        "this operator's setup call reached the server but its token was never stored (the process stopped in between)"
+    } else {
+        "the token this operator stored is gone from the Secret"
+    };
+    format!(
+        "NetBird at {} is set up and {how}; NetBird shows a token only once. Log in to the dashboard as the \
+         owner, create a personal access token and put it under key {} of Secret {}; the operator adopts it",
+        f.management_url, f.secret_key, f.secret_name
+    )
+}
+
+fn setup_unavailable_message(f: &Facts<'_>, raced: bool) -> String {
+    let why = if raced {
+        "was set up by someone else just before this operator's setup call"
+    } else {
+        "is already set up (or uses an external identity provider)"
+    };
+    format!(
+        "NetBird at {} {why}, and Secret {} holds no token. Create a personal access token in the NetBird \
+         dashboard and put it under key {} of that Secret (with labels {}={} and {}=<instance name>); the \
+         operator adopts it",
+        f.management_url,
+        f.secret_name,
+        f.secret_key,
+        crate::token_secret::LABEL_MANAGED_BY,
+        crate::token_secret::MANAGED_BY,
+        crate::token_secret::LABEL_INSTANCE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token_secret::{ANN_SETUP_STARTED_AT, OwnedSecret};
+    use secrecy::SecretString;
+    use std::collections::BTreeMap;
+
+    fn creds() -> Input<Credentials> {
+        Input::Ready(Credentials {
+            email: "a@b.c".into(),
+            password: SecretString::from("password1"),
+            name: "A".into(),
+        })
+    }
+
+    fn owned(token: Option<&str>, started: bool) -> TokenSecret {
+        let mut annotations = BTreeMap::new();
+        if started {
+            annotations.insert(ANN_SETUP_STARTED_AT.to_string(), "t".to_string());
+        }
+        TokenSecret::Ours(OwnedSecret {
+            token: token.map_or(TokenValue::Missing, |t| TokenValue::Present(SecretString::from(t))),
+            labels: BTreeMap::new(),
+            annotations,
+            owner_references: vec![],
+        })
+    }
+
+    struct World {
+        credentials: Input<Credentials>,
+        ca: Input<Vec<u8>>,
+        secret: TokenSecret,
+        probes: Probes,
+        setup_done_before: bool,
+        version_due: bool,
+        suspended: bool,
+        spec_problem: Option<&'static str>,
+        in_sync: bool,
+    }
+
+    impl World {
+        fn new(secret: TokenSecret) -> Self {
+            World {
+                credentials: creds(),
+                ca: Input::NotNeeded,
+                secret,
+                probes: Probes::default(),
+                setup_done_before: false,
+                version_due: true,
+                suspended: false,
+                spec_problem: None,
+                in_sync: true,
+            }
+        }
+        fn decide(&self) -> Step {
+            decide(&Facts {
+                suspended: self.suspended,
+                spec_problem: self.spec_problem,
+                credentials: &self.credentials,
+                ca: &self.ca,
+                token_secret: &self.secret,
+                secret_metadata_in_sync: self.in_sync,
+                setup_done_before: self.setup_done_before,
+                version_due: self.version_due,
+                probes: &self.probes,
+                secret_name: "nb-token",
+                secret_key: "NB_API_KEY",
+                management_url: "https://nb.example.com",
+            })
+        }
+    }
+
+    fn api(status: u16, message: &str) -> NetbirdError {
+        NetbirdError::Api {
+            endpoint: crate::netbird::Endpoint::Setup,
+            status,
+            message: message.into(),
+            request_id: Some("r1".into()),
+        }
+    }
+
+    fn transport() -> NetbirdError {
+        NetbirdError::Transport {
+            endpoint: crate::netbird::Endpoint::Instance,
+            kind: crate::netbird::TransportKind::Connect,
+            detail: "connection refused".into(),
+        }
+    }
+
+    fn user() -> User {
+        User {
+            id: "u1".into(),
+            email: "a@b.c".into(),
+            name: "A".into(),
+            role: "owner".into(),
+            is_service_user: false,
+            status: "active".into(),
+        }
+    }
+
+    fn reason(step: Step) -> String {
+        match step {
+            Step::Finish(Verdict::Stalled { reason, .. }) => reason.as_str().to_string(),
+            Step::Finish(Verdict::Waiting { reason, .. }) => reason.as_str().to_string(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn fresh_instance_walks_check_claim_setup() {
+        let mut w = World::new(TokenSecret::Absent);
+        assert_eq!(w.decide(), Step::CheckInstance);
+        w.probes.instance = Some(Ok(InstanceStatus { setup_required: true }));
+        assert_eq!(w.decide(), Step::ClaimSecret);
+        w.probes.claimed = true;
+        w.secret = owned(None, true);
+        assert_eq!(w.decide(), Step::Setup);
+        // setup stored the token: the world now has it, and it gets verified, then versions read
+        w.probes.setup = Some(SetupOutcome::TokenStored { user_id: "u1".into(), email: "a@b.c".into() });
+        w.secret = owned(Some("nbp_x"), false);
+        assert_eq!(w.decide(), Step::VerifyToken);
+        w.probes.verify = Some(Ok(Verified { user: user(), at: jiff::Timestamp::UNIX_EPOCH }));
+        assert_eq!(w.decide(), Step::CheckVersion);
+        w.probes.version = Some(Err(transport()));
+        assert_eq!(w.decide(), Step::Finish(Verdict::Ready), "a failed version check never un-Readies");
+    }
+
+    #[test]
+    fn suspend_and_invalid_spec_come_first() {
+        let mut w = World::new(TokenSecret::Absent);
+        w.suspended = true;
+        assert_eq!(w.decide(), Step::Finish(Verdict::Suspended));
+        w.suspended = false;
+        w.spec_problem = Some("bad");
+        assert_eq!(reason(w.decide()), "InvalidSpec");
+    }
+
+    #[test]
+    fn missing_or_bad_inputs_wait_or_stall_before_any_call() {
+        let mut w = World::new(TokenSecret::Absent);
+        w.credentials = Input::Missing("waiting for Secret admin".into());
+        match w.decide() {
+            Step::Finish(Verdict::Waiting { reason: Waiting::WaitingForCredentials, retry: false, .. }) => {}
+            s => panic!("{s:?}"),
+        }
+        w.credentials = Input::Invalid("password is 5 bytes".into());
+        assert_eq!(reason(w.decide()), "InvalidSpec");
+        w.credentials = creds();
+        w.ca = Input::Missing("waiting for CA Secret".into());
+        assert_eq!(reason(w.decide()), "WaitingForCredentials");
+        w.ca = Input::Invalid("not PEM".into());
+        assert_eq!(reason(w.decide()), "InvalidSpec");
+    }
+
+    #[test]
+    fn a_foreign_secret_is_never_touched() {
+        let w = World::new(TokenSecret::Foreign("no label".into()));
+        assert_eq!(reason(w.decide()), "SecretConflict");
+    }
+
+    #[test]
+    fn stored_token_is_verified_and_adopted_without_setup() {
+        let mut w = World::new(owned(Some("nbp_x"), false));
+        assert_eq!(w.decide(), Step::VerifyToken);
+        w.probes.verify = Some(Ok(Verified { user: user(), at: jiff::Timestamp::UNIX_EPOCH }));
+        w.version_due = false;
+        assert_eq!(w.decide(), Step::Finish(Verdict::Ready));
+    }
+
+    #[test]
+    fn rejected_token_stalls_and_unreachable_retries() {
+        let mut w = World::new(owned(Some("nbp_x"), false));
+        w.probes.verify = Some(Err(api(401, "token invalid")));
+        assert_eq!(reason(w.decide()), "TokenRejected");
+        w.probes.verify = Some(Err(api(404, "invalid token: pat: x not found")));
+        assert_eq!(reason(w.decide()), "TokenRejected");
+        w.probes.verify = Some(Err(api(500, "internal server error")));
+        assert_eq!(reason(w.decide()), "ManagementUnreachable");
+        w.probes.verify = Some(Err(transport()));
+        assert_eq!(reason(w.decide()), "ManagementUnreachable");
+        let w = World::new(TokenSecret::Ours(OwnedSecret {
+            token: TokenValue::NotText,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            owner_references: vec![],
+        }));
+        assert_eq!(reason(w.decide()), "TokenRejected");
+    }
+
+    #[test]
+    fn already_set_up_without_token() {
+        let mut w = World::new(TokenSecret::Absent);
+        w.probes.instance = Some(Ok(InstanceStatus { setup_required: false }));
+        assert_eq!(reason(w.decide()), "SetupUnavailable");
+        // our own claim marker: the setup call went through, its token was lost
+        w.secret = owned(None, true);
+        assert_eq!(reason(w.decide()), "TokenLost");
+        // status remembers that setup was ours, the Secret was emptied since
+        w.secret = owned(None, false);
+        w.setup_done_before = true;
+        assert_eq!(reason(w.decide()), "TokenLost");
+    }
+
+    #[test]
+    fn a_claimed_secret_with_setup_still_required_calls_setup_without_reclaiming() {
+        let mut w = World::new(owned(None, true));
+        w.probes.instance = Some(Ok(InstanceStatus { setup_required: true }));
+        assert_eq!(w.decide(), Step::Setup);
+    }
+
+    #[test]
+    fn setup_failures_map_to_reasons_and_never_a_second_call() {
+        for (err, want) in [
+            (api(412, "setup already completed"), "SetupUnavailable"),
+            (api(422, "password must be at least 8 characters"), "CredentialsRejected"),
+            (api(422, "invalid email format"), "CredentialsRejected"),
+            (api(400, "invalid request body"), "CredentialsRejected"),
+            (api(422, "pat_expire_in must be between 1 and 365"), "InvalidSpec"),
+            (api(500, "internal server error"), "ManagementUnreachable"),
+            (transport(), "ManagementUnreachable"),
+        ] {
+            let mut w = World::new(owned(None, true));
+            w.probes.instance = Some(Ok(InstanceStatus { setup_required: true }));
+            w.probes.claimed = true;
+            let definitive = matches!(err.status(), Some(400 | 412 | 422));
+            w.probes.setup = Some(SetupOutcome::Failed(err));
+            if definitive {
+                assert_eq!(w.decide(), Step::ReleaseClaim, "{want}");
+                w.probes.claim_released = true;
+                w.secret = owned(None, false);
+            }
+            let step = w.decide();
+            assert_ne!(step, Step::Setup);
+            assert_eq!(reason(step), want);
+        }
+    }
+
+    #[test]
+    fn setup_without_token_is_remembered() {
+        let mut w = World::new(owned(None, false));
+        w.probes.setup = Some(SetupOutcome::NoToken { user_id: "u".into(), email: "e".into() });
+        assert_eq!(reason(w.decide()), "TokenNotIssued");
+        let mut annotations = BTreeMap::new();
+        annotations.insert(ANN_SETUP_OUTCOME.to_string(), OUTCOME_TOKEN_NOT_ISSUED.to_string());
+        let w = World::new(TokenSecret::Ours(OwnedSecret {
+            token: TokenValue::Missing,
+            labels: BTreeMap::new(),
+            annotations,
+            owner_references: vec![],
+        }));
+        assert_eq!(reason(w.decide()), "TokenNotIssued", "a later pass makes no call");
+    }
+
+    #[test]
+    fn redirects_are_a_spec_problem() {
+        let mut w = World::new(TokenSecret::Absent);
+        w.probes.instance = Some(Err(NetbirdError::Redirect {
+            endpoint: crate::netbird::Endpoint::Instance,
+            status: 302,
+            location: "https://elsewhere/".into(),
+        }));
+        assert_eq!(reason(w.decide()), "InvalidSpec");
+    }
+
+    #[test]
+    fn secret_metadata_is_synced_once() {
+        let mut w = World::new(owned(Some("nbp_x"), false));
+        w.in_sync = false;
+        assert_eq!(w.decide(), Step::SyncSecretMetadata);
+        w.probes.metadata_synced = true;
+        assert_eq!(w.decide(), Step::VerifyToken);
+    }
+}

@@ -1,0 +1,484 @@
+//! The NetbirdInstance controller: watches, the reconcile pass, requeue and backoff.
+//!
+//! A pass reads the world (the instance and its Secrets), asks [`decide::decide`] for the next step,
+//! does that one step, and asks again until the decision is a verdict; then it writes the status
+//! (only when it changed) and Events for transitions.
+
+pub mod decide;
+pub mod report;
+mod steps;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::core::PartialObjectMeta;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
+use crate::metrics::{Metrics, ReasonLabels, ResultLabels};
+use crate::netbird::ClientOptions;
+use decide::{Facts, Probes, Step, Verdict, Verified};
+
+/// Errors that end a pass early (the Kubernetes API failed); retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to read Secret {name}: {source}")]
+    ReadSecret { name: String, source: kube::Error },
+    #[error("failed to write the status: {0}")]
+    WriteStatus(#[source] kube::Error),
+    #[error("the NetbirdInstance has no namespace")]
+    NoNamespace,
+}
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch one namespace, or all when None.
+    pub namespace: Option<String>,
+    /// Reconciles run at once.
+    pub concurrency: u16,
+    /// Connect and request timeouts for NetBird.
+    pub netbird: ClientOptions,
+    /// Identity in Events (pod name).
+    pub instance_id: Option<String>,
+    /// Longest backoff between retries of a failing instance.
+    pub max_backoff: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            concurrency: 8,
+            netbird: ClientOptions::default(),
+            instance_id: None,
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Shared state of all passes.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    /// Consecutive failures per instance (uid), for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    /// Tokens verified recently, per instance (uid): digest of the token and the result. Held in
+    /// memory only, so a pass that changes nothing makes no call to NetBird.
+    verified: Mutex<HashMap<String, ([u8; 32], Verified)>>,
+    /// Results of fingerprint comparisons, per instance: digest of (fingerprint, credentials).
+    fingerprint_checks: Mutex<HashMap<String, ([u8; 32], bool)>>,
+    pub shutdown: CancellationToken,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, settings: Settings, shutdown: CancellationToken) -> Self {
+        let reporter = Reporter { controller: "netbird-operator".into(), instance: settings.instance_id.clone() };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            settings,
+            failures: Mutex::default(),
+            verified: Mutex::default(),
+            fingerprint_checks: Mutex::default(),
+            shutdown,
+        }
+    }
+
+    fn backoff(&self, uid: &str) -> Duration {
+        let n = {
+            let mut f = lock(&self.failures);
+            let n = f.entry(uid.to_string()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        };
+        backoff_delay(n, self.settings.max_backoff)
+    }
+
+    fn reset_backoff(&self, uid: &str) {
+        lock(&self.failures).remove(uid);
+    }
+
+    fn cached_verification(&self, uid: &str, digest: &[u8; 32], max_age: Duration, now: jiff::Timestamp) -> Option<Verified> {
+        let map = lock(&self.verified);
+        let (d, v) = map.get(uid)?;
+        let age = now.duration_since(v.at).unsigned_abs();
+        (d == digest && age < max_age).then(|| v.clone())
+    }
+
+    fn remember_verification(&self, uid: &str, digest: [u8; 32], v: &Verified) {
+        lock(&self.verified).insert(uid.to_string(), (digest, v.clone()));
+    }
+
+    fn forget(&self, uid: &str) {
+        lock(&self.verified).remove(uid);
+        lock(&self.failures).remove(uid);
+        lock(&self.fingerprint_checks).remove(uid);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Exponential backoff from 1 s, capped, with full jitter in the upper half.
+pub fn backoff_delay(failures: u32, max: Duration) -> Duration {
+    let base = Duration::from_secs(1).saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let capped = base.min(max);
+    let jitter = jitter_fraction();
+    capped.mul_f64(0.5 + 0.5 * jitter)
+}
+
+/// A number in [0, 1) from the system's random hasher seed (no extra dependency for jitter).
+fn jitter_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(jiff::Timestamp::now().as_nanosecond() as u64);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn digest(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+/// Now, in whole seconds (what the apiserver keeps in timestamps).
+fn now() -> jiff::Timestamp {
+    report::to_time(jiff::Timestamp::now()).0
+}
+
+/// Runs the controller until `ctx.shutdown` is cancelled. `on_synced` is called once the
+/// NetbirdInstance watch has listed everything.
+pub async fn run(
+    ctx: Arc<Context>,
+    store_slot: Arc<std::sync::OnceLock<Store<NetbirdInstance>>>,
+    on_synced: impl FnOnce() + Send + 'static,
+) {
+    let client = ctx.client.clone();
+    let (instances, secrets): (Api<NetbirdInstance>, Api<PartialObjectMeta<Secret>>) = match &ctx.settings.namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+
+    let controller = Controller::new(instances, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let _ = store_slot.set(store.clone());
+
+    // Secrets are watched by metadata only and not cached: memory does not grow with the Secrets of
+    // the cluster, and an event for a Secret that a NetbirdInstance references triggers its pass.
+    let secret_events = watcher(secrets, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects();
+    let mapper_store = store.clone();
+    let mapper = move |secret: PartialObjectMeta<Secret>| referencing(&mapper_store, &secret.metadata);
+
+    let sync_store = store.clone();
+    let shutdown = ctx.shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            res = sync_store.wait_until_ready() => if res.is_ok() { on_synced() },
+            _ = shutdown.cancelled() => {}
+        }
+    });
+
+    let shutdown = ctx.shutdown.clone();
+    controller
+        .watches_stream(secret_events, mapper)
+        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency))
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|res| {
+            let ctx = ctx.clone();
+            async move {
+                match res {
+                    Ok(_) => {}
+                    Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
+                        // deleted: drop what the passes remembered about it
+                        if let Some(uid) = obj.extra.uid.as_deref() {
+                            ctx.forget(uid);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "reconcile failed"),
+                }
+            }
+        })
+        .await;
+}
+
+/// NetbirdInstances whose credentials, token or CA Secret is `secret`.
+fn referencing(
+    store: &Store<NetbirdInstance>,
+    secret: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Vec<ObjectRef<NetbirdInstance>> {
+    let (Some(name), Some(ns)) = (secret.name.as_deref(), secret.namespace.as_deref()) else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .iter()
+        .filter(|nbi| nbi.namespace().as_deref() == Some(ns))
+        .filter(|nbi| {
+            nbi.spec.credentials_secret_ref.name == name
+                || nbi.token_secret_name() == name
+                || nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()).is_some_and(|c| c.name == name)
+        })
+        .map(|nbi| ObjectRef::from_obj(nbi.as_ref()))
+        .collect()
+}
+
+fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconciles.get_or_create(&ResultLabels { result: "error" }).inc();
+    ctx.metrics.reconcile_errors.get_or_create(&ReasonLabels { reason: "KubernetesError" }).inc();
+    let delay = ctx.backoff(nbi.uid().as_deref().unwrap_or_default());
+    warn!(namespace = nbi.namespace().unwrap_or_default(), name = %nbi.name_any(), error = %err, retry_in = ?delay, "pass failed");
+    Action::requeue(delay)
+}
+
+/// One pass for one NetbirdInstance.
+pub async fn reconcile(nbi: Arc<NetbirdInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = nbi.namespace().ok_or(Error::NoNamespace)?;
+    let name = nbi.name_any();
+    let span = info_span!("reconcile", namespace = %ns, name = %name, generation = nbi.metadata.generation);
+    async move {
+        let action = pass(&nbi, &ctx, &ns).await?;
+        ctx.metrics.reconciles.get_or_create(&ResultLabels { result: "ok" }).inc();
+        Ok(action)
+    }
+    .instrument(span)
+    .await
+}
+
+async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, Error> {
+    let name = nbi.name_any();
+    let uid = nbi.uid().unwrap_or_default();
+    let api: Api<NetbirdInstance> = Api::namespaced(ctx.client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let generation = nbi.metadata.generation;
+    let started = now();
+
+    // kstatus: observedGeneration and Ready from the very first pass
+    if nbi.status.as_ref().and_then(|s| s.observed_generation).is_none() && !nbi.spec.suspend {
+        write_status(&api, &name, &report::initial(generation, started)).await?;
+    }
+
+    let mut world = steps::World::read(nbi, &secrets).await?;
+    let interval = nbi.version_interval();
+    let version_due = nbi.spec.version_check.enabled && version_due(nbi, started, interval);
+    let mut probes = Probes::default();
+    if let Some(token) = world.token() {
+        if let Some(v) = ctx.cached_verification(&uid, &digest(token.expose_secret()), interval, started) {
+            probes.verify = Some(Ok(v));
+        }
+    }
+    let setup_done_before = nbi
+        .status
+        .as_ref()
+        .and_then(|s| s.setup.as_ref())
+        .is_some_and(|s| s.state == crate::crd::SetupState::Completed);
+    let secret_name = nbi.token_secret_name();
+    let spec_problem = nbi.spec.problem();
+
+    let mut verdict = None;
+    for _ in 0..16 {
+        let step = decide::decide(&Facts {
+            suspended: nbi.spec.suspend,
+            spec_problem: spec_problem.as_deref(),
+            credentials: &world.credentials,
+            ca: &world.ca,
+            token_secret: &world.token_secret,
+            secret_metadata_in_sync: world.metadata_in_sync(nbi),
+            setup_done_before,
+            version_due,
+            probes: &probes,
+            secret_name: &secret_name,
+            secret_key: &nbi.spec.token.secret_key,
+            management_url: &nbi.spec.management_url,
+        });
+        tracing::debug!(?step, "decided");
+        if let Step::Finish(v) = step {
+            verdict = Some(v);
+            break;
+        }
+        if let Err(v) = steps::run(step, nbi, ctx, &secrets, &mut world, &mut probes).await {
+            verdict = Some(v);
+            break;
+        }
+        if let Some(Ok(v)) = &probes.verify {
+            if let Some(token) = world.token() {
+                ctx.remember_verification(&uid, digest(token.expose_secret()), v);
+            }
+        }
+    }
+    let verdict = verdict.unwrap_or(Verdict::Waiting {
+        reason: decide::Waiting::Progressing,
+        message: "the pass took more steps than expected; continuing in the next pass".into(),
+        retry: true,
+    });
+    if matches!(&probes.verify, Some(Err(_))) {
+        lock(&ctx.verified).remove(&uid);
+    }
+
+    let credentials_changed = steps::credentials_changed(nbi, ctx, &world).await;
+    let status = report::status(&report::ReportInput {
+        generation,
+        previous: nbi.status.as_ref(),
+        verdict: &verdict,
+        probes: &probes,
+        token_secret: &world.token_secret,
+        secret_name: &secret_name,
+        credentials_changed,
+        version_check_enabled: nbi.spec.version_check.enabled,
+        now: now(),
+    });
+    let previous = nbi.status.clone();
+    if previous.as_ref() != Some(&status) {
+        write_status(&api, &name, &status).await?;
+    }
+    publish_events(nbi, ctx, previous.as_ref(), &status, &verdict, &probes).await;
+
+    let reason = report::verdict_reason(&verdict);
+    if !matches!(verdict, Verdict::Ready | Verdict::Suspended) {
+        ctx.metrics.reconcile_errors.get_or_create(&ReasonLabels { reason }).inc();
+    }
+    Ok(match &verdict {
+        Verdict::Ready => {
+            ctx.reset_backoff(&uid);
+            let next = match &probes.version {
+                Some(Err(_)) => ctx.backoff(&uid).max(Duration::from_secs(60)).min(interval),
+                _ => next_check(&status, started, interval),
+            };
+            info!(reason, requeue_in = ?next, "ready");
+            Action::requeue(next)
+        }
+        Verdict::Suspended => Action::await_change(),
+        Verdict::Waiting { retry: true, .. } => {
+            let d = ctx.backoff(&uid);
+            info!(reason, retry_in = ?d, "not ready, retrying");
+            Action::requeue(d)
+        }
+        Verdict::Waiting { retry: false, .. } => {
+            ctx.reset_backoff(&uid);
+            info!(reason, "waiting for a Secret");
+            // a watch event normally wakes the pass; this is a safety net
+            Action::requeue(Duration::from_secs(600))
+        }
+        Verdict::Stalled { .. } => {
+            ctx.reset_backoff(&uid);
+            info!(reason, "stalled: needs a person");
+            Action::await_change()
+        }
+    })
+}
+
+fn version_due(nbi: &NetbirdInstance, now: jiff::Timestamp, interval: Duration) -> bool {
+    let Some(status) = &nbi.status else { return true };
+    if status.observed_generation != nbi.metadata.generation {
+        return true;
+    }
+    match status.version.as_ref().and_then(|v| v.checked_at.as_ref()) {
+        None => true,
+        Some(t) => now.duration_since(t.0).unsigned_abs() >= interval || t.0 > now,
+    }
+}
+
+/// Time until the next version check (and token verification) is due.
+fn next_check(status: &NetbirdInstanceStatus, now: jiff::Timestamp, interval: Duration) -> Duration {
+    let last = status.version.as_ref().and_then(|v| v.checked_at.as_ref()).map(|t| t.0).unwrap_or(now);
+    let elapsed = now.duration_since(last).unsigned_abs();
+    interval.saturating_sub(elapsed).max(Duration::from_secs(1))
+}
+
+async fn write_status(api: &Api<NetbirdInstance>, name: &str, status: &NetbirdInstanceStatus) -> Result<(), Error> {
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(Error::WriteStatus)
+}
+
+async fn publish_events(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    previous: Option<&NetbirdInstanceStatus>,
+    status: &NetbirdInstanceStatus,
+    verdict: &Verdict,
+    probes: &Probes,
+) {
+    let mut events = Vec::new();
+    if let Some(decide::SetupOutcome::TokenStored { .. }) = &probes.setup {
+        events.push((EventType::Normal, "SetupPerformed", "the one-time setup succeeded and its token is stored".to_string()));
+    }
+    if report::ready_of(previous) != report::ready_of(Some(status)) {
+        let ready = status.conditions.iter().find(|c| c.type_ == report::READY);
+        let message = ready.map(|c| c.message.clone()).unwrap_or_default();
+        let (ty, reason) = match verdict {
+            Verdict::Ready => (EventType::Normal, "Bootstrapped"),
+            Verdict::Suspended => return,
+            Verdict::Waiting { reason, retry, .. } => {
+                (if *retry { EventType::Warning } else { EventType::Normal }, reason.as_str())
+            }
+            Verdict::Stalled { reason, .. } => (EventType::Warning, reason.as_str()),
+        };
+        events.push((ty, reason, message));
+    }
+    let reference = nbi.object_ref(&());
+    for (type_, reason, note) in events {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            warn!(error = %e, reason, "failed to publish an Event");
+        }
+    }
+}
+
+/// Gauges of instances by Ready state, from the watch cache.
+pub fn instance_gauges(store: &Store<NetbirdInstance>) -> (i64, i64, i64, i64) {
+    let (mut ready, mut not_ready, mut unknown, mut update) = (0, 0, 0, 0);
+    for nbi in store.state() {
+        match report::ready_of(nbi.status.as_ref()).map(|(s, _)| s) {
+            Some(s) if s == "True" => ready += 1,
+            Some(s) if s == "False" => not_ready += 1,
+            _ => unknown += 1,
+        }
+        if nbi.status.as_ref().and_then(|s| s.version.as_ref()).is_some_and(|v| v.update_available) {
+            update += 1;
+        }
+    }
+    (ready, not_ready, unknown, update)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let max = Duration::from_secs(300);
+        for n in 1..40 {
+            let d = backoff_delay(n, max);
+            let base = Duration::from_secs(1).saturating_mul(1u32 << (n - 1).min(16)).min(max);
+            assert!(d >= base / 2 && d <= base, "n={n} d={d:?}");
+        }
+        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff_delay(10, max)).collect();
+        assert!(samples.len() > 1, "jitter varies the delay");
+    }
+}

@@ -1,0 +1,446 @@
+//! The report: the status a pass writes, computed from its verdict and what it learned. Pure.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use super::decide::{Probes, SetupOutcome, Stall, Verdict};
+use crate::crd::{NetbirdInstanceStatus, SetupState, SetupStatus, TokenStatus, VersionStatus};
+use crate::token_secret::{
+    ANN_EXPIRES_AT, ANN_FINGERPRINT, ANN_SETUP_COMPLETED_AT, ANN_SETUP_STARTED_AT, ANN_USER_ID, TokenSecret,
+};
+
+pub const READY: &str = "Ready";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
+pub const SETUP_COMPLETE: &str = "SetupComplete";
+pub const TOKEN_AVAILABLE: &str = "TokenAvailable";
+pub const UPDATE_AVAILABLE: &str = "UpdateAvailable";
+
+/// Inputs of the report.
+pub struct ReportInput<'a> {
+    pub generation: Option<i64>,
+    pub previous: Option<&'a NetbirdInstanceStatus>,
+    pub verdict: &'a Verdict,
+    pub probes: &'a Probes,
+    pub token_secret: &'a TokenSecret,
+    pub secret_name: &'a str,
+    /// The credentials Secret no longer matches `credentialsFingerprint`.
+    pub credentials_changed: bool,
+    pub version_check_enabled: bool,
+    /// Now, truncated to seconds (what the apiserver keeps).
+    pub now: Timestamp,
+}
+
+/// A timestamp as the apiserver stores it (whole seconds), so that an unchanged status compares equal.
+pub fn to_time(t: Timestamp) -> Time {
+    Time(Timestamp::from_second(t.as_second()).unwrap_or(t))
+}
+
+fn parse_time(s: Option<&str>) -> Option<Time> {
+    s.and_then(|s| s.parse::<Timestamp>().ok()).map(to_time)
+}
+
+/// The status for the first pass of a new object: work begins, nothing is known yet.
+pub fn initial(generation: Option<i64>, now: Timestamp) -> NetbirdInstanceStatus {
+    let mut conditions = Vec::new();
+    set(&mut conditions, cond(READY, "Unknown", "Progressing", "reconciling for the first time", generation, now));
+    set(&mut conditions, cond(RECONCILING, "True", "Progressing", "reconciling for the first time", generation, now));
+    NetbirdInstanceStatus {
+        observed_generation: generation,
+        conditions,
+        setup: Some(SetupStatus {
+            state: SetupState::Pending,
+            owner_user_id: None,
+            owner_email: None,
+            started_at: None,
+            completed_at: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The status a pass writes.
+pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
+    let prev = r.previous.cloned().unwrap_or_default();
+    if *r.verdict == Verdict::Suspended {
+        return NetbirdInstanceStatus { observed_generation: r.generation, ..prev };
+    }
+    let owned = r.token_secret.owned();
+    let ann = |k: &str| owned.and_then(|s| s.annotation(k));
+    let verified = r.probes.verify.as_ref().and_then(|v| v.as_ref().ok());
+    let setup_result = match &r.probes.setup {
+        Some(SetupOutcome::TokenStored { user_id, email }) | Some(SetupOutcome::NoToken { user_id, email }) => {
+            Some((user_id.clone(), email.clone()))
+        }
+        _ => None,
+    };
+    let performed_by_us = ann(ANN_SETUP_COMPLETED_AT).is_some() || setup_result.is_some();
+
+    // setup
+    let prev_setup = prev.setup.clone();
+    let state = match r.verdict {
+        Verdict::Ready => {
+            if performed_by_us {
+                SetupState::Completed
+            } else {
+                SetupState::AlreadySetUp
+            }
+        }
+        Verdict::Stalled { reason: Stall::TokenLost | Stall::TokenNotIssued, .. } => SetupState::Completed,
+        Verdict::Stalled { reason: Stall::SetupUnavailable, .. } => SetupState::Unavailable,
+        _ if owned.is_some_and(|s| s.setup_started()) => SetupState::InProgress,
+        _ => prev_setup.as_ref().map_or(SetupState::Pending, |s| s.state),
+    };
+    let owner_from_verify = verified.filter(|v| v.user.role == "owner");
+    let setup = SetupStatus {
+        state,
+        owner_user_id: setup_result
+            .as_ref()
+            .map(|(id, _)| id.clone())
+            .or_else(|| owner_from_verify.map(|v| v.user.id.clone()))
+            .or_else(|| prev_setup.as_ref().and_then(|s| s.owner_user_id.clone())),
+        owner_email: setup_result
+            .as_ref()
+            .map(|(_, e)| e.clone())
+            .filter(|e| !e.is_empty())
+            .or_else(|| owner_from_verify.map(|v| v.user.email.clone()))
+            .or_else(|| prev_setup.as_ref().and_then(|s| s.owner_email.clone())),
+        started_at: parse_time(ann(ANN_SETUP_STARTED_AT)).or_else(|| prev_setup.as_ref().and_then(|s| s.started_at.clone())),
+        completed_at: parse_time(ann(ANN_SETUP_COMPLETED_AT))
+            .or_else(|| prev_setup.as_ref().and_then(|s| s.completed_at.clone())),
+    };
+
+    // token
+    let token = match (owned, r.verdict) {
+        (Some(_), _) => {
+            let p = prev.token.clone().unwrap_or_default();
+            Some(TokenStatus {
+                secret_name: r.secret_name.to_string(),
+                user_id: verified
+                    .map(|v| v.user.id.clone())
+                    .or_else(|| ann(ANN_USER_ID).map(str::to_string))
+                    .or(p.user_id),
+                token_id: p.token_id,
+                expires_at: parse_time(ann(ANN_EXPIRES_AT)).or(p.expires_at),
+                last_verified_at: verified.map(|v| to_time(v.at)).or(p.last_verified_at),
+                last_rotated_at: p.last_rotated_at,
+            })
+        }
+        (None, _) => None,
+    };
+
+    // version
+    let version = match &r.probes.version {
+        Some(Ok(v)) => Some(VersionStatus {
+            management: Some(v.management_current_version.clone()),
+            management_available: v.management_available_version.clone(),
+            dashboard_available: v.dashboard_available_version.clone(),
+            update_available: v.management_update_available,
+            checked_at: Some(to_time(r.now)),
+        }),
+        _ => prev.version.clone(),
+    };
+
+    // conditions
+    let g = r.generation;
+    let now = r.now;
+    let mut conditions = prev.conditions.clone();
+    let (ready_status, ready_reason, ready_message) = match r.verdict {
+        Verdict::Ready => {
+            let mut m = format!("NetBird is set up and a verified token is in Secret {}", r.secret_name);
+            if r.credentials_changed {
+                m.push_str(
+                    "; note: the credentials Secret no longer matches the credentials NetBird was set up with. \
+                     The operator never changes the owner's password: change it in the NetBird dashboard",
+                );
+            }
+            ("True", "Bootstrapped".to_string(), m)
+        }
+        Verdict::Waiting { reason, message, .. } => ("False", reason.as_str().to_string(), message.clone()),
+        Verdict::Stalled { reason, message } => ("False", reason.as_str().to_string(), message.clone()),
+        // handled above: a suspended pass keeps the previous status
+        Verdict::Suspended => ("Unknown", "Suspended".to_string(), "reconciling is suspended".to_string()),
+    };
+    set(&mut conditions, cond(READY, ready_status, &ready_reason, &ready_message, g, now));
+    match r.verdict {
+        Verdict::Waiting { reason, message, .. } => {
+            set(&mut conditions, cond(RECONCILING, "True", reason.as_str(), message, g, now));
+            remove(&mut conditions, STALLED);
+        }
+        Verdict::Stalled { reason, message } => {
+            set(&mut conditions, cond(STALLED, "True", reason.as_str(), message, g, now));
+            remove(&mut conditions, RECONCILING);
+        }
+        _ => {
+            remove(&mut conditions, RECONCILING);
+            remove(&mut conditions, STALLED);
+        }
+    }
+    if matches!(setup.state, SetupState::Completed | SetupState::AlreadySetUp | SetupState::Unavailable) {
+        let (reason, message) = if setup.state == SetupState::Completed {
+            ("SetupPerformed", "this operator ran the one-time setup")
+        } else {
+            ("AlreadySetUp", "NetBird was set up before this operator looked at it")
+        };
+        set(&mut conditions, cond(SETUP_COMPLETE, "True", reason, message, g, now));
+    } else {
+        set(&mut conditions, cond(SETUP_COMPLETE, "False", &ready_reason, &ready_message, g, now));
+    }
+    match r.verdict {
+        Verdict::Ready => {
+            let (reason, message) = if performed_by_us && ann(ANN_USER_ID).is_some_and(|u| verified.is_none_or(|v| v.user.id == u)) {
+                ("TokenStored", "the token from setup is stored and verified")
+            } else {
+                ("TokenAdopted", "a token put into the Secret was verified and adopted")
+            };
+            set(&mut conditions, cond(TOKEN_AVAILABLE, "True", reason, message, g, now));
+        }
+        _ => set(&mut conditions, cond(TOKEN_AVAILABLE, "False", &ready_reason, &ready_message, g, now)),
+    }
+    let (status, reason, message) = match (&version, &r.probes.version) {
+        _ if !r.version_check_enabled => ("Unknown", "Unknown", "the version check is disabled".to_string()),
+        (_, Some(Err(e))) => ("Unknown", "Unknown", format!("the last version check failed: {e}")),
+        (Some(v), _) if v.update_available => (
+            "True",
+            "UpdateAvailable",
+            format!(
+                "management {} is available (running {})",
+                v.management_available.as_deref().unwrap_or("?"),
+                v.management.as_deref().unwrap_or("?")
+            ),
+        ),
+        (Some(v), _) if v.management_available.is_some() => {
+            ("False", "UpToDate", format!("running the latest management release {}", v.management.as_deref().unwrap_or("?")))
+        }
+        (Some(_), _) => (
+            "Unknown",
+            "Unknown",
+            "the server could not tell the latest release (it may have no internet access)".to_string(),
+        ),
+        (None, _) => ("Unknown", "Unknown", "versions not checked yet".to_string()),
+    };
+    set(&mut conditions, cond(UPDATE_AVAILABLE, status, reason, &message, g, now));
+
+    NetbirdInstanceStatus {
+        observed_generation: g,
+        conditions,
+        setup: Some(setup),
+        token,
+        version,
+        credentials_fingerprint: ann(ANN_FINGERPRINT).map(str::to_string).or(prev.credentials_fingerprint),
+    }
+}
+
+fn cond(type_: &str, status: &str, reason: &str, message: &str, generation: Option<i64>, now: Timestamp) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.chars().take(32768).collect(),
+        observed_generation: generation,
+        last_transition_time: to_time(now),
+    }
+}
+
+/// Sets a condition; keeps its lastTransitionTime when its status did not change.
+fn set(conditions: &mut Vec<Condition>, mut c: Condition) {
+    if let Some(old) = conditions.iter_mut().find(|o| o.type_ == c.type_) {
+        if old.status == c.status {
+            c.last_transition_time = old.last_transition_time.clone();
+        }
+        *old = c;
+    } else {
+        conditions.push(c);
+    }
+}
+
+fn remove(conditions: &mut Vec<Condition>, type_: &str) {
+    conditions.retain(|c| c.type_ != type_);
+}
+
+/// The Ready condition's (status, reason), to detect transitions.
+pub fn ready_of(status: Option<&NetbirdInstanceStatus>) -> Option<(String, String)> {
+    status?.conditions.iter().find(|c| c.type_ == READY).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// Reason of the Reconciling condition for a verdict (for Events and metrics).
+pub fn verdict_reason(v: &Verdict) -> &'static str {
+    match v {
+        Verdict::Ready => "Bootstrapped",
+        Verdict::Suspended => "Suspended",
+        Verdict::Waiting { reason, .. } => reason.as_str(),
+        Verdict::Stalled { reason, .. } => reason.as_str(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::decide::Verified;
+    use crate::netbird::{User, VersionInfo};
+    use crate::token_secret::{OwnedSecret, TokenValue};
+    use secrecy::SecretString;
+    use std::collections::BTreeMap;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn owned(annotations: &[(&str, &str)]) -> TokenSecret {
+        TokenSecret::Ours(OwnedSecret {
+            token: TokenValue::Present(SecretString::from("nbp_x")),
+            labels: BTreeMap::new(),
+            annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            owner_references: vec![],
+        })
+    }
+
+    fn verified(at: Timestamp) -> Verified {
+        Verified {
+            user: User {
+                id: "u1".into(),
+                email: "a@b.c".into(),
+                name: "A".into(),
+                role: "owner".into(),
+                is_service_user: false,
+                status: "active".into(),
+            },
+            at,
+        }
+    }
+
+    fn get<'a>(s: &'a NetbirdInstanceStatus, ty: &str) -> Option<&'a Condition> {
+        s.conditions.iter().find(|c| c.type_ == ty)
+    }
+
+    #[test]
+    fn ready_after_setup_reports_everything() {
+        let secret = owned(&[
+            (ANN_SETUP_COMPLETED_AT, "2027-01-15T08:00:00Z"),
+            (ANN_USER_ID, "u1"),
+            (ANN_EXPIRES_AT, "2027-02-14T08:00:00Z"),
+            (ANN_FINGERPRINT, "$argon2id$v=19$x"),
+        ]);
+        let probes = Probes {
+            verify: Some(Ok(verified(t(0)))),
+            version: Some(Ok(VersionInfo {
+                management_current_version: "0.77.1".into(),
+                management_update_available: true,
+                dashboard_available_version: Some("2.10.0".into()),
+                management_available_version: Some("0.78.0".into()),
+            })),
+            ..Default::default()
+        };
+        let s = status(&ReportInput {
+            generation: Some(3),
+            previous: None,
+            verdict: &Verdict::Ready,
+            probes: &probes,
+            token_secret: &secret,
+            secret_name: "nb-token",
+            credentials_changed: false,
+            version_check_enabled: true,
+            now: t(1),
+        });
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(get(&s, READY).unwrap().status, "True");
+        assert_eq!(get(&s, READY).unwrap().observed_generation, Some(3));
+        assert!(get(&s, RECONCILING).is_none() && get(&s, STALLED).is_none());
+        assert_eq!(get(&s, SETUP_COMPLETE).unwrap().reason, "SetupPerformed");
+        assert_eq!(get(&s, TOKEN_AVAILABLE).unwrap().reason, "TokenStored");
+        assert_eq!(get(&s, UPDATE_AVAILABLE).unwrap().reason, "UpdateAvailable");
+        assert_eq!(s.setup.as_ref().unwrap().state, SetupState::Completed);
+        assert_eq!(s.version.as_ref().unwrap().management_available.as_deref(), Some("0.78.0"));
+        assert_eq!(s.token.as_ref().unwrap().expires_at.as_ref().unwrap().0.to_string(), "2027-02-14T08:00:00Z");
+        assert_eq!(s.credentials_fingerprint.as_deref(), Some("$argon2id$v=19$x"));
+
+        // the same pass again later (cached verification, no version check): identical status
+        let again = status(&ReportInput {
+            generation: Some(3),
+            previous: Some(&s),
+            verdict: &Verdict::Ready,
+            probes: &Probes { verify: Some(Ok(verified(t(0)))), ..Default::default() },
+            token_secret: &secret,
+            secret_name: "nb-token",
+            credentials_changed: false,
+            version_check_enabled: true,
+            now: t(500),
+        });
+        assert_eq!(again, s, "an unchanged world gives an identical status, so nothing is written");
+    }
+
+    #[test]
+    fn stalled_sets_stalled_and_keeps_transition_times() {
+        let verdict = Verdict::Stalled { reason: Stall::SetupUnavailable, message: "m".into() };
+        let probes = Probes::default();
+        let input = |prev, now| ReportInput {
+            generation: Some(1),
+            previous: prev,
+            verdict: &verdict,
+            probes: &probes,
+            token_secret: &TokenSecret::Absent,
+            secret_name: "nb-token",
+            credentials_changed: false,
+            version_check_enabled: true,
+            now,
+        };
+        let first = initial(Some(1), t(0));
+        let s = status(&input(Some(&first), t(10)));
+        let stalled = get(&s, STALLED).unwrap();
+        assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "SetupUnavailable"));
+        assert!(get(&s, RECONCILING).is_none());
+        assert_eq!(get(&s, READY).unwrap().reason, "SetupUnavailable");
+        assert_eq!(get(&s, SETUP_COMPLETE).unwrap().reason, "AlreadySetUp");
+        assert_eq!(s.setup.as_ref().unwrap().state, SetupState::Unavailable);
+        let later = status(&input(Some(&s), t(99)));
+        assert_eq!(get(&later, STALLED).unwrap().last_transition_time, to_time(t(10)));
+    }
+
+    #[test]
+    fn changed_credentials_are_mentioned_on_ready() {
+        let secret = owned(&[(ANN_SETUP_COMPLETED_AT, "2027-01-15T08:00:00Z"), (ANN_USER_ID, "u1")]);
+        let s = status(&ReportInput {
+            generation: Some(1),
+            previous: None,
+            verdict: &Verdict::Ready,
+            probes: &Probes { verify: Some(Ok(verified(t(0)))), ..Default::default() },
+            token_secret: &secret,
+            secret_name: "nb-token",
+            credentials_changed: true,
+            version_check_enabled: false,
+            now: t(1),
+        });
+        assert!(get(&s, READY).unwrap().message.contains("set up with"));
+        assert_eq!(get(&s, UPDATE_AVAILABLE).unwrap().status, "Unknown");
+    }
+
+    #[test]
+    fn adopted_token_and_offline_version() {
+        let secret = owned(&[]);
+        let probes = Probes {
+            verify: Some(Ok(verified(t(0)))),
+            version: Some(Ok(VersionInfo {
+                management_current_version: "0.77.1".into(),
+                management_update_available: false,
+                dashboard_available_version: None,
+                management_available_version: None,
+            })),
+            ..Default::default()
+        };
+        let s = status(&ReportInput {
+            generation: Some(1),
+            previous: None,
+            verdict: &Verdict::Ready,
+            probes: &probes,
+            token_secret: &secret,
+            secret_name: "nb-token",
+            credentials_changed: false,
+            version_check_enabled: true,
+            now: t(1),
+        });
+        assert_eq!(get(&s, TOKEN_AVAILABLE).unwrap().reason, "TokenAdopted");
+        assert_eq!(get(&s, SETUP_COMPLETE).unwrap().reason, "AlreadySetUp");
+        assert_eq!(get(&s, UPDATE_AVAILABLE).unwrap().status, "Unknown");
+        assert!(s.version.unwrap().management_available.is_none());
+    }
+}

@@ -1,0 +1,321 @@
+//! Reading the world and doing the steps the decision asks for. Each step is one side effect.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use super::decide::{Input, Probes, SetupOutcome, Step, Verdict, Verified, Waiting};
+use super::{Context, Error, lock, now};
+use crate::credentials::{self, Credentials};
+use crate::crd::NetbirdInstance;
+use crate::netbird::{ClientOptions, NetbirdClient, SetupRequest};
+use crate::token_secret::{self, ANN_FINGERPRINT, TokenSecret, TokenValue};
+use crate::fingerprint;
+
+/// What a pass reads from Kubernetes besides the NetbirdInstance.
+pub struct World {
+    pub credentials: Input<Credentials>,
+    pub ca: Input<Vec<u8>>,
+    pub token_secret: TokenSecret,
+    /// resourceVersion of the token Secret, for optimistic concurrency on the claim.
+    pub token_secret_rv: Option<String>,
+    client: Option<NetbirdClient>,
+}
+
+impl World {
+    pub async fn read(nbi: &NetbirdInstance, secrets: &Api<Secret>) -> Result<Self, Error> {
+        let get = |name: String| async move {
+            secrets.get_opt(&name).await.map_err(|source| Error::ReadSecret { name, source })
+        };
+        let cref = &nbi.spec.credentials_secret_ref;
+        let credentials = match get(cref.name.clone()).await? {
+            None => Input::Missing(format!(
+                "waiting for the credentials Secret {} (keys {}, {} and optionally {}); the operator continues as soon as it exists",
+                cref.name, cref.email_key, cref.password_key, cref.name_key
+            )),
+            Some(s) => match credentials::parse(&cref.name, &s.data.unwrap_or_default(), cref) {
+                Ok(c) => Input::Ready(c),
+                Err(e) => Input::Invalid(e.to_string()),
+            },
+        };
+        let ca = match nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+            None => Input::NotNeeded,
+            Some(r) => match get(r.name.clone()).await? {
+                None => Input::Missing(format!("waiting for the CA Secret {} (key {})", r.name, r.key)),
+                Some(s) => match s.data.unwrap_or_default().remove(&r.key) {
+                    None => Input::Invalid(format!("CA Secret {} has no key {:?}", r.name, r.key)),
+                    Some(pem) => Input::Ready(pem.0),
+                },
+            },
+        };
+        let secret = get(nbi.token_secret_name()).await?;
+        let token_secret_rv = secret.as_ref().and_then(|s| s.metadata.resource_version.clone());
+        let token_secret = token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
+        let mut world = World { credentials, ca, token_secret, token_secret_rv, client: None };
+        world.build_client(nbi);
+        Ok(world)
+    }
+
+    /// Builds the NetBird client once the CA (if any) is known; a bad CA bundle becomes InvalidSpec.
+    fn build_client(&mut self, nbi: &NetbirdInstance) {
+        let extra_ca_pem = match &self.ca {
+            Input::Ready(pem) => Some(pem.clone()),
+            Input::NotNeeded => None,
+            _ => return,
+        };
+        let opts = ClientOptions {
+            extra_ca_pem,
+            insecure_skip_verify: nbi.spec.tls.as_ref().is_some_and(|t| t.insecure_skip_verify),
+            ..ClientOptions::default()
+        };
+        match NetbirdClient::new(&nbi.spec.management_url, &opts) {
+            Ok(c) => self.client = Some(c),
+            Err(e) => self.ca = Input::Invalid(format!("cannot connect as the spec says: {e}")),
+        }
+    }
+
+    pub fn token(&self) -> Option<&SecretString> {
+        match self.token_secret.owned().map(|s| &s.token) {
+            Some(TokenValue::Present(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub fn metadata_in_sync(&self, nbi: &NetbirdInstance) -> bool {
+        self.token_secret.owned().is_none_or(|s| token_secret::metadata_in_sync(nbi, s))
+    }
+
+    async fn reread(&mut self, nbi: &NetbirdInstance, secrets: &Api<Secret>) -> Result<(), kube::Error> {
+        let secret = secrets.get_opt(&nbi.token_secret_name()).await?;
+        self.token_secret_rv = secret.as_ref().and_then(|s| s.metadata.resource_version.clone());
+        self.token_secret = token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
+        Ok(())
+    }
+}
+
+fn progressing(what: &str, e: &kube::Error) -> Verdict {
+    Verdict::Waiting { reason: Waiting::Progressing, message: format!("{what}: {e}; retrying with backoff"), retry: true }
+}
+
+/// Does one step. A Kubernetes failure ends the pass with a verdict that retries.
+pub async fn run(
+    step: Step,
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    world: &mut World,
+    probes: &mut Probes,
+) -> Result<(), Verdict> {
+    let secret_name = nbi.token_secret_name();
+    let Some(client) = world.client.clone().map(|c| c.with_observer(ctx.metrics.clone())) else {
+        return Err(Verdict::Waiting {
+            reason: Waiting::Progressing,
+            message: "no NetBird client could be built".into(),
+            retry: true,
+        });
+    };
+    match step {
+        Step::Finish(v) => return Err(v),
+        Step::SyncSecretMetadata => {
+            if let Some(s) = world.token_secret.owned() {
+                let patch = token_secret::metadata_patch(nbi, s);
+                secrets
+                    .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(|e| progressing(&format!("failed to update Secret {secret_name}"), &e))?;
+                world.reread(nbi, secrets).await.map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            }
+            probes.metadata_synced = true;
+        }
+        Step::VerifyToken => {
+            let token = world.token().cloned().unwrap_or_else(|| SecretString::from(""));
+            probes.verify = Some(client.current_user(&token).await.map(|user| Verified { user, at: now() }));
+        }
+        Step::CheckInstance => probes.instance = Some(client.instance_status().await),
+        Step::CheckVersion => {
+            let token = world.token().cloned().unwrap_or_else(|| SecretString::from(""));
+            probes.version = Some(client.version(&token).await);
+        }
+        Step::ClaimSecret => {
+            let Input::Ready(creds) = &world.credentials else { return Ok(()) };
+            let fp = fingerprint::hash(creds.fingerprint_input()).await.map_err(|e| Verdict::Waiting {
+                reason: Waiting::Progressing,
+                message: e.to_string(),
+                retry: true,
+            })?;
+            let started = now().to_string();
+            let result = match (&world.token_secret, &world.token_secret_rv) {
+                (TokenSecret::Ours(s), Some(rv)) => {
+                    let patch = token_secret::claim_patch(nbi, s, rv, &started, &fp);
+                    secrets.patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+                }
+                _ => secrets
+                    .create(&PostParams::default(), &token_secret::new_claimed(nbi, &started, &fp))
+                    .await
+                    .map(|_| ()),
+            };
+            result.map_err(|e| progressing(&format!("failed to claim Secret {secret_name} before setup"), &e))?;
+            info!(secret = %secret_name, "claimed the token Secret for setup");
+            world.reread(nbi, secrets).await.map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            probes.claimed = true;
+        }
+        Step::Setup => {
+            let Input::Ready(creds) = &world.credentials else { return Ok(()) };
+            let outcome = setup(nbi, ctx, &client, creds, secrets).await;
+            world.reread(nbi, secrets).await.map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            probes.setup = Some(outcome);
+        }
+        Step::ReleaseClaim => {
+            secrets
+                .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&token_secret::release_patch()))
+                .await
+                .map_err(|e| progressing(&format!("failed to update Secret {secret_name}"), &e))?;
+            world.reread(nbi, secrets).await.map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            probes.claim_released = true;
+        }
+    }
+    Ok(())
+}
+
+/// `POST /api/setup`, and on success the token into the Secret before anything else.
+async fn setup(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    client: &NetbirdClient,
+    creds: &Credentials,
+    secrets: &Api<Secret>,
+) -> SetupOutcome {
+    let req = SetupRequest {
+        email: creds.email.clone(),
+        password: creds.password.clone(),
+        name: creds.name.clone(),
+        create_pat: true,
+        pat_expire_in: nbi.spec.token.expires_in_days,
+    };
+    info!(email = %creds.email, "calling setup");
+    let resp = match client.setup(&req).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "setup failed");
+            return SetupOutcome::Failed(e);
+        }
+    };
+    let completed = now();
+    let Some(token) = resp.personal_access_token else {
+        warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
+        let patch = token_secret::no_token_patch(&resp.user_id, &completed.to_string());
+        write_until_stored(ctx, secrets, nbi, &patch, None).await;
+        return SetupOutcome::NoToken { user_id: resp.user_id, email: resp.email };
+    };
+    let expires = completed
+        .checked_add(jiff::SignedDuration::from_hours(24 * i64::from(nbi.spec.token.expires_in_days)))
+        .unwrap_or(completed);
+    let patch = token_secret::store_patch(nbi, &token, &resp.user_id, &expires.to_string(), &completed.to_string());
+    write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await;
+    info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token stored");
+    SetupOutcome::TokenStored { user_id: resp.user_id, email: resp.email }
+}
+
+/// Writes `patch` to the token Secret, retrying with backoff for as long as the process lives: the
+/// token exists nowhere else. When the Secret vanished, it is created again with the token.
+async fn write_until_stored(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    nbi: &NetbirdInstance,
+    patch: &serde_json::Value,
+    token: Option<&SecretString>,
+) {
+    let name = nbi.token_secret_name();
+    let attempt = || async {
+        match secrets.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                let mut fresh = token_secret::new_claimed(nbi, "", "");
+                if let Some(a) = fresh.metadata.annotations.as_mut() {
+                    a.clear();
+                }
+                let mut obj = serde_json::to_value(&fresh).unwrap_or_default();
+                merge(&mut obj, patch);
+                let fresh: Secret = serde_json::from_value(obj).unwrap_or(fresh);
+                secrets.create(&PostParams::default(), &fresh).await.map(|_| ())
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times();
+    let _ = attempt
+        .retry(policy)
+        .notify(|e, d| {
+            warn!(error = %e, retry_in = ?d, secret = %name, held_token = token.is_some(), "failed to write the token Secret; retrying");
+        })
+        .await;
+    let _ = ctx;
+}
+
+/// JSON merge patch semantics (RFC 7386), for creating a Secret from a patch.
+fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+/// Whether the credentials Secret now differs from the credentials NetBird was set up with. The
+/// argon2 comparison runs only when the fingerprint or the credentials changed since the last one.
+pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &World) -> bool {
+    let Input::Ready(creds) = &world.credentials else { return false };
+    let fp = world
+        .token_secret
+        .owned()
+        .and_then(|s| s.annotation(ANN_FINGERPRINT).map(str::to_string))
+        .or_else(|| nbi.status.as_ref().and_then(|s| s.credentials_fingerprint.clone()));
+    let Some(fp) = fp.filter(|f| !f.is_empty()) else { return false };
+    let input = creds.fingerprint_input();
+    let key: [u8; 32] = {
+        let mut h = Sha256::new();
+        h.update(fp.as_bytes());
+        h.update([0]);
+        h.update(input.expose_secret().as_bytes());
+        h.finalize().into()
+    };
+    let uid = nbi.uid().unwrap_or_default();
+    if let Some((k, same)) = lock(&ctx.fingerprint_checks).get(&uid) {
+        if *k == key {
+            return !same;
+        }
+    }
+    let same = fingerprint::matches(fp, input).await;
+    lock(&ctx.fingerprint_checks).insert(uid, (key, same));
+    !same
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge;
+    use serde_json::json;
+
+    #[test]
+    fn merge_patch_semantics() {
+        let mut t = json!({"a": {"b": 1, "c": 2}, "d": 1});
+        merge(&mut t, &json!({"a": {"b": null, "e": 3}, "d": 2}));
+        assert_eq!(t, json!({"a": {"c": 2, "e": 3}, "d": 2}));
+    }
+}

@@ -1,0 +1,103 @@
+//! Prometheus metrics. Labels are bounded sets (endpoint, status class, reason), never object
+//! names or error text.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::netbird::{CallObserver, Endpoint, status_class};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub endpoint: &'static str,
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadyLabels {
+    pub ready: &'static str,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_errors: Family<ReasonLabels, Counter>,
+    pub netbird_requests: Family<CallLabels, Counter>,
+    pub setup_calls: Counter,
+    pub instances: Family<ReadyLabels, Gauge>,
+    pub update_available: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("netbird_operator");
+        let reconciles = Family::default();
+        registry.register("reconciles", "Reconcile passes, by result (ok or error)", reconciles.clone());
+        let reconcile_errors = Family::default();
+        registry.register(
+            "reconcile_errors",
+            "Passes that ended not Ready, by condition reason (or KubernetesError)",
+            reconcile_errors.clone(),
+        );
+        let netbird_requests = Family::default();
+        registry.register(
+            "netbird_requests",
+            "Calls to NetBird management servers, by endpoint and status class (error: no answer)",
+            netbird_requests.clone(),
+        );
+        let setup_calls = Counter::default();
+        registry.register("setup_calls", "POST /api/setup calls made", setup_calls.clone());
+        let instances = Family::default();
+        registry.register("instances", "NetbirdInstances by Ready condition status", instances.clone());
+        let update_available = Gauge::default();
+        registry.register(
+            "instances_update_available",
+            "NetbirdInstances whose server reports a newer management release",
+            update_available.clone(),
+        );
+        Self { registry, reconciles, reconcile_errors, netbird_requests, setup_calls, instances, update_available }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Sets the per-state instance gauges (computed from the informer's cache at scrape time).
+    pub fn set_instances(&self, ready: i64, not_ready: i64, unknown: i64, update_available: i64) {
+        self.instances.get_or_create(&ReadyLabels { ready: "true" }).set(ready);
+        self.instances.get_or_create(&ReadyLabels { ready: "false" }).set(not_ready);
+        self.instances.get_or_create(&ReadyLabels { ready: "unknown" }).set(unknown);
+        self.update_available.set(update_available);
+    }
+}
+
+impl CallObserver for Metrics {
+    fn observe(&self, endpoint: Endpoint, status: Option<u16>) {
+        self.netbird_requests
+            .get_or_create(&CallLabels { endpoint: endpoint.as_str(), class: status_class(status) })
+            .inc();
+        if endpoint == Endpoint::Setup {
+            self.setup_calls.inc();
+        }
+    }
+}

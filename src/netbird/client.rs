@@ -1,0 +1,370 @@
+//! HTTP client for the NetBird management API.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, header};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Serialize, de::DeserializeOwned};
+use url::Url;
+
+use super::error::{Endpoint, NetbirdError, TransportKind};
+use super::pat;
+use super::types::*;
+
+/// Answers larger than this are refused: every NetBird answer the operator reads is a few KiB.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// How the client connects to the management server.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub connect_timeout: Duration,
+    /// Whole-request timeout. The first version check can take ~10 s on a server without internet.
+    pub request_timeout: Duration,
+    /// Extra PEM roots (spec.tls.caSecretRef).
+    pub extra_ca_pem: Option<Vec<u8>>,
+    /// spec.tls.insecureSkipVerify.
+    pub insecure_skip_verify: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            extra_ca_pem: None,
+            insecure_skip_verify: false,
+        }
+    }
+}
+
+/// Observes each call's outcome (for metrics); `status` is `None` when no answer arrived.
+pub trait CallObserver: Send + Sync {
+    fn observe(&self, endpoint: Endpoint, status: Option<u16>);
+}
+
+/// Why a client could not be built from the spec.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    #[error("managementURL is not a valid URL: {0}")]
+    Url(#[from] url::ParseError),
+    #[error("managementURL must use http or https, not {0}")]
+    Scheme(String),
+    #[error("the CA bundle is not valid PEM: {0}")]
+    CaBundle(String),
+    #[error("failed to build the HTTP client: {0}")]
+    Http(String),
+}
+
+/// A client bound to one management server.
+#[derive(Clone)]
+pub struct NetbirdClient {
+    http: reqwest::Client,
+    api: Url,
+    observer: Option<std::sync::Arc<dyn CallObserver>>,
+}
+
+impl std::fmt::Debug for NetbirdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetbirdClient").field("api", &self.api.as_str()).finish()
+    }
+}
+
+impl NetbirdClient {
+    /// A client for `management_url` (the operator appends `/api/...` to it).
+    pub fn new(management_url: &str, opts: &ClientOptions) -> Result<Self, ClientBuildError> {
+        let mut api = Url::parse(management_url)?;
+        if api.scheme() != "https" && api.scheme() != "http" {
+            return Err(ClientBuildError::Scheme(api.scheme().to_string()));
+        }
+        // base + "api/": keep a path prefix, add exactly one slash
+        let path = format!("{}/api/", api.path().trim_end_matches('/'));
+        api.set_path(&path);
+        api.set_query(None);
+        api.set_fragment(None);
+
+        crate::tls::install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(opts.connect_timeout)
+            .timeout(opts.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .user_agent(concat!("netbird-operator/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(30));
+        if let Some(pem) = &opts.extra_ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ClientBuildError::CaBundle(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ClientBuildError::CaBundle("no certificate found".into()));
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        if opts.insecure_skip_verify {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        let http = builder.build().map_err(|e| ClientBuildError::Http(error_chain(&e)))?;
+        Ok(Self { http, api, observer: None })
+    }
+
+    /// Reports every call to `observer`.
+    pub fn with_observer(mut self, observer: std::sync::Arc<dyn CallObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// `GET /api/instance`: whether setup is still required. No authentication.
+    pub async fn instance_status(&self) -> Result<InstanceStatus, NetbirdError> {
+        self.call(Endpoint::Instance, Method::GET, "instance", None, None::<&()>).await
+    }
+
+    /// `POST /api/setup`: creates the owner; with `create_pat` and a server that allows it, returns
+    /// a token exactly once.
+    pub async fn setup(&self, req: &SetupRequest) -> Result<SetupResponse, NetbirdError> {
+        self.call(Endpoint::Setup, Method::POST, "setup", None, Some(req)).await
+    }
+
+    /// `GET /api/instance/version`.
+    pub async fn version(&self, token: &SecretString) -> Result<VersionInfo, NetbirdError> {
+        self.call(Endpoint::Version, Method::GET, "instance/version", Some(token), None::<&()>).await
+    }
+
+    /// `GET /api/users/current`: the token's user; the cheapest way to verify a token.
+    pub async fn current_user(&self, token: &SecretString) -> Result<User, NetbirdError> {
+        self.call(Endpoint::CurrentUser, Method::GET, "users/current", Some(token), None::<&()>).await
+    }
+
+    /// `GET /api/users/{id}/tokens` (the server answers `null` for none).
+    pub async fn list_tokens(
+        &self,
+        token: &SecretString,
+        user_id: &str,
+    ) -> Result<Vec<PersonalAccessToken>, NetbirdError> {
+        let path = format!("users/{}/tokens", segment(user_id));
+        let list: Option<Vec<PersonalAccessToken>> =
+            self.call(Endpoint::ListTokens, Method::GET, &path, Some(token), None::<&()>).await?;
+        Ok(list.unwrap_or_default())
+    }
+
+    /// `POST /api/users/{id}/tokens`.
+    pub async fn create_token(
+        &self,
+        token: &SecretString,
+        user_id: &str,
+        req: &CreateTokenRequest,
+    ) -> Result<CreatedToken, NetbirdError> {
+        let path = format!("users/{}/tokens", segment(user_id));
+        self.call(Endpoint::CreateToken, Method::POST, &path, Some(token), Some(req)).await
+    }
+
+    /// `DELETE /api/users/{id}/tokens/{tokenId}`.
+    pub async fn delete_token(
+        &self,
+        token: &SecretString,
+        user_id: &str,
+        token_id: &str,
+    ) -> Result<(), NetbirdError> {
+        let path = format!("users/{}/tokens/{}", segment(user_id), segment(token_id));
+        let _: serde_json::Value =
+            self.call(Endpoint::DeleteToken, Method::DELETE, &path, Some(token), None::<&()>).await?;
+        Ok(())
+    }
+
+    async fn call<T: DeserializeOwned, B: Serialize>(
+        &self,
+        endpoint: Endpoint,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<&B>,
+    ) -> Result<T, NetbirdError> {
+        let result = self.call_inner(endpoint, method, path, token, body).await;
+        if let Some(obs) = &self.observer {
+            let status = match &result {
+                Ok(_) => Some(200),
+                Err(e) => e.status(),
+            };
+            obs.observe(endpoint, status);
+        }
+        result
+    }
+
+    async fn call_inner<T: DeserializeOwned, B: Serialize>(
+        &self,
+        endpoint: Endpoint,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<&B>,
+    ) -> Result<T, NetbirdError> {
+        let url = self.api.join(path).map_err(|e| NetbirdError::Transport {
+            endpoint,
+            kind: TransportKind::Other,
+            detail: format!("cannot build the request URL: {e}"),
+        })?;
+        let mut req = self.http.request(method, url).header(header::ACCEPT, "application/json");
+        if let Some(token) = token {
+            pat::check(token.expose_secret())?;
+            let mut value = header::HeaderValue::from_str(&format!("Token {}", token.expose_secret()))
+                .map_err(|_| NetbirdError::MalformedToken(pat::PatFormatError::Charset))?;
+            value.set_sensitive(true);
+            req = req.header(header::AUTHORIZATION, value);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let mut resp = req.send().await.map_err(|e| transport_error(endpoint, &e))?;
+        let status = resp.status();
+        let request_id = resp
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(128).collect::<String>());
+
+        if status.is_redirection() {
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(redact_url)
+                .unwrap_or_else(|| "(no location)".into());
+            return Err(NetbirdError::Redirect { endpoint, status: status.as_u16(), location });
+        }
+
+        let mut buf = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(endpoint, &e))? {
+            if buf.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(NetbirdError::TooLarge { endpoint, limit: MAX_BODY_BYTES });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+
+        if !status.is_success() {
+            return Err(api_error(endpoint, status, &buf, request_id));
+        }
+        serde_json::from_slice(&buf).map_err(|e| NetbirdError::Decode {
+            endpoint,
+            status: status.as_u16(),
+            detail: e.to_string(),
+            request_id,
+        })
+    }
+}
+
+/// An error answer: NetBird's JSON message, or a short excerpt of a non-JSON body.
+fn api_error(endpoint: Endpoint, status: StatusCode, body: &[u8], request_id: Option<String>) -> NetbirdError {
+    let message = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => b.message,
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let text: String = text
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect::<String>()
+                .trim()
+                .to_string();
+            if text.is_empty() {
+                status.canonical_reason().unwrap_or("no message").to_lowercase()
+            } else {
+                text
+            }
+        }
+    };
+    NetbirdError::Api { endpoint, status: status.as_u16(), message, request_id }
+}
+
+/// A path segment with everything but unreserved characters percent-encoded.
+fn segment(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A URL with any user:password removed (for error messages).
+fn redact_url(s: &str) -> String {
+    match Url::parse(s) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => s.chars().take(200).filter(|c| !c.is_control()).collect(),
+    }
+}
+
+fn transport_error(endpoint: Endpoint, e: &reqwest::Error) -> NetbirdError {
+    let chain = error_chain(e);
+    let lower = chain.to_lowercase();
+    let kind = if e.is_timeout() || lower.contains("timed out") {
+        TransportKind::Timeout
+    } else if lower.contains("dns error") || lower.contains("failed to lookup") || lower.contains("name or service not known") {
+        TransportKind::Dns
+    } else if has_source::<rustls::Error>(e) || lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        TransportKind::Tls
+    } else if e.is_connect() {
+        TransportKind::Connect
+    } else {
+        TransportKind::Other
+    };
+    NetbirdError::Transport { endpoint, kind, detail: chain }
+}
+
+fn has_source<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<E>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The messages of an error and its sources, joined, without repeats.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let msg = err.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_url_keeps_a_path_prefix_and_adds_one_slash() {
+        for (base, want) in [
+            ("https://nb.example.com", "https://nb.example.com/api/instance"),
+            ("https://nb.example.com/", "https://nb.example.com/api/instance"),
+            ("https://nb.example.com/netbird", "https://nb.example.com/netbird/api/instance"),
+            ("https://nb.example.com/netbird/", "https://nb.example.com/netbird/api/instance"),
+        ] {
+            let c = NetbirdClient::new(base, &ClientOptions::default()).unwrap();
+            assert_eq!(c.api.join("instance").unwrap().as_str(), want, "{base}");
+        }
+    }
+
+    #[test]
+    fn refuses_other_schemes_and_bad_ca() {
+        assert!(matches!(
+            NetbirdClient::new("ftp://x", &ClientOptions::default()),
+            Err(ClientBuildError::Scheme(_))
+        ));
+        let opts = ClientOptions { extra_ca_pem: Some(b"not pem".to_vec()), ..Default::default() };
+        assert!(matches!(NetbirdClient::new("https://x", &opts), Err(ClientBuildError::CaBundle(_))));
+    }
+
+    #[test]
+    fn redirect_location_loses_credentials() {
+        assert_eq!(redact_url("https://u:p@evil.example/x"), "https://evil.example/x");
+    }
+
+    #[test]
+    fn user_ids_are_escaped_in_paths() {
+        assert_eq!(segment("a/b?c"), "a%2Fb%3Fc");
+    }
+}

@@ -1,0 +1,146 @@
+//! Errors of the NetBird client. They keep what a person needs to act (HTTP status, the server's
+//! message, the `X-Request-Id` to find the server's log line) and never a password or a token.
+
+use std::fmt;
+
+/// The API call that failed; a closed set, used as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Instance,
+    Setup,
+    Version,
+    CurrentUser,
+    ListTokens,
+    CreateToken,
+    DeleteToken,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Instance => "instance",
+            Endpoint::Setup => "setup",
+            Endpoint::Version => "version",
+            Endpoint::CurrentUser => "users_current",
+            Endpoint::ListTokens => "tokens_list",
+            Endpoint::CreateToken => "tokens_create",
+            Endpoint::DeleteToken => "tokens_delete",
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Endpoint::Instance => "GET /api/instance",
+            Endpoint::Setup => "POST /api/setup",
+            Endpoint::Version => "GET /api/instance/version",
+            Endpoint::CurrentUser => "GET /api/users/current",
+            Endpoint::ListTokens => "GET /api/users/{id}/tokens",
+            Endpoint::CreateToken => "POST /api/users/{id}/tokens",
+            Endpoint::DeleteToken => "DELETE /api/users/{id}/tokens/{id}",
+        })
+    }
+}
+
+/// How a request failed before an HTTP answer arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Dns,
+    Connect,
+    Tls,
+    Timeout,
+    Other,
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransportKind::Dns => "the host name does not resolve",
+            TransportKind::Connect => "the connection was refused or could not be made",
+            TransportKind::Tls => "the TLS handshake failed",
+            TransportKind::Timeout => "the request timed out",
+            TransportKind::Other => "the connection failed",
+        })
+    }
+}
+
+fn request_id_suffix(id: &Option<String>) -> String {
+    id.as_ref().map(|id| format!(", request id {id}")).unwrap_or_default()
+}
+
+/// A failed NetBird API call.
+#[derive(Debug, thiserror::Error)]
+pub enum NetbirdError {
+    /// The server answered with an error status and (usually) a JSON message.
+    #[error("{endpoint} answered {status}: {message}{}", request_id_suffix(.request_id))]
+    Api { endpoint: Endpoint, status: u16, message: String, request_id: Option<String> },
+    /// No HTTP answer: DNS, connect, TLS or timeout.
+    #[error("{endpoint} failed: {kind} ({detail})")]
+    Transport { endpoint: Endpoint, kind: TransportKind, detail: String },
+    /// The server answered with a redirect, which the operator never follows (credentials must not
+    /// be sent to another host).
+    #[error("{endpoint} answered {status} redirecting to {location}: managementURL must point at the server itself, not at a redirect")]
+    Redirect { endpoint: Endpoint, status: u16, location: String },
+    /// The answer is not what NetBird sends.
+    #[error("{endpoint} answered {status} with a body that is not NetBird's JSON ({detail}){}", request_id_suffix(.request_id))]
+    Decode { endpoint: Endpoint, status: u16, detail: String, request_id: Option<String> },
+    /// The answer is larger than the operator reads.
+    #[error("{endpoint} answered with a body over {limit} bytes")]
+    TooLarge { endpoint: Endpoint, limit: usize },
+    /// The token is not a NetBird personal access token (checked before sending it).
+    #[error("the stored token is not a NetBird personal access token: {0}")]
+    MalformedToken(#[from] super::pat::PatFormatError),
+}
+
+impl NetbirdError {
+    /// HTTP status of the answer, if one arrived.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            NetbirdError::Api { status, .. }
+            | NetbirdError::Decode { status, .. }
+            | NetbirdError::Redirect { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The server's message for an API error.
+    pub fn server_message(&self) -> Option<&str> {
+        match self {
+            NetbirdError::Api { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+
+    /// True when the token was refused: 401 (invalid or expired) or 404 (deleted).
+    pub fn is_token_rejected(&self) -> bool {
+        matches!(self, NetbirdError::MalformedToken(_)) || matches!(self.status(), Some(401 | 404))
+    }
+
+    /// True when retrying the same call later may succeed (network trouble, 5xx, 429).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NetbirdError::Transport { .. } | NetbirdError::TooLarge { .. } => true,
+            NetbirdError::Api { status, .. } | NetbirdError::Decode { status, .. } => {
+                *status >= 500 || *status == 429
+            }
+            NetbirdError::Redirect { .. } | NetbirdError::MalformedToken(_) => false,
+        }
+    }
+
+    /// Status class for metrics: 2xx is never an error; `error` means no answer.
+    pub fn status_class(&self) -> &'static str {
+        status_class(self.status())
+    }
+}
+
+/// "2xx", "4xx", "5xx", "3xx" or "error" (no answer), a bounded metric label.
+pub fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        _ => "error",
+    }
+}

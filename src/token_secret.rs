@@ -1,0 +1,311 @@
+//! The token Secret: who owns it, and the objects and patches the operator writes to it.
+//!
+//! The operator writes only Secrets that carry its managed-by label and its instance label. A
+//! Secret of the token Secret's name without them belongs to someone else and is never changed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+
+use crate::crd::{DeletionPolicy, NetbirdInstance};
+
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "netbird-operator";
+pub const LABEL_INSTANCE: &str = "bootstrap.netbird.io/instance";
+pub const ANN_USER_ID: &str = "bootstrap.netbird.io/user-id";
+pub const ANN_EXPIRES_AT: &str = "bootstrap.netbird.io/expires-at";
+pub const ANN_SETUP_STARTED_AT: &str = "bootstrap.netbird.io/setup-started-at";
+pub const ANN_SETUP_COMPLETED_AT: &str = "bootstrap.netbird.io/setup-completed-at";
+/// Set to `token-not-issued` when setup succeeded without returning a token.
+pub const ANN_SETUP_OUTCOME: &str = "bootstrap.netbird.io/setup-outcome";
+pub const ANN_FINGERPRINT: &str = "bootstrap.netbird.io/credentials-fingerprint";
+pub const OUTCOME_TOKEN_NOT_ISSUED: &str = "token-not-issued";
+
+/// What the key of the token Secret holds.
+#[derive(Clone)]
+pub enum TokenValue {
+    Missing,
+    /// The key holds bytes that are not UTF-8 text.
+    NotText,
+    Present(SecretString),
+}
+
+impl std::fmt::Debug for TokenValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenValue::Missing => "Missing",
+            TokenValue::NotText => "NotText",
+            TokenValue::Present(_) => "Present([redacted])",
+        })
+    }
+}
+
+/// The token Secret as the operator sees it.
+#[derive(Debug, Clone)]
+pub enum TokenSecret {
+    Absent,
+    /// Exists but is not the operator's (why, for the condition message).
+    Foreign(String),
+    Ours(OwnedSecret),
+}
+
+/// A token Secret the operator owns.
+#[derive(Debug, Clone)]
+pub struct OwnedSecret {
+    pub token: TokenValue,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub owner_references: Vec<OwnerReference>,
+}
+
+impl OwnedSecret {
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations.get(key).map(String::as_str)
+    }
+    pub fn setup_started(&self) -> bool {
+        self.annotations.contains_key(ANN_SETUP_STARTED_AT)
+    }
+}
+
+impl TokenSecret {
+    pub fn owned(&self) -> Option<&OwnedSecret> {
+        match self {
+            TokenSecret::Ours(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Classifies the Secret read from the API (None: not found).
+pub fn classify(secret: Option<Secret>, instance: &str, key: &str) -> TokenSecret {
+    let Some(secret) = secret else { return TokenSecret::Absent };
+    let labels = secret.metadata.labels.clone().unwrap_or_default();
+    if labels.get(LABEL_MANAGED_BY).map(String::as_str) != Some(MANAGED_BY) {
+        return TokenSecret::Foreign(format!("it lacks the label {LABEL_MANAGED_BY}={MANAGED_BY}"));
+    }
+    match labels.get(LABEL_INSTANCE) {
+        Some(owner) if owner == instance => {}
+        Some(other) => {
+            return TokenSecret::Foreign(format!("it belongs to NetbirdInstance {other:?} ({LABEL_INSTANCE}={other})"));
+        }
+        None => return TokenSecret::Foreign(format!("it lacks the label {LABEL_INSTANCE}={instance}")),
+    }
+    let token = match secret.data.as_ref().and_then(|d| d.get(key)) {
+        None => TokenValue::Missing,
+        Some(v) if v.0.is_empty() => TokenValue::Missing,
+        Some(v) => match std::str::from_utf8(&v.0) {
+            Ok(s) if s.trim().is_empty() => TokenValue::Missing,
+            Ok(s) => TokenValue::Present(SecretString::from(s.trim().to_string())),
+            Err(_) => TokenValue::NotText,
+        },
+    };
+    TokenSecret::Ours(OwnedSecret {
+        token,
+        labels,
+        annotations: secret.metadata.annotations.unwrap_or_default(),
+        owner_references: secret.metadata.owner_references.unwrap_or_default(),
+    })
+}
+
+/// Labels the token Secret must carry.
+pub fn desired_labels(nbi: &NetbirdInstance) -> BTreeMap<String, String> {
+    let mut labels = nbi.spec.token.secret_labels.clone();
+    labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
+    labels.insert(LABEL_INSTANCE.into(), nbi.metadata.name.clone().unwrap_or_default());
+    labels
+}
+
+/// Owner references the token Secret must carry: the NetbirdInstance's only with
+/// `deletionPolicy: Delete`; references to other owners are kept.
+pub fn desired_owner_references(nbi: &NetbirdInstance, current: &[OwnerReference]) -> Vec<OwnerReference> {
+    let uid = nbi.metadata.uid.clone().unwrap_or_default();
+    let mut refs: Vec<OwnerReference> = current.iter().filter(|r| r.uid != uid).cloned().collect();
+    if nbi.spec.token.deletion_policy == DeletionPolicy::Delete
+        && let Some(mine) = nbi.controller_owner_ref(&())
+    {
+        refs.push(OwnerReference { block_owner_deletion: Some(false), ..mine });
+    }
+    refs
+}
+
+/// Whether labels, annotations and owner references of an owned Secret follow the spec.
+pub fn metadata_in_sync(nbi: &NetbirdInstance, s: &OwnedSecret) -> bool {
+    let labels_ok = desired_labels(nbi).iter().all(|(k, v)| s.labels.get(k) == Some(v));
+    let ann_ok = nbi.spec.token.secret_annotations.iter().all(|(k, v)| s.annotations.get(k) == Some(v));
+    let refs_ok = desired_owner_references(nbi, &s.owner_references) == s.owner_references;
+    labels_ok && ann_ok && refs_ok
+}
+
+/// A merge patch that brings labels, annotations and owner references in line with the spec.
+pub fn metadata_patch(nbi: &NetbirdInstance, s: &OwnedSecret) -> Value {
+    json!({"metadata": {
+        "labels": desired_labels(nbi),
+        "annotations": nbi.spec.token.secret_annotations,
+        "ownerReferences": desired_owner_references(nbi, &s.owner_references),
+    }})
+}
+
+/// A new token Secret, claimed for setup (`setup-started-at` set, no token yet).
+pub fn new_claimed(nbi: &NetbirdInstance, started_at: &str, fingerprint: &str) -> Secret {
+    let mut annotations = nbi.spec.token.secret_annotations.clone();
+    annotations.insert(ANN_SETUP_STARTED_AT.into(), started_at.into());
+    annotations.insert(ANN_FINGERPRINT.into(), fingerprint.into());
+    let refs = desired_owner_references(nbi, &[]);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(nbi.token_secret_name()),
+            namespace: nbi.metadata.namespace.clone(),
+            labels: Some(desired_labels(nbi)),
+            annotations: Some(annotations),
+            owner_references: (!refs.is_empty()).then_some(refs),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+/// Claims an existing owned Secret for setup. `resource_version` makes the write fail on a
+/// concurrent change, so the claim is known to hold before the one-time call.
+pub fn claim_patch(nbi: &NetbirdInstance, s: &OwnedSecret, resource_version: &str, started_at: &str, fingerprint: &str) -> Value {
+    let mut patch = metadata_patch(nbi, s);
+    patch["metadata"]["resourceVersion"] = json!(resource_version);
+    patch["metadata"]["annotations"][ANN_SETUP_STARTED_AT] = json!(started_at);
+    patch["metadata"]["annotations"][ANN_FINGERPRINT] = json!(fingerprint);
+    patch["metadata"]["annotations"][ANN_SETUP_OUTCOME] = Value::Null;
+    patch
+}
+
+/// Writes the token that setup returned, and ends the in-flight marker.
+pub fn store_patch(
+    nbi: &NetbirdInstance,
+    token: &SecretString,
+    user_id: &str,
+    expires_at: &str,
+    completed_at: &str,
+) -> Value {
+    let mut data = serde_json::Map::new();
+    data.insert(
+        nbi.spec.token.secret_key.clone(),
+        serde_json::to_value(ByteString(token.expose_secret().as_bytes().to_vec())).unwrap_or(Value::Null),
+    );
+    json!({
+        "metadata": {
+            "labels": desired_labels(nbi),
+            "annotations": {
+                ANN_USER_ID: user_id,
+                ANN_EXPIRES_AT: expires_at,
+                ANN_SETUP_COMPLETED_AT: completed_at,
+                ANN_SETUP_STARTED_AT: Value::Null,
+            },
+        },
+        "data": data,
+    })
+}
+
+/// Records that setup succeeded without a token (the server lacks NB_SETUP_PAT_ENABLED=true).
+pub fn no_token_patch(user_id: &str, completed_at: &str) -> Value {
+    json!({"metadata": {"annotations": {
+        ANN_USER_ID: user_id,
+        ANN_SETUP_COMPLETED_AT: completed_at,
+        ANN_SETUP_OUTCOME: OUTCOME_TOKEN_NOT_ISSUED,
+        ANN_SETUP_STARTED_AT: Value::Null,
+    }}})
+}
+
+/// Ends a claim after setup definitively failed (4xx), so the next attempt is not mistaken for a
+/// lost token.
+pub fn release_patch() -> Value {
+    json!({"metadata": {"annotations": {ANN_SETUP_STARTED_AT: Value::Null}}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::NetbirdInstanceSpec;
+
+    fn nbi(policy: DeletionPolicy) -> NetbirdInstance {
+        let mut spec: NetbirdInstanceSpec = serde_json::from_value(json!({
+            "managementURL": "https://nb.example.com",
+            "credentialsSecretRef": {"name": "admin", "emailKey": "email", "passwordKey": "password", "nameKey": "name"},
+        }))
+        .unwrap();
+        spec.token.deletion_policy = policy;
+        spec.token.secret_labels.insert("team".into(), "net".into());
+        let mut n = NetbirdInstance::new("nb", spec);
+        n.metadata.namespace = Some("ns".into());
+        n.metadata.uid = Some("uid-1".into());
+        n.metadata.labels = Some([("app.kubernetes.io/instance".to_string(), "argo-app".to_string())].into());
+        n
+    }
+
+    fn secret(labels: &[(&str, &str)], data: Option<&[u8]>) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("nb-token".into()),
+                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            },
+            data: data.map(|d| [("NB_API_KEY".to_string(), ByteString(d.to_vec()))].into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn classifies_by_both_labels() {
+        assert!(matches!(classify(None, "nb", "NB_API_KEY"), TokenSecret::Absent));
+        assert!(matches!(classify(Some(secret(&[], None)), "nb", "NB_API_KEY"), TokenSecret::Foreign(_)));
+        let other = secret(&[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "other")], None);
+        match classify(Some(other), "nb", "NB_API_KEY") {
+            TokenSecret::Foreign(why) => assert!(why.contains("\"other\""), "{why}"),
+            s => panic!("{s:?}"),
+        }
+        let ours = secret(&[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "nb")], Some(b"nbp_x\n"));
+        match classify(Some(ours), "nb", "NB_API_KEY") {
+            TokenSecret::Ours(s) => match s.token {
+                TokenValue::Present(t) => assert_eq!(t.expose_secret(), "nbp_x"),
+                t => panic!("{t:?}"),
+            },
+            s => panic!("{s:?}"),
+        }
+        let binary = secret(&[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "nb")], Some(&[0xff, 0]));
+        assert!(matches!(
+            classify(Some(binary), "nb", "NB_API_KEY").owned().map(|s| s.token.clone()),
+            Some(TokenValue::NotText)
+        ));
+    }
+
+    #[test]
+    fn never_copies_the_resources_own_labels() {
+        let s = new_claimed(&nbi(DeletionPolicy::Retain), "t", "fp");
+        let labels = s.metadata.labels.unwrap();
+        assert!(!labels.contains_key("app.kubernetes.io/instance"));
+        assert_eq!(labels.get("team").map(String::as_str), Some("net"));
+        assert_eq!(labels.get(LABEL_INSTANCE).map(String::as_str), Some("nb"));
+        assert!(s.metadata.owner_references.is_none());
+    }
+
+    #[test]
+    fn owner_reference_only_with_delete_policy() {
+        let s = new_claimed(&nbi(DeletionPolicy::Delete), "t", "fp");
+        let refs = s.metadata.owner_references.unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(refs[0].uid, "uid-1");
+        // switching back to Retain removes ours and keeps others
+        let other = OwnerReference { uid: "other".into(), ..refs[0].clone() };
+        let kept = desired_owner_references(&nbi(DeletionPolicy::Retain), &[refs[0].clone(), other.clone()]);
+        assert_eq!(kept, vec![other]);
+    }
+
+    #[test]
+    fn store_patch_clears_the_in_flight_marker() {
+        let p = store_patch(&nbi(DeletionPolicy::Retain), &SecretString::from("nbp_abc"), "u1", "2027-01-01T00:00:00Z", "now");
+        assert_eq!(p["metadata"]["annotations"][ANN_SETUP_STARTED_AT], Value::Null);
+        assert_eq!(p["data"]["NB_API_KEY"], json!("bmJwX2FiYw=="));
+    }
+}
