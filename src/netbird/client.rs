@@ -296,7 +296,11 @@ fn transport_error(endpoint: Endpoint, e: &reqwest::Error) -> NetbirdError {
         TransportKind::Timeout
     } else if lower.contains("dns error") || lower.contains("failed to lookup") || lower.contains("name or service not known") {
         TransportKind::Dns
-    } else if has_source::<rustls::Error>(e) || lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+    } else if has_source::<rustls::Error>(e)
+        || ["certificate", "tls", "handshake", "corrupt message", "peer is incompatible", "peer misbehaved", "alert"]
+            .iter()
+            .any(|w| lower.contains(w))
+    {
         TransportKind::Tls
     } else if e.is_connect() {
         TransportKind::Connect
@@ -311,6 +315,12 @@ fn has_source<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stat
     while let Some(err) = cur {
         if err.is::<E>() {
             return true;
+        }
+        // io::Error hides its inner error from source(): look inside
+        if let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if inner.is::<E>() {
+                return true;
+            }
         }
         cur = err.source();
     }

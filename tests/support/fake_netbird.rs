@@ -1,0 +1,317 @@
+//! An in-process fake of the NetBird management API, written from `shared/netbird-api.md`: the same
+//! status codes, messages, order of checks and PAT format as the real server, plus faults the real
+//! server cannot produce on demand.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use netbird_operator::netbird::pat;
+use serde_json::{Value, json};
+
+/// A fault injected for one endpoint.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// An error status with NetBird's JSON body.
+    Status(u16, &'static str),
+    /// A body that is not JSON, with this status.
+    NonJson(u16),
+    /// A redirect to this location.
+    Redirect(&'static str),
+    /// A body larger than the client accepts.
+    Huge,
+    /// Accept the request and never answer.
+    Hang,
+    /// Answer normally after a delay.
+    Delay(Duration),
+    /// Close the connection without an answer.
+    Close,
+}
+
+/// The fake's state, shared with the test.
+#[derive(Debug)]
+pub struct State {
+    pub setup_required: bool,
+    /// NB_SETUP_PAT_ENABLED=true
+    pub pat_enabled: bool,
+    /// token -> user id
+    pub tokens: HashMap<String, String>,
+    /// user id -> email
+    pub users: HashMap<String, String>,
+    /// calls per endpoint name
+    pub calls: HashMap<String, u32>,
+    /// faults per endpoint name (instance, setup, version, users_current, tokens_list, ...)
+    pub faults: HashMap<String, Fault>,
+    pub version: &'static str,
+    pub available: Option<&'static str>,
+    counter: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            setup_required: true,
+            pat_enabled: true,
+            tokens: HashMap::new(),
+            users: HashMap::new(),
+            calls: HashMap::new(),
+            faults: HashMap::new(),
+            version: "0.77.1",
+            available: Some("0.78.0"),
+            counter: 0,
+        }
+    }
+}
+
+impl State {
+    pub fn calls(&self, endpoint: &str) -> u32 {
+        self.calls.get(endpoint).copied().unwrap_or(0)
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.counter += 1;
+        self.counter
+    }
+
+    /// Mints a well-formed PAT for `user`.
+    pub fn mint(&mut self, user: &str) -> String {
+        let n = self.next_id();
+        let secret: String = format!("{n:0>10}{:0>20}", user.len() * 7919 + n as usize)
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { 'x' })
+            .take(30)
+            .collect();
+        let t = pat::from_secret(&secret);
+        self.tokens.insert(t.clone(), user.to_string());
+        t
+    }
+}
+
+/// The fake server, listening on 127.0.0.1 until dropped.
+pub struct FakeNetbird {
+    pub url: String,
+    pub state: Arc<Mutex<State>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeNetbird {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeNetbird {
+    pub async fn start() -> FakeNetbird {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let state = Arc::new(Mutex::new(State::default()));
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        FakeNetbird { url, state, task }
+    }
+
+    pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    pub fn fault(&self, endpoint: &str, fault: Fault) {
+        self.state().faults.insert(endpoint.to_string(), fault);
+    }
+
+    pub fn clear_fault(&self, endpoint: &str) {
+        self.state().faults.remove(endpoint);
+    }
+
+    pub fn calls(&self, endpoint: &str) -> u32 {
+        self.state().calls(endpoint)
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn reply(status: u16, body: Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut().insert("x-request-id", "fake-req-1".parse().unwrap());
+    r
+}
+
+fn error(status: u16, message: &str) -> Resp {
+    reply(status, json!({"message": message, "code": status}))
+}
+
+fn endpoint_of(method: &hyper::Method, path: &str) -> Option<&'static str> {
+    let p = path.strip_prefix("/api/")?;
+    let parts: Vec<&str> = p.split('/').collect();
+    Some(match (method.as_str(), parts.as_slice()) {
+        ("GET", ["instance"]) => "instance",
+        ("POST", ["setup"]) => "setup",
+        ("GET", ["instance", "version"]) => "version",
+        ("GET", ["users", "current"]) => "users_current",
+        ("GET", ["users", _, "tokens"]) => "tokens_list",
+        ("POST", ["users", _, "tokens"]) => "tokens_create",
+        ("DELETE", ["users", _, "tokens", _]) => "tokens_delete",
+        _ => return None,
+    })
+}
+
+async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let Some(endpoint) = endpoint_of(&method, &path) else {
+        let mut r = Response::new(Full::new(Bytes::from("404 page not found")));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return Ok(r);
+    };
+    let fault = {
+        let mut s = state.lock().unwrap();
+        *s.calls.entry(endpoint.to_string()).or_default() += 1;
+        s.faults.get(endpoint).cloned()
+    };
+    match fault {
+        Some(Fault::Status(code, msg)) => return Ok(error(code, msg)),
+        Some(Fault::NonJson(code)) => {
+            let mut r = Response::new(Full::new(Bytes::from("<html>bad gateway</html>")));
+            *r.status_mut() = StatusCode::from_u16(code).unwrap();
+            r.headers_mut().insert("content-type", "text/html".parse().unwrap());
+            return Ok(r);
+        }
+        Some(Fault::Redirect(to)) => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::FOUND;
+            r.headers_mut().insert("location", to.parse().unwrap());
+            return Ok(r);
+        }
+        Some(Fault::Huge) => {
+            let big = format!("{{\"setup_required\": true, \"pad\": \"{}\"}}", "x".repeat(3 * 1024 * 1024));
+            return Ok(Response::new(Full::new(Bytes::from(big))));
+        }
+        Some(Fault::Hang) => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Fault::Close) => return Ok(panic_free_close()),
+        None => {}
+    }
+    let mut s = state.lock().unwrap();
+    Ok(serve(&mut s, endpoint, &path, auth.as_deref(), &body))
+}
+
+/// A response that makes hyper drop the connection: a content-length that the body does not meet.
+fn panic_free_close() -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from("{")));
+    r.headers_mut().insert("content-length", "100".parse().unwrap());
+    r
+}
+
+fn authenticate<'a>(s: &'a State, auth: Option<&str>) -> Result<&'a String, Resp> {
+    let token = auth
+        .and_then(|a| a.strip_prefix("Token ").or_else(|| a.strip_prefix("Bearer ")))
+        .ok_or_else(|| error(401, "no valid authentication provided"))?;
+    if pat::check(token).is_err() {
+        return Err(error(401, "token invalid"));
+    }
+    s.tokens.get(token).ok_or_else(|| error(404, "invalid token: pat: hash not found"))
+}
+
+fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[u8]) -> Resp {
+    match endpoint {
+        "instance" => reply(200, json!({"setup_required": s.setup_required})),
+        "setup" => setup(s, body),
+        "version" => match authenticate(s, auth) {
+            Err(r) => r,
+            Ok(_) => {
+                let mut v = json!({
+                    "management_current_version": s.version,
+                    "management_update_available": s.available.is_some_and(|a| a != s.version),
+                });
+                if let Some(a) = s.available {
+                    v["management_available_version"] = json!(a);
+                    v["dashboard_available_version"] = json!("2.10.0");
+                }
+                reply(200, v)
+            }
+        },
+        "users_current" => match authenticate(s, auth) {
+            Err(r) => r,
+            Ok(user) => {
+                let email = s.users.get(user).cloned().unwrap_or_default();
+                reply(200, json!({"id": user, "email": email, "name": email, "role": "owner", "is_service_user": false, "status": "active"}))
+            }
+        },
+        "tokens_list" => match authenticate(s, auth) {
+            Err(r) => r,
+            Ok(_) => reply(200, Value::Null),
+        },
+        _ => {
+            let _ = path;
+            error(500, "internal server error")
+        }
+    }
+}
+
+fn setup(s: &mut State, body: &[u8]) -> Resp {
+    // 1. decodable body
+    let Ok(req) = serde_json::from_slice::<Value>(body) else { return error(400, "invalid request body") };
+    if !req.is_object() {
+        return error(400, "invalid request body");
+    }
+    let text = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let create_pat = req.get("create_pat").and_then(Value::as_bool).unwrap_or(false);
+    // 2. pat_expire_in, only with the server feature and create_pat
+    let expire = req.get("pat_expire_in").and_then(Value::as_i64);
+    if s.pat_enabled && create_pat && expire.is_some_and(|d| !(1..=365).contains(&d)) {
+        return error(422, "pat_expire_in must be between 1 and 365");
+    }
+    // 4. validation, before the already-done check
+    let (email, name, password) = (text("email"), text("name"), text("password"));
+    if email.is_empty() {
+        return error(422, "email is required");
+    }
+    if !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
+        return error(422, "invalid email format");
+    }
+    if name.is_empty() {
+        return error(422, "name is required");
+    }
+    if password.is_empty() {
+        return error(422, "password is required");
+    }
+    if password.len() < 8 {
+        return error(422, "password must be at least 8 characters");
+    }
+    if password.len() > 72 {
+        return error(422, "password must be at most 72 characters");
+    }
+    // 5. already set up
+    if !s.setup_required {
+        return error(412, "setup already completed");
+    }
+    s.setup_required = false;
+    let user_id = format!("user{:056}", s.next_id());
+    s.users.insert(user_id.clone(), email.clone());
+    let mut r = json!({"user_id": user_id, "email": email});
+    if s.pat_enabled && create_pat {
+        r["personal_access_token"] = json!(s.mint(&user_id));
+    }
+    let mut resp = reply(200, r);
+    resp.headers_mut().insert("cache-control", "no-store".parse().unwrap());
+    resp
+}

@@ -1,0 +1,542 @@
+//! Test support: a real kube-apiserver on a real etcd (one per test binary), a namespace per test,
+//! the real NetBird server (one per test that needs a fresh instance), a fake NetBird server for
+//! faults, and the operator running in-process against all of them.
+//!
+//! Binaries come from `tests/tools/install` (a cache outside the repository). A missing binary is a
+//! failure; set NBOP_SKIP_E2E=1 to skip the tests that need them (loudly).
+#![allow(dead_code)]
+
+pub mod fake_netbird;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config, ResourceExt};
+use netbird_operator::controller::{self, Context, Settings};
+use netbird_operator::crd::NetbirdInstance;
+use netbird_operator::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+
+/// Paths of the pinned tools.
+pub struct Tools {
+    pub kube_bin: PathBuf,
+    pub etcd_bin: PathBuf,
+    pub helm_bin: PathBuf,
+    pub netbird_bin: PathBuf,
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The tools, or None when NBOP_SKIP_E2E=1 and they are missing (after a loud message).
+pub fn tools() -> Option<&'static Tools> {
+    static TOOLS: OnceLock<Option<Tools>> = OnceLock::new();
+    TOOLS
+        .get_or_init(|| {
+            let out = Command::new(repo_root().join("tests/tools/install"))
+                .arg("--print")
+                .output()
+                .expect("cannot run tests/tools/install --print");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let get = |k: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                    .map(PathBuf::from)
+                    .unwrap_or_default()
+            };
+            if !out.status.success() {
+                if std::env::var("NBOP_SKIP_E2E").as_deref() == Ok("1") {
+                    eprintln!(
+                        "\n!!!!! NBOP_SKIP_E2E=1: SKIPPING end-to-end tests, the tools are not built (run tests/tools/install) !!!!!\n"
+                    );
+                    return None;
+                }
+                panic!(
+                    "the end-to-end tools are missing; run tests/tools/install (or `make test`), or set NBOP_SKIP_E2E=1 to skip these tests\n{text}"
+                );
+            }
+            Some(Tools {
+                kube_bin: get("KUBE_BIN"),
+                etcd_bin: get("ETCD_BIN"),
+                helm_bin: get("HELM_BIN"),
+                netbird_bin: get("NETBIRD_BIN"),
+            })
+        })
+        .as_ref()
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+}
+
+/// Starts `program` under a watchdog that kills it, and removes `cleanup_dir`, when this test
+/// process ends for any reason (a panic, an abort or SIGKILL included).
+pub fn spawn_watched(program: &Path, args: &[String], env: &[(&str, String)], log: &Path, cleanup_dir: Option<&Path>) -> u32 {
+    let script = r#"
+parent=$1; dir=$2; log=$3; shift 3
+"$@" >>"$log" 2>&1 &
+child=$!
+trap 'kill $child 2>/dev/null; sleep 0.2; kill -9 $child 2>/dev/null; [ -n "$dir" ] && rm -rf "$dir"' EXIT
+trap 'exit 0' TERM INT
+while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.3; done
+"#;
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(script)
+        .arg("watchdog")
+        .arg(std::process::id().to_string())
+        .arg(cleanup_dir.map(|d| d.display().to_string()).unwrap_or_default())
+        .arg(log)
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("cannot start the watchdog").id()
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// etcd and kube-apiserver for this test binary.
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub url: String,
+    pub kubectl: PathBuf,
+    pub helm: PathBuf,
+}
+
+impl ControlPlane {
+    /// The control plane of this test binary, started on first use (None: skipped).
+    pub fn shared() -> Option<&'static ControlPlane> {
+        static CP: OnceLock<Option<ControlPlane>> = OnceLock::new();
+        CP.get_or_init(|| {
+            let tools = tools()?;
+            // started on a thread of its own: the caller may be inside a tokio runtime
+            Some(std::thread::spawn(move || ControlPlane::start(tools)).join().expect("control plane start panicked"))
+        })
+        .as_ref()
+    }
+
+    fn start(tools: &Tools) -> ControlPlane {
+        let dir = tempfile::Builder::new().prefix("nbop-cp-").tempdir().expect("tempdir").keep();
+        let etcd_port = free_port();
+        let peer_port = free_port();
+        let api_port = free_port();
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        spawn_watched(
+            &tools.etcd_bin.join("etcd"),
+            &[
+                format!("--data-dir={}", dir.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=default={peer_url}"),
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+            &[],
+            &dir.join("etcd.log"),
+            Some(&dir),
+        );
+
+        // certificates: a CA, the serving certificate, the service account key
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "nbop-test-ca");
+        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let srv_key = rcgen::KeyPair::generate().expect("key");
+        let mut srv_params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("params");
+        srv_params.distinguished_name.push(rcgen::DnType::CommonName, "kube-apiserver");
+        let srv_cert = srv_params.signed_by(&srv_key, &issuer).expect("server cert");
+        let sa_key = rcgen::KeyPair::generate().expect("sa key");
+        let w = |name: &str, body: String| {
+            std::fs::write(dir.join(name), body).expect("write");
+            dir.join(name)
+        };
+        let ca_pem = ca_cert.pem();
+        let ca_file = w("ca.crt", ca_pem.clone());
+        let crt = w("apiserver.crt", srv_cert.pem());
+        let key = w("apiserver.key", srv_key.serialize_pem());
+        let sa = w("sa.key", sa_key.serialize_pem());
+        let admin_token = format!("admin-{}", std::process::id());
+        let tokens = w("tokens.csv", format!("{admin_token},admin,admin-uid,\"system:masters\"\n"));
+
+        let url = format!("https://127.0.0.1:{api_port}");
+        spawn_watched(
+            &tools.kube_bin.join("kube-apiserver"),
+            &[
+                format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={api_port}"),
+                format!("--tls-cert-file={}", crt.display()),
+                format!("--tls-private-key-file={}", key.display()),
+                format!("--client-ca-file={}", ca_file.display()),
+                format!("--token-auth-file={}", tokens.display()),
+                "--authorization-mode=RBAC".into(),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--allow-privileged=true".into(),
+                "--disable-admission-plugins=ServiceAccount".into(),
+                format!("--service-account-issuer=https://127.0.0.1:{api_port}/"),
+                format!("--service-account-key-file={}", sa.display()),
+                format!("--service-account-signing-key-file={}", sa.display()),
+                "--endpoint-reconciler-type=none".into(),
+                format!("--cert-dir={}", dir.join("certs").display()),
+                "--v=0".into(),
+            ],
+            &[],
+            &dir.join("apiserver.log"),
+            None,
+        );
+
+        let kubeconfig = w(
+            "kubeconfig",
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    token: {admin_token}\ncontexts:\n- name: test\n  context: {{cluster: test, user: admin}}\ncurrent-context: test\n",
+                ca_file.display()
+            ),
+        );
+        let cp = ControlPlane {
+            dir: dir.clone(),
+            kubeconfig,
+            url,
+            kubectl: tools.kube_bin.join("kubectl"),
+            helm: tools.helm_bin.join("helm"),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let client = cp.client().await;
+            let start = Instant::now();
+            loop {
+                let req = http::Request::get("/readyz").body(Vec::new()).expect("request");
+                if let Ok(body) = client.request_text(req).await {
+                    if body.trim() == "ok" {
+                        break;
+                    }
+                }
+                if start.elapsed() > Duration::from_secs(90) {
+                    let log = std::fs::read_to_string(dir.join("apiserver.log")).unwrap_or_default();
+                    let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().join("\n");
+                    panic!("kube-apiserver not ready after 90 s; log tail (newest first):\n{tail}");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            install_crd(&client).await;
+        });
+        eprintln!("control plane ready at {} (kubeconfig {})", cp.url, cp.kubeconfig.display());
+        cp
+    }
+
+    /// A new client (clients are bound to the tokio runtime that made them).
+    pub async fn client(&self) -> Client {
+        netbird_operator::tls::install_crypto_provider();
+        let kc = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
+        let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
+        Client::try_from(cfg).expect("client")
+    }
+}
+
+/// Applies crds/netbirdinstance.yaml (the committed file) and waits until it is Established.
+pub async fn install_crd(client: &Client) {
+    let yaml = std::fs::read_to_string(repo_root().join("crds/netbirdinstance.yaml")).expect("crd file");
+    let crd: CustomResourceDefinition = serde_norway::from_str(&yaml).expect("crd yaml");
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch(&crd.name_any(), &PatchParams::apply("nbop-tests").force(), &Patch::Apply(&crd))
+        .await
+        .expect("apply CRD");
+    let name = crd.name_any();
+    wait_for("the CRD to be Established", Duration::from_secs(30), || {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            let crd = api.get(&name).await.ok()?;
+            crd.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+/// One test's world: its namespace and a client.
+pub struct TestEnv {
+    pub ns: String,
+    pub client: Client,
+    pub cp: &'static ControlPlane,
+}
+
+impl TestEnv {
+    /// A fresh namespace for `test`; None when end-to-end tests are skipped.
+    pub async fn new(test: &str) -> Option<TestEnv> {
+        let cp = ControlPlane::shared()?;
+        let client = cp.client().await;
+        let ns = format!("{}-{}", test.replace('_', "-").chars().take(40).collect::<String>(), rand_suffix());
+        let api: Api<Namespace> = Api::all(client.clone());
+        let obj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).expect("ns");
+        api.create(&PostParams::default(), &obj).await.expect("create namespace");
+        Some(TestEnv { ns, client, cp })
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn instances(&self) -> Api<NetbirdInstance> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Creates a Secret with string data.
+    pub async fn create_secret(&self, name: &str, data: &[(&str, &str)]) -> Secret {
+        let obj: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "stringData": data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+        }))
+        .expect("secret");
+        self.secrets().create(&PostParams::default(), &obj).await.expect("create secret")
+    }
+
+    /// Creates a NetbirdInstance from a spec given as JSON.
+    pub async fn create_instance(&self, name: &str, spec: serde_json::Value) -> Result<NetbirdInstance, kube::Error> {
+        let obj: NetbirdInstance = serde_json::from_value(serde_json::json!({
+            "apiVersion": "bootstrap.netbird.io/v1alpha1",
+            "kind": "NetbirdInstance",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": spec,
+        }))
+        .expect("instance");
+        self.instances().create(&PostParams::default(), &obj).await
+    }
+
+    /// Runs the operator in-process, watching this namespace, until the handle is dropped.
+    pub async fn start_operator(&self) -> Operator {
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
+        let settings = Settings {
+            namespace: Some(self.ns.clone()),
+            max_backoff: Duration::from_secs(5),
+            netbird: netbird_operator::netbird::ClientOptions {
+                request_timeout: Duration::from_secs(3),
+                ..Default::default()
+            },
+            ..Settings::default()
+        };
+        let ctx = Arc::new(Context::new(self.cp.client().await, metrics.clone(), settings, shutdown.clone()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(controller::run(ctx.clone(), Arc::default(), move || {
+            let _ = tx.send(());
+        }));
+        tokio::time::timeout(Duration::from_secs(30), rx).await.expect("watches sync").expect("synced");
+        Operator { shutdown, task: Some(task), metrics }
+    }
+
+    /// The NetbirdInstance once `pred` holds for it.
+    pub async fn wait_instance(&self, name: &str, what: &str, timeout: Duration, pred: impl Fn(&NetbirdInstance) -> bool) -> NetbirdInstance {
+        let api = self.instances();
+        let last = std::sync::Mutex::new(None::<NetbirdInstance>);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(n)) = api.get_opt(name).await {
+                if pred(&n) {
+                    return n;
+                }
+                *last.lock().unwrap() = Some(n);
+            }
+            if start.elapsed() > timeout {
+                let status = last.lock().unwrap().as_ref().and_then(|n| n.status.clone());
+                panic!("timed out after {timeout:?} waiting for {name} to be {what}; last status: {status:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Events recorded for objects in this namespace: (reason, note).
+    pub async fn events(&self) -> Vec<(String, String)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        api.list(&Default::default())
+            .await
+            .map(|l| l.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The operator running in-process.
+pub struct Operator {
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Operator {
+    pub fn setup_calls(&self) -> u64 {
+        self.metrics.setup_calls.get()
+    }
+
+    /// Stops as a crash would: no graceful shutdown.
+    pub fn kill(mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Stops gracefully.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    format!("{:06x}", h.finish() & 0xff_ffff)
+}
+
+/// Condition (status, reason, message) of a type.
+pub fn condition(n: &NetbirdInstance, ty: &str) -> Option<(String, String, String)> {
+    n.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ty)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Whether the Ready condition has this status and reason.
+pub fn ready_is(n: &NetbirdInstance, status: &str, reason: &str) -> bool {
+    condition(n, "Ready").is_some_and(|(s, r, _)| s == status && r == reason)
+}
+
+/// A real NetBird combined server with its data in a temp dir; stopped when dropped (and by the
+/// watchdog when the test process ends).
+pub struct NetbirdServer {
+    pub url: String,
+    dir: PathBuf,
+    watchdog_pid: u32,
+}
+
+impl NetbirdServer {
+    pub async fn start() -> Option<NetbirdServer> {
+        let tools = tools()?;
+        // NetBird always opens TCP 33073 besides its main port: one server at a time per machine
+        let port = free_port();
+        let dir = tempfile::Builder::new().prefix("nbop-netbird-").tempdir().expect("tempdir").keep();
+        std::fs::create_dir_all(dir.join("data")).expect("data dir");
+        let config = format!(
+            r#"server:
+  listenAddress: "127.0.0.1:{port}"
+  exposedAddress: "http://127.0.0.1:{port}"
+  authSecret: "nbop-test-auth-secret-0123456789"
+  dataDir: "{data}"
+  disableAnonymousMetrics: true
+  disableGeoliteUpdate: true
+  healthcheckAddress: "127.0.0.1:{health}"
+  metricsPort: {metrics}
+  stuns:
+    - uri: "stun:127.0.0.1:3478"
+  auth:
+    issuer: "http://127.0.0.1:{port}/oauth2"
+  store:
+    engine: "sqlite"
+    encryptionKey: "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+"#,
+            data = dir.join("data").display(),
+            health = free_port(),
+            metrics = free_port(),
+        );
+        std::fs::write(dir.join("config.yaml"), config).expect("config");
+        let watchdog_pid = spawn_watched(
+            &tools.netbird_bin.join("netbird-server"),
+            &["--config".into(), dir.join("config.yaml").display().to_string()],
+            &[
+                ("NB_SETUP_PAT_ENABLED", "true".into()),
+                ("NB_DISABLE_GEOLOCATION", "true".into()),
+                // the server's own release check goes to an unreachable loopback proxy: no
+                // traffic leaves the machine, and the version answer comes at once
+                ("HTTPS_PROXY", "http://127.0.0.1:9".into()),
+                ("HTTP_PROXY", "http://127.0.0.1:9".into()),
+                ("NO_PROXY", "127.0.0.1,localhost".into()),
+            ],
+            &dir.join("netbird.log"),
+            Some(&dir),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::builder().no_proxy().build().expect("client");
+        let probe = format!("{url}/api/instance");
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = client.get(&probe).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let log = std::fs::read_to_string(dir.join("netbird.log")).unwrap_or_default();
+                panic!("netbird-server did not answer GET /api/instance within 60 s:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some(NetbirdServer { url, dir, watchdog_pid })
+    }
+}
+
+impl Drop for NetbirdServer {
+    fn drop(&mut self) {
+        // ending the watchdog stops the server and removes its directory
+        let _ = Command::new("kill").arg(self.watchdog_pid.to_string()).status();
+        let _ = &self.dir;
+    }
+}
+
+/// A global lock for tests that start a real NetBird server (it always binds TCP 33073).
+pub async fn netbird_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(())).lock().await
+}
