@@ -193,6 +193,7 @@ impl ControlPlane {
         let crt = w("apiserver.crt", srv_cert.pem());
         let key = w("apiserver.key", srv_key.serialize_pem());
         let sa = w("sa.key", sa_key.serialize_pem());
+        let sa_pub = w("sa.pub", sa_key.public_key_pem());
         let admin_token = format!("admin-{}", std::process::id());
         let tokens = w("tokens.csv", format!("{admin_token},admin,admin-uid,\"system:masters\"\n"));
 
@@ -213,7 +214,7 @@ impl ControlPlane {
                 "--allow-privileged=true".into(),
                 "--disable-admission-plugins=ServiceAccount".into(),
                 format!("--service-account-issuer=https://127.0.0.1:{api_port}/"),
-                format!("--service-account-key-file={}", sa.display()),
+                format!("--service-account-key-file={}", sa_pub.display()),
                 format!("--service-account-signing-key-file={}", sa.display()),
                 "--endpoint-reconciler-type=none".into(),
                 format!("--cert-dir={}", dir.join("certs").display()),
@@ -249,10 +250,10 @@ impl ControlPlane {
                         break;
                     }
                 }
-                if start.elapsed() > Duration::from_secs(90) {
-                    let log = std::fs::read_to_string(dir.join("apiserver.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(dir.join("apiserver.log")).unwrap_or_default();
+                if start.elapsed() > Duration::from_secs(90) || log.contains("\"command failed\"") {
                     let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().join("\n");
-                    panic!("kube-apiserver not ready after 90 s; log tail (newest first):\n{tail}");
+                    panic!("kube-apiserver did not become ready; log tail (newest first):\n{tail}");
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -332,16 +333,20 @@ impl TestEnv {
         self.secrets().create(&PostParams::default(), &obj).await.expect("create secret")
     }
 
-    /// Creates a NetbirdInstance from a spec given as JSON.
+    /// Creates a NetbirdInstance from a spec given as JSON (untyped, so invalid specs reach the
+    /// apiserver as written).
     pub async fn create_instance(&self, name: &str, spec: serde_json::Value) -> Result<NetbirdInstance, kube::Error> {
-        let obj: NetbirdInstance = serde_json::from_value(serde_json::json!({
+        let ar = kube::api::ApiResource::erase::<NetbirdInstance>(&());
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(self.client.clone(), &self.ns, &ar);
+        let obj: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
             "apiVersion": "bootstrap.netbird.io/v1alpha1",
             "kind": "NetbirdInstance",
             "metadata": {"name": name, "namespace": self.ns},
             "spec": spec,
         }))
         .expect("instance");
-        self.instances().create(&PostParams::default(), &obj).await
+        let created = api.create(&PostParams::default(), &obj).await?;
+        Ok(serde_json::from_value(serde_json::to_value(created).expect("json")).expect("typed instance"))
     }
 
     /// Runs the operator in-process, watching this namespace, until the handle is dropped.
@@ -384,6 +389,17 @@ impl TestEnv {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits until the NetbirdInstance is gone.
+    pub async fn wait_instance_gone(&self, name: &str) {
+        let api = self.instances();
+        wait_for("the NetbirdInstance to be deleted", Duration::from_secs(30), || {
+            let api = api.clone();
+            let name = name.to_string();
+            async move { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) }
+        })
+        .await;
     }
 
     /// Events recorded for objects in this namespace: (reason, note).
