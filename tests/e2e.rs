@@ -258,7 +258,9 @@ async fn failure_modes_end_in_specific_conditions() {
         let (_, ready_reason, message) = condition(&n, "Ready").unwrap();
         assert_eq!(ready_reason, c.reason, "{}", c.name);
         assert!(message.contains(c.message), "{}: {message}", c.name);
-        assert!(fake.calls("setup") <= 1, "{}: setup called {} times", c.name, fake.calls("setup"));
+        if c.condition == "Stalled" {
+            assert!(fake.calls("setup") <= 1, "{}: setup called {} times", c.name, fake.calls("setup"));
+        }
     }
     // retrying cases back off: a few calls in some seconds, not a hot loop
     let before = fakes[4].calls("setup");

@@ -77,8 +77,9 @@ pub struct Context {
     pub settings: Settings,
     /// Consecutive failures per instance (uid), for backoff.
     failures: Mutex<HashMap<String, u32>>,
-    /// Tokens verified recently, per instance (uid): digest of the token and the result. Held in
-    /// memory only, so a pass that changes nothing makes no call to NetBird.
+    /// Tokens verified recently, per instance (uid): digest of the token and the generation, and
+    /// the result. Held in memory only, so a pass that changes nothing makes no call to NetBird; a
+    /// new token or a spec change (another URL, say) verifies again.
     verified: Mutex<HashMap<String, ([u8; 32], Verified)>>,
     /// Results of fingerprint comparisons, per instance: digest of (fingerprint, credentials).
     fingerprint_checks: Mutex<HashMap<String, ([u8; 32], bool)>>,
@@ -189,9 +190,17 @@ pub async fn run(
     let sync_store = store.clone();
     let shutdown = ctx.shutdown.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            res = sync_store.wait_until_ready() => if res.is_ok() { on_synced() },
-            _ = shutdown.cancelled() => {}
+        // The controller's own runner waits on the same store; a second waiter is not always woken
+        // (kube-runtime's DelayedInit), so each wait is bounded and retried.
+        loop {
+            tokio::select! {
+                res = tokio::time::timeout(Duration::from_millis(100), sync_store.wait_until_ready()) => match res {
+                    Ok(Ok(())) => { on_synced(); return; }
+                    Ok(Err(_)) => return,
+                    Err(_) => continue,
+                },
+                _ = shutdown.cancelled() => return,
+            }
         }
     });
 
@@ -279,8 +288,9 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let interval = nbi.version_interval();
     let version_due = nbi.spec.version_check.enabled && version_due(nbi, started, interval);
     let mut probes = Probes::default();
+    let cache_key = |token: &secrecy::SecretString| digest(&format!("{}\n{}", generation.unwrap_or_default(), token.expose_secret()));
     if let Some(token) = world.token() {
-        if let Some(v) = ctx.cached_verification(&uid, &digest(token.expose_secret()), interval, started) {
+        if let Some(v) = ctx.cached_verification(&uid, &cache_key(token), interval, started) {
             probes.verify = Some(Ok(v));
         }
     }
@@ -319,7 +329,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         }
         if let Some(Ok(v)) = &probes.verify {
             if let Some(token) = world.token() {
-                ctx.remember_verification(&uid, digest(token.expose_secret()), v);
+                ctx.remember_verification(&uid, cache_key(token), v);
             }
         }
     }

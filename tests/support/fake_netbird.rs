@@ -206,7 +206,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         Some(Fault::Hang) => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
-        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Fault::Delay(d)) => {
+            // the server does the work, then answers late (or never, if the caller is gone)
+            let resp = serve(&mut state.lock().unwrap(), endpoint, &path, auth.as_deref(), &body);
+            tokio::time::sleep(d).await;
+            return Ok(resp);
+        }
         Some(Fault::Close) => return Ok(panic_free_close()),
         None => {}
     }

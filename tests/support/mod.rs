@@ -351,6 +351,10 @@ impl TestEnv {
 
     /// Runs the operator in-process, watching this namespace, until the handle is dropped.
     pub async fn start_operator(&self) -> Operator {
+        netbird_operator::telemetry::init(
+            netbird_operator::telemetry::LogFormat::Text,
+            &std::env::var("NBOP_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());
         let settings = Settings {
