@@ -16,7 +16,11 @@ use crate::netbird::ClientOptions;
 use crate::telemetry::{self, LogFormat};
 
 #[derive(Parser, Debug)]
-#[command(name = "netbird-operator", version, about = "Bootstraps self-hosted NetBird management servers and keeps their API token in a Secret")]
+#[command(
+    name = "netbird-operator",
+    version,
+    about = "Bootstraps self-hosted NetBird management servers and keeps their API token in a Secret"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -100,9 +104,15 @@ async fn run(args: RunArgs) -> Result<(), String> {
         instance_id: args.pod_name.clone(),
         max_backoff: Duration::from_secs(args.max_backoff.max(1)),
     };
-    let ctx = Arc::new(Context::new(client, metrics.clone(), settings, shutdown.clone()));
+    let ctx = Arc::new(Context::new(
+        client,
+        metrics.clone(),
+        settings,
+        shutdown.clone(),
+    ));
 
-    let store_slot: Arc<OnceLock<kube::runtime::reflector::Store<crate::crd::NetbirdInstance>>> = Arc::default();
+    let store_slot: Arc<OnceLock<kube::runtime::reflector::Store<crate::crd::NetbirdInstance>>> =
+        Arc::default();
     let gauges_store = store_slot.clone();
     let gauges_metrics = metrics.clone();
     let health = Arc::new(Health::new(move || {
@@ -111,7 +121,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
             gauges_metrics.set_instances(r, n, u, up);
         }
     }));
-    let http_task = tokio::spawn(http::serve(listener, health.clone(), metrics, shutdown.clone()));
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        health.clone(),
+        metrics,
+        shutdown.clone(),
+    ));
 
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -141,13 +156,14 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

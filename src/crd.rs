@@ -13,6 +13,8 @@ pub const GROUP: &str = "bootstrap.netbird.io";
 
 /// A NetBird management server that the operator sets up once and whose API token it keeps in a
 /// Secret.
+// the printer columns repeat `type_ = "string"`, which this lint mistakes for a duplicate
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "bootstrap.netbird.io",
@@ -24,11 +26,31 @@ pub const GROUP: &str = "bootstrap.netbird.io";
     namespaced,
     status = "NetbirdInstanceStatus",
     doc = "A NetBird management server that the operator sets up once (owner account from a credentials Secret) and whose API token it stores in a Secret.",
-    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
-    printcolumn(name = "Reason", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].reason"#),
-    printcolumn(name = "Version", type_ = "string", json_path = ".status.version.management"),
-    printcolumn(name = "Update", type_ = "boolean", json_path = ".status.version.updateAvailable"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].reason"#
+    ),
+    printcolumn(
+        name = "Version",
+        type_ = "string",
+        json_path = ".status.version.management"
+    ),
+    printcolumn(
+        name = "Update",
+        type_ = "boolean",
+        json_path = ".status.version.updateAvailable"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self.allowInsecureHTTP || !self.managementURL.startsWith('http://')").message("managementURL uses http://, which would send the admin password unencrypted: use https:// or set allowInsecureHTTP: true"))]
 #[serde(rename_all = "camelCase")]
@@ -93,7 +115,10 @@ pub struct TlsSpec {
 #[serde(rename_all = "camelCase")]
 pub struct CaSecretRef {
     /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Key of the PEM bundle in the Secret.
     #[serde(default = "default_ca_key")]
@@ -106,7 +131,10 @@ pub struct CaSecretRef {
 #[serde(rename_all = "camelCase")]
 pub struct CredentialsSecretRef {
     /// Name of the Secret, in the namespace of this NetbirdInstance.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Key holding the owner's email address.
     #[serde(default = "default_email_key")]
@@ -123,7 +151,9 @@ pub struct CredentialsSecretRef {
 }
 
 /// What happens to the token Secret when the NetbirdInstance is deleted.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum DeletionPolicy {
     /// Keep the token Secret (the default): re-creating the NetbirdInstance adopts it.
     #[default]
@@ -190,14 +220,20 @@ pub struct VersionCheckSpec {
     pub enabled: bool,
     /// How often to check, as a duration such as 30m, 1h or 1h30m; at least 1m.
     #[serde(default = "default_interval")]
-    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(min = 2, max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1m')").message("versionCheck.interval must be at least 1m"))]
     pub interval: String,
 }
 
 impl Default for VersionCheckSpec {
     fn default() -> Self {
-        Self { enabled: true, interval: default_interval() }
+        Self {
+            enabled: true,
+            interval: default_interval(),
+        }
     }
 }
 
@@ -255,7 +291,11 @@ pub struct SetupStatus {
     /// Pending, InProgress, Completed, AlreadySetUp or Unavailable.
     pub state: SetupState,
     /// NetBird user id of the owner account.
-    #[serde(default, skip_serializing_if = "Option::is_none", rename = "ownerUserID")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "ownerUserID"
+    )]
     pub owner_user_id: Option<String>,
     /// Email of the owner account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -341,7 +381,10 @@ impl NetbirdInstance {
     /// Name of the token Secret: `spec.token.secretName`, or `<name>-token`.
     pub fn token_secret_name(&self) -> String {
         if self.spec.token.secret_name.is_empty() {
-            format!("{}-token", self.metadata.name.as_deref().unwrap_or_default())
+            format!(
+                "{}-token",
+                self.metadata.name.as_deref().unwrap_or_default()
+            )
         } else {
             self.spec.token.secret_name.clone()
         }
@@ -362,7 +405,12 @@ impl NetbirdInstanceSpec {
     pub fn problem(&self) -> Option<String> {
         let url = match url::Url::parse(&self.management_url) {
             Ok(u) => u,
-            Err(e) => return Some(format!("managementURL {:?} is not a valid URL: {e}", self.management_url)),
+            Err(e) => {
+                return Some(format!(
+                    "managementURL {:?} is not a valid URL: {e}",
+                    self.management_url
+                ));
+            }
         };
         match url.scheme() {
             "https" => {}
@@ -373,7 +421,11 @@ impl NetbirdInstanceSpec {
                         .into(),
                 );
             }
-            other => return Some(format!("managementURL must use https (or http), not {other}")),
+            other => {
+                return Some(format!(
+                    "managementURL must use https (or http), not {other}"
+                ));
+            }
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Some("managementURL must name a host".into());
@@ -385,12 +437,18 @@ impl NetbirdInstanceSpec {
             return Some("managementURL must not have a query or fragment".into());
         }
         if !(1..=365).contains(&self.token.expires_in_days) {
-            return Some(format!("token.expiresInDays is {}; it must be 1 to 365", self.token.expires_in_days));
+            return Some(format!(
+                "token.expiresInDays is {}; it must be 1 to 365",
+                self.token.expires_in_days
+            ));
         }
         match crate::duration::parse(&self.version_check.interval) {
             Err(e) => return Some(format!("versionCheck.interval: {e}")),
             Ok(d) if d < std::time::Duration::from_secs(60) => {
-                return Some(format!("versionCheck.interval is {}; it must be at least 1m", self.version_check.interval));
+                return Some(format!(
+                    "versionCheck.interval is {}; it must be at least 1m",
+                    self.version_check.interval
+                ));
             }
             Ok(_) => {}
         }
@@ -401,6 +459,7 @@ impl NetbirdInstanceSpec {
 /// The CustomResourceDefinition as YAML, as committed in `crds/netbirdinstance.yaml`.
 pub fn crd_yaml() -> String {
     let crd = NetbirdInstance::crd();
-    let body = serde_norway::to_string(&crd).unwrap_or_else(|e| format!("# cannot render the CRD: {e}\n"));
+    let body =
+        serde_norway::to_string(&crd).unwrap_or_else(|e| format!("# cannot render the CRD: {e}\n"));
     format!("# Generated by `netbird-operator crd`; do not edit by hand.\n---\n{body}")
 }

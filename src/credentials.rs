@@ -41,10 +41,22 @@ pub enum CredentialsError {
     #[error("key {key:?} of credentials Secret {secret} is not UTF-8 text")]
     NotText { secret: String, key: String },
     #[error("key {key:?} of credentials Secret {secret} is not a valid email address ({why})")]
-    InvalidEmail { secret: String, key: String, why: &'static str },
-    #[error("the password in key {key:?} of credentials Secret {secret} is {len} bytes; NetBird needs 8 to 72")]
-    PasswordLength { secret: String, key: String, len: usize },
-    #[error("the name in key {key:?} of credentials Secret {secret} is over 255 characters or holds control characters")]
+    InvalidEmail {
+        secret: String,
+        key: String,
+        why: &'static str,
+    },
+    #[error(
+        "the password in key {key:?} of credentials Secret {secret} is {len} bytes; NetBird needs 8 to 72"
+    )]
+    PasswordLength {
+        secret: String,
+        key: String,
+        len: usize,
+    },
+    #[error(
+        "the name in key {key:?} of credentials Secret {secret} is over 255 characters or holds control characters"
+    )]
     InvalidName { secret: String, key: String },
 }
 
@@ -54,21 +66,32 @@ pub fn parse(
     data: &BTreeMap<String, ByteString>,
     keys: &CredentialsSecretRef,
 ) -> Result<Credentials, CredentialsError> {
-    let text = |key: &str| -> Result<Option<String>, CredentialsError> {
-        match data.get(key) {
-            None => Ok(None),
-            Some(v) => String::from_utf8(v.0.clone())
-                .map(Some)
-                .map_err(|_| CredentialsError::NotText { secret: secret.into(), key: key.into() }),
-        }
-    };
+    let text =
+        |key: &str| -> Result<Option<String>, CredentialsError> {
+            match data.get(key) {
+                None => Ok(None),
+                Some(v) => String::from_utf8(v.0.clone()).map(Some).map_err(|_| {
+                    CredentialsError::NotText {
+                        secret: secret.into(),
+                        key: key.into(),
+                    }
+                }),
+            }
+        };
     let required = |key: &str| -> Result<String, CredentialsError> {
-        text(key)?.ok_or_else(|| CredentialsError::MissingKey { secret: secret.into(), key: key.into() })
+        text(key)?.ok_or_else(|| CredentialsError::MissingKey {
+            secret: secret.into(),
+            key: key.into(),
+        })
     };
 
     let email = required(&keys.email_key)?;
     if let Err(why) = check_email(&email) {
-        return Err(CredentialsError::InvalidEmail { secret: secret.into(), key: keys.email_key.clone(), why });
+        return Err(CredentialsError::InvalidEmail {
+            secret: secret.into(),
+            key: keys.email_key.clone(),
+            why,
+        });
     }
     let password = required(&keys.password_key)?;
     if !(8..=72).contains(&password.len()) {
@@ -82,13 +105,20 @@ pub fn parse(
         Some(n) if !n.trim().is_empty() => {
             let n = n.trim().to_string();
             if n.chars().count() > 255 || n.chars().any(char::is_control) {
-                return Err(CredentialsError::InvalidName { secret: secret.into(), key: keys.name_key.clone() });
+                return Err(CredentialsError::InvalidName {
+                    secret: secret.into(),
+                    key: keys.name_key.clone(),
+                });
             }
             n
         }
         _ => email.clone(),
     };
-    Ok(Credentials { email, password: SecretString::from(password), name })
+    Ok(Credentials {
+        email,
+        password: SecretString::from(password),
+        name,
+    })
 }
 
 /// A plain check of `local@domain` that matches what NetBird accepts for common mistakes.
@@ -129,16 +159,28 @@ mod tests {
     }
 
     fn data(pairs: &[(&str, &[u8])]) -> BTreeMap<String, ByteString> {
-        pairs.iter().map(|(k, v)| (k.to_string(), ByteString(v.to_vec()))).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+            .collect()
     }
 
     #[test]
     fn name_defaults_to_email() {
-        let c = parse("admin", &data(&[("email", b"a@example.com"), ("password", b"12345678")]), &keys()).unwrap();
+        let c = parse(
+            "admin",
+            &data(&[("email", b"a@example.com"), ("password", b"12345678")]),
+            &keys(),
+        )
+        .unwrap();
         assert_eq!(c.name, "a@example.com");
         let c = parse(
             "admin",
-            &data(&[("email", b"a@example.com"), ("password", b"12345678"), ("name", b" Ada ")]),
+            &data(&[
+                ("email", b"a@example.com"),
+                ("password", b"12345678"),
+                ("name", b" Ada "),
+            ]),
             &keys(),
         )
         .unwrap();
@@ -149,12 +191,33 @@ mod tests {
     fn each_bad_input_names_the_key_not_the_value() {
         let cases: Vec<(BTreeMap<String, ByteString>, &str)> = vec![
             (data(&[("password", b"12345678")]), "has no key \"email\""),
-            (data(&[("email", b"a@example.com")]), "has no key \"password\""),
-            (data(&[("email", b"nope"), ("password", b"12345678")]), "has no @"),
-            (data(&[("email", b"a@example.com\n"), ("password", b"12345678")]), "trailing newline"),
-            (data(&[("email", b"a@example.com"), ("password", b"short")]), "is 5 bytes"),
-            (data(&[("email", b"a@example.com"), ("password", &[b'x'; 73])]), "is 73 bytes"),
-            (data(&[("email", b"a@example.com"), ("password", &[0xff, 0xfe, 1, 2, 3, 4, 5, 6])]), "not UTF-8"),
+            (
+                data(&[("email", b"a@example.com")]),
+                "has no key \"password\"",
+            ),
+            (
+                data(&[("email", b"nope"), ("password", b"12345678")]),
+                "has no @",
+            ),
+            (
+                data(&[("email", b"a@example.com\n"), ("password", b"12345678")]),
+                "trailing newline",
+            ),
+            (
+                data(&[("email", b"a@example.com"), ("password", b"short")]),
+                "is 5 bytes",
+            ),
+            (
+                data(&[("email", b"a@example.com"), ("password", &[b'x'; 73])]),
+                "is 73 bytes",
+            ),
+            (
+                data(&[
+                    ("email", b"a@example.com"),
+                    ("password", &[0xff, 0xfe, 1, 2, 3, 4, 5, 6]),
+                ]),
+                "not UTF-8",
+            ),
         ];
         for (d, want) in cases {
             let err = parse("admin", &d, &keys()).unwrap_err().to_string();
@@ -167,14 +230,33 @@ mod tests {
     fn password_length_counts_bytes() {
         // 24 three-byte characters = 72 bytes: allowed; 25 = 75 bytes: refused
         let ok = "€".repeat(24);
-        assert!(parse("s", &data(&[("email", b"a@b.c"), ("password", ok.as_bytes())]), &keys()).is_ok());
+        assert!(
+            parse(
+                "s",
+                &data(&[("email", b"a@b.c"), ("password", ok.as_bytes())]),
+                &keys()
+            )
+            .is_ok()
+        );
         let long = "€".repeat(25);
-        assert!(parse("s", &data(&[("email", b"a@b.c"), ("password", long.as_bytes())]), &keys()).is_err());
+        assert!(
+            parse(
+                "s",
+                &data(&[("email", b"a@b.c"), ("password", long.as_bytes())]),
+                &keys()
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn debug_hides_the_password() {
-        let c = parse("s", &data(&[("email", b"a@b.c"), ("password", b"hunter2hunter2")]), &keys()).unwrap();
+        let c = parse(
+            "s",
+            &data(&[("email", b"a@b.c"), ("password", b"hunter2hunter2")]),
+            &keys(),
+        )
+        .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

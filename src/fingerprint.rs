@@ -1,9 +1,9 @@
 //! `status.credentialsFingerprint`: an argon2id hash of the email and password used for setup.
 //! Hashing is slow by design, so it runs on the blocking thread pool, never on the async runtime.
 
+use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use argon2::Argon2;
 use secrecy::{ExposeSecret, SecretString};
 
 /// Hashes `input` with argon2id and a random salt; returns the PHC string.
@@ -22,7 +22,11 @@ pub async fn hash(input: SecretString) -> Result<String, FingerprintError> {
 pub async fn matches(phc: String, input: SecretString) -> bool {
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&phc)
-            .map(|h| Argon2::default().verify_password(input.expose_secret().as_bytes(), &h).is_ok())
+            .map(|h| {
+                Argon2::default()
+                    .verify_password(input.expose_secret().as_bytes(), &h)
+                    .is_ok()
+            })
             .unwrap_or(false)
     })
     .await

@@ -23,14 +23,20 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Self { ready: AtomicBool::new(false), before_scrape: Box::new(|| {}) }
+        Self {
+            ready: AtomicBool::new(false),
+            before_scrape: Box::new(|| {}),
+        }
     }
 }
 
 impl Health {
     /// Not ready yet; `before_scrape` runs before each /metrics answer.
     pub fn new(before_scrape: impl Fn() + Send + Sync + 'static) -> Self {
-        Self { ready: AtomicBool::new(false), before_scrape: Box::new(before_scrape) }
+        Self {
+            ready: AtomicBool::new(false),
+            before_scrape: Box::new(before_scrape),
+        }
     }
 
     pub fn set_ready(&self) {
@@ -47,7 +53,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -67,7 +78,8 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metr
                 let resp = respond(&req, &health, &metrics);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = shutdown.cancelled() => {}
@@ -80,16 +92,27 @@ fn respond<B>(req: &Request<B>, health: &Health, metrics: &Metrics) -> Response<
     let text = |code: StatusCode, body: String, ctype: &'static str| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = code;
-        r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(ctype),
+        );
         r
     };
     match req.uri().path() {
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         "/readyz" if health.is_ready() => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "watches not synced yet\n".into(), "text/plain"),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "watches not synced yet\n".into(),
+            "text/plain",
+        ),
         "/metrics" => {
             (health.before_scrape)();
-            text(StatusCode::OK, metrics.encode(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            text(
+                StatusCode::OK,
+                metrics.encode(),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     }

@@ -45,7 +45,11 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("netbird_operator");
         let reconciles = Family::default();
-        registry.register("reconciles", "Reconcile passes, by result (ok or error)", reconciles.clone());
+        registry.register(
+            "reconciles",
+            "Reconcile passes, by result (ok or error)",
+            reconciles.clone(),
+        );
         let reconcile_errors = Family::default();
         registry.register(
             "reconcile_errors",
@@ -59,16 +63,32 @@ impl Default for Metrics {
             netbird_requests.clone(),
         );
         let setup_calls = Counter::default();
-        registry.register("setup_calls", "POST /api/setup calls made", setup_calls.clone());
+        registry.register(
+            "setup_calls",
+            "POST /api/setup calls made",
+            setup_calls.clone(),
+        );
         let instances = Family::default();
-        registry.register("instances", "NetbirdInstances by Ready condition status", instances.clone());
+        registry.register(
+            "instances",
+            "NetbirdInstances by Ready condition status",
+            instances.clone(),
+        );
         let update_available = Gauge::default();
         registry.register(
             "instances_update_available",
             "NetbirdInstances whose server reports a newer management release",
             update_available.clone(),
         );
-        Self { registry, reconciles, reconcile_errors, netbird_requests, setup_calls, instances, update_available }
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            netbird_requests,
+            setup_calls,
+            instances,
+            update_available,
+        }
     }
 }
 
@@ -84,9 +104,15 @@ impl Metrics {
 
     /// Sets the per-state instance gauges (computed from the informer's cache at scrape time).
     pub fn set_instances(&self, ready: i64, not_ready: i64, unknown: i64, update_available: i64) {
-        self.instances.get_or_create(&ReadyLabels { ready: "true" }).set(ready);
-        self.instances.get_or_create(&ReadyLabels { ready: "false" }).set(not_ready);
-        self.instances.get_or_create(&ReadyLabels { ready: "unknown" }).set(unknown);
+        self.instances
+            .get_or_create(&ReadyLabels { ready: "true" })
+            .set(ready);
+        self.instances
+            .get_or_create(&ReadyLabels { ready: "false" })
+            .set(not_ready);
+        self.instances
+            .get_or_create(&ReadyLabels { ready: "unknown" })
+            .set(unknown);
         self.update_available.set(update_available);
     }
 }
@@ -94,7 +120,10 @@ impl Metrics {
 impl CallObserver for Metrics {
     fn observe(&self, endpoint: Endpoint, status: Option<u16>) {
         self.netbird_requests
-            .get_or_create(&CallLabels { endpoint: endpoint.as_str(), class: status_class(status) })
+            .get_or_create(&CallLabels {
+                endpoint: endpoint.as_str(),
+                class: status_class(status),
+            })
             .inc();
         if endpoint == Endpoint::Setup {
             self.setup_calls.inc();

@@ -83,17 +83,25 @@ impl TokenSecret {
 
 /// Classifies the Secret read from the API (None: not found).
 pub fn classify(secret: Option<Secret>, instance: &str, key: &str) -> TokenSecret {
-    let Some(secret) = secret else { return TokenSecret::Absent };
+    let Some(secret) = secret else {
+        return TokenSecret::Absent;
+    };
     let labels = secret.metadata.labels.clone().unwrap_or_default();
     if labels.get(LABEL_MANAGED_BY).map(String::as_str) != Some(MANAGED_BY) {
-        return TokenSecret::Foreign(format!("it lacks the label {LABEL_MANAGED_BY}={MANAGED_BY}"));
+        return TokenSecret::Foreign(format!(
+            "it lacks the label {LABEL_MANAGED_BY}={MANAGED_BY}"
+        ));
     }
     match labels.get(LABEL_INSTANCE) {
         Some(owner) if owner == instance => {}
         Some(other) => {
-            return TokenSecret::Foreign(format!("it belongs to NetbirdInstance {other:?} ({LABEL_INSTANCE}={other})"));
+            return TokenSecret::Foreign(format!(
+                "it belongs to NetbirdInstance {other:?} ({LABEL_INSTANCE}={other})"
+            ));
         }
-        None => return TokenSecret::Foreign(format!("it lacks the label {LABEL_INSTANCE}={instance}")),
+        None => {
+            return TokenSecret::Foreign(format!("it lacks the label {LABEL_INSTANCE}={instance}"));
+        }
     }
     let token = match secret.data.as_ref().and_then(|d| d.get(key)) {
         None => TokenValue::Missing,
@@ -116,27 +124,43 @@ pub fn classify(secret: Option<Secret>, instance: &str, key: &str) -> TokenSecre
 pub fn desired_labels(nbi: &NetbirdInstance) -> BTreeMap<String, String> {
     let mut labels = nbi.spec.token.secret_labels.clone();
     labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
-    labels.insert(LABEL_INSTANCE.into(), nbi.metadata.name.clone().unwrap_or_default());
+    labels.insert(
+        LABEL_INSTANCE.into(),
+        nbi.metadata.name.clone().unwrap_or_default(),
+    );
     labels
 }
 
 /// Owner references the token Secret must carry: the NetbirdInstance's only with
 /// `deletionPolicy: Delete`; references to other owners are kept.
-pub fn desired_owner_references(nbi: &NetbirdInstance, current: &[OwnerReference]) -> Vec<OwnerReference> {
+pub fn desired_owner_references(
+    nbi: &NetbirdInstance,
+    current: &[OwnerReference],
+) -> Vec<OwnerReference> {
     let uid = nbi.metadata.uid.clone().unwrap_or_default();
     let mut refs: Vec<OwnerReference> = current.iter().filter(|r| r.uid != uid).cloned().collect();
     if nbi.spec.token.deletion_policy == DeletionPolicy::Delete
         && let Some(mine) = nbi.controller_owner_ref(&())
     {
-        refs.push(OwnerReference { block_owner_deletion: Some(false), ..mine });
+        refs.push(OwnerReference {
+            block_owner_deletion: Some(false),
+            ..mine
+        });
     }
     refs
 }
 
 /// Whether labels, annotations and owner references of an owned Secret follow the spec.
 pub fn metadata_in_sync(nbi: &NetbirdInstance, s: &OwnedSecret) -> bool {
-    let labels_ok = desired_labels(nbi).iter().all(|(k, v)| s.labels.get(k) == Some(v));
-    let ann_ok = nbi.spec.token.secret_annotations.iter().all(|(k, v)| s.annotations.get(k) == Some(v));
+    let labels_ok = desired_labels(nbi)
+        .iter()
+        .all(|(k, v)| s.labels.get(k) == Some(v));
+    let ann_ok = nbi
+        .spec
+        .token
+        .secret_annotations
+        .iter()
+        .all(|(k, v)| s.annotations.get(k) == Some(v));
     let refs_ok = desired_owner_references(nbi, &s.owner_references) == s.owner_references;
     labels_ok && ann_ok && refs_ok
 }
@@ -172,7 +196,13 @@ pub fn new_claimed(nbi: &NetbirdInstance, started_at: &str, fingerprint: &str) -
 
 /// Claims an existing owned Secret for setup. `resource_version` makes the write fail on a
 /// concurrent change, so the claim is known to hold before the one-time call.
-pub fn claim_patch(nbi: &NetbirdInstance, s: &OwnedSecret, resource_version: &str, started_at: &str, fingerprint: &str) -> Value {
+pub fn claim_patch(
+    nbi: &NetbirdInstance,
+    s: &OwnedSecret,
+    resource_version: &str,
+    started_at: &str,
+    fingerprint: &str,
+) -> Value {
     let mut patch = metadata_patch(nbi, s);
     patch["metadata"]["resourceVersion"] = json!(resource_version);
     patch["metadata"]["annotations"][ANN_SETUP_STARTED_AT] = json!(started_at);
@@ -192,7 +222,8 @@ pub fn store_patch(
     let mut data = serde_json::Map::new();
     data.insert(
         nbi.spec.token.secret_key.clone(),
-        serde_json::to_value(ByteString(token.expose_secret().as_bytes().to_vec())).unwrap_or(Value::Null),
+        serde_json::to_value(ByteString(token.expose_secret().as_bytes().to_vec()))
+            .unwrap_or(Value::Null),
     );
     json!({
         "metadata": {
@@ -240,7 +271,13 @@ mod tests {
         let mut n = NetbirdInstance::new("nb", spec);
         n.metadata.namespace = Some("ns".into());
         n.metadata.uid = Some("uid-1".into());
-        n.metadata.labels = Some([("app.kubernetes.io/instance".to_string(), "argo-app".to_string())].into());
+        n.metadata.labels = Some(
+            [(
+                "app.kubernetes.io/instance".to_string(),
+                "argo-app".to_string(),
+            )]
+            .into(),
+        );
         n
     }
 
@@ -248,7 +285,12 @@ mod tests {
         Secret {
             metadata: ObjectMeta {
                 name: Some("nb-token".into()),
-                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
                 ..Default::default()
             },
             data: data.map(|d| [("NB_API_KEY".to_string(), ByteString(d.to_vec()))].into()),
@@ -258,14 +300,26 @@ mod tests {
 
     #[test]
     fn classifies_by_both_labels() {
-        assert!(matches!(classify(None, "nb", "NB_API_KEY"), TokenSecret::Absent));
-        assert!(matches!(classify(Some(secret(&[], None)), "nb", "NB_API_KEY"), TokenSecret::Foreign(_)));
-        let other = secret(&[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "other")], None);
+        assert!(matches!(
+            classify(None, "nb", "NB_API_KEY"),
+            TokenSecret::Absent
+        ));
+        assert!(matches!(
+            classify(Some(secret(&[], None)), "nb", "NB_API_KEY"),
+            TokenSecret::Foreign(_)
+        ));
+        let other = secret(
+            &[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "other")],
+            None,
+        );
         match classify(Some(other), "nb", "NB_API_KEY") {
             TokenSecret::Foreign(why) => assert!(why.contains("\"other\""), "{why}"),
             s => panic!("{s:?}"),
         }
-        let ours = secret(&[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "nb")], Some(b"nbp_x\n"));
+        let ours = secret(
+            &[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "nb")],
+            Some(b"nbp_x\n"),
+        );
         match classify(Some(ours), "nb", "NB_API_KEY") {
             TokenSecret::Ours(s) => match s.token {
                 TokenValue::Present(t) => assert_eq!(t.expose_secret(), "nbp_x"),
@@ -273,9 +327,14 @@ mod tests {
             },
             s => panic!("{s:?}"),
         }
-        let binary = secret(&[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "nb")], Some(&[0xff, 0]));
+        let binary = secret(
+            &[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "nb")],
+            Some(&[0xff, 0]),
+        );
         assert!(matches!(
-            classify(Some(binary), "nb", "NB_API_KEY").owned().map(|s| s.token.clone()),
+            classify(Some(binary), "nb", "NB_API_KEY")
+                .owned()
+                .map(|s| s.token.clone()),
             Some(TokenValue::NotText)
         ));
     }
@@ -297,15 +356,30 @@ mod tests {
         assert_eq!(refs.len(), 1);
         assert_eq!(refs[0].uid, "uid-1");
         // switching back to Retain removes ours and keeps others
-        let other = OwnerReference { uid: "other".into(), ..refs[0].clone() };
-        let kept = desired_owner_references(&nbi(DeletionPolicy::Retain), &[refs[0].clone(), other.clone()]);
+        let other = OwnerReference {
+            uid: "other".into(),
+            ..refs[0].clone()
+        };
+        let kept = desired_owner_references(
+            &nbi(DeletionPolicy::Retain),
+            &[refs[0].clone(), other.clone()],
+        );
         assert_eq!(kept, vec![other]);
     }
 
     #[test]
     fn store_patch_clears_the_in_flight_marker() {
-        let p = store_patch(&nbi(DeletionPolicy::Retain), &SecretString::from("nbp_abc"), "u1", "2027-01-01T00:00:00Z", "now");
-        assert_eq!(p["metadata"]["annotations"][ANN_SETUP_STARTED_AT], Value::Null);
+        let p = store_patch(
+            &nbi(DeletionPolicy::Retain),
+            &SecretString::from("nbp_abc"),
+            "u1",
+            "2027-01-01T00:00:00Z",
+            "now",
+        );
+        assert_eq!(
+            p["metadata"]["annotations"][ANN_SETUP_STARTED_AT],
+            Value::Null
+        );
         assert_eq!(p["data"]["NB_API_KEY"], json!("bmJwX2FiYw=="));
     }
 }

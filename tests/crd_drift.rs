@@ -2,7 +2,11 @@
 
 #[test]
 fn committed_crd_matches_the_types() {
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/netbirdinstance.yaml")).unwrap();
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/netbirdinstance.yaml"
+    ))
+    .unwrap();
     assert!(
         committed == netbird_operator::crd::crd_yaml(),
         "crds/netbirdinstance.yaml is stale: run `cargo run -- crd > crds/netbirdinstance.yaml`"
@@ -15,5 +19,8 @@ fn crd_has_list_map_conditions_and_cel_rules() {
     assert!(y.contains("x-kubernetes-list-type: map"));
     assert!(y.contains("x-kubernetes-list-map-keys"));
     assert!(y.contains("duration(self) >= duration('1m')"));
-    assert!(!y.contains("format: uint"), "unsigned formats make the apiserver warn");
+    assert!(
+        !y.contains("format: uint"),
+        "unsigned formats make the apiserver warn"
+    );
 }

@@ -28,7 +28,11 @@ fn spec(url: &str) -> serde_json::Value {
 }
 
 async fn admin_secret(env: &TestEnv) {
-    env.create_secret("admin", &[("email", EMAIL), ("password", PASSWORD), ("name", "Admin")]).await;
+    env.create_secret(
+        "admin",
+        &[("email", EMAIL), ("password", PASSWORD), ("name", "Admin")],
+    )
+    .await;
 }
 
 async fn token_of(env: &TestEnv, secret: &str) -> Option<String> {
@@ -38,7 +42,12 @@ async fn token_of(env: &TestEnv, secret: &str) -> Option<String> {
 }
 
 /// Nothing the run produced that a user can read holds the password or the token.
-async fn assert_no_secret_leaks(env: &TestEnv, name: &str, op: &support::Operator, secrets: &[&str]) {
+async fn assert_no_secret_leaks(
+    env: &TestEnv,
+    name: &str,
+    op: &support::Operator,
+    secrets: &[&str],
+) {
     let nbi = env.instances().get(name).await.unwrap();
     let status = serde_json::to_string(&nbi.status).unwrap();
     let events = format!("{:?}", env.events().await);
@@ -52,64 +61,127 @@ async fn assert_no_secret_leaks(env: &TestEnv, name: &str, op: &support::Operato
 
 #[tokio::test]
 async fn real_netbird_bootstrap_adoption_and_second_instance() {
-    let Some(env) = TestEnv::new("real-bootstrap").await else { return };
+    let Some(env) = TestEnv::new("real-bootstrap").await else {
+        return;
+    };
     let _guard = support::netbird_lock().await;
-    let Some(nb) = NetbirdServer::start().await else { return };
+    let Some(nb) = NetbirdServer::start().await else {
+        return;
+    };
     admin_secret(&env).await;
     let op = env.start_operator().await;
-    env.create_instance("nb", spec(&nb.url)).await.expect("create");
+    env.create_instance("nb", spec(&nb.url))
+        .await
+        .expect("create");
 
-    let nbi = env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped")).await;
+    let nbi = env
+        .wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
     let status = nbi.status.clone().unwrap();
     assert_eq!(status.observed_generation, nbi.metadata.generation);
-    assert_eq!(status.version.as_ref().unwrap().management.as_deref(), Some("0.77.1"));
-    assert_eq!(condition(&nbi, "SetupComplete").unwrap().1, "SetupPerformed");
+    assert_eq!(
+        status.version.as_ref().unwrap().management.as_deref(),
+        Some("0.77.1")
+    );
+    assert_eq!(
+        condition(&nbi, "SetupComplete").unwrap().1,
+        "SetupPerformed"
+    );
     assert_eq!(condition(&nbi, "TokenAvailable").unwrap().1, "TokenStored");
-    assert!(status.credentials_fingerprint.as_deref().unwrap().starts_with("$argon2id$"));
+    assert!(
+        status
+            .credentials_fingerprint
+            .as_deref()
+            .unwrap()
+            .starts_with("$argon2id$")
+    );
     assert_eq!(op.setup_calls(), 1);
 
     // the stored token is one the real server accepts, and it belongs to the owner
     let token = token_of(&env, "nb-token").await.expect("token in Secret");
     let client = NetbirdClient::new(&nb.url, &ClientOptions::default()).unwrap();
-    let me = client.current_user(&SecretString::from(token.clone())).await.expect("real server accepts the token");
+    let me = client
+        .current_user(&SecretString::from(token.clone()))
+        .await
+        .expect("real server accepts the token");
     assert_eq!(me.email, EMAIL);
     assert_eq!(me.role, "owner");
     let secret = env.secrets().get("nb-token").await.unwrap();
     let ann = secret.metadata.annotations.unwrap();
     assert!(!ann.contains_key(ANN_SETUP_STARTED_AT));
     assert!(ann.contains_key("bootstrap.netbird.io/expires-at"));
-    assert_eq!(secret.metadata.labels.unwrap().get(LABEL_MANAGED_BY).map(String::as_str), Some(MANAGED_BY));
-    assert!(secret.metadata.owner_references.is_none(), "Retain: no owner reference");
+    assert_eq!(
+        secret
+            .metadata
+            .labels
+            .unwrap()
+            .get(LABEL_MANAGED_BY)
+            .map(String::as_str),
+        Some(MANAGED_BY)
+    );
+    assert!(
+        secret.metadata.owner_references.is_none(),
+        "Retain: no owner reference"
+    );
     let events = env.events().await;
-    assert!(events.iter().any(|(r, _)| r == "SetupPerformed"), "{events:?}");
+    assert!(
+        events.iter().any(|(r, _)| r == "SetupPerformed"),
+        "{events:?}"
+    );
     assert_no_secret_leaks(&env, "nb", &op, &[PASSWORD, &token]).await;
 
     // delete and re-create: the token is adopted, setup is not called again
-    env.instances().delete("nb", &DeleteParams::default()).await.unwrap();
+    env.instances()
+        .delete("nb", &DeleteParams::default())
+        .await
+        .unwrap();
     env.wait_instance_gone("nb").await;
-    env.create_instance("nb", spec(&nb.url)).await.expect("re-create");
-    let nbi = env.wait_instance("nb", "Ready again", T, |n| ready_is(n, "True", "Bootstrapped")).await;
+    env.create_instance("nb", spec(&nb.url))
+        .await
+        .expect("re-create");
+    let nbi = env
+        .wait_instance("nb", "Ready again", T, |n| {
+            ready_is(n, "True", "Bootstrapped")
+        })
+        .await;
     assert_eq!(condition(&nbi, "SetupComplete").unwrap().0, "True");
     assert_eq!(op.setup_calls(), 1, "no second setup call");
-    assert_eq!(token_of(&env, "nb-token").await.as_deref(), Some(token.as_str()));
+    assert_eq!(
+        token_of(&env, "nb-token").await.as_deref(),
+        Some(token.as_str())
+    );
 
     // a second instance on the same server: Stalled/SetupUnavailable, no loop
-    env.create_instance("second", spec(&nb.url)).await.expect("create second");
+    env.create_instance("second", spec(&nb.url))
+        .await
+        .expect("create second");
     let second = env
         .wait_instance("second", "Stalled/SetupUnavailable", T, |n| {
             condition(n, "Stalled").is_some_and(|(s, r, _)| s == "True" && r == "SetupUnavailable")
         })
         .await;
-    assert!(condition(&second, "Ready").unwrap().2.contains("NB_API_KEY"), "message says what to do");
+    assert!(
+        condition(&second, "Ready")
+            .unwrap()
+            .2
+            .contains("NB_API_KEY"),
+        "message says what to do"
+    );
     let reconciles = op.metrics.encode();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(op.metrics.encode(), reconciles, "a stalled instance does not loop");
+    assert_eq!(
+        op.metrics.encode(),
+        reconciles,
+        "a stalled instance does not loop"
+    );
     assert_eq!(op.setup_calls(), 1);
 }
 
 #[tokio::test]
 async fn credentials_secret_created_later_is_picked_up_at_once() {
-    let Some(env) = TestEnv::new("late-credentials").await else { return };
+    let Some(env) = TestEnv::new("late-credentials").await else {
+        return;
+    };
     let fake = FakeNetbird::start().await;
     let _op = env.start_operator().await;
     env.create_instance("nb", spec(&fake.url)).await.unwrap();
@@ -122,27 +194,51 @@ async fn credentials_secret_created_later_is_picked_up_at_once() {
     assert_eq!(fake.calls("setup"), 0);
     let t0 = std::time::Instant::now();
     admin_secret(&env).await;
-    env.wait_instance("nb", "Ready", Duration::from_secs(10), |n| ready_is(n, "True", "Bootstrapped")).await;
-    assert!(t0.elapsed() < Duration::from_secs(10), "Ready follows the Secret, not a periodic resync");
+    env.wait_instance("nb", "Ready", Duration::from_secs(10), |n| {
+        ready_is(n, "True", "Bootstrapped")
+    })
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "Ready follows the Secret, not a periodic resync"
+    );
     assert_eq!(fake.calls("setup"), 1);
 }
 
 #[tokio::test]
 async fn token_secret_is_claimed_before_setup_and_token_lost_is_reported() {
-    let Some(env) = TestEnv::new("claim-before-setup").await else { return };
+    let Some(env) = TestEnv::new("claim-before-setup").await else {
+        return;
+    };
     let fake = FakeNetbird::start().await;
     admin_secret(&env).await;
     fake.fault("setup", Fault::Delay(Duration::from_secs(2)));
     let op = env.start_operator().await;
     env.create_instance("nb", spec(&fake.url)).await.unwrap();
     // while setup is in flight, the Secret exists and carries setup-started-at
-    support::wait_for("the setup call", T, || async { (fake.calls("setup") > 0).then_some(()) }).await;
-    let claimed = env.secrets().get("nb-token").await.expect("claimed before setup");
-    assert!(claimed.metadata.annotations.unwrap().contains_key(ANN_SETUP_STARTED_AT));
+    support::wait_for("the setup call", T, || async {
+        (fake.calls("setup") > 0).then_some(())
+    })
+    .await;
+    let claimed = env
+        .secrets()
+        .get("nb-token")
+        .await
+        .expect("claimed before setup");
+    assert!(
+        claimed
+            .metadata
+            .annotations
+            .unwrap()
+            .contains_key(ANN_SETUP_STARTED_AT)
+    );
     assert!(claimed.data.is_none_or(|d| d.is_empty()), "no token yet");
     // crash in flight: the server completes setup, the operator never sees the answer
     op.kill();
-    support::wait_for("setup to complete on the server", T, || async { (!fake.state().setup_required).then_some(()) }).await;
+    support::wait_for("setup to complete on the server", T, || async {
+        (!fake.state().setup_required).then_some(())
+    })
+    .await;
     fake.clear_fault("setup");
     let op = env.start_operator().await;
     let n = env
@@ -150,7 +246,12 @@ async fn token_secret_is_claimed_before_setup_and_token_lost_is_reported() {
             condition(n, "Stalled").is_some_and(|(s, r, _)| s == "True" && r == "TokenLost")
         })
         .await;
-    assert!(condition(&n, "Ready").unwrap().2.contains("create a personal access token"));
+    assert!(
+        condition(&n, "Ready")
+            .unwrap()
+            .2
+            .contains("create a personal access token")
+    );
     assert_eq!(fake.calls("setup"), 1, "never a second setup call");
     assert_eq!(op.setup_calls(), 0);
 
@@ -158,15 +259,22 @@ async fn token_secret_is_claimed_before_setup_and_token_lost_is_reported() {
     let user = fake.state().users.keys().next().cloned().unwrap();
     let hand_made = fake.state().mint(&user);
     let patch = json!({"stringData": {"NB_API_KEY": hand_made}});
-    env.secrets().patch("nb-token", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let n = env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped")).await;
+    env.secrets()
+        .patch("nb-token", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let n = env
+        .wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
     assert_eq!(condition(&n, "TokenAvailable").unwrap().1, "TokenAdopted");
 }
 
 /// Each failure mode of the NetBird API ends in its condition, with an Event, and no second setup.
 #[tokio::test]
 async fn failure_modes_end_in_specific_conditions() {
-    let Some(env) = TestEnv::new("failure-modes").await else { return };
+    let Some(env) = TestEnv::new("failure-modes").await else {
+        return;
+    };
     admin_secret(&env).await;
     let op = env.start_operator().await;
 
@@ -259,31 +367,58 @@ async fn failure_modes_end_in_specific_conditions() {
         assert_eq!(ready_reason, c.reason, "{}", c.name);
         assert!(message.contains(c.message), "{}: {message}", c.name);
         if c.condition == "Stalled" {
-            assert!(fake.calls("setup") <= 1, "{}: setup called {} times", c.name, fake.calls("setup"));
+            assert!(
+                fake.calls("setup") <= 1,
+                "{}: setup called {} times",
+                c.name,
+                fake.calls("setup")
+            );
         }
     }
     // retrying cases back off: a few calls in some seconds, not a hot loop
     let before = fakes[4].calls("setup");
     tokio::time::sleep(Duration::from_secs(4)).await;
     let after = fakes[4].calls("setup");
-    assert!(after - before <= 3, "500 on setup retried {} times in 4 s", after - before);
+    assert!(
+        after - before <= 3,
+        "500 on setup retried {} times in 4 s",
+        after - before
+    );
     let events = env.events().await;
-    for reason in ["CredentialsRejected", "SetupUnavailable", "TokenNotIssued", "ManagementUnreachable", "InvalidSpec"] {
-        assert!(events.iter().any(|(r, _)| r == reason), "no Event {reason}: {events:?}");
+    for reason in [
+        "CredentialsRejected",
+        "SetupUnavailable",
+        "TokenNotIssued",
+        "ManagementUnreachable",
+        "InvalidSpec",
+    ] {
+        assert!(
+            events.iter().any(|(r, _)| r == reason),
+            "no Event {reason}: {events:?}"
+        );
     }
     assert_no_secret_leaks(&env, "invalid", &op, &[PASSWORD]).await;
 }
 
 #[tokio::test]
 async fn bad_inputs_stall_with_a_reason_before_any_call() {
-    let Some(env) = TestEnv::new("bad-inputs").await else { return };
+    let Some(env) = TestEnv::new("bad-inputs").await else {
+        return;
+    };
     let fake = FakeNetbird::start().await;
     let _op = env.start_operator().await;
-    env.create_secret("short", &[("email", EMAIL), ("password", "short")]).await;
+    env.create_secret("short", &[("email", EMAIL), ("password", "short")])
+        .await;
     env.create_secret("nokey", &[("email", EMAIL)]).await;
-    env.create_secret("bademail", &[("email", "not-an-email"), ("password", PASSWORD)]).await;
-    env.create_secret("nb3-token", &[("NB_API_KEY", "mine")]).await; // someone else's Secret
-    env.create_secret("good", &[("email", EMAIL), ("password", PASSWORD)]).await;
+    env.create_secret(
+        "bademail",
+        &[("email", "not-an-email"), ("password", PASSWORD)],
+    )
+    .await;
+    env.create_secret("nb3-token", &[("NB_API_KEY", "mine")])
+        .await; // someone else's Secret
+    env.create_secret("good", &[("email", EMAIL), ("password", PASSWORD)])
+        .await;
     let with = |name: &str| {
         let mut s = spec(&fake.url);
         s["credentialsSecretRef"]["name"] = json!(name);
@@ -300,29 +435,47 @@ async fn bad_inputs_stall_with_a_reason_before_any_call() {
         ("nb3", "SecretConflict", "not managed by this operator"),
     ] {
         let n = env
-            .wait_instance(name, reason, T, |n| condition(n, "Stalled").is_some_and(|(_, r, _)| r == reason))
+            .wait_instance(name, reason, T, |n| {
+                condition(n, "Stalled").is_some_and(|(_, r, _)| r == reason)
+            })
             .await;
-        assert!(condition(&n, "Ready").unwrap().2.contains(text), "{name}: {:?}", condition(&n, "Ready"));
+        assert!(
+            condition(&n, "Ready").unwrap().2.contains(text),
+            "{name}: {:?}",
+            condition(&n, "Ready")
+        );
     }
     assert_eq!(fake.calls("setup"), 0);
     let foreign = env.secrets().get("nb3-token").await.unwrap();
-    assert_eq!(foreign.data.unwrap().get("NB_API_KEY").unwrap().0, b"mine", "a foreign Secret is untouched");
+    assert_eq!(
+        foreign.data.unwrap().get("NB_API_KEY").unwrap().0,
+        b"mine",
+        "a foreign Secret is untouched"
+    );
 }
 
 #[tokio::test]
 async fn rejected_token_is_reported() {
-    let Some(env) = TestEnv::new("rejected-token").await else { return };
+    let Some(env) = TestEnv::new("rejected-token").await else {
+        return;
+    };
     let fake = FakeNetbird::start().await;
     admin_secret(&env).await;
     let _op = env.start_operator().await;
     env.create_instance("nb", spec(&fake.url)).await.unwrap();
-    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped")).await;
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
     // the token is deleted on the server, then the operator looks again (a spec change)
     fake.state().tokens.clear();
     let patch = json!({"spec": {"versionCheck": {"interval": "2h"}}});
-    env.instances().patch("nb", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.instances()
+        .patch("nb", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
     let n = env
-        .wait_instance("nb", "Stalled/TokenRejected", T, |n| condition(n, "Stalled").is_some_and(|(_, r, _)| r == "TokenRejected"))
+        .wait_instance("nb", "Stalled/TokenRejected", T, |n| {
+            condition(n, "Stalled").is_some_and(|(_, r, _)| r == "TokenRejected")
+        })
         .await;
     assert!(condition(&n, "Ready").unwrap().2.contains("adopts it"));
     assert_eq!(fake.calls("setup"), 1);
@@ -330,45 +483,94 @@ async fn rejected_token_is_reported() {
 
 #[tokio::test]
 async fn quiet_when_nothing_changes() {
-    let Some(env) = TestEnv::new("quiet").await else { return };
+    let Some(env) = TestEnv::new("quiet").await else {
+        return;
+    };
     let fake = FakeNetbird::start().await;
     admin_secret(&env).await;
     let _op = env.start_operator().await;
     env.create_instance("nb", spec(&fake.url)).await.unwrap();
-    let n = env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped")).await;
+    let n = env
+        .wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rv = env.instances().get("nb").await.unwrap().metadata.resource_version;
+    let rv = env
+        .instances()
+        .get("nb")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version;
     let calls: u32 = fake.state().calls.values().sum();
     // an unrelated change to a referenced Secret triggers a pass that changes nothing
     let patch = json!({"metadata": {"labels": {"touched": "yes"}}});
-    env.secrets().patch("admin", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.secrets()
+        .patch("admin", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = env.instances().get("nb").await.unwrap();
-    assert_eq!(after.metadata.resource_version, rv, "no status write when nothing changed");
-    assert_eq!(fake.state().calls.values().sum::<u32>(), calls, "no NetBird call when nothing changed");
-    assert_eq!(after.status, env.instances().get("nb").await.unwrap().status);
+    assert_eq!(
+        after.metadata.resource_version, rv,
+        "no status write when nothing changed"
+    );
+    assert_eq!(
+        fake.state().calls.values().sum::<u32>(),
+        calls,
+        "no NetBird call when nothing changed"
+    );
+    assert_eq!(
+        after.status,
+        env.instances().get("nb").await.unwrap().status
+    );
     let _ = n;
 }
 
 #[tokio::test]
 async fn crd_validation_refuses_bad_specs_at_admission() {
-    let Some(env) = TestEnv::new("crd-validation").await else { return };
+    let Some(env) = TestEnv::new("crd-validation").await else {
+        return;
+    };
     let base = spec("https://nb.example.com");
     let cases: Vec<(serde_json::Value, &str)> = vec![
-        (json!({"managementURL": "http://nb.example.com"}), "allowInsecureHTTP"),
-        (json!({"managementURL": "ftp://nb.example.com"}), "must start with https://"),
-        (json!({"managementURL": "https://nb.example.com/?x=1"}), "query"),
-        (json!({"managementURL": "https://nb.example.com/#frag"}), "fragment"),
-        (json!({"managementURL": "https://user:pw@nb.example.com"}), "user:password@"),
+        (
+            json!({"managementURL": "http://nb.example.com"}),
+            "allowInsecureHTTP",
+        ),
+        (
+            json!({"managementURL": "ftp://nb.example.com"}),
+            "must start with https://",
+        ),
+        (
+            json!({"managementURL": "https://nb.example.com/?x=1"}),
+            "query",
+        ),
+        (
+            json!({"managementURL": "https://nb.example.com/#frag"}),
+            "fragment",
+        ),
+        (
+            json!({"managementURL": "https://user:pw@nb.example.com"}),
+            "user:password@",
+        ),
         (json!({"managementURL": ""}), "managementURL"),
         (json!({"token": {"expiresInDays": 0}}), "expiresInDays"),
         (json!({"token": {"expiresInDays": 366}}), "expiresInDays"),
-        (json!({"token": {"deletionPolicy": "Sometimes"}}), "deletionPolicy"),
+        (
+            json!({"token": {"deletionPolicy": "Sometimes"}}),
+            "deletionPolicy",
+        ),
         (json!({"token": {"secretName": "Not_Valid"}}), "secretName"),
-        (json!({"token": {"secretLabels": {"app.kubernetes.io/managed-by": "me"}}}), "secretLabels"),
+        (
+            json!({"token": {"secretLabels": {"app.kubernetes.io/managed-by": "me"}}}),
+            "secretLabels",
+        ),
         (json!({"versionCheck": {"interval": "30s"}}), "at least 1m"),
         (json!({"versionCheck": {"interval": "soon"}}), "interval"),
-        (json!({"credentialsSecretRef": {"name": ""}}), "credentialsSecretRef.name"),
+        (
+            json!({"credentialsSecretRef": {"name": ""}}),
+            "credentialsSecretRef.name",
+        ),
     ];
     for (i, (overlay, want)) in cases.iter().enumerate() {
         let mut s = base.clone();
@@ -386,7 +588,11 @@ async fn crd_validation_refuses_bad_specs_at_admission() {
             Ok(_) => panic!("case {i} ({want}) was accepted"),
             Err(kube::Error::Api(status)) => {
                 assert_eq!(status.code, 422, "case {i}");
-                assert!(status.message.contains(want), "case {i}: {:?} should mention {want:?}", status.message);
+                assert!(
+                    status.message.contains(want),
+                    "case {i}: {:?} should mention {want:?}",
+                    status.message
+                );
             }
             Err(e) => panic!("case {i}: {e}"),
         }

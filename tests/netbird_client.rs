@@ -4,14 +4,20 @@ mod support;
 
 use std::time::Duration;
 
-use netbird_operator::netbird::{ClientOptions, NetbirdClient, NetbirdError, SetupRequest, TransportKind, pat};
+use netbird_operator::netbird::{
+    ClientOptions, NetbirdClient, NetbirdError, SetupRequest, TransportKind, pat,
+};
 use secrecy::{ExposeSecret, SecretString};
-use support::fake_netbird::{Fault, FakeNetbird};
+use support::fake_netbird::{FakeNetbird, Fault};
 
 fn client(url: &str) -> NetbirdClient {
     NetbirdClient::new(
         url,
-        &ClientOptions { request_timeout: Duration::from_secs(2), connect_timeout: Duration::from_secs(1), ..Default::default() },
+        &ClientOptions {
+            request_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
     )
     .unwrap()
 }
@@ -31,24 +37,41 @@ async fn setup_returns_a_valid_token_once_then_412() {
     let fake = FakeNetbird::start().await;
     let c = client(&fake.url);
     assert!(c.instance_status().await.unwrap().setup_required);
-    let r = c.setup(&req("a@example.com", "password1", "A", 30)).await.unwrap();
+    let r = c
+        .setup(&req("a@example.com", "password1", "A", 30))
+        .await
+        .unwrap();
     let token = r.personal_access_token.expect("token");
     pat::check(token.expose_secret()).unwrap();
-    assert!(!format!("{:?}", c.setup(&req("a@example.com", "password1", "A", 30)).await).contains("password1"));
+    assert!(
+        !format!(
+            "{:?}",
+            c.setup(&req("a@example.com", "password1", "A", 30)).await
+        )
+        .contains("password1")
+    );
     let user = c.current_user(&token).await.unwrap();
     assert_eq!(user.email, "a@example.com");
     let v = c.version(&token).await.unwrap();
     assert_eq!(v.management_current_version, "0.77.1");
     assert!(v.management_update_available);
     match c.setup(&req("a@example.com", "password1", "A", 30)).await {
-        Err(NetbirdError::Api { status: 412, message, request_id, .. }) => {
+        Err(NetbirdError::Api {
+            status: 412,
+            message,
+            request_id,
+            ..
+        }) => {
             assert_eq!(message, "setup already completed");
             assert_eq!(request_id.as_deref(), Some("fake-req-1"));
         }
         other => panic!("{other:?}"),
     }
     assert!(!c.instance_status().await.unwrap().setup_required);
-    assert!(c.list_tokens(&token, &user.id).await.unwrap().is_empty(), "null body is an empty list");
+    assert!(
+        c.list_tokens(&token, &user.id).await.unwrap().is_empty(),
+        "null body is an empty list"
+    );
 }
 
 #[tokio::test]
@@ -57,12 +80,20 @@ async fn validation_runs_before_the_already_done_check() {
     fake.state().setup_required = false;
     let c = client(&fake.url);
     for (r, msg) in [
-        (req("a@example.com", "short", "A", 30), "password must be at least 8 characters"),
+        (
+            req("a@example.com", "short", "A", 30),
+            "password must be at least 8 characters",
+        ),
         (req("nope", "password1", "A", 30), "invalid email format"),
-        (req("a@example.com", "password1", "A", 400), "pat_expire_in must be between 1 and 365"),
+        (
+            req("a@example.com", "password1", "A", 400),
+            "pat_expire_in must be between 1 and 365",
+        ),
     ] {
         match c.setup(&r).await {
-            Err(e @ NetbirdError::Api { status: 422, .. }) => assert_eq!(e.server_message(), Some(msg)),
+            Err(e @ NetbirdError::Api { status: 422, .. }) => {
+                assert_eq!(e.server_message(), Some(msg))
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -72,7 +103,10 @@ async fn validation_runs_before_the_already_done_check() {
 async fn setup_without_the_pat_feature_has_no_token() {
     let fake = FakeNetbird::start().await;
     fake.state().pat_enabled = false;
-    let r = client(&fake.url).setup(&req("a@example.com", "password1", "A", 30)).await.unwrap();
+    let r = client(&fake.url)
+        .setup(&req("a@example.com", "password1", "A", 30))
+        .await
+        .unwrap();
     assert!(r.personal_access_token.is_none());
 }
 
@@ -85,9 +119,16 @@ async fn token_errors_are_401_or_404_and_malformed_tokens_never_leave() {
     assert_eq!(e.status(), Some(404));
     assert!(e.is_token_rejected());
     let before = fake.calls("users_current");
-    let e = c.current_user(&SecretString::from("nbp_tooshort")).await.unwrap_err();
+    let e = c
+        .current_user(&SecretString::from("nbp_tooshort"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, NetbirdError::MalformedToken(_)));
-    assert_eq!(fake.calls("users_current"), before, "a malformed token is not sent");
+    assert_eq!(
+        fake.calls("users_current"),
+        before,
+        "a malformed token is not sent"
+    );
     assert!(!e.to_string().contains("nbp_tooshort"));
 }
 
@@ -107,37 +148,88 @@ async fn faults_become_typed_errors() {
     assert_eq!(e.status(), Some(502));
     assert!(e.to_string().contains("bad gateway"), "{e}");
 
-    fake.fault("instance", Fault::Redirect("https://user:secret@elsewhere.example/api/instance"));
+    fake.fault(
+        "instance",
+        Fault::Redirect("https://user:secret@elsewhere.example/api/instance"),
+    );
     let e = c.instance_status().await.unwrap_err();
-    assert!(matches!(e, NetbirdError::Redirect { status: 302, .. }), "{e:?}");
+    assert!(
+        matches!(e, NetbirdError::Redirect { status: 302, .. }),
+        "{e:?}"
+    );
     assert!(!e.to_string().contains("secret"), "{e}");
 
     fake.fault("instance", Fault::Huge);
-    assert!(matches!(c.instance_status().await.unwrap_err(), NetbirdError::TooLarge { .. }));
+    assert!(matches!(
+        c.instance_status().await.unwrap_err(),
+        NetbirdError::TooLarge { .. }
+    ));
 
     fake.fault("instance", Fault::Hang);
     let e = c.instance_status().await.unwrap_err();
-    assert!(matches!(e, NetbirdError::Transport { kind: TransportKind::Timeout, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            NetbirdError::Transport {
+                kind: TransportKind::Timeout,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 
     fake.fault("instance", Fault::Close);
-    assert!(matches!(c.instance_status().await.unwrap_err(), NetbirdError::Transport { .. }));
+    assert!(matches!(
+        c.instance_status().await.unwrap_err(),
+        NetbirdError::Transport { .. }
+    ));
 
     fake.fault("setup", Fault::Status(200, "not a setup answer"));
-    let e = c.setup(&req("a@example.com", "password1", "A", 30)).await.unwrap_err();
-    assert!(matches!(e, NetbirdError::Decode { status: 200, .. }), "{e:?}");
+    let e = c
+        .setup(&req("a@example.com", "password1", "A", 30))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, NetbirdError::Decode { status: 200, .. }),
+        "{e:?}"
+    );
     assert!(!e.to_string().contains("password1"));
 }
 
 #[tokio::test]
 async fn connection_refused_is_a_connect_error() {
     let port = support::free_port();
-    let e = client(&format!("http://127.0.0.1:{port}")).instance_status().await.unwrap_err();
-    assert!(matches!(e, NetbirdError::Transport { kind: TransportKind::Connect, .. }), "{e:?}");
+    let e = client(&format!("http://127.0.0.1:{port}"))
+        .instance_status()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            NetbirdError::Transport {
+                kind: TransportKind::Connect,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]
 async fn tls_to_a_plain_http_server_is_a_tls_error() {
     let fake = FakeNetbird::start().await;
-    let e = client(&fake.url.replace("http://", "https://")).instance_status().await.unwrap_err();
-    assert!(matches!(e, NetbirdError::Transport { kind: TransportKind::Tls, .. }), "{e:?}");
+    let e = client(&fake.url.replace("http://", "https://"))
+        .instance_status()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            NetbirdError::Transport {
+                kind: TransportKind::Tls,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }

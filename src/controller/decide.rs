@@ -3,7 +3,7 @@
 
 use crate::credentials::Credentials;
 use crate::netbird::{InstanceStatus, NetbirdError, User, VersionInfo};
-use crate::token_secret::{OUTCOME_TOKEN_NOT_ISSUED, ANN_SETUP_OUTCOME, TokenSecret, TokenValue};
+use crate::token_secret::{ANN_SETUP_OUTCOME, OUTCOME_TOKEN_NOT_ISSUED, TokenSecret, TokenValue};
 
 /// An input the reconcile reads from a Secret.
 #[derive(Debug, Clone)]
@@ -21,9 +21,15 @@ pub enum Input<T> {
 #[derive(Debug)]
 pub enum SetupOutcome {
     /// 200 with a token, and the token is in the Secret.
-    TokenStored { user_id: String, email: String },
+    TokenStored {
+        user_id: String,
+        email: String,
+    },
     /// 200 without a token; recorded on the Secret.
-    NoToken { user_id: String, email: String },
+    NoToken {
+        user_id: String,
+        email: String,
+    },
     Failed(NetbirdError),
 }
 
@@ -121,7 +127,11 @@ pub enum Verdict {
     /// Setup done, token stored and verified.
     Ready,
     /// Will retry by itself; `retry` asks for a backoff requeue (else: wait for a watch event).
-    Waiting { reason: Waiting, message: String, retry: bool },
+    Waiting {
+        reason: Waiting,
+        message: String,
+        retry: bool,
+    },
     /// Needs a person.
     Stalled { reason: Stall, message: String },
 }
@@ -247,7 +257,9 @@ pub fn decide(f: &Facts<'_>) -> Step {
     }
 
     match &p.setup {
-        Some(SetupOutcome::NoToken { .. }) => return stalled(Stall::TokenNotIssued, token_not_issued_message(f)),
+        Some(SetupOutcome::NoToken { .. }) => {
+            return stalled(Stall::TokenNotIssued, token_not_issued_message(f));
+        }
         Some(SetupOutcome::TokenStored { .. }) => {
             // the world now holds the token; reaching here means it could not be read back
             return Step::Finish(Verdict::Waiting {
@@ -263,12 +275,20 @@ pub fn decide(f: &Facts<'_>) -> Step {
             }
             return match e.status() {
                 Some(412) => stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true)),
-                Some(422) if e.server_message().is_some_and(|m| m.contains("pat_expire_in")) => {
-                    stalled(Stall::InvalidSpec, format!("spec.token.expiresInDays was refused by NetBird: {e}"))
+                Some(422)
+                    if e.server_message()
+                        .is_some_and(|m| m.contains("pat_expire_in")) =>
+                {
+                    stalled(
+                        Stall::InvalidSpec,
+                        format!("spec.token.expiresInDays was refused by NetBird: {e}"),
+                    )
                 }
                 Some(400 | 422) => stalled(
                     Stall::CredentialsRejected,
-                    format!("NetBird refused the credentials: {e}. Fix the credentials Secret; the operator retries when it changes"),
+                    format!(
+                        "NetBird refused the credentials: {e}. Fix the credentials Secret; the operator retries when it changes"
+                    ),
                 ),
                 _ => unreachable_or_stalled(e, "setup failed"),
             };
@@ -356,7 +376,9 @@ mod tests {
             annotations.insert(ANN_SETUP_STARTED_AT.to_string(), "t".to_string());
         }
         TokenSecret::Ours(OwnedSecret {
-            token: token.map_or(TokenValue::Missing, |t| TokenValue::Present(SecretString::from(t))),
+            token: token.map_or(TokenValue::Missing, |t| {
+                TokenValue::Present(SecretString::from(t))
+            }),
             labels: BTreeMap::new(),
             annotations,
             owner_references: vec![],
@@ -447,19 +469,31 @@ mod tests {
     fn fresh_instance_walks_check_claim_setup() {
         let mut w = World::new(TokenSecret::Absent);
         assert_eq!(w.decide(), Step::CheckInstance);
-        w.probes.instance = Some(Ok(InstanceStatus { setup_required: true }));
+        w.probes.instance = Some(Ok(InstanceStatus {
+            setup_required: true,
+        }));
         assert_eq!(w.decide(), Step::ClaimSecret);
         w.probes.claimed = true;
         w.secret = owned(None, true);
         assert_eq!(w.decide(), Step::Setup);
         // setup stored the token: the world now has it, and it gets verified, then versions read
-        w.probes.setup = Some(SetupOutcome::TokenStored { user_id: "u1".into(), email: "a@b.c".into() });
+        w.probes.setup = Some(SetupOutcome::TokenStored {
+            user_id: "u1".into(),
+            email: "a@b.c".into(),
+        });
         w.secret = owned(Some("nbp_x"), false);
         assert_eq!(w.decide(), Step::VerifyToken);
-        w.probes.verify = Some(Ok(Verified { user: user(), at: jiff::Timestamp::UNIX_EPOCH }));
+        w.probes.verify = Some(Ok(Verified {
+            user: user(),
+            at: jiff::Timestamp::UNIX_EPOCH,
+        }));
         assert_eq!(w.decide(), Step::CheckVersion);
         w.probes.version = Some(Err(transport()));
-        assert_eq!(w.decide(), Step::Finish(Verdict::Ready), "a failed version check never un-Readies");
+        assert_eq!(
+            w.decide(),
+            Step::Finish(Verdict::Ready),
+            "a failed version check never un-Readies"
+        );
     }
 
     #[test]
@@ -477,7 +511,11 @@ mod tests {
         let mut w = World::new(TokenSecret::Absent);
         w.credentials = Input::Missing("waiting for Secret admin".into());
         match w.decide() {
-            Step::Finish(Verdict::Waiting { reason: Waiting::WaitingForCredentials, retry: false, .. }) => {}
+            Step::Finish(Verdict::Waiting {
+                reason: Waiting::WaitingForCredentials,
+                retry: false,
+                ..
+            }) => {}
             s => panic!("{s:?}"),
         }
         w.credentials = Input::Invalid("password is 5 bytes".into());
@@ -499,7 +537,10 @@ mod tests {
     fn stored_token_is_verified_and_adopted_without_setup() {
         let mut w = World::new(owned(Some("nbp_x"), false));
         assert_eq!(w.decide(), Step::VerifyToken);
-        w.probes.verify = Some(Ok(Verified { user: user(), at: jiff::Timestamp::UNIX_EPOCH }));
+        w.probes.verify = Some(Ok(Verified {
+            user: user(),
+            at: jiff::Timestamp::UNIX_EPOCH,
+        }));
         w.version_due = false;
         assert_eq!(w.decide(), Step::Finish(Verdict::Ready));
     }
@@ -527,7 +568,9 @@ mod tests {
     #[test]
     fn already_set_up_without_token() {
         let mut w = World::new(TokenSecret::Absent);
-        w.probes.instance = Some(Ok(InstanceStatus { setup_required: false }));
+        w.probes.instance = Some(Ok(InstanceStatus {
+            setup_required: false,
+        }));
         assert_eq!(reason(w.decide()), "SetupUnavailable");
         // our own claim marker: the setup call went through, its token was lost
         w.secret = owned(None, true);
@@ -541,7 +584,9 @@ mod tests {
     #[test]
     fn a_claimed_secret_with_setup_still_required_calls_setup_without_reclaiming() {
         let mut w = World::new(owned(None, true));
-        w.probes.instance = Some(Ok(InstanceStatus { setup_required: true }));
+        w.probes.instance = Some(Ok(InstanceStatus {
+            setup_required: true,
+        }));
         assert_eq!(w.decide(), Step::Setup);
     }
 
@@ -549,15 +594,23 @@ mod tests {
     fn setup_failures_map_to_reasons_and_never_a_second_call() {
         for (err, want) in [
             (api(412, "setup already completed"), "SetupUnavailable"),
-            (api(422, "password must be at least 8 characters"), "CredentialsRejected"),
+            (
+                api(422, "password must be at least 8 characters"),
+                "CredentialsRejected",
+            ),
             (api(422, "invalid email format"), "CredentialsRejected"),
             (api(400, "invalid request body"), "CredentialsRejected"),
-            (api(422, "pat_expire_in must be between 1 and 365"), "InvalidSpec"),
+            (
+                api(422, "pat_expire_in must be between 1 and 365"),
+                "InvalidSpec",
+            ),
             (api(500, "internal server error"), "ManagementUnreachable"),
             (transport(), "ManagementUnreachable"),
         ] {
             let mut w = World::new(owned(None, true));
-            w.probes.instance = Some(Ok(InstanceStatus { setup_required: true }));
+            w.probes.instance = Some(Ok(InstanceStatus {
+                setup_required: true,
+            }));
             w.probes.claimed = true;
             let definitive = matches!(err.status(), Some(400 | 412 | 422));
             w.probes.setup = Some(SetupOutcome::Failed(err));
@@ -575,17 +628,27 @@ mod tests {
     #[test]
     fn setup_without_token_is_remembered() {
         let mut w = World::new(owned(None, false));
-        w.probes.setup = Some(SetupOutcome::NoToken { user_id: "u".into(), email: "e".into() });
+        w.probes.setup = Some(SetupOutcome::NoToken {
+            user_id: "u".into(),
+            email: "e".into(),
+        });
         assert_eq!(reason(w.decide()), "TokenNotIssued");
         let mut annotations = BTreeMap::new();
-        annotations.insert(ANN_SETUP_OUTCOME.to_string(), OUTCOME_TOKEN_NOT_ISSUED.to_string());
+        annotations.insert(
+            ANN_SETUP_OUTCOME.to_string(),
+            OUTCOME_TOKEN_NOT_ISSUED.to_string(),
+        );
         let w = World::new(TokenSecret::Ours(OwnedSecret {
             token: TokenValue::Missing,
             labels: BTreeMap::new(),
             annotations,
             owner_references: vec![],
         }));
-        assert_eq!(reason(w.decide()), "TokenNotIssued", "a later pass makes no call");
+        assert_eq!(
+            reason(w.decide()),
+            "TokenNotIssued",
+            "a later pass makes no call"
+        );
     }
 
     #[test]

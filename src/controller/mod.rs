@@ -15,10 +15,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use secrecy::ExposeSecret;
@@ -87,8 +87,16 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, settings: Settings, shutdown: CancellationToken) -> Self {
-        let reporter = Reporter { controller: "netbird-operator".into(), instance: settings.instance_id.clone() };
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "netbird-operator".into(),
+            instance: settings.instance_id.clone(),
+        };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -115,7 +123,13 @@ impl Context {
         lock(&self.failures).remove(uid);
     }
 
-    fn cached_verification(&self, uid: &str, digest: &[u8; 32], max_age: Duration, now: jiff::Timestamp) -> Option<Verified> {
+    fn cached_verification(
+        &self,
+        uid: &str,
+        digest: &[u8; 32],
+        max_age: Duration,
+        now: jiff::Timestamp,
+    ) -> Option<Verified> {
         let map = lock(&self.verified);
         let (d, v) = map.get(uid)?;
         let age = now.duration_since(v.at).unsigned_abs();
@@ -170,10 +184,14 @@ pub async fn run(
     on_synced: impl FnOnce() + Send + 'static,
 ) {
     let client = ctx.client.clone();
-    let (instances, secrets): (Api<NetbirdInstance>, Api<PartialObjectMeta<Secret>>) = match &ctx.settings.namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let (instances, secrets): (Api<NetbirdInstance>, Api<PartialObjectMeta<Secret>>) =
+        match &ctx.settings.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
 
     let controller = Controller::new(instances, watcher::Config::default().any_semantic());
     let store = controller.store();
@@ -185,7 +203,8 @@ pub async fn run(
         .default_backoff()
         .touched_objects();
     let mapper_store = store.clone();
-    let mapper = move |secret: PartialObjectMeta<Secret>| referencing(&mapper_store, &secret.metadata);
+    let mapper =
+        move |secret: PartialObjectMeta<Secret>| referencing(&mapper_store, &secret.metadata);
 
     let sync_store = store.clone();
     let shutdown = ctx.shutdown.clone();
@@ -207,7 +226,9 @@ pub async fn run(
     let shutdown = ctx.shutdown.clone();
     controller
         .watches_stream(secret_events, mapper)
-        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency))
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
+        )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| {
@@ -243,15 +264,28 @@ fn referencing(
         .filter(|nbi| {
             nbi.spec.credentials_secret_ref.name == name
                 || nbi.token_secret_name() == name
-                || nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()).is_some_and(|c| c.name == name)
+                || nbi
+                    .spec
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.ca_secret_ref.as_ref())
+                    .is_some_and(|c| c.name == name)
         })
         .map(|nbi| ObjectRef::from_obj(nbi.as_ref()))
         .collect()
 }
 
 fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconciles.get_or_create(&ResultLabels { result: "error" }).inc();
-    ctx.metrics.reconcile_errors.get_or_create(&ReasonLabels { reason: "KubernetesError" }).inc();
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabels { result: "error" })
+        .inc();
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ReasonLabels {
+            reason: "KubernetesError",
+        })
+        .inc();
     let delay = ctx.backoff(nbi.uid().as_deref().unwrap_or_default());
     warn!(namespace = nbi.namespace().unwrap_or_default(), name = %nbi.name_any(), error = %err, retry_in = ?delay, "pass failed");
     Action::requeue(delay)
@@ -264,7 +298,10 @@ pub async fn reconcile(nbi: Arc<NetbirdInstance>, ctx: Arc<Context>) -> Result<A
     let span = info_span!("reconcile", namespace = %ns, name = %name, generation = nbi.metadata.generation);
     async move {
         let action = pass(&nbi, &ctx, &ns).await?;
-        ctx.metrics.reconciles.get_or_create(&ResultLabels { result: "ok" }).inc();
+        ctx.metrics
+            .reconciles
+            .get_or_create(&ResultLabels { result: "ok" })
+            .inc();
         Ok(action)
     }
     .instrument(span)
@@ -280,7 +317,13 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let started = now();
 
     // kstatus: observedGeneration and Ready from the very first pass
-    if nbi.status.as_ref().and_then(|s| s.observed_generation).is_none() && !nbi.spec.suspend {
+    if nbi
+        .status
+        .as_ref()
+        .and_then(|s| s.observed_generation)
+        .is_none()
+        && !nbi.spec.suspend
+    {
         write_status(&api, &name, &report::initial(generation, started)).await?;
     }
 
@@ -288,7 +331,13 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let interval = nbi.version_interval();
     let version_due = nbi.spec.version_check.enabled && version_due(nbi, started, interval);
     let mut probes = Probes::default();
-    let cache_key = |token: &secrecy::SecretString| digest(&format!("{}\n{}", generation.unwrap_or_default(), token.expose_secret()));
+    let cache_key = |token: &secrecy::SecretString| {
+        digest(&format!(
+            "{}\n{}",
+            generation.unwrap_or_default(),
+            token.expose_secret()
+        ))
+    };
     if let Some(token) = world.token() {
         if let Some(v) = ctx.cached_verification(&uid, &cache_key(token), interval, started) {
             probes.verify = Some(Ok(v));
@@ -362,7 +411,10 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
 
     let reason = report::verdict_reason(&verdict);
     if !matches!(verdict, Verdict::Ready | Verdict::Suspended) {
-        ctx.metrics.reconcile_errors.get_or_create(&ReasonLabels { reason }).inc();
+        ctx.metrics
+            .reconcile_errors
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
     Ok(match &verdict {
         Verdict::Ready => {
@@ -395,7 +447,9 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
 }
 
 fn version_due(nbi: &NetbirdInstance, now: jiff::Timestamp, interval: Duration) -> bool {
-    let Some(status) = &nbi.status else { return true };
+    let Some(status) = &nbi.status else {
+        return true;
+    };
     if status.observed_generation != nbi.metadata.generation {
         return true;
     }
@@ -406,13 +460,26 @@ fn version_due(nbi: &NetbirdInstance, now: jiff::Timestamp, interval: Duration) 
 }
 
 /// Time until the next version check (and token verification) is due.
-fn next_check(status: &NetbirdInstanceStatus, now: jiff::Timestamp, interval: Duration) -> Duration {
-    let last = status.version.as_ref().and_then(|v| v.checked_at.as_ref()).map(|t| t.0).unwrap_or(now);
+fn next_check(
+    status: &NetbirdInstanceStatus,
+    now: jiff::Timestamp,
+    interval: Duration,
+) -> Duration {
+    let last = status
+        .version
+        .as_ref()
+        .and_then(|v| v.checked_at.as_ref())
+        .map(|t| t.0)
+        .unwrap_or(now);
     let elapsed = now.duration_since(last).unsigned_abs();
     interval.saturating_sub(elapsed).max(Duration::from_secs(1))
 }
 
-async fn write_status(api: &Api<NetbirdInstance>, name: &str, status: &NetbirdInstanceStatus) -> Result<(), Error> {
+async fn write_status(
+    api: &Api<NetbirdInstance>,
+    name: &str,
+    status: &NetbirdInstanceStatus,
+) -> Result<(), Error> {
     let patch = serde_json::json!({ "status": status });
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -430,7 +497,11 @@ async fn publish_events(
 ) {
     let mut events = Vec::new();
     if let Some(decide::SetupOutcome::TokenStored { .. }) = &probes.setup {
-        events.push((EventType::Normal, "SetupPerformed", "the one-time setup succeeded and its token is stored".to_string()));
+        events.push((
+            EventType::Normal,
+            "SetupPerformed",
+            "the one-time setup succeeded and its token is stored".to_string(),
+        ));
     }
     if report::ready_of(previous) != report::ready_of(Some(status)) {
         let ready = status.conditions.iter().find(|c| c.type_ == report::READY);
@@ -438,9 +509,14 @@ async fn publish_events(
         let (ty, reason) = match verdict {
             Verdict::Ready => (EventType::Normal, "Bootstrapped"),
             Verdict::Suspended => return,
-            Verdict::Waiting { reason, retry, .. } => {
-                (if *retry { EventType::Warning } else { EventType::Normal }, reason.as_str())
-            }
+            Verdict::Waiting { reason, retry, .. } => (
+                if *retry {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason.as_str(),
+            ),
             Verdict::Stalled { reason, .. } => (EventType::Warning, reason.as_str()),
         };
         events.push((ty, reason, message));
@@ -469,7 +545,12 @@ pub fn instance_gauges(store: &Store<NetbirdInstance>) -> (i64, i64, i64, i64) {
             Some(s) if s == "False" => not_ready += 1,
             _ => unknown += 1,
         }
-        if nbi.status.as_ref().and_then(|s| s.version.as_ref()).is_some_and(|v| v.update_available) {
+        if nbi
+            .status
+            .as_ref()
+            .and_then(|s| s.version.as_ref())
+            .is_some_and(|v| v.update_available)
+        {
             update += 1;
         }
     }
@@ -485,10 +566,13 @@ mod tests {
         let max = Duration::from_secs(300);
         for n in 1..40 {
             let d = backoff_delay(n, max);
-            let base = Duration::from_secs(1).saturating_mul(1u32 << (n - 1).min(16)).min(max);
+            let base = Duration::from_secs(1)
+                .saturating_mul(1u32 << (n - 1).min(16))
+                .min(max);
             assert!(d >= base / 2 && d <= base, "n={n} d={d:?}");
         }
-        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff_delay(10, max)).collect();
+        let samples: std::collections::HashSet<_> =
+            (0..20).map(|_| backoff_delay(10, max)).collect();
         assert!(samples.len() > 1, "jitter varies the delay");
     }
 }

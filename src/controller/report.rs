@@ -6,7 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use super::decide::{Probes, SetupOutcome, Stall, Verdict};
 use crate::crd::{NetbirdInstanceStatus, SetupState, SetupStatus, TokenStatus, VersionStatus};
 use crate::token_secret::{
-    ANN_EXPIRES_AT, ANN_FINGERPRINT, ANN_SETUP_COMPLETED_AT, ANN_SETUP_STARTED_AT, ANN_USER_ID, TokenSecret,
+    ANN_EXPIRES_AT, ANN_FINGERPRINT, ANN_SETUP_COMPLETED_AT, ANN_SETUP_STARTED_AT, ANN_USER_ID,
+    TokenSecret,
 };
 
 pub const READY: &str = "Ready";
@@ -43,8 +44,28 @@ fn parse_time(s: Option<&str>) -> Option<Time> {
 /// The status for the first pass of a new object: work begins, nothing is known yet.
 pub fn initial(generation: Option<i64>, now: Timestamp) -> NetbirdInstanceStatus {
     let mut conditions = Vec::new();
-    set(&mut conditions, cond(READY, "Unknown", "Progressing", "reconciling for the first time", generation, now));
-    set(&mut conditions, cond(RECONCILING, "True", "Progressing", "reconciling for the first time", generation, now));
+    set(
+        &mut conditions,
+        cond(
+            READY,
+            "Unknown",
+            "Progressing",
+            "reconciling for the first time",
+            generation,
+            now,
+        ),
+    );
+    set(
+        &mut conditions,
+        cond(
+            RECONCILING,
+            "True",
+            "Progressing",
+            "reconciling for the first time",
+            generation,
+            now,
+        ),
+    );
     NetbirdInstanceStatus {
         observed_generation: generation,
         conditions,
@@ -63,15 +84,17 @@ pub fn initial(generation: Option<i64>, now: Timestamp) -> NetbirdInstanceStatus
 pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
     let prev = r.previous.cloned().unwrap_or_default();
     if *r.verdict == Verdict::Suspended {
-        return NetbirdInstanceStatus { observed_generation: r.generation, ..prev };
+        return NetbirdInstanceStatus {
+            observed_generation: r.generation,
+            ..prev
+        };
     }
     let owned = r.token_secret.owned();
     let ann = |k: &str| owned.and_then(|s| s.annotation(k));
     let verified = r.probes.verify.as_ref().and_then(|v| v.as_ref().ok());
     let setup_result = match &r.probes.setup {
-        Some(SetupOutcome::TokenStored { user_id, email }) | Some(SetupOutcome::NoToken { user_id, email }) => {
-            Some((user_id.clone(), email.clone()))
-        }
+        Some(SetupOutcome::TokenStored { user_id, email })
+        | Some(SetupOutcome::NoToken { user_id, email }) => Some((user_id.clone(), email.clone())),
         _ => None,
     };
     let performed_by_us = ann(ANN_SETUP_COMPLETED_AT).is_some() || setup_result.is_some();
@@ -86,8 +109,14 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
                 SetupState::AlreadySetUp
             }
         }
-        Verdict::Stalled { reason: Stall::TokenLost | Stall::TokenNotIssued, .. } => SetupState::Completed,
-        Verdict::Stalled { reason: Stall::SetupUnavailable, .. } => SetupState::Unavailable,
+        Verdict::Stalled {
+            reason: Stall::TokenLost | Stall::TokenNotIssued,
+            ..
+        } => SetupState::Completed,
+        Verdict::Stalled {
+            reason: Stall::SetupUnavailable,
+            ..
+        } => SetupState::Unavailable,
         _ if owned.is_some_and(|s| s.setup_started()) => SetupState::InProgress,
         _ => prev_setup.as_ref().map_or(SetupState::Pending, |s| s.state),
     };
@@ -105,7 +134,8 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             .filter(|e| !e.is_empty())
             .or_else(|| owner_from_verify.map(|v| v.user.email.clone()))
             .or_else(|| prev_setup.as_ref().and_then(|s| s.owner_email.clone())),
-        started_at: parse_time(ann(ANN_SETUP_STARTED_AT)).or_else(|| prev_setup.as_ref().and_then(|s| s.started_at.clone())),
+        started_at: parse_time(ann(ANN_SETUP_STARTED_AT))
+            .or_else(|| prev_setup.as_ref().and_then(|s| s.started_at.clone())),
         completed_at: parse_time(ann(ANN_SETUP_COMPLETED_AT))
             .or_else(|| prev_setup.as_ref().and_then(|s| s.completed_at.clone())),
     };
@@ -147,7 +177,10 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
     let mut conditions = prev.conditions.clone();
     let (ready_status, ready_reason, ready_message) = match r.verdict {
         Verdict::Ready => {
-            let mut m = format!("NetBird is set up and a verified token is in Secret {}", r.secret_name);
+            let mut m = format!(
+                "NetBird is set up and a verified token is in Secret {}",
+                r.secret_name
+            );
             if r.credentials_changed {
                 m.push_str(
                     "; note: the credentials Secret no longer matches the credentials NetBird was set up with. \
@@ -156,19 +189,38 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             }
             ("True", "Bootstrapped".to_string(), m)
         }
-        Verdict::Waiting { reason, message, .. } => ("False", reason.as_str().to_string(), message.clone()),
-        Verdict::Stalled { reason, message } => ("False", reason.as_str().to_string(), message.clone()),
+        Verdict::Waiting {
+            reason, message, ..
+        } => ("False", reason.as_str().to_string(), message.clone()),
+        Verdict::Stalled { reason, message } => {
+            ("False", reason.as_str().to_string(), message.clone())
+        }
         // handled above: a suspended pass keeps the previous status
-        Verdict::Suspended => ("Unknown", "Suspended".to_string(), "reconciling is suspended".to_string()),
+        Verdict::Suspended => (
+            "Unknown",
+            "Suspended".to_string(),
+            "reconciling is suspended".to_string(),
+        ),
     };
-    set(&mut conditions, cond(READY, ready_status, &ready_reason, &ready_message, g, now));
+    set(
+        &mut conditions,
+        cond(READY, ready_status, &ready_reason, &ready_message, g, now),
+    );
     match r.verdict {
-        Verdict::Waiting { reason, message, .. } => {
-            set(&mut conditions, cond(RECONCILING, "True", reason.as_str(), message, g, now));
+        Verdict::Waiting {
+            reason, message, ..
+        } => {
+            set(
+                &mut conditions,
+                cond(RECONCILING, "True", reason.as_str(), message, g, now),
+            );
             remove(&mut conditions, STALLED);
         }
         Verdict::Stalled { reason, message } => {
-            set(&mut conditions, cond(STALLED, "True", reason.as_str(), message, g, now));
+            set(
+                &mut conditions,
+                cond(STALLED, "True", reason.as_str(), message, g, now),
+            );
             remove(&mut conditions, RECONCILING);
         }
         _ => {
@@ -176,30 +228,75 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             remove(&mut conditions, STALLED);
         }
     }
-    if matches!(setup.state, SetupState::Completed | SetupState::AlreadySetUp | SetupState::Unavailable) {
+    if matches!(
+        setup.state,
+        SetupState::Completed | SetupState::AlreadySetUp | SetupState::Unavailable
+    ) {
         let (reason, message) = if setup.state == SetupState::Completed {
             ("SetupPerformed", "this operator ran the one-time setup")
         } else {
-            ("AlreadySetUp", "NetBird was set up before this operator looked at it")
+            (
+                "AlreadySetUp",
+                "NetBird was set up before this operator looked at it",
+            )
         };
-        set(&mut conditions, cond(SETUP_COMPLETE, "True", reason, message, g, now));
+        set(
+            &mut conditions,
+            cond(SETUP_COMPLETE, "True", reason, message, g, now),
+        );
     } else {
-        set(&mut conditions, cond(SETUP_COMPLETE, "False", &ready_reason, &ready_message, g, now));
+        set(
+            &mut conditions,
+            cond(
+                SETUP_COMPLETE,
+                "False",
+                &ready_reason,
+                &ready_message,
+                g,
+                now,
+            ),
+        );
     }
     match r.verdict {
         Verdict::Ready => {
-            let (reason, message) = if performed_by_us && ann(ANN_USER_ID).is_some_and(|u| verified.is_none_or(|v| v.user.id == u)) {
+            let (reason, message) = if performed_by_us
+                && ann(ANN_USER_ID).is_some_and(|u| verified.is_none_or(|v| v.user.id == u))
+            {
                 ("TokenStored", "the token from setup is stored and verified")
             } else {
-                ("TokenAdopted", "a token put into the Secret was verified and adopted")
+                (
+                    "TokenAdopted",
+                    "a token put into the Secret was verified and adopted",
+                )
             };
-            set(&mut conditions, cond(TOKEN_AVAILABLE, "True", reason, message, g, now));
+            set(
+                &mut conditions,
+                cond(TOKEN_AVAILABLE, "True", reason, message, g, now),
+            );
         }
-        _ => set(&mut conditions, cond(TOKEN_AVAILABLE, "False", &ready_reason, &ready_message, g, now)),
+        _ => set(
+            &mut conditions,
+            cond(
+                TOKEN_AVAILABLE,
+                "False",
+                &ready_reason,
+                &ready_message,
+                g,
+                now,
+            ),
+        ),
     }
     let (status, reason, message) = match (&version, &r.probes.version) {
-        _ if !r.version_check_enabled => ("Unknown", "Unknown", "the version check is disabled".to_string()),
-        (_, Some(Err(e))) => ("Unknown", "Unknown", format!("the last version check failed: {e}")),
+        _ if !r.version_check_enabled => (
+            "Unknown",
+            "Unknown",
+            "the version check is disabled".to_string(),
+        ),
+        (_, Some(Err(e))) => (
+            "Unknown",
+            "Unknown",
+            format!("the last version check failed: {e}"),
+        ),
         (Some(v), _) if v.update_available => (
             "True",
             "UpdateAvailable",
@@ -209,17 +306,26 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
                 v.management.as_deref().unwrap_or("?")
             ),
         ),
-        (Some(v), _) if v.management_available.is_some() => {
-            ("False", "UpToDate", format!("running the latest management release {}", v.management.as_deref().unwrap_or("?")))
-        }
+        (Some(v), _) if v.management_available.is_some() => (
+            "False",
+            "UpToDate",
+            format!(
+                "running the latest management release {}",
+                v.management.as_deref().unwrap_or("?")
+            ),
+        ),
         (Some(_), _) => (
             "Unknown",
             "Unknown",
-            "the server could not tell the latest release (it may have no internet access)".to_string(),
+            "the server could not tell the latest release (it may have no internet access)"
+                .to_string(),
         ),
         (None, _) => ("Unknown", "Unknown", "versions not checked yet".to_string()),
     };
-    set(&mut conditions, cond(UPDATE_AVAILABLE, status, reason, &message, g, now));
+    set(
+        &mut conditions,
+        cond(UPDATE_AVAILABLE, status, reason, &message, g, now),
+    );
 
     NetbirdInstanceStatus {
         observed_generation: g,
@@ -227,11 +333,20 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
         setup: Some(setup),
         token,
         version,
-        credentials_fingerprint: ann(ANN_FINGERPRINT).map(str::to_string).or(prev.credentials_fingerprint),
+        credentials_fingerprint: ann(ANN_FINGERPRINT)
+            .map(str::to_string)
+            .or(prev.credentials_fingerprint),
     }
 }
 
-fn cond(type_: &str, status: &str, reason: &str, message: &str, generation: Option<i64>, now: Timestamp) -> Condition {
+fn cond(
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
     Condition {
         type_: type_.into(),
         status: status.into(),
@@ -260,7 +375,11 @@ fn remove(conditions: &mut Vec<Condition>, type_: &str) {
 
 /// The Ready condition's (status, reason), to detect transitions.
 pub fn ready_of(status: Option<&NetbirdInstanceStatus>) -> Option<(String, String)> {
-    status?.conditions.iter().find(|c| c.type_ == READY).map(|c| (c.status.clone(), c.reason.clone()))
+    status?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
 /// Reason of the Reconciling condition for a verdict (for Events and metrics).
@@ -290,7 +409,10 @@ mod tests {
         TokenSecret::Ours(OwnedSecret {
             token: TokenValue::Present(SecretString::from("nbp_x")),
             labels: BTreeMap::new(),
-            annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             owner_references: vec![],
         })
     }
@@ -350,28 +472,53 @@ mod tests {
         assert_eq!(get(&s, TOKEN_AVAILABLE).unwrap().reason, "TokenStored");
         assert_eq!(get(&s, UPDATE_AVAILABLE).unwrap().reason, "UpdateAvailable");
         assert_eq!(s.setup.as_ref().unwrap().state, SetupState::Completed);
-        assert_eq!(s.version.as_ref().unwrap().management_available.as_deref(), Some("0.78.0"));
-        assert_eq!(s.token.as_ref().unwrap().expires_at.as_ref().unwrap().0.to_string(), "2027-02-14T08:00:00Z");
-        assert_eq!(s.credentials_fingerprint.as_deref(), Some("$argon2id$v=19$x"));
+        assert_eq!(
+            s.version.as_ref().unwrap().management_available.as_deref(),
+            Some("0.78.0")
+        );
+        assert_eq!(
+            s.token
+                .as_ref()
+                .unwrap()
+                .expires_at
+                .as_ref()
+                .unwrap()
+                .0
+                .to_string(),
+            "2027-02-14T08:00:00Z"
+        );
+        assert_eq!(
+            s.credentials_fingerprint.as_deref(),
+            Some("$argon2id$v=19$x")
+        );
 
         // the same pass again later (cached verification, no version check): identical status
         let again = status(&ReportInput {
             generation: Some(3),
             previous: Some(&s),
             verdict: &Verdict::Ready,
-            probes: &Probes { verify: Some(Ok(verified(t(0)))), ..Default::default() },
+            probes: &Probes {
+                verify: Some(Ok(verified(t(0)))),
+                ..Default::default()
+            },
             token_secret: &secret,
             secret_name: "nb-token",
             credentials_changed: false,
             version_check_enabled: true,
             now: t(500),
         });
-        assert_eq!(again, s, "an unchanged world gives an identical status, so nothing is written");
+        assert_eq!(
+            again, s,
+            "an unchanged world gives an identical status, so nothing is written"
+        );
     }
 
     #[test]
     fn stalled_sets_stalled_and_keeps_transition_times() {
-        let verdict = Verdict::Stalled { reason: Stall::SetupUnavailable, message: "m".into() };
+        let verdict = Verdict::Stalled {
+            reason: Stall::SetupUnavailable,
+            message: "m".into(),
+        };
         let probes = Probes::default();
         let input = |prev, now| ReportInput {
             generation: Some(1),
@@ -387,23 +534,35 @@ mod tests {
         let first = initial(Some(1), t(0));
         let s = status(&input(Some(&first), t(10)));
         let stalled = get(&s, STALLED).unwrap();
-        assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "SetupUnavailable"));
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", "SetupUnavailable")
+        );
         assert!(get(&s, RECONCILING).is_none());
         assert_eq!(get(&s, READY).unwrap().reason, "SetupUnavailable");
         assert_eq!(get(&s, SETUP_COMPLETE).unwrap().reason, "AlreadySetUp");
         assert_eq!(s.setup.as_ref().unwrap().state, SetupState::Unavailable);
         let later = status(&input(Some(&s), t(99)));
-        assert_eq!(get(&later, STALLED).unwrap().last_transition_time, to_time(t(10)));
+        assert_eq!(
+            get(&later, STALLED).unwrap().last_transition_time,
+            to_time(t(10))
+        );
     }
 
     #[test]
     fn changed_credentials_are_mentioned_on_ready() {
-        let secret = owned(&[(ANN_SETUP_COMPLETED_AT, "2027-01-15T08:00:00Z"), (ANN_USER_ID, "u1")]);
+        let secret = owned(&[
+            (ANN_SETUP_COMPLETED_AT, "2027-01-15T08:00:00Z"),
+            (ANN_USER_ID, "u1"),
+        ]);
         let s = status(&ReportInput {
             generation: Some(1),
             previous: None,
             verdict: &Verdict::Ready,
-            probes: &Probes { verify: Some(Ok(verified(t(0)))), ..Default::default() },
+            probes: &Probes {
+                verify: Some(Ok(verified(t(0)))),
+                ..Default::default()
+            },
             token_secret: &secret,
             secret_name: "nb-token",
             credentials_changed: true,

@@ -12,11 +12,11 @@ use tracing::{info, warn};
 
 use super::decide::{Input, Probes, SetupOutcome, Step, Verdict, Verified, Waiting};
 use super::{Context, Error, lock, now};
-use crate::credentials::{self, Credentials};
 use crate::crd::NetbirdInstance;
+use crate::credentials::{self, Credentials};
+use crate::fingerprint;
 use crate::netbird::{ClientOptions, NetbirdClient, SetupRequest};
 use crate::token_secret::{self, ANN_FINGERPRINT, TokenSecret, TokenValue};
-use crate::fingerprint;
 
 /// What a pass reads from Kubernetes besides the NetbirdInstance.
 pub struct World {
@@ -31,7 +31,10 @@ pub struct World {
 impl World {
     pub async fn read(nbi: &NetbirdInstance, secrets: &Api<Secret>) -> Result<Self, Error> {
         let get = |name: String| async move {
-            secrets.get_opt(&name).await.map_err(|source| Error::ReadSecret { name, source })
+            secrets
+                .get_opt(&name)
+                .await
+                .map_err(|source| Error::ReadSecret { name, source })
         };
         let cref = &nbi.spec.credentials_secret_ref;
         let credentials = match get(cref.name.clone()).await? {
@@ -47,7 +50,10 @@ impl World {
         let ca = match nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
             None => Input::NotNeeded,
             Some(r) => match get(r.name.clone()).await? {
-                None => Input::Missing(format!("waiting for the CA Secret {} (key {})", r.name, r.key)),
+                None => Input::Missing(format!(
+                    "waiting for the CA Secret {} (key {})",
+                    r.name, r.key
+                )),
                 Some(s) => match s.data.unwrap_or_default().remove(&r.key) {
                     None => Input::Invalid(format!("CA Secret {} has no key {:?}", r.name, r.key)),
                     Some(pem) => Input::Ready(pem.0),
@@ -55,9 +61,18 @@ impl World {
             },
         };
         let secret = get(nbi.token_secret_name()).await?;
-        let token_secret_rv = secret.as_ref().and_then(|s| s.metadata.resource_version.clone());
-        let token_secret = token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
-        let mut world = World { credentials, ca, token_secret, token_secret_rv, client: None };
+        let token_secret_rv = secret
+            .as_ref()
+            .and_then(|s| s.metadata.resource_version.clone());
+        let token_secret =
+            token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
+        let mut world = World {
+            credentials,
+            ca,
+            token_secret,
+            token_secret_rv,
+            client: None,
+        };
         world.build_client(nbi);
         Ok(world)
     }
@@ -71,7 +86,11 @@ impl World {
         };
         let opts = ClientOptions {
             extra_ca_pem,
-            insecure_skip_verify: nbi.spec.tls.as_ref().is_some_and(|t| t.insecure_skip_verify),
+            insecure_skip_verify: nbi
+                .spec
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.insecure_skip_verify),
             ..ClientOptions::default()
         };
         match NetbirdClient::new(&nbi.spec.management_url, &opts) {
@@ -88,19 +107,32 @@ impl World {
     }
 
     pub fn metadata_in_sync(&self, nbi: &NetbirdInstance) -> bool {
-        self.token_secret.owned().is_none_or(|s| token_secret::metadata_in_sync(nbi, s))
+        self.token_secret
+            .owned()
+            .is_none_or(|s| token_secret::metadata_in_sync(nbi, s))
     }
 
-    async fn reread(&mut self, nbi: &NetbirdInstance, secrets: &Api<Secret>) -> Result<(), kube::Error> {
+    async fn reread(
+        &mut self,
+        nbi: &NetbirdInstance,
+        secrets: &Api<Secret>,
+    ) -> Result<(), kube::Error> {
         let secret = secrets.get_opt(&nbi.token_secret_name()).await?;
-        self.token_secret_rv = secret.as_ref().and_then(|s| s.metadata.resource_version.clone());
-        self.token_secret = token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
+        self.token_secret_rv = secret
+            .as_ref()
+            .and_then(|s| s.metadata.resource_version.clone());
+        self.token_secret =
+            token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
         Ok(())
     }
 }
 
 fn progressing(what: &str, e: &kube::Error) -> Verdict {
-    Verdict::Waiting { reason: Waiting::Progressing, message: format!("{what}: {e}; retrying with backoff"), retry: true }
+    Verdict::Waiting {
+        reason: Waiting::Progressing,
+        message: format!("{what}: {e}; retrying with backoff"),
+        retry: true,
+    }
 }
 
 /// Does one step. A Kubernetes failure ends the pass with a verdict that retries.
@@ -113,7 +145,11 @@ pub async fn run(
     probes: &mut Probes,
 ) -> Result<(), Verdict> {
     let secret_name = nbi.token_secret_name();
-    let Some(client) = world.client.clone().map(|c| c.with_observer(ctx.metrics.clone())) else {
+    let Some(client) = world
+        .client
+        .clone()
+        .map(|c| c.with_observer(ctx.metrics.clone()))
+    else {
         return Err(Verdict::Waiting {
             reason: Waiting::Progressing,
             message: "no NetBird client could be built".into(),
@@ -128,55 +164,101 @@ pub async fn run(
                 secrets
                     .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
-                    .map_err(|e| progressing(&format!("failed to update Secret {secret_name}"), &e))?;
-                world.reread(nbi, secrets).await.map_err(|e| progressing("failed to read back the token Secret", &e))?;
+                    .map_err(|e| {
+                        progressing(&format!("failed to update Secret {secret_name}"), &e)
+                    })?;
+                world
+                    .reread(nbi, secrets)
+                    .await
+                    .map_err(|e| progressing("failed to read back the token Secret", &e))?;
             }
             probes.metadata_synced = true;
         }
         Step::VerifyToken => {
-            let token = world.token().cloned().unwrap_or_else(|| SecretString::from(""));
-            probes.verify = Some(client.current_user(&token).await.map(|user| Verified { user, at: now() }));
+            let token = world
+                .token()
+                .cloned()
+                .unwrap_or_else(|| SecretString::from(""));
+            probes.verify = Some(
+                client
+                    .current_user(&token)
+                    .await
+                    .map(|user| Verified { user, at: now() }),
+            );
         }
         Step::CheckInstance => probes.instance = Some(client.instance_status().await),
         Step::CheckVersion => {
-            let token = world.token().cloned().unwrap_or_else(|| SecretString::from(""));
+            let token = world
+                .token()
+                .cloned()
+                .unwrap_or_else(|| SecretString::from(""));
             probes.version = Some(client.version(&token).await);
         }
         Step::ClaimSecret => {
-            let Input::Ready(creds) = &world.credentials else { return Ok(()) };
-            let fp = fingerprint::hash(creds.fingerprint_input()).await.map_err(|e| Verdict::Waiting {
-                reason: Waiting::Progressing,
-                message: e.to_string(),
-                retry: true,
-            })?;
+            let Input::Ready(creds) = &world.credentials else {
+                return Ok(());
+            };
+            let fp = fingerprint::hash(creds.fingerprint_input())
+                .await
+                .map_err(|e| Verdict::Waiting {
+                    reason: Waiting::Progressing,
+                    message: e.to_string(),
+                    retry: true,
+                })?;
             let started = now().to_string();
             let result = match (&world.token_secret, &world.token_secret_rv) {
                 (TokenSecret::Ours(s), Some(rv)) => {
                     let patch = token_secret::claim_patch(nbi, s, rv, &started, &fp);
-                    secrets.patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+                    secrets
+                        .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map(|_| ())
                 }
                 _ => secrets
-                    .create(&PostParams::default(), &token_secret::new_claimed(nbi, &started, &fp))
+                    .create(
+                        &PostParams::default(),
+                        &token_secret::new_claimed(nbi, &started, &fp),
+                    )
                     .await
                     .map(|_| ()),
             };
-            result.map_err(|e| progressing(&format!("failed to claim Secret {secret_name} before setup"), &e))?;
+            result.map_err(|e| {
+                progressing(
+                    &format!("failed to claim Secret {secret_name} before setup"),
+                    &e,
+                )
+            })?;
             info!(secret = %secret_name, "claimed the token Secret for setup");
-            world.reread(nbi, secrets).await.map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            world
+                .reread(nbi, secrets)
+                .await
+                .map_err(|e| progressing("failed to read back the token Secret", &e))?;
             probes.claimed = true;
         }
         Step::Setup => {
-            let Input::Ready(creds) = &world.credentials else { return Ok(()) };
-            let outcome = setup(nbi, ctx, &client, creds, secrets).await;
-            world.reread(nbi, secrets).await.map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            let Input::Ready(creds) = &world.credentials else {
+                return Ok(());
+            };
+            let outcome = setup(nbi, &client, creds, secrets).await;
+            world
+                .reread(nbi, secrets)
+                .await
+                .map_err(|e| progressing("failed to read back the token Secret", &e))?;
             probes.setup = Some(outcome);
         }
         Step::ReleaseClaim => {
             secrets
-                .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&token_secret::release_patch()))
+                .patch(
+                    &secret_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&token_secret::release_patch()),
+                )
                 .await
                 .map_err(|e| progressing(&format!("failed to update Secret {secret_name}"), &e))?;
-            world.reread(nbi, secrets).await.map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            world
+                .reread(nbi, secrets)
+                .await
+                .map_err(|e| progressing("failed to read back the token Secret", &e))?;
             probes.claim_released = true;
         }
     }
@@ -186,7 +268,6 @@ pub async fn run(
 /// `POST /api/setup`, and on success the token into the Secret before anything else.
 async fn setup(
     nbi: &NetbirdInstance,
-    ctx: &Context,
     client: &NetbirdClient,
     creds: &Credentials,
     secrets: &Api<Secret>,
@@ -210,22 +291,35 @@ async fn setup(
     let Some(token) = resp.personal_access_token else {
         warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
         let patch = token_secret::no_token_patch(&resp.user_id, &completed.to_string());
-        write_until_stored(ctx, secrets, nbi, &patch, None).await;
-        return SetupOutcome::NoToken { user_id: resp.user_id, email: resp.email };
+        write_until_stored(secrets, nbi, &patch, None).await;
+        return SetupOutcome::NoToken {
+            user_id: resp.user_id,
+            email: resp.email,
+        };
     };
     let expires = completed
-        .checked_add(jiff::SignedDuration::from_hours(24 * i64::from(nbi.spec.token.expires_in_days)))
+        .checked_add(jiff::SignedDuration::from_hours(
+            24 * i64::from(nbi.spec.token.expires_in_days),
+        ))
         .unwrap_or(completed);
-    let patch = token_secret::store_patch(nbi, &token, &resp.user_id, &expires.to_string(), &completed.to_string());
-    write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await;
+    let patch = token_secret::store_patch(
+        nbi,
+        &token,
+        &resp.user_id,
+        &expires.to_string(),
+        &completed.to_string(),
+    );
+    write_until_stored(secrets, nbi, &patch, Some(&token)).await;
     info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token stored");
-    SetupOutcome::TokenStored { user_id: resp.user_id, email: resp.email }
+    SetupOutcome::TokenStored {
+        user_id: resp.user_id,
+        email: resp.email,
+    }
 }
 
 /// Writes `patch` to the token Secret, retrying with backoff for as long as the process lives: the
 /// token exists nowhere else. When the Secret vanished, it is created again with the token.
 async fn write_until_stored(
-    ctx: &Context,
     secrets: &Api<Secret>,
     nbi: &NetbirdInstance,
     patch: &serde_json::Value,
@@ -233,7 +327,10 @@ async fn write_until_stored(
 ) {
     let name = nbi.token_secret_name();
     let attempt = || async {
-        match secrets.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await {
+        match secrets
+            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 let mut fresh = token_secret::new_claimed(nbi, "", "");
@@ -243,7 +340,10 @@ async fn write_until_stored(
                 let mut obj = serde_json::to_value(&fresh).unwrap_or_default();
                 merge(&mut obj, patch);
                 let fresh: Secret = serde_json::from_value(obj).unwrap_or(fresh);
-                secrets.create(&PostParams::default(), &fresh).await.map(|_| ())
+                secrets
+                    .create(&PostParams::default(), &fresh)
+                    .await
+                    .map(|_| ())
             }
             Err(e) => Err(e),
         }
@@ -259,7 +359,6 @@ async fn write_until_stored(
             warn!(error = %e, retry_in = ?d, secret = %name, held_token = token.is_some(), "failed to write the token Secret; retrying");
         })
         .await;
-    let _ = ctx;
 }
 
 /// JSON merge patch semantics (RFC 7386), for creating a Secret from a patch.
@@ -281,13 +380,21 @@ fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
 /// Whether the credentials Secret now differs from the credentials NetBird was set up with. The
 /// argon2 comparison runs only when the fingerprint or the credentials changed since the last one.
 pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &World) -> bool {
-    let Input::Ready(creds) = &world.credentials else { return false };
+    let Input::Ready(creds) = &world.credentials else {
+        return false;
+    };
     let fp = world
         .token_secret
         .owned()
         .and_then(|s| s.annotation(ANN_FINGERPRINT).map(str::to_string))
-        .or_else(|| nbi.status.as_ref().and_then(|s| s.credentials_fingerprint.clone()));
-    let Some(fp) = fp.filter(|f| !f.is_empty()) else { return false };
+        .or_else(|| {
+            nbi.status
+                .as_ref()
+                .and_then(|s| s.credentials_fingerprint.clone())
+        });
+    let Some(fp) = fp.filter(|f| !f.is_empty()) else {
+        return false;
+    };
     let input = creds.fingerprint_input();
     let key: [u8; 32] = {
         let mut h = Sha256::new();

@@ -65,7 +65,9 @@ pub struct NetbirdClient {
 
 impl std::fmt::Debug for NetbirdClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NetbirdClient").field("api", &self.api.as_str()).finish()
+        f.debug_struct("NetbirdClient")
+            .field("api", &self.api.as_str())
+            .finish()
     }
 }
 
@@ -101,8 +103,14 @@ impl NetbirdClient {
         if opts.insecure_skip_verify {
             builder = builder.tls_danger_accept_invalid_certs(true);
         }
-        let http = builder.build().map_err(|e| ClientBuildError::Http(error_chain(&e)))?;
-        Ok(Self { http, api, observer: None })
+        let http = builder
+            .build()
+            .map_err(|e| ClientBuildError::Http(error_chain(&e)))?;
+        Ok(Self {
+            http,
+            api,
+            observer: None,
+        })
     }
 
     /// Reports every call to `observer`.
@@ -113,23 +121,45 @@ impl NetbirdClient {
 
     /// `GET /api/instance`: whether setup is still required. No authentication.
     pub async fn instance_status(&self) -> Result<InstanceStatus, NetbirdError> {
-        self.call(Endpoint::Instance, Method::GET, "instance", None, None::<&()>).await
+        self.call(
+            Endpoint::Instance,
+            Method::GET,
+            "instance",
+            None,
+            None::<&()>,
+        )
+        .await
     }
 
     /// `POST /api/setup`: creates the owner; with `create_pat` and a server that allows it, returns
     /// a token exactly once.
     pub async fn setup(&self, req: &SetupRequest) -> Result<SetupResponse, NetbirdError> {
-        self.call(Endpoint::Setup, Method::POST, "setup", None, Some(req)).await
+        self.call(Endpoint::Setup, Method::POST, "setup", None, Some(req))
+            .await
     }
 
     /// `GET /api/instance/version`.
     pub async fn version(&self, token: &SecretString) -> Result<VersionInfo, NetbirdError> {
-        self.call(Endpoint::Version, Method::GET, "instance/version", Some(token), None::<&()>).await
+        self.call(
+            Endpoint::Version,
+            Method::GET,
+            "instance/version",
+            Some(token),
+            None::<&()>,
+        )
+        .await
     }
 
     /// `GET /api/users/current`: the token's user; the cheapest way to verify a token.
     pub async fn current_user(&self, token: &SecretString) -> Result<User, NetbirdError> {
-        self.call(Endpoint::CurrentUser, Method::GET, "users/current", Some(token), None::<&()>).await
+        self.call(
+            Endpoint::CurrentUser,
+            Method::GET,
+            "users/current",
+            Some(token),
+            None::<&()>,
+        )
+        .await
     }
 
     /// `GET /api/users/{id}/tokens` (the server answers `null` for none).
@@ -139,8 +169,15 @@ impl NetbirdClient {
         user_id: &str,
     ) -> Result<Vec<PersonalAccessToken>, NetbirdError> {
         let path = format!("users/{}/tokens", segment(user_id));
-        let list: Option<Vec<PersonalAccessToken>> =
-            self.call(Endpoint::ListTokens, Method::GET, &path, Some(token), None::<&()>).await?;
+        let list: Option<Vec<PersonalAccessToken>> = self
+            .call(
+                Endpoint::ListTokens,
+                Method::GET,
+                &path,
+                Some(token),
+                None::<&()>,
+            )
+            .await?;
         Ok(list.unwrap_or_default())
     }
 
@@ -152,7 +189,14 @@ impl NetbirdClient {
         req: &CreateTokenRequest,
     ) -> Result<CreatedToken, NetbirdError> {
         let path = format!("users/{}/tokens", segment(user_id));
-        self.call(Endpoint::CreateToken, Method::POST, &path, Some(token), Some(req)).await
+        self.call(
+            Endpoint::CreateToken,
+            Method::POST,
+            &path,
+            Some(token),
+            Some(req),
+        )
+        .await
     }
 
     /// `DELETE /api/users/{id}/tokens/{tokenId}`.
@@ -163,8 +207,15 @@ impl NetbirdClient {
         token_id: &str,
     ) -> Result<(), NetbirdError> {
         let path = format!("users/{}/tokens/{}", segment(user_id), segment(token_id));
-        let _: serde_json::Value =
-            self.call(Endpoint::DeleteToken, Method::DELETE, &path, Some(token), None::<&()>).await?;
+        let _: serde_json::Value = self
+            .call(
+                Endpoint::DeleteToken,
+                Method::DELETE,
+                &path,
+                Some(token),
+                None::<&()>,
+            )
+            .await?;
         Ok(())
     }
 
@@ -200,18 +251,25 @@ impl NetbirdClient {
             kind: TransportKind::Other,
             detail: format!("cannot build the request URL: {e}"),
         })?;
-        let mut req = self.http.request(method, url).header(header::ACCEPT, "application/json");
+        let mut req = self
+            .http
+            .request(method, url)
+            .header(header::ACCEPT, "application/json");
         if let Some(token) = token {
             pat::check(token.expose_secret())?;
-            let mut value = header::HeaderValue::from_str(&format!("Token {}", token.expose_secret()))
-                .map_err(|_| NetbirdError::MalformedToken(pat::PatFormatError::Charset))?;
+            let mut value =
+                header::HeaderValue::from_str(&format!("Token {}", token.expose_secret()))
+                    .map_err(|_| NetbirdError::MalformedToken(pat::PatFormatError::Charset))?;
             value.set_sensitive(true);
             req = req.header(header::AUTHORIZATION, value);
         }
         if let Some(body) = body {
             req = req.json(body);
         }
-        let mut resp = req.send().await.map_err(|e| transport_error(endpoint, &e))?;
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| transport_error(endpoint, &e))?;
         let status = resp.status();
         let request_id = resp
             .headers()
@@ -226,13 +284,24 @@ impl NetbirdClient {
                 .and_then(|v| v.to_str().ok())
                 .map(redact_url)
                 .unwrap_or_else(|| "(no location)".into());
-            return Err(NetbirdError::Redirect { endpoint, status: status.as_u16(), location });
+            return Err(NetbirdError::Redirect {
+                endpoint,
+                status: status.as_u16(),
+                location,
+            });
         }
 
         let mut buf = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(endpoint, &e))? {
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| transport_error(endpoint, &e))?
+        {
             if buf.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(NetbirdError::TooLarge { endpoint, limit: MAX_BODY_BYTES });
+                return Err(NetbirdError::TooLarge {
+                    endpoint,
+                    limit: MAX_BODY_BYTES,
+                });
             }
             buf.extend_from_slice(&chunk);
         }
@@ -250,7 +319,12 @@ impl NetbirdClient {
 }
 
 /// An error answer: NetBird's JSON message, or a short excerpt of a non-JSON body.
-fn api_error(endpoint: Endpoint, status: StatusCode, body: &[u8], request_id: Option<String>) -> NetbirdError {
+fn api_error(
+    endpoint: Endpoint,
+    status: StatusCode,
+    body: &[u8],
+    request_id: Option<String>,
+) -> NetbirdError {
     let message = match serde_json::from_slice::<ErrorBody>(body) {
         Ok(b) => b.message,
         Err(_) => {
@@ -263,13 +337,21 @@ fn api_error(endpoint: Endpoint, status: StatusCode, body: &[u8], request_id: Op
                 .trim()
                 .to_string();
             if text.is_empty() {
-                status.canonical_reason().unwrap_or("no message").to_lowercase()
+                status
+                    .canonical_reason()
+                    .unwrap_or("no message")
+                    .to_lowercase()
             } else {
                 text
             }
         }
     };
-    NetbirdError::Api { endpoint, status: status.as_u16(), message, request_id }
+    NetbirdError::Api {
+        endpoint,
+        status: status.as_u16(),
+        message,
+        request_id,
+    }
 }
 
 /// A path segment with everything but unreserved characters percent-encoded.
@@ -294,12 +376,23 @@ fn transport_error(endpoint: Endpoint, e: &reqwest::Error) -> NetbirdError {
     let lower = chain.to_lowercase();
     let kind = if e.is_timeout() || lower.contains("timed out") {
         TransportKind::Timeout
-    } else if lower.contains("dns error") || lower.contains("failed to lookup") || lower.contains("name or service not known") {
+    } else if lower.contains("dns error")
+        || lower.contains("failed to lookup")
+        || lower.contains("name or service not known")
+    {
         TransportKind::Dns
     } else if has_source::<rustls::Error>(e)
-        || ["certificate", "tls", "handshake", "corrupt message", "peer is incompatible", "peer misbehaved", "alert"]
-            .iter()
-            .any(|w| lower.contains(w))
+        || [
+            "certificate",
+            "tls",
+            "handshake",
+            "corrupt message",
+            "peer is incompatible",
+            "peer misbehaved",
+            "alert",
+        ]
+        .iter()
+        .any(|w| lower.contains(w))
     {
         TransportKind::Tls
     } else if e.is_connect() {
@@ -307,7 +400,11 @@ fn transport_error(endpoint: Endpoint, e: &reqwest::Error) -> NetbirdError {
     } else {
         TransportKind::Other
     };
-    NetbirdError::Transport { endpoint, kind, detail: chain }
+    NetbirdError::Transport {
+        endpoint,
+        kind,
+        detail: chain,
+    }
 }
 
 fn has_source<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -317,7 +414,10 @@ fn has_source<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stat
             return true;
         }
         // io::Error hides its inner error from source(): look inside
-        if let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
             if inner.is::<E>() {
                 return true;
             }
@@ -348,10 +448,22 @@ mod tests {
     #[test]
     fn api_url_keeps_a_path_prefix_and_adds_one_slash() {
         for (base, want) in [
-            ("https://nb.example.com", "https://nb.example.com/api/instance"),
-            ("https://nb.example.com/", "https://nb.example.com/api/instance"),
-            ("https://nb.example.com/netbird", "https://nb.example.com/netbird/api/instance"),
-            ("https://nb.example.com/netbird/", "https://nb.example.com/netbird/api/instance"),
+            (
+                "https://nb.example.com",
+                "https://nb.example.com/api/instance",
+            ),
+            (
+                "https://nb.example.com/",
+                "https://nb.example.com/api/instance",
+            ),
+            (
+                "https://nb.example.com/netbird",
+                "https://nb.example.com/netbird/api/instance",
+            ),
+            (
+                "https://nb.example.com/netbird/",
+                "https://nb.example.com/netbird/api/instance",
+            ),
         ] {
             let c = NetbirdClient::new(base, &ClientOptions::default()).unwrap();
             assert_eq!(c.api.join("instance").unwrap().as_str(), want, "{base}");
@@ -364,13 +476,22 @@ mod tests {
             NetbirdClient::new("ftp://x", &ClientOptions::default()),
             Err(ClientBuildError::Scheme(_))
         ));
-        let opts = ClientOptions { extra_ca_pem: Some(b"not pem".to_vec()), ..Default::default() };
-        assert!(matches!(NetbirdClient::new("https://x", &opts), Err(ClientBuildError::CaBundle(_))));
+        let opts = ClientOptions {
+            extra_ca_pem: Some(b"not pem".to_vec()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            NetbirdClient::new("https://x", &opts),
+            Err(ClientBuildError::CaBundle(_))
+        ));
     }
 
     #[test]
     fn redirect_location_loses_credentials() {
-        assert_eq!(redact_url("https://u:p@evil.example/x"), "https://evil.example/x");
+        assert_eq!(
+            redact_url("https://u:p@evil.example/x"),
+            "https://evil.example/x"
+        );
     }
 
     #[test]

@@ -66,7 +66,9 @@ impl fmt::Display for TransportKind {
 }
 
 fn request_id_suffix(id: &Option<String>) -> String {
-    id.as_ref().map(|id| format!(", request id {id}")).unwrap_or_default()
+    id.as_ref()
+        .map(|id| format!(", request id {id}"))
+        .unwrap_or_default()
 }
 
 /// A failed NetBird API call.
@@ -74,17 +76,37 @@ fn request_id_suffix(id: &Option<String>) -> String {
 pub enum NetbirdError {
     /// The server answered with an error status and (usually) a JSON message.
     #[error("{endpoint} answered {status}: {message}{}", request_id_suffix(.request_id))]
-    Api { endpoint: Endpoint, status: u16, message: String, request_id: Option<String> },
+    Api {
+        endpoint: Endpoint,
+        status: u16,
+        message: String,
+        request_id: Option<String>,
+    },
     /// No HTTP answer: DNS, connect, TLS or timeout.
     #[error("{endpoint} failed: {kind} ({detail})")]
-    Transport { endpoint: Endpoint, kind: TransportKind, detail: String },
+    Transport {
+        endpoint: Endpoint,
+        kind: TransportKind,
+        detail: String,
+    },
     /// The server answered with a redirect, which the operator never follows (credentials must not
     /// be sent to another host).
-    #[error("{endpoint} answered {status} redirecting to {location}: managementURL must point at the server itself, not at a redirect")]
-    Redirect { endpoint: Endpoint, status: u16, location: String },
+    #[error(
+        "{endpoint} answered {status} redirecting to {location}: managementURL must point at the server itself, not at a redirect"
+    )]
+    Redirect {
+        endpoint: Endpoint,
+        status: u16,
+        location: String,
+    },
     /// The answer is not what NetBird sends.
     #[error("{endpoint} answered {status} with a body that is not NetBird's JSON ({detail}){}", request_id_suffix(.request_id))]
-    Decode { endpoint: Endpoint, status: u16, detail: String, request_id: Option<String> },
+    Decode {
+        endpoint: Endpoint,
+        status: u16,
+        detail: String,
+        request_id: Option<String>,
+    },
     /// The answer is larger than the operator reads.
     #[error("{endpoint} answered with a body over {limit} bytes")]
     TooLarge { endpoint: Endpoint, limit: usize },

@@ -86,15 +86,24 @@ mod tests {
     #[test]
     fn rejects_each_kind_of_damage() {
         let t = from_secret(SECRET);
-        assert_eq!(check(&t.replacen("nbp_", "nbx_", 1)), Err(PatFormatError::Prefix));
+        assert_eq!(
+            check(&t.replacen("nbp_", "nbx_", 1)),
+            Err(PatFormatError::Prefix)
+        );
         assert_eq!(check(&t[..39]), Err(PatFormatError::Length(39)));
         assert_eq!(check(&format!("{t}\n")), Err(PatFormatError::Length(41)));
         let mut bad = t.clone().into_bytes();
         bad[10] = b'-';
-        assert_eq!(check(std::str::from_utf8(&bad).unwrap()), Err(PatFormatError::Charset));
+        assert_eq!(
+            check(std::str::from_utf8(&bad).unwrap()),
+            Err(PatFormatError::Charset)
+        );
         let mut flipped = t.into_bytes();
         flipped[10] = if flipped[10] == b'a' { b'b' } else { b'a' };
-        assert_eq!(check(std::str::from_utf8(&flipped).unwrap()), Err(PatFormatError::Checksum));
+        assert_eq!(
+            check(std::str::from_utf8(&flipped).unwrap()),
+            Err(PatFormatError::Checksum)
+        );
     }
 
     #[test]

@@ -51,7 +51,10 @@ impl std::fmt::Debug for SetupResponse {
         f.debug_struct("SetupResponse")
             .field("user_id", &self.user_id)
             .field("email", &self.email)
-            .field("personal_access_token", &self.personal_access_token.as_ref().map(|_| "[redacted]"))
+            .field(
+                "personal_access_token",
+                &self.personal_access_token.as_ref().map(|_| "[redacted]"),
+            )
             .finish()
     }
 }

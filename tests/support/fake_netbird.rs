@@ -107,17 +107,23 @@ impl Drop for FakeNetbird {
 
 impl FakeNetbird {
     pub async fn start() -> FakeNetbird {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let state = Arc::new(Mutex::new(State::default()));
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let st = st.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
                 });
             }
         });
@@ -146,8 +152,10 @@ type Resp = Response<Full<Bytes>>;
 fn reply(status: u16, body: Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
-    r.headers_mut().insert("x-request-id", "fake-req-1".parse().unwrap());
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert("x-request-id", "fake-req-1".parse().unwrap());
     r
 }
 
@@ -173,8 +181,17 @@ fn endpoint_of(method: &hyper::Method, path: &str) -> Option<&'static str> {
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let Some(endpoint) = endpoint_of(&method, &path) else {
         let mut r = Response::new(Full::new(Bytes::from("404 page not found")));
         *r.status_mut() = StatusCode::NOT_FOUND;
@@ -190,7 +207,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         Some(Fault::NonJson(code)) => {
             let mut r = Response::new(Full::new(Bytes::from("<html>bad gateway</html>")));
             *r.status_mut() = StatusCode::from_u16(code).unwrap();
-            r.headers_mut().insert("content-type", "text/html".parse().unwrap());
+            r.headers_mut()
+                .insert("content-type", "text/html".parse().unwrap());
             return Ok(r);
         }
         Some(Fault::Redirect(to)) => {
@@ -200,7 +218,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
             return Ok(r);
         }
         Some(Fault::Huge) => {
-            let big = format!("{{\"setup_required\": true, \"pad\": \"{}\"}}", "x".repeat(3 * 1024 * 1024));
+            let big = format!(
+                "{{\"setup_required\": true, \"pad\": \"{}\"}}",
+                "x".repeat(3 * 1024 * 1024)
+            );
             return Ok(Response::new(Full::new(Bytes::from(big))));
         }
         Some(Fault::Hang) => {
@@ -208,7 +229,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         }
         Some(Fault::Delay(d)) => {
             // the server does the work, then answers late (or never, if the caller is gone)
-            let resp = serve(&mut state.lock().unwrap(), endpoint, &path, auth.as_deref(), &body);
+            let resp = serve(
+                &mut state.lock().unwrap(),
+                endpoint,
+                &path,
+                auth.as_deref(),
+                &body,
+            );
             tokio::time::sleep(d).await;
             return Ok(resp);
         }
@@ -222,18 +249,25 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
 /// A response that makes hyper drop the connection: a content-length that the body does not meet.
 fn panic_free_close() -> Resp {
     let mut r = Response::new(Full::new(Bytes::from("{")));
-    r.headers_mut().insert("content-length", "100".parse().unwrap());
+    r.headers_mut()
+        .insert("content-length", "100".parse().unwrap());
     r
 }
 
-fn authenticate<'a>(s: &'a State, auth: Option<&str>) -> Result<&'a String, Resp> {
+/// The user of the request's token, or the error answer (status, message).
+fn authenticate<'a>(s: &'a State, auth: Option<&str>) -> Result<&'a String, (u16, &'static str)> {
     let token = auth
-        .and_then(|a| a.strip_prefix("Token ").or_else(|| a.strip_prefix("Bearer ")))
-        .ok_or_else(|| error(401, "no valid authentication provided"))?;
+        .and_then(|a| {
+            a.strip_prefix("Token ")
+                .or_else(|| a.strip_prefix("Bearer "))
+        })
+        .ok_or((401, "no valid authentication provided"))?;
     if pat::check(token).is_err() {
-        return Err(error(401, "token invalid"));
+        return Err((401, "token invalid"));
     }
-    s.tokens.get(token).ok_or_else(|| error(404, "invalid token: pat: hash not found"))
+    s.tokens
+        .get(token)
+        .ok_or((404, "invalid token: pat: hash not found"))
 }
 
 fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[u8]) -> Resp {
@@ -241,7 +275,7 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
         "instance" => reply(200, json!({"setup_required": s.setup_required})),
         "setup" => setup(s, body),
         "version" => match authenticate(s, auth) {
-            Err(r) => r,
+            Err((code, msg)) => error(code, msg),
             Ok(_) => {
                 let mut v = json!({
                     "management_current_version": s.version,
@@ -255,14 +289,17 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
             }
         },
         "users_current" => match authenticate(s, auth) {
-            Err(r) => r,
+            Err((code, msg)) => error(code, msg),
             Ok(user) => {
                 let email = s.users.get(user).cloned().unwrap_or_default();
-                reply(200, json!({"id": user, "email": email, "name": email, "role": "owner", "is_service_user": false, "status": "active"}))
+                reply(
+                    200,
+                    json!({"id": user, "email": email, "name": email, "role": "owner", "is_service_user": false, "status": "active"}),
+                )
             }
         },
         "tokens_list" => match authenticate(s, auth) {
-            Err(r) => r,
+            Err((code, msg)) => error(code, msg),
             Ok(_) => reply(200, Value::Null),
         },
         _ => {
@@ -274,12 +311,22 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
 
 fn setup(s: &mut State, body: &[u8]) -> Resp {
     // 1. decodable body
-    let Ok(req) = serde_json::from_slice::<Value>(body) else { return error(400, "invalid request body") };
+    let Ok(req) = serde_json::from_slice::<Value>(body) else {
+        return error(400, "invalid request body");
+    };
     if !req.is_object() {
         return error(400, "invalid request body");
     }
-    let text = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-    let create_pat = req.get("create_pat").and_then(Value::as_bool).unwrap_or(false);
+    let text = |k: &str| {
+        req.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let create_pat = req
+        .get("create_pat")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     // 2. pat_expire_in, only with the server feature and create_pat
     let expire = req.get("pat_expire_in").and_then(Value::as_i64);
     if s.pat_enabled && create_pat && expire.is_some_and(|d| !(1..=365).contains(&d)) {
@@ -317,6 +364,7 @@ fn setup(s: &mut State, body: &[u8]) -> Resp {
         r["personal_access_token"] = json!(s.mint(&user_id));
     }
     let mut resp = reply(200, r);
-    resp.headers_mut().insert("cache-control", "no-store".parse().unwrap());
+    resp.headers_mut()
+        .insert("cache-control", "no-store".parse().unwrap());
     resp
 }

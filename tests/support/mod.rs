@@ -75,12 +75,21 @@ pub fn tools() -> Option<&'static Tools> {
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
 }
 
 /// Starts `program` under a watchdog that kills it, and removes `cleanup_dir`, when this test
 /// process ends for any reason (a panic, an abort or SIGKILL included).
-pub fn spawn_watched(program: &Path, args: &[String], env: &[(&str, String)], log: &Path, cleanup_dir: Option<&Path>) -> u32 {
+pub fn spawn_watched(
+    program: &Path,
+    args: &[String],
+    env: &[(&str, String)],
+    log: &Path,
+    cleanup_dir: Option<&Path>,
+) -> u32 {
     let script = r#"
 parent=$1; dir=$2; log=$3; shift 3
 "$@" >>"$log" 2>&1 &
@@ -94,7 +103,11 @@ while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.
         .arg(script)
         .arg("watchdog")
         .arg(std::process::id().to_string())
-        .arg(cleanup_dir.map(|d| d.display().to_string()).unwrap_or_default())
+        .arg(
+            cleanup_dir
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+        )
         .arg(log)
         .arg(program)
         .args(args)
@@ -141,13 +154,21 @@ impl ControlPlane {
         CP.get_or_init(|| {
             let tools = tools()?;
             // started on a thread of its own: the caller may be inside a tokio runtime
-            Some(std::thread::spawn(move || ControlPlane::start(tools)).join().expect("control plane start panicked"))
+            Some(
+                std::thread::spawn(move || ControlPlane::start(tools))
+                    .join()
+                    .expect("control plane start panicked"),
+            )
         })
         .as_ref()
     }
 
     fn start(tools: &Tools) -> ControlPlane {
-        let dir = tempfile::Builder::new().prefix("nbop-cp-").tempdir().expect("tempdir").keep();
+        let dir = tempfile::Builder::new()
+            .prefix("nbop-cp-")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
         let etcd_port = free_port();
         let peer_port = free_port();
         let api_port = free_port();
@@ -174,15 +195,25 @@ impl ControlPlane {
         let ca_key = rcgen::KeyPair::generate().expect("key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "nbop-test-ca");
-        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "nbop-test-ca");
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
         let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let srv_key = rcgen::KeyPair::generate().expect("key");
         let mut srv_params =
-            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("params");
-        srv_params.distinguished_name.push(rcgen::DnType::CommonName, "kube-apiserver");
-        let srv_cert = srv_params.signed_by(&srv_key, &issuer).expect("server cert");
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .expect("params");
+        srv_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "kube-apiserver");
+        let srv_cert = srv_params
+            .signed_by(&srv_key, &issuer)
+            .expect("server cert");
         let sa_key = rcgen::KeyPair::generate().expect("sa key");
         let w = |name: &str, body: String| {
             std::fs::write(dir.join(name), body).expect("write");
@@ -195,7 +226,10 @@ impl ControlPlane {
         let sa = w("sa.key", sa_key.serialize_pem());
         let sa_pub = w("sa.pub", sa_key.public_key_pem());
         let admin_token = format!("admin-{}", std::process::id());
-        let tokens = w("tokens.csv", format!("{admin_token},admin,admin-uid,\"system:masters\"\n"));
+        let tokens = w(
+            "tokens.csv",
+            format!("{admin_token},admin,admin-uid,\"system:masters\"\n"),
+        );
 
         let url = format!("https://127.0.0.1:{api_port}");
         spawn_watched(
@@ -239,12 +273,17 @@ impl ControlPlane {
             kubectl: tools.kube_bin.join("kubectl"),
             helm: tools.helm_bin.join("helm"),
         };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(async {
             let client = cp.client().await;
             let start = Instant::now();
             loop {
-                let req = http::Request::get("/readyz").body(Vec::new()).expect("request");
+                let req = http::Request::get("/readyz")
+                    .body(Vec::new())
+                    .expect("request");
                 if let Ok(body) = client.request_text(req).await {
                     if body.trim() == "ok" {
                         break;
@@ -259,7 +298,11 @@ impl ControlPlane {
             }
             install_crd(&client).await;
         });
-        eprintln!("control plane ready at {} (kubeconfig {})", cp.url, cp.kubeconfig.display());
+        eprintln!(
+            "control plane ready at {} (kubeconfig {})",
+            cp.url,
+            cp.kubeconfig.display()
+        );
         cp
     }
 
@@ -267,19 +310,26 @@ impl ControlPlane {
     pub async fn client(&self) -> Client {
         netbird_operator::tls::install_crypto_provider();
         let kc = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
-        let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
+        let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .expect("config");
         Client::try_from(cfg).expect("client")
     }
 }
 
 /// Applies crds/netbirdinstance.yaml (the committed file) and waits until it is Established.
 pub async fn install_crd(client: &Client) {
-    let yaml = std::fs::read_to_string(repo_root().join("crds/netbirdinstance.yaml")).expect("crd file");
+    let yaml =
+        std::fs::read_to_string(repo_root().join("crds/netbirdinstance.yaml")).expect("crd file");
     let crd: CustomResourceDefinition = serde_norway::from_str(&yaml).expect("crd yaml");
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(&crd.name_any(), &PatchParams::apply("nbop-tests").force(), &Patch::Apply(&crd))
-        .await
-        .expect("apply CRD");
+    api.patch(
+        &crd.name_any(),
+        &PatchParams::apply("nbop-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
     let name = crd.name_any();
     wait_for("the CRD to be Established", Duration::from_secs(30), || {
         let api = api.clone();
@@ -308,10 +358,17 @@ impl TestEnv {
     pub async fn new(test: &str) -> Option<TestEnv> {
         let cp = ControlPlane::shared()?;
         let client = cp.client().await;
-        let ns = format!("{}-{}", test.replace('_', "-").chars().take(40).collect::<String>(), rand_suffix());
+        let ns = format!(
+            "{}-{}",
+            test.replace('_', "-").chars().take(40).collect::<String>(),
+            rand_suffix()
+        );
         let api: Api<Namespace> = Api::all(client.clone());
-        let obj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).expect("ns");
-        api.create(&PostParams::default(), &obj).await.expect("create namespace");
+        let obj: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).expect("ns");
+        api.create(&PostParams::default(), &obj)
+            .await
+            .expect("create namespace");
         Some(TestEnv { ns, client, cp })
     }
 
@@ -330,14 +387,22 @@ impl TestEnv {
             "stringData": data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         }))
         .expect("secret");
-        self.secrets().create(&PostParams::default(), &obj).await.expect("create secret")
+        self.secrets()
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect("create secret")
     }
 
     /// Creates a NetbirdInstance from a spec given as JSON (untyped, so invalid specs reach the
     /// apiserver as written).
-    pub async fn create_instance(&self, name: &str, spec: serde_json::Value) -> Result<NetbirdInstance, kube::Error> {
+    pub async fn create_instance(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<NetbirdInstance, kube::Error> {
         let ar = kube::api::ApiResource::erase::<NetbirdInstance>(&());
-        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(self.client.clone(), &self.ns, &ar);
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &self.ns, &ar);
         let obj: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
             "apiVersion": "bootstrap.netbird.io/v1alpha1",
             "kind": "NetbirdInstance",
@@ -346,7 +411,10 @@ impl TestEnv {
         }))
         .expect("instance");
         let created = api.create(&PostParams::default(), &obj).await?;
-        Ok(serde_json::from_value(serde_json::to_value(created).expect("json")).expect("typed instance"))
+        Ok(
+            serde_json::from_value(serde_json::to_value(created).expect("json"))
+                .expect("typed instance"),
+        )
     }
 
     /// Runs the operator in-process, watching this namespace, until the handle is dropped.
@@ -366,17 +434,35 @@ impl TestEnv {
             },
             ..Settings::default()
         };
-        let ctx = Arc::new(Context::new(self.cp.client().await, metrics.clone(), settings, shutdown.clone()));
+        let ctx = Arc::new(Context::new(
+            self.cp.client().await,
+            metrics.clone(),
+            settings,
+            shutdown.clone(),
+        ));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(controller::run(ctx.clone(), Arc::default(), move || {
             let _ = tx.send(());
         }));
-        tokio::time::timeout(Duration::from_secs(30), rx).await.expect("watches sync").expect("synced");
-        Operator { shutdown, task: Some(task), metrics }
+        tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("watches sync")
+            .expect("synced");
+        Operator {
+            shutdown,
+            task: Some(task),
+            metrics,
+        }
     }
 
     /// The NetbirdInstance once `pred` holds for it.
-    pub async fn wait_instance(&self, name: &str, what: &str, timeout: Duration, pred: impl Fn(&NetbirdInstance) -> bool) -> NetbirdInstance {
+    pub async fn wait_instance(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&NetbirdInstance) -> bool,
+    ) -> NetbirdInstance {
         let api = self.instances();
         let last = std::sync::Mutex::new(None::<NetbirdInstance>);
         let start = Instant::now();
@@ -389,7 +475,9 @@ impl TestEnv {
             }
             if start.elapsed() > timeout {
                 let status = last.lock().unwrap().as_ref().and_then(|n| n.status.clone());
-                panic!("timed out after {timeout:?} waiting for {name} to be {what}; last status: {status:#?}");
+                panic!(
+                    "timed out after {timeout:?} waiting for {name} to be {what}; last status: {status:#?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -398,20 +486,30 @@ impl TestEnv {
     /// Waits until the NetbirdInstance is gone.
     pub async fn wait_instance_gone(&self, name: &str) {
         let api = self.instances();
-        wait_for("the NetbirdInstance to be deleted", Duration::from_secs(30), || {
-            let api = api.clone();
-            let name = name.to_string();
-            async move { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) }
-        })
+        wait_for(
+            "the NetbirdInstance to be deleted",
+            Duration::from_secs(30),
+            || {
+                let api = api.clone();
+                let name = name.to_string();
+                async move { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) }
+            },
+        )
         .await;
     }
 
     /// Events recorded for objects in this namespace: (reason, note).
     pub async fn events(&self) -> Vec<(String, String)> {
-        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns);
         api.list(&Default::default())
             .await
-            .map(|l| l.items.into_iter().map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default())).collect())
+            .map(|l| {
+                l.items
+                    .into_iter()
+                    .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -487,7 +585,11 @@ impl NetbirdServer {
         let tools = tools()?;
         // NetBird always opens TCP 33073 besides its main port: one server at a time per machine
         let port = free_port();
-        let dir = tempfile::Builder::new().prefix("nbop-netbird-").tempdir().expect("tempdir").keep();
+        let dir = tempfile::Builder::new()
+            .prefix("nbop-netbird-")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
         std::fs::create_dir_all(dir.join("data")).expect("data dir");
         let config = format!(
             r#"server:
@@ -514,7 +616,10 @@ impl NetbirdServer {
         std::fs::write(dir.join("config.yaml"), config).expect("config");
         let watchdog_pid = spawn_watched(
             &tools.netbird_bin.join("netbird-server"),
-            &["--config".into(), dir.join("config.yaml").display().to_string()],
+            &[
+                "--config".into(),
+                dir.join("config.yaml").display().to_string(),
+            ],
             &[
                 ("NB_SETUP_PAT_ENABLED", "true".into()),
                 ("NB_DISABLE_GEOLOCATION", "true".into()),
@@ -528,7 +633,10 @@ impl NetbirdServer {
             Some(&dir),
         );
         let url = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::builder().no_proxy().build().expect("client");
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
         let probe = format!("{url}/api/instance");
         let start = Instant::now();
         loop {
@@ -543,14 +651,20 @@ impl NetbirdServer {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Some(NetbirdServer { url, dir, watchdog_pid })
+        Some(NetbirdServer {
+            url,
+            dir,
+            watchdog_pid,
+        })
     }
 }
 
 impl Drop for NetbirdServer {
     fn drop(&mut self) {
         // ending the watchdog stops the server and removes its directory
-        let _ = Command::new("kill").arg(self.watchdog_pid.to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.watchdog_pid.to_string())
+            .status();
         let _ = &self.dir;
     }
 }
@@ -558,5 +672,7 @@ impl Drop for NetbirdServer {
 /// A global lock for tests that start a real NetBird server (it always binds TCP 33073).
 pub async fn netbird_lock() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
-    LOCK.get_or_init(|| tokio::sync::Mutex::new(())).lock().await
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
 }
