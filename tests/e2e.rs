@@ -167,6 +167,8 @@ async fn real_netbird_bootstrap_adoption_and_second_instance() {
             .contains("NB_API_KEY"),
         "message says what to do"
     );
+    // the pass that follows its own status write may still run; after that, silence
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let reconciles = op.metrics.encode();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -350,6 +352,13 @@ async fn failure_modes_end_in_specific_conditions() {
             message: "timed out",
         },
     ];
+    // nothing listens on this port: connection refused
+    env.create_instance(
+        "refused",
+        spec(&format!("http://127.0.0.1:{}", support::free_port())),
+    )
+    .await
+    .unwrap();
     let mut fakes = Vec::new();
     for c in &cases {
         let fake = FakeNetbird::start().await;
@@ -375,6 +384,16 @@ async fn failure_modes_end_in_specific_conditions() {
             );
         }
     }
+    let n = env
+        .wait_instance("refused", "ManagementUnreachable", T, |n| {
+            condition(n, "Reconciling").is_some_and(|(_, r, _)| r == "ManagementUnreachable")
+        })
+        .await;
+    assert!(
+        condition(&n, "Ready").unwrap().2.contains("refused"),
+        "{:?}",
+        condition(&n, "Ready")
+    );
     // retrying cases back off: a few calls in some seconds, not a hot loop
     let before = fakes[4].calls("setup");
     tokio::time::sleep(Duration::from_secs(4)).await;

@@ -327,7 +327,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         write_status(&api, &name, &report::initial(generation, started)).await?;
     }
 
-    let mut world = steps::World::read(nbi, &secrets).await?;
+    let mut world = steps::World::read(nbi, &secrets, &ctx.settings.netbird).await?;
     let interval = nbi.version_interval();
     let version_due = nbi.spec.version_check.enabled && version_due(nbi, started, interval);
     let mut probes = Probes::default();
@@ -338,10 +338,10 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             token.expose_secret()
         ))
     };
-    if let Some(token) = world.token() {
-        if let Some(v) = ctx.cached_verification(&uid, &cache_key(token), interval, started) {
-            probes.verify = Some(Ok(v));
-        }
+    if let Some(token) = world.token()
+        && let Some(v) = ctx.cached_verification(&uid, &cache_key(token), interval, started)
+    {
+        probes.verify = Some(Ok(v));
     }
     let setup_done_before = nbi
         .status
@@ -376,10 +376,10 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             verdict = Some(v);
             break;
         }
-        if let Some(Ok(v)) = &probes.verify {
-            if let Some(token) = world.token() {
-                ctx.remember_verification(&uid, cache_key(token), v);
-            }
+        if let Some(Ok(v)) = &probes.verify
+            && let Some(token) = world.token()
+        {
+            ctx.remember_verification(&uid, cache_key(token), v);
         }
     }
     let verdict = verdict.unwrap_or(Verdict::Waiting {

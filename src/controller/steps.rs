@@ -29,7 +29,11 @@ pub struct World {
 }
 
 impl World {
-    pub async fn read(nbi: &NetbirdInstance, secrets: &Api<Secret>) -> Result<Self, Error> {
+    pub async fn read(
+        nbi: &NetbirdInstance,
+        secrets: &Api<Secret>,
+        netbird: &ClientOptions,
+    ) -> Result<Self, Error> {
         let get = |name: String| async move {
             secrets
                 .get_opt(&name)
@@ -73,12 +77,12 @@ impl World {
             token_secret_rv,
             client: None,
         };
-        world.build_client(nbi);
+        world.build_client(nbi, netbird);
         Ok(world)
     }
 
     /// Builds the NetBird client once the CA (if any) is known; a bad CA bundle becomes InvalidSpec.
-    fn build_client(&mut self, nbi: &NetbirdInstance) {
+    fn build_client(&mut self, nbi: &NetbirdInstance, base: &ClientOptions) {
         let extra_ca_pem = match &self.ca {
             Input::Ready(pem) => Some(pem.clone()),
             Input::NotNeeded => None,
@@ -91,7 +95,7 @@ impl World {
                 .tls
                 .as_ref()
                 .is_some_and(|t| t.insecure_skip_verify),
-            ..ClientOptions::default()
+            ..base.clone()
         };
         match NetbirdClient::new(&nbi.spec.management_url, &opts) {
             Ok(c) => self.client = Some(c),
@@ -404,10 +408,10 @@ pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &W
         h.finalize().into()
     };
     let uid = nbi.uid().unwrap_or_default();
-    if let Some((k, same)) = lock(&ctx.fingerprint_checks).get(&uid) {
-        if *k == key {
-            return !same;
-        }
+    if let Some((k, same)) = lock(&ctx.fingerprint_checks).get(&uid)
+        && *k == key
+    {
+        return !same;
     }
     let same = fingerprint::matches(fp, input).await;
     lock(&ctx.fingerprint_checks).insert(uid, (key, same));

@@ -417,10 +417,9 @@ fn has_source<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stat
         if let Some(inner) = err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
+            && inner.is::<E>()
         {
-            if inner.is::<E>() {
-                return true;
-            }
+            return true;
         }
         cur = err.source();
     }

@@ -284,10 +284,10 @@ impl ControlPlane {
                 let req = http::Request::get("/readyz")
                     .body(Vec::new())
                     .expect("request");
-                if let Ok(body) = client.request_text(req).await {
-                    if body.trim() == "ok" {
-                        break;
-                    }
+                if let Ok(body) = client.request_text(req).await
+                    && body.trim() == "ok"
+                {
+                    break;
                 }
                 let log = std::fs::read_to_string(dir.join("apiserver.log")).unwrap_or_default();
                 if start.elapsed() > Duration::from_secs(90) || log.contains("\"command failed\"") {
@@ -640,10 +640,10 @@ impl NetbirdServer {
         let probe = format!("{url}/api/instance");
         let start = Instant::now();
         loop {
-            if let Ok(r) = client.get(&probe).send().await {
-                if r.status().is_success() {
-                    break;
-                }
+            if let Ok(r) = client.get(&probe).send().await
+                && r.status().is_success()
+            {
+                break;
             }
             if start.elapsed() > Duration::from_secs(60) {
                 let log = std::fs::read_to_string(dir.join("netbird.log")).unwrap_or_default();
