@@ -142,6 +142,8 @@ where
 pub struct ControlPlane {
     pub dir: PathBuf,
     pub kubeconfig: PathBuf,
+    /// A user ("limited") with no permissions but what a test grants through RBAC.
+    pub limited_kubeconfig: PathBuf,
     pub url: String,
     pub kubectl: PathBuf,
     pub helm: PathBuf,
@@ -226,9 +228,12 @@ impl ControlPlane {
         let sa = w("sa.key", sa_key.serialize_pem());
         let sa_pub = w("sa.pub", sa_key.public_key_pem());
         let admin_token = format!("admin-{}", std::process::id());
+        let limited_token = format!("limited-{}", std::process::id());
         let tokens = w(
             "tokens.csv",
-            format!("{admin_token},admin,admin-uid,\"system:masters\"\n"),
+            format!(
+                "{admin_token},admin,admin-uid,\"system:masters\"\n{limited_token},limited,limited-uid\n"
+            ),
         );
 
         let url = format!("https://127.0.0.1:{api_port}");
@@ -266,9 +271,17 @@ impl ControlPlane {
                 ca_file.display()
             ),
         );
+        let limited_kubeconfig = w(
+            "kubeconfig-limited",
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority: {}\nusers:\n- name: limited\n  user:\n    token: {limited_token}\ncontexts:\n- name: test\n  context: {{cluster: test, user: limited}}\ncurrent-context: test\n",
+                ca_file.display()
+            ),
+        );
         let cp = ControlPlane {
             dir: dir.clone(),
             kubeconfig,
+            limited_kubeconfig,
             url,
             kubectl: tools.kube_bin.join("kubectl"),
             helm: tools.helm_bin.join("helm"),
@@ -306,10 +319,15 @@ impl ControlPlane {
         cp
     }
 
-    /// A new client (clients are bound to the tokio runtime that made them).
+    /// A new admin client (clients are bound to the tokio runtime that made them).
     pub async fn client(&self) -> Client {
+        self.client_from(&self.kubeconfig).await
+    }
+
+    /// A new client from a kubeconfig file.
+    pub async fn client_from(&self, kubeconfig: &Path) -> Client {
         netbird_operator::tls::install_crypto_provider();
-        let kc = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
+        let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
         let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
             .expect("config");
@@ -419,6 +437,11 @@ impl TestEnv {
 
     /// Runs the operator in-process, watching this namespace, until the handle is dropped.
     pub async fn start_operator(&self) -> Operator {
+        self.start_operator_with(self.cp.client().await).await
+    }
+
+    /// Runs the operator in-process with this client's identity.
+    pub async fn start_operator_with(&self, client: Client) -> Operator {
         netbird_operator::telemetry::init(
             netbird_operator::telemetry::LogFormat::Text,
             &std::env::var("NBOP_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -435,7 +458,7 @@ impl TestEnv {
             ..Settings::default()
         };
         let ctx = Arc::new(Context::new(
-            self.cp.client().await,
+            client,
             metrics.clone(),
             settings,
             shutdown.clone(),
