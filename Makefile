@@ -20,3 +20,4 @@ test: tools lint
 
 crd:
 	cargo run --locked --quiet -- crd > crds/netbirdinstance.yaml
+	cargo run --locked --quiet -- crd --helm > charts/netbird-operator/templates/crds.yaml

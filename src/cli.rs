@@ -31,7 +31,11 @@ pub enum Command {
     /// Run the controller (in-cluster, or with $KUBECONFIG / ~/.kube/config).
     Run(RunArgs),
     /// Print the NetbirdInstance CustomResourceDefinition as YAML.
-    Crd,
+    Crd {
+        /// Print it as the Helm chart's template (installed and upgraded with the chart, kept on uninstall).
+        #[arg(long)]
+        helm: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -67,8 +71,15 @@ pub struct RunArgs {
 
 pub async fn main(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Crd => {
-            print!("{}", crate::crd::crd_yaml());
+        Command::Crd { helm } => {
+            print!(
+                "{}",
+                if helm {
+                    crate::crd::crd_helm_template()
+                } else {
+                    crate::crd::crd_yaml()
+                }
+            );
             ExitCode::SUCCESS
         }
         Command::Run(args) => match run(args).await {

@@ -24,3 +24,16 @@ fn crd_has_list_map_conditions_and_cel_rules() {
         "unsigned formats make the apiserver warn"
     );
 }
+
+#[test]
+fn chart_crd_matches_the_types() {
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/netbird-operator/templates/crds.yaml"
+    ))
+    .unwrap();
+    assert!(
+        committed == netbird_operator::crd::crd_helm_template(),
+        "the chart's CRD template is stale: run `make crd`"
+    );
+}
