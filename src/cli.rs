@@ -64,9 +64,15 @@ pub struct RunArgs {
     /// Longest wait between retries of a failing instance, in seconds.
     #[arg(long, env = "MAX_BACKOFF", default_value_t = 300)]
     pub max_backoff: u64,
-    /// Name of this replica in Events (the pod name in a cluster).
+    /// Name of this replica in Events and in the leader Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// Reconcile only while holding the Lease `netbird-operator-leader` (for more than one replica).
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Namespace of the leader Lease (default: the pod's namespace, else "default").
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
 }
 
 pub async fn main(cli: Cli) -> ExitCode {
@@ -152,15 +158,91 @@ async fn run(args: RunArgs) -> Result<(), String> {
         http = %args.http_addr,
         "netbird-operator starting"
     );
-    let ready = health.clone();
-    controller::run(ctx, store_slot, move || {
-        info!("watches synced; ready");
-        ready.set_ready();
-    })
-    .await;
+    let result = if args.leader_election {
+        run_as_leader(&args, ctx, store_slot, health.clone()).await
+    } else {
+        let ready = health.clone();
+        controller::run(ctx, store_slot, move || {
+            info!("watches synced; ready");
+            ready.set_ready();
+        })
+        .await;
+        Ok(())
+    };
     shutdown.cancel();
     let _ = http_task.await;
-    Ok(())
+    result
+}
+
+/// Reconciles only while this replica holds the Lease. Losing it stops the process: the controller
+/// stops taking work at once, and the pod restarts as a follower (the controller-runtime convention),
+/// so two replicas never reconcile together for longer than the Lease's grace period.
+async fn run_as_leader(
+    args: &RunArgs,
+    ctx: Arc<Context>,
+    store_slot: Arc<OnceLock<kube::runtime::reflector::Store<crate::crd::NetbirdInstance>>>,
+    health: Arc<Health>,
+) -> Result<(), String> {
+    let namespace = args
+        .leader_election_namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let identity = args
+        .pod_name
+        .clone()
+        .unwrap_or_else(|| format!("netbird-operator-{}", std::process::id()));
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(
+        ctx.client.clone(),
+        "netbird-operator-leader",
+    )
+    .with_namespace(&namespace)
+    .with_identity(&identity)
+    .with_duration(15)
+    .with_grace(5)
+    .build()
+    .await
+    .map_err(|e| {
+        format!("failed to set up leader election (Lease {namespace}/netbird-operator-leader): {e}")
+    })?;
+    let (mut leader, lease_task) = manager.watch().await;
+    // a follower is ready: it serves health and waits
+    health.set_ready();
+    info!(lease = %format!("{namespace}/netbird-operator-leader"), identity = %identity, "waiting to become leader");
+    let shutdown = ctx.shutdown.clone();
+    loop {
+        if *leader.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            changed = leader.changed() => if changed.is_err() { return Err("leader election stopped".into()) },
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+    info!(identity = %identity, "became leader; reconciling");
+    let stop = ctx.shutdown.clone();
+    let lost = async move {
+        loop {
+            if leader.changed().await.is_err() || !*leader.borrow_and_update() {
+                return;
+            }
+        }
+    };
+    let controller = controller::run(ctx, store_slot, || info!("watches synced"));
+    tokio::pin!(controller);
+    let result = tokio::select! {
+        _ = &mut controller => Ok(()),
+        _ = lost => {
+            error!("lost the leader Lease; stopping");
+            // no new passes; a pass holding a token it just received may finish storing it, within
+            // the Lease's grace period
+            stop.cancel();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(4), &mut controller).await;
+            Err("lost the leader Lease".to_string())
+        }
+    };
+    stop.cancel();
+    lease_task.abort();
+    result
 }
 
 async fn wait_for_signal() {
