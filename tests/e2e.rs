@@ -193,6 +193,7 @@ async fn credentials_secret_created_later_is_picked_up_at_once() {
         })
         .await;
     assert_eq!(condition(&n, "Ready").unwrap().0, "False");
+    assert_eq!(support::kstatus(&n), "InProgress");
     assert_eq!(fake.calls("setup"), 0);
     let t0 = std::time::Instant::now();
     admin_secret(&env).await;

@@ -699,3 +699,27 @@ pub async fn netbird_lock() -> tokio::sync::MutexGuard<'static, ()> {
         .lock()
         .await
 }
+
+/// The kstatus status of an object (sigs.k8s.io/cli-utils rules, as Flux and Helm 4 compute it):
+/// Terminating, InProgress, Failed or Current.
+pub fn kstatus(n: &NetbirdInstance) -> &'static str {
+    if n.metadata.deletion_timestamp.is_some() {
+        return "Terminating";
+    }
+    let observed = n.status.as_ref().and_then(|s| s.observed_generation);
+    if observed != n.metadata.generation {
+        return "InProgress";
+    }
+    let is_true = |ty: &str| condition(n, ty).is_some_and(|(s, _, _)| s == "True");
+    if is_true("Reconciling") {
+        return "InProgress";
+    }
+    if is_true("Stalled") {
+        return "Failed";
+    }
+    match condition(n, "Ready").map(|(s, _, _)| s) {
+        Some(s) if s == "True" => "Current",
+        Some(_) => "InProgress",
+        None => "Current",
+    }
+}

@@ -1,0 +1,411 @@
+//! The Helm chart and the plain manifests against the real control plane: lint, render into a
+//! server-side dry run, install and upgrade (the CRD follows), and the operator running with the
+//! chart's ServiceAccount token: enough to bootstrap, nothing more.
+
+mod support;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::json;
+use support::fake_netbird::FakeNetbird;
+use support::{ControlPlane, TestEnv, condition, ready_is};
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/netbird-operator");
+const CRD_NAME: &str = "netbirdinstances.bootstrap.netbird.io";
+
+fn run(cp: &ControlPlane, program: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .env("HELM_CACHE_HOME", cp.dir.join("helm/cache"))
+        .env("HELM_CONFIG_HOME", cp.dir.join("helm/config"))
+        .env("HELM_DATA_HOME", cp.dir.join("helm/data"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("wait")
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn chart_lints_renders_and_passes_a_server_side_dry_run() {
+    let Some(env) = TestEnv::new("chart-render").await else {
+        return;
+    };
+    let cp = env.cp;
+    ok(
+        run(cp, &cp.helm, &["lint", CHART, "--strict"], None),
+        "helm lint",
+    );
+    let value_sets: Vec<Vec<String>> = vec![
+        vec![],
+        vec!["replicaCount=2".into()],
+        vec![format!("watchNamespace={}", env.ns)],
+        vec![
+            "networkPolicy.enabled=true".into(),
+            "metrics.service.enabled=false".into(),
+            "logFormat=text".into(),
+        ],
+        vec![
+            "instance.enabled=true".into(),
+            "instance.managementURL=https://nb.example.com".into(),
+        ],
+        vec![
+            "crds.install=false".into(),
+            "serviceAccount.create=false".into(),
+            "serviceAccount.name=custom".into(),
+        ],
+    ];
+    for set in value_sets {
+        let mut args = vec!["template", "nbop", CHART, "--namespace", env.ns.as_str()];
+        for s in &set {
+            args.push("--set");
+            args.push(s);
+        }
+        let rendered = ok(
+            run(cp, &cp.helm, &args, None),
+            &format!("helm template {set:?}"),
+        );
+        ok(
+            run(
+                cp,
+                &cp.kubectl,
+                &["apply", "--dry-run=server", "-n", &env.ns, "-f", "-"],
+                Some(rendered.as_bytes()),
+            ),
+            &format!("kubectl apply --dry-run=server for {set:?}"),
+        );
+    }
+    // the ServiceMonitor renders (its CRD is not in this cluster, so no dry run)
+    let sm = ok(
+        run(
+            cp,
+            &cp.helm,
+            &[
+                "template",
+                "nbop",
+                CHART,
+                "--set",
+                "metrics.serviceMonitor.enabled=true",
+            ],
+            None,
+        ),
+        "helm template with a ServiceMonitor",
+    );
+    assert!(sm.contains("kind: ServiceMonitor"));
+    // values.schema.json refuses unknown keys at every level
+    for bad in [
+        "bogus=1",
+        "image.bogus=1",
+        "metrics.serviceMonitor.bogus=1",
+        "instance.bogus=1",
+        "logFormat=xml",
+    ] {
+        let out = run(
+            cp,
+            &cp.helm,
+            &["template", "nbop", CHART, "--set", bad],
+            None,
+        );
+        assert!(!out.status.success(), "helm accepted --set {bad}");
+    }
+    // restricted Pod Security by default
+    let rendered = ok(
+        run(cp, &cp.helm, &["template", "nbop", CHART], None),
+        "helm template",
+    );
+    for needle in [
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "drop: [\"ALL\"]",
+        "RuntimeDefault",
+    ] {
+        assert!(rendered.contains(needle), "missing {needle}");
+    }
+    let rbac = ok(
+        run(
+            cp,
+            &cp.helm,
+            &[
+                "template",
+                "nbop",
+                CHART,
+                "--set",
+                "replicaCount=2",
+                "--show-only",
+                "templates/rbac.yaml",
+            ],
+            None,
+        ),
+        "helm template rbac",
+    );
+    assert!(!rbac.contains("\"*\""), "no wildcard in RBAC");
+    let verbs: Vec<&str> = rbac
+        .lines()
+        .filter(|l| l.trim_start().starts_with("verbs:"))
+        .collect();
+    assert!(!verbs.is_empty());
+    assert!(
+        verbs.iter().all(|l| !l.contains("delete")),
+        "the operator never deletes: {verbs:?}"
+    );
+    assert!(
+        rbac.contains("leases"),
+        "leader election RBAC with replicas > 1"
+    );
+}
+
+#[tokio::test]
+async fn plain_manifests_are_the_rendered_chart() {
+    let Some(cp) = ControlPlane::shared() else {
+        return;
+    };
+    let body = ok(
+        run(
+            cp,
+            &cp.helm,
+            &[
+                "template",
+                "netbird-operator",
+                CHART,
+                "--namespace",
+                "netbird-operator",
+                "--set",
+                "crds.install=false",
+            ],
+            None,
+        ),
+        "helm template",
+    );
+    let expected = format!(
+        "# Generated by `make manifests` from charts/netbird-operator; apply crds/ first.\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: netbird-operator\n{body}"
+    );
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/netbird-operator.yaml"
+    ))
+    .unwrap();
+    assert!(
+        committed == expected,
+        "deploy/netbird-operator.yaml is stale: run `make manifests`"
+    );
+    ok(
+        run(
+            cp,
+            &cp.kubectl,
+            &[
+                "apply",
+                "--dry-run=client",
+                "-f",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/netbird-operator.yaml"),
+            ],
+            None,
+        ),
+        "kubectl apply of the plain manifests",
+    );
+}
+
+fn chart_with_old_crd(dir: &Path) -> PathBuf {
+    let copy = dir.join("chart-old");
+    ok(
+        Command::new("cp")
+            .args(["-r", CHART, copy.to_str().unwrap()])
+            .output()
+            .unwrap(),
+        "copy chart",
+    );
+    let crds = copy.join("templates/crds.yaml");
+    let text = std::fs::read_to_string(&crds).unwrap();
+    let old = text.replace("Stop reconciling this instance", "OLD DESCRIPTION");
+    assert_ne!(old, text);
+    std::fs::write(&crds, old).unwrap();
+    copy
+}
+
+fn suspend_description(crd: &CustomResourceDefinition) -> String {
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .unwrap()
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap();
+    let spec = &schema.properties.as_ref().unwrap()["spec"];
+    spec.properties.as_ref().unwrap()["suspend"]
+        .description
+        .clone()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn install_upgrade_and_the_chart_rbac_is_enough_and_no_more() {
+    let Some(env) = TestEnv::new("chart-install").await else {
+        return;
+    };
+    let cp = env.cp;
+    let tmp = tempfile::tempdir().unwrap();
+    // The harness installed the CRD already, by server-side apply: as on a cluster that had the CRD
+    // before the chart, clear its field managers and hand it to the release.
+    ok(
+        run(
+            cp,
+            &cp.kubectl,
+            &[
+                "patch",
+                "crd",
+                CRD_NAME,
+                "--type=json",
+                "-p",
+                r#"[{"op":"replace","path":"/metadata/managedFields","value":[{}]}]"#,
+            ],
+            None,
+        ),
+        "clear the CRD's field managers",
+    );
+    for args in [
+        vec![
+            "label",
+            "crd",
+            CRD_NAME,
+            "app.kubernetes.io/managed-by=Helm",
+            "--overwrite",
+        ],
+        vec![
+            "annotate",
+            "crd",
+            CRD_NAME,
+            "meta.helm.sh/release-name=nbop",
+            "--overwrite",
+        ],
+        vec![
+            "annotate",
+            "crd",
+            CRD_NAME,
+            &format!("meta.helm.sh/release-namespace={}", env.ns),
+            "--overwrite",
+        ],
+    ] {
+        ok(run(cp, &cp.kubectl, &args, None), "adopt CRD");
+    }
+    let old = chart_with_old_crd(tmp.path());
+    let values = [
+        "--namespace",
+        env.ns.as_str(),
+        "--set",
+        &format!("watchNamespace={}", env.ns),
+        // the CRD that was there before differs from the chart's: the chart's wins
+        "--force-conflicts",
+    ];
+    let mut install = vec!["install", "nbop", old.to_str().unwrap()];
+    install.extend(values);
+    ok(run(cp, &cp.helm, &install, None), "helm install");
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    assert!(suspend_description(&crds.get(CRD_NAME).await.unwrap()).starts_with("OLD DESCRIPTION"));
+    let mut upgrade = vec!["upgrade", "nbop", CHART];
+    upgrade.extend(values);
+    ok(run(cp, &cp.helm, &upgrade, None), "helm upgrade");
+    let crd = crds.get(CRD_NAME).await.unwrap();
+    assert!(
+        suspend_description(&crd).starts_with("Stop reconciling"),
+        "helm upgrade applied the CRD change"
+    );
+    assert_eq!(
+        crd.metadata
+            .annotations
+            .unwrap()
+            .get("helm.sh/resource-policy")
+            .map(String::as_str),
+        Some("keep")
+    );
+
+    // the operator with a token of the chart's ServiceAccount (TokenRequest API)
+    let sas: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
+    let tr = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request("nbop-netbird-operator", &PostParams::default(), &tr)
+        .await
+        .expect("token request")
+        .status
+        .unwrap()
+        .token
+        .expect("a token");
+    let kubeconfig = cp.dir.join(format!("kubeconfig-sa-{}", env.ns));
+    let admin = std::fs::read_to_string(&cp.kubeconfig).unwrap();
+    let user_start = admin.find("users:").unwrap();
+    let ctx_start = admin.find("contexts:").unwrap();
+    let sa_config = format!(
+        "{}users:\n- name: admin\n  user:\n    token: {token}\n{}",
+        &admin[..user_start],
+        &admin[ctx_start..]
+    );
+    std::fs::write(&kubeconfig, sa_config).unwrap();
+    let sa_client = cp.client_from(&kubeconfig).await;
+
+    let fake = FakeNetbird::start().await;
+    env.create_secret(
+        "admin",
+        &[
+            ("email", "admin@example.com"),
+            ("password", "s3cret-Passw0rd"),
+        ],
+    )
+    .await;
+    let _op = env.start_operator_with(sa_client.clone()).await;
+    env.create_instance(
+        "nb",
+        json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}}),
+    )
+    .await
+    .unwrap();
+    let n = env
+        .wait_instance("nb", "Ready", Duration::from_secs(30), |n| {
+            ready_is(n, "True", "Bootstrapped")
+        })
+        .await;
+    assert_eq!(condition(&n, "TokenAvailable").unwrap().1, "TokenStored");
+    assert_eq!(support::kstatus(&n), "Current");
+
+    // and nothing beyond its namespace: a Secret of another namespace is forbidden
+    let Some(other) = TestEnv::new("chart-other").await else {
+        return;
+    };
+    other.create_secret("elsewhere", &[("k", "v")]).await;
+    let foreign: Api<Secret> = Api::namespaced(sa_client.clone(), &other.ns);
+    match foreign.get("elsewhere").await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("reading a Secret of another namespace was not forbidden: {other:?}"),
+    }
+    let all: Api<Secret> = Api::all(sa_client);
+    assert!(
+        matches!(all.list(&Default::default()).await, Err(kube::Error::Api(s)) if s.code == 403)
+    );
+}
