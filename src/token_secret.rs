@@ -25,6 +25,9 @@ pub const ANN_SETUP_COMPLETED_AT: &str = "bootstrap.netbird.io/setup-completed-a
 pub const ANN_SETUP_OUTCOME: &str = "bootstrap.netbird.io/setup-outcome";
 pub const ANN_FINGERPRINT: &str = "bootstrap.netbird.io/credentials-fingerprint";
 pub const OUTCOME_TOKEN_NOT_ISSUED: &str = "token-not-issued";
+/// Set when NetBird refused setup (400/412/422): `<generation> <status> <message>`. Setup is not
+/// tried again until the spec or the credentials change.
+pub const ANN_SETUP_REJECTED: &str = "bootstrap.netbird.io/setup-rejected";
 
 /// What the key of the token Secret holds.
 #[derive(Clone)]
@@ -208,6 +211,7 @@ pub fn claim_patch(
     patch["metadata"]["annotations"][ANN_SETUP_STARTED_AT] = json!(started_at);
     patch["metadata"]["annotations"][ANN_FINGERPRINT] = json!(fingerprint);
     patch["metadata"]["annotations"][ANN_SETUP_OUTCOME] = Value::Null;
+    patch["metadata"]["annotations"][ANN_SETUP_REJECTED] = Value::Null;
     patch
 }
 
@@ -250,9 +254,26 @@ pub fn no_token_patch(user_id: &str, completed_at: &str) -> Value {
 }
 
 /// Ends a claim after setup definitively failed (4xx), so the next attempt is not mistaken for a
-/// lost token.
-pub fn release_patch() -> Value {
-    json!({"metadata": {"annotations": {ANN_SETUP_STARTED_AT: Value::Null}}})
+/// lost token. A refusal of the request (400/412/422) is recorded with the generation it answered, so
+/// the same spec and credentials are never sent again.
+pub fn release_patch(rejection: Option<(i64, u16, &str)>) -> Value {
+    let rejected = rejection.map_or(Value::Null, |(generation, status, message)| {
+        let message: String = message
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect();
+        json!(format!("{generation} {status} {message}"))
+    });
+    json!({"metadata": {"annotations": {ANN_SETUP_STARTED_AT: Value::Null, ANN_SETUP_REJECTED: rejected}}})
+}
+
+/// A recorded refusal: (generation, status, message).
+pub fn parse_rejection(value: &str) -> Option<(i64, u16, &str)> {
+    let mut parts = value.splitn(3, ' ');
+    let generation = parts.next()?.parse().ok()?;
+    let status = parts.next()?.parse().ok()?;
+    Some((generation, status, parts.next().unwrap_or("")))
 }
 
 #[cfg(test)]

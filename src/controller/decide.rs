@@ -3,7 +3,10 @@
 
 use crate::credentials::Credentials;
 use crate::netbird::{InstanceStatus, NetbirdError, User, VersionInfo};
-use crate::token_secret::{ANN_SETUP_OUTCOME, OUTCOME_TOKEN_NOT_ISSUED, TokenSecret, TokenValue};
+use crate::token_secret::{
+    ANN_SETUP_OUTCOME, ANN_SETUP_REJECTED, OUTCOME_TOKEN_NOT_ISSUED, TokenSecret, TokenValue,
+    parse_rejection,
+};
 
 /// An input the reconcile reads from a Secret.
 #[derive(Debug, Clone)]
@@ -55,6 +58,9 @@ pub struct Probes {
 /// Everything the decision looks at.
 #[derive(Debug)]
 pub struct Facts<'a> {
+    pub generation: i64,
+    /// The credentials Secret still holds the credentials of the last setup attempt (or there was none).
+    pub credentials_unchanged: bool,
     pub suspended: bool,
     /// A spec error the schema could not catch.
     pub spec_problem: Option<&'a str>,
@@ -254,6 +260,19 @@ pub fn decide(f: &Facts<'_>) -> Step {
         if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_NOT_ISSUED) {
             return stalled(Stall::TokenNotIssued, token_not_issued_message(f));
         }
+        // a refusal answered this very spec and these credentials: not sent again
+        if p.setup.is_none()
+            && let Some((generation, status, message)) =
+                s.annotation(ANN_SETUP_REJECTED).and_then(parse_rejection)
+            && generation == f.generation
+            && f.credentials_unchanged
+        {
+            return if status == 412 {
+                stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true))
+            } else {
+                rejected(status, message)
+            };
+        }
     }
 
     match &p.setup {
@@ -312,6 +331,24 @@ pub fn decide(f: &Facts<'_>) -> Step {
         return Step::ClaimSecret;
     }
     Step::Setup
+}
+
+/// NetBird refused the setup request (400/422): a spec or credentials problem, never retried as is.
+fn rejected(status: u16, message: &str) -> Step {
+    if message.contains("pat_expire_in") {
+        return stalled(
+            Stall::InvalidSpec,
+            format!(
+                "NetBird refused spec.token.expiresInDays ({status}: {message}); setup is tried again when the spec changes"
+            ),
+        );
+    }
+    stalled(
+        Stall::CredentialsRejected,
+        format!(
+            "NetBird refused the credentials ({status}: {message}). Fix the credentials Secret; setup is tried again when it changes"
+        ),
+    )
 }
 
 fn token_not_issued_message(f: &Facts<'_>) -> String {
@@ -395,6 +432,7 @@ mod tests {
         suspended: bool,
         spec_problem: Option<&'static str>,
         in_sync: bool,
+        credentials_unchanged: bool,
     }
 
     impl World {
@@ -409,10 +447,13 @@ mod tests {
                 suspended: false,
                 spec_problem: None,
                 in_sync: true,
+                credentials_unchanged: true,
             }
         }
         fn decide(&self) -> Step {
             decide(&Facts {
+                generation: 1,
+                credentials_unchanged: self.credentials_unchanged,
                 suspended: self.suspended,
                 spec_problem: self.spec_problem,
                 credentials: &self.credentials,
@@ -649,6 +690,29 @@ mod tests {
             "TokenNotIssued",
             "a later pass makes no call"
         );
+    }
+
+    #[test]
+    fn a_recorded_refusal_is_not_sent_again_until_something_changes() {
+        let mut annotations = BTreeMap::new();
+        annotations.insert(
+            ANN_SETUP_REJECTED.to_string(),
+            "1 422 invalid email format".to_string(),
+        );
+        let secret = TokenSecret::Ours(OwnedSecret {
+            token: TokenValue::Missing,
+            labels: BTreeMap::new(),
+            annotations,
+            owner_references: vec![],
+        });
+        let mut w = World::new(secret);
+        w.probes.instance = Some(Ok(InstanceStatus {
+            setup_required: true,
+        }));
+        assert_eq!(reason(w.decide()), "CredentialsRejected");
+        // new credentials: a new attempt (claim first)
+        w.credentials_unchanged = false;
+        assert_eq!(w.decide(), Step::ClaimSecret);
     }
 
     #[test]

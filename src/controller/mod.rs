@@ -351,9 +351,12 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let secret_name = nbi.token_secret_name();
     let spec_problem = nbi.spec.problem();
 
+    let mut credentials_changed = steps::credentials_changed(nbi, ctx, &world).await;
     let mut verdict = None;
     for _ in 0..16 {
         let step = decide::decide(&Facts {
+            generation: generation.unwrap_or_default(),
+            credentials_unchanged: !credentials_changed,
             suspended: nbi.spec.suspend,
             spec_problem: spec_problem.as_deref(),
             credentials: &world.credentials,
@@ -391,7 +394,10 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         lock(&ctx.verified).remove(&uid);
     }
 
-    let credentials_changed = steps::credentials_changed(nbi, ctx, &world).await;
+    if probes.claimed {
+        // the claim recorded the fingerprint of the credentials in use
+        credentials_changed = steps::credentials_changed(nbi, ctx, &world).await;
+    }
     let status = report::status(&report::ReportInput {
         generation,
         previous: nbi.status.as_ref(),

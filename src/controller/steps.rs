@@ -251,11 +251,21 @@ pub async fn run(
             probes.setup = Some(outcome);
         }
         Step::ReleaseClaim => {
+            let rejection = match &probes.setup {
+                Some(SetupOutcome::Failed(e)) if matches!(e.status(), Some(400 | 412 | 422)) => {
+                    Some((
+                        nbi.metadata.generation.unwrap_or_default(),
+                        e.status().unwrap_or_default(),
+                        e.server_message().unwrap_or_default(),
+                    ))
+                }
+                _ => None,
+            };
             secrets
                 .patch(
                     &secret_name,
                     &PatchParams::default(),
-                    &Patch::Merge(&token_secret::release_patch()),
+                    &Patch::Merge(&token_secret::release_patch(rejection)),
                 )
                 .await
                 .map_err(|e| progressing(&format!("failed to update Secret {secret_name}"), &e))?;
