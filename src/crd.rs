@@ -196,6 +196,27 @@ pub struct TokenSpec {
     /// keeps it, Delete removes it with the NetbirdInstance.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// Renewal of the token before it expires.
+    #[serde(default)]
+    pub rotation: RotationSpec,
+}
+
+/// Renewal of the token before it expires.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSpec {
+    /// Replace the token when less than a third of its lifetime is left: a new token is created
+    /// for the same user, written to the Secret and verified, and only then is the old one deleted.
+    /// When false, the TokenAvailable condition turns to TokenExpiringSoon instead.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for RotationSpec {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 impl Default for TokenSpec {
@@ -207,6 +228,7 @@ impl Default for TokenSpec {
             secret_labels: BTreeMap::new(),
             secret_annotations: BTreeMap::new(),
             deletion_policy: DeletionPolicy::Retain,
+            rotation: RotationSpec::default(),
         }
     }
 }

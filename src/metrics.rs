@@ -25,6 +25,13 @@ pub struct CallLabels {
     pub class: &'static str,
 }
 
+/// One NetbirdInstance. Bounded by the number of NetbirdInstances (what users alert on per instance).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReadyLabels {
     pub ready: &'static str,
@@ -39,6 +46,7 @@ pub struct Metrics {
     pub setup_calls: Counter,
     pub instances: Family<ReadyLabels, Gauge>,
     pub update_available: Gauge,
+    pub token_expiry: Family<InstanceLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -80,6 +88,12 @@ impl Default for Metrics {
             "NetbirdInstances whose server reports a newer management release",
             update_available.clone(),
         );
+        let token_expiry = Family::default();
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds until the stored token expires, per NetbirdInstance (when the expiry is known)",
+            token_expiry.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -88,6 +102,7 @@ impl Default for Metrics {
             setup_calls,
             instances,
             update_available,
+            token_expiry,
         }
     }
 }

@@ -24,6 +24,21 @@ pub const ANN_SETUP_COMPLETED_AT: &str = "bootstrap.netbird.io/setup-completed-a
 /// Set to `token-not-issued` when setup succeeded without returning a token.
 pub const ANN_SETUP_OUTCOME: &str = "bootstrap.netbird.io/setup-outcome";
 pub const ANN_FINGERPRINT: &str = "bootstrap.netbird.io/credentials-fingerprint";
+/// NetBird id of the stored token, when known.
+pub const ANN_TOKEN_ID: &str = "bootstrap.netbird.io/token-id";
+/// When the stored token was issued (its lifetime runs from here to expires-at).
+pub const ANN_ISSUED_AT: &str = "bootstrap.netbird.io/issued-at";
+/// Set before a new token is created, removed when it is stored: a crash in between leaves an
+/// extra token on the server, found by name and deleted on the next pass.
+pub const ANN_ROTATION_STARTED_AT: &str = "bootstrap.netbird.io/rotation-started-at";
+/// Id of the token a rotation replaced, until it is deleted on the server.
+pub const ANN_PREVIOUS_TOKEN_ID: &str = "bootstrap.netbird.io/previous-token-id";
+/// When the token was last replaced.
+pub const ANN_ROTATED_AT: &str = "bootstrap.netbird.io/rotated-at";
+/// Name prefix of the tokens the operator creates on the server.
+pub const TOKEN_NAME_PREFIX: &str = "netbird-operator-";
+/// Name NetBird gives the token setup creates.
+pub const SETUP_TOKEN_NAME: &str = "setup-token";
 pub const OUTCOME_TOKEN_NOT_ISSUED: &str = "token-not-issued";
 /// Set when NetBird refused setup (400/412/422): `<generation> <status> <message>`. Setup is not
 /// tried again until the spec or the credentials change.
@@ -69,6 +84,30 @@ pub struct OwnedSecret {
 impl OwnedSecret {
     pub fn annotation(&self, key: &str) -> Option<&str> {
         self.annotations.get(key).map(String::as_str)
+    }
+
+    fn time(&self, key: &str) -> Option<jiff::Timestamp> {
+        self.annotation(key)?.parse().ok()
+    }
+
+    /// When the stored token was issued and when it expires, when both are known.
+    pub fn lifetime(&self) -> Option<(jiff::Timestamp, jiff::Timestamp)> {
+        let issued = self.time(ANN_ISSUED_AT)?;
+        let expires = self.time(ANN_EXPIRES_AT)?;
+        (expires > issued).then_some((issued, expires))
+    }
+
+    /// When less than a third of the token's lifetime is left.
+    pub fn renew_at(&self) -> Option<jiff::Timestamp> {
+        let (issued, expires) = self.lifetime()?;
+        let third = expires.duration_since(issued) / 3;
+        expires.checked_sub(third).ok()
+    }
+
+    /// The NetBird id of the stored token, when known ("unknown" records that it cannot be told).
+    pub fn token_id(&self) -> Option<&str> {
+        self.annotation(ANN_TOKEN_ID)
+            .filter(|id| !id.is_empty() && *id != "unknown")
     }
     pub fn setup_started(&self) -> bool {
         self.annotations.contains_key(ANN_SETUP_STARTED_AT)
@@ -235,12 +274,37 @@ pub fn store_patch(
             "annotations": {
                 ANN_USER_ID: user_id,
                 ANN_EXPIRES_AT: expires_at,
+                ANN_ISSUED_AT: completed_at,
                 ANN_SETUP_COMPLETED_AT: completed_at,
                 ANN_SETUP_STARTED_AT: Value::Null,
             },
         },
         "data": data,
     })
+}
+
+/// Writes a rotated token: the new token and its facts, and the id of the token it replaces (to be
+/// deleted once the new one is verified).
+pub fn rotated_patch(
+    nbi: &NetbirdInstance,
+    token: &SecretString,
+    token_id: &str,
+    previous_id: Option<&str>,
+    expires_at: &str,
+    issued_at: &str,
+) -> Value {
+    let mut patch = store_patch(nbi, token, "", expires_at, issued_at);
+    let ann = &mut patch["metadata"]["annotations"];
+    if let Some(map) = ann.as_object_mut() {
+        map.remove(ANN_USER_ID);
+        map.remove(ANN_SETUP_COMPLETED_AT);
+        map.remove(ANN_SETUP_STARTED_AT);
+    }
+    ann[ANN_TOKEN_ID] = json!(token_id);
+    ann[ANN_ROTATED_AT] = json!(issued_at);
+    ann[ANN_ROTATION_STARTED_AT] = Value::Null;
+    ann[ANN_PREVIOUS_TOKEN_ID] = previous_id.map_or(Value::Null, |p| json!(p));
+    patch
 }
 
 /// Records that setup succeeded without a token (the server lacks NB_SETUP_PAT_ENABLED=true).
@@ -274,6 +338,22 @@ pub fn parse_rejection(value: &str) -> Option<(i64, u16, &str)> {
     let generation = parts.next()?.parse().ok()?;
     let status = parts.next()?.parse().ok()?;
     Some((generation, status, parts.next().unwrap_or("")))
+}
+
+/// Records what the token list told about the stored token.
+pub fn identified_patch(
+    token_id: &str,
+    issued_at: Option<&str>,
+    expires_at: Option<&str>,
+) -> Value {
+    let mut ann = json!({ANN_TOKEN_ID: token_id});
+    if let Some(i) = issued_at {
+        ann[ANN_ISSUED_AT] = json!(i);
+    }
+    if let Some(e) = expires_at {
+        ann[ANN_EXPIRES_AT] = json!(e);
+    }
+    json!({"metadata": {"annotations": ann}})
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 //! clock. The reconcile calls it again after each step until it returns `Step::Finish`.
 
 use crate::credentials::Credentials;
-use crate::netbird::{InstanceStatus, NetbirdError, User, VersionInfo};
+use crate::netbird::{InstanceStatus, NetbirdError, PersonalAccessToken, User, VersionInfo};
 use crate::token_secret::{
-    ANN_SETUP_OUTCOME, ANN_SETUP_REJECTED, OUTCOME_TOKEN_NOT_ISSUED, TokenSecret, TokenValue,
-    parse_rejection,
+    ANN_PREVIOUS_TOKEN_ID, ANN_ROTATION_STARTED_AT, ANN_SETUP_OUTCOME, ANN_SETUP_REJECTED,
+    ANN_TOKEN_ID, OUTCOME_TOKEN_NOT_ISSUED, TokenSecret, TokenValue, parse_rejection,
 };
 
 /// An input the reconcile reads from a Secret.
@@ -53,6 +53,13 @@ pub struct Probes {
     pub setup: Option<SetupOutcome>,
     pub claim_released: bool,
     pub version: Option<Result<VersionInfo, NetbirdError>>,
+    /// Tokens of the token's user, listed to identify the stored token or to clean up.
+    pub token_list: Option<Result<Vec<PersonalAccessToken>, NetbirdError>>,
+    pub orphans_cleaned: bool,
+    pub previous_deleted: Option<Result<(), NetbirdError>>,
+    pub rotated: bool,
+    /// A rotation that failed this pass (the current token still works).
+    pub rotation_error: Option<NetbirdError>,
 }
 
 /// Everything the decision looks at.
@@ -73,6 +80,9 @@ pub struct Facts<'a> {
     pub setup_done_before: bool,
     /// A version check is due (enabled, and the interval passed or never checked).
     pub version_due: bool,
+    /// spec.token.rotation.enabled
+    pub rotation_enabled: bool,
+    pub now: jiff::Timestamp,
     pub probes: &'a Probes,
     /// For messages.
     pub secret_name: &'a str,
@@ -159,6 +169,15 @@ pub enum Step {
     ReleaseClaim,
     /// `GET /api/instance/version`.
     CheckVersion,
+    /// List the user's tokens; delete tokens the operator created that the Secret does not hold
+    /// (left by a crash during rotation).
+    CleanOrphans,
+    /// List the user's tokens to learn the stored token's id and lifetime.
+    IdentifyToken,
+    /// Delete the token a rotation replaced.
+    DeletePreviousToken,
+    /// Create a new token, store it, then (next steps) verify it and delete the old one.
+    RotateToken,
     Finish(Verdict),
 }
 
@@ -241,8 +260,13 @@ pub fn decide(f: &Facts<'_>) -> Step {
                         ),
                     ),
                     Some(Err(e)) => unreachable_or_stalled(e, "could not verify the stored token"),
-                    Some(Ok(_)) if f.version_due && p.version.is_none() => Step::CheckVersion,
-                    Some(Ok(_)) => Step::Finish(Verdict::Ready),
+                    Some(Ok(_)) => token_upkeep(f, s).unwrap_or_else(|| {
+                        if f.version_due && p.version.is_none() {
+                            Step::CheckVersion
+                        } else {
+                            Step::Finish(Verdict::Ready)
+                        }
+                    }),
                 };
             }
             TokenValue::NotText => {
@@ -333,6 +357,29 @@ pub fn decide(f: &Facts<'_>) -> Step {
     Step::Setup
 }
 
+/// The work a verified token may need: cleanup after a crash, identification, rotation.
+fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<Step> {
+    let p = f.probes;
+    let listing_failed = matches!(p.token_list, Some(Err(_)));
+    if s.annotation(ANN_ROTATION_STARTED_AT).is_some() && !p.orphans_cleaned && !listing_failed {
+        return Some(Step::CleanOrphans);
+    }
+    if s.annotation(ANN_PREVIOUS_TOKEN_ID).is_some() && p.previous_deleted.is_none() {
+        return Some(Step::DeletePreviousToken);
+    }
+    if s.annotation(ANN_TOKEN_ID).is_none() && p.token_list.is_none() {
+        return Some(Step::IdentifyToken);
+    }
+    if f.rotation_enabled
+        && !p.rotated
+        && p.rotation_error.is_none()
+        && s.renew_at().is_some_and(|at| f.now >= at)
+    {
+        return Some(Step::RotateToken);
+    }
+    None
+}
+
 /// NetBird refused the setup request (400/422): a spec or credentials problem, never retried as is.
 fn rejected(status: u16, message: &str) -> Step {
     if message.contains("pat_expire_in") {
@@ -409,6 +456,7 @@ mod tests {
 
     fn owned(token: Option<&str>, started: bool) -> TokenSecret {
         let mut annotations = BTreeMap::new();
+        annotations.insert(ANN_TOKEN_ID.to_string(), "unknown".to_string());
         if started {
             annotations.insert(ANN_SETUP_STARTED_AT.to_string(), "t".to_string());
         }
@@ -462,6 +510,8 @@ mod tests {
                 secret_metadata_in_sync: self.in_sync,
                 setup_done_before: self.setup_done_before,
                 version_due: self.version_due,
+                rotation_enabled: true,
+                now: jiff::Timestamp::UNIX_EPOCH,
                 probes: &self.probes,
                 secret_name: "nb-token",
                 secret_key: "NB_API_KEY",

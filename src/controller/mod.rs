@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
-use crate::metrics::{Metrics, ReasonLabels, ResultLabels};
+use crate::metrics::{InstanceLabels, Metrics, ReasonLabels, ResultLabels};
 use crate::netbird::ClientOptions;
 use decide::{Facts, Probes, Step, Verdict, Verified};
 
@@ -84,9 +84,16 @@ pub struct Context {
     /// Results of fingerprint comparisons, per instance: digest of (fingerprint, credentials).
     fingerprint_checks: Mutex<HashMap<String, ([u8; 32], bool)>>,
     pub shutdown: CancellationToken,
+    /// The clock (tests move it forward to reach a token's rotation time).
+    pub clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
 }
 
 impl Context {
+    /// Now, in whole seconds (what the apiserver keeps in timestamps).
+    pub fn now(&self) -> jiff::Timestamp {
+        report::to_time((self.clock)()).0
+    }
+
     pub fn new(
         client: Client,
         metrics: Arc<Metrics>,
@@ -106,6 +113,7 @@ impl Context {
             verified: Mutex::default(),
             fingerprint_checks: Mutex::default(),
             shutdown,
+            clock: Arc::new(jiff::Timestamp::now),
         }
     }
 
@@ -140,7 +148,11 @@ impl Context {
         lock(&self.verified).insert(uid.to_string(), (digest, v.clone()));
     }
 
-    fn forget(&self, uid: &str) {
+    fn forget(&self, uid: &str, namespace: Option<&str>, name: &str) {
+        self.metrics.token_expiry.remove(&InstanceLabels {
+            namespace: namespace.unwrap_or_default().to_string(),
+            name: name.to_string(),
+        });
         lock(&self.verified).remove(uid);
         lock(&self.failures).remove(uid);
         lock(&self.fingerprint_checks).remove(uid);
@@ -169,11 +181,6 @@ fn jitter_fraction() -> f64 {
 
 fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
-}
-
-/// Now, in whole seconds (what the apiserver keeps in timestamps).
-fn now() -> jiff::Timestamp {
-    report::to_time(jiff::Timestamp::now()).0
 }
 
 /// Runs the controller until `ctx.shutdown` is cancelled. `on_synced` is called once the
@@ -239,7 +246,7 @@ pub async fn run(
                     Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
                         // deleted: drop what the passes remembered about it
                         if let Some(uid) = obj.extra.uid.as_deref() {
-                            ctx.forget(uid);
+                            ctx.forget(uid, obj.namespace.as_deref(), &obj.name);
                         }
                     }
                     Err(e) => warn!(error = %e, "reconcile failed"),
@@ -314,7 +321,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let api: Api<NetbirdInstance> = Api::namespaced(ctx.client.clone(), ns);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let generation = nbi.metadata.generation;
-    let started = now();
+    let started = ctx.now();
 
     // kstatus: observedGeneration and Ready from the very first pass
     if nbi
@@ -365,6 +372,8 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             secret_metadata_in_sync: world.metadata_in_sync(nbi),
             setup_done_before,
             version_due,
+            rotation_enabled: nbi.spec.token.rotation.enabled,
+            now: ctx.now(),
             probes: &probes,
             secret_name: &secret_name,
             secret_key: &nbi.spec.token.secret_key,
@@ -407,7 +416,8 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         secret_name: &secret_name,
         credentials_changed,
         version_check_enabled: nbi.spec.version_check.enabled,
-        now: now(),
+        rotation_enabled: nbi.spec.token.rotation.enabled,
+        now: ctx.now(),
     });
     let previous = nbi.status.clone();
     if previous.as_ref() != Some(&status) {
@@ -415,6 +425,21 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     }
     publish_events(nbi, ctx, previous.as_ref(), &status, &verdict, &probes).await;
 
+    let labels = InstanceLabels {
+        namespace: ns.to_string(),
+        name: name.clone(),
+    };
+    match world.token_secret.owned().and_then(|s| s.lifetime()) {
+        Some((_, expires)) => {
+            ctx.metrics
+                .token_expiry
+                .get_or_create(&labels)
+                .set(ctx.now().duration_until(expires).as_secs());
+        }
+        None => {
+            ctx.metrics.token_expiry.remove(&labels);
+        }
+    }
     let reason = report::verdict_reason(&verdict);
     if !matches!(verdict, Verdict::Ready | Verdict::Suspended) {
         ctx.metrics
@@ -425,10 +450,19 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     Ok(match &verdict {
         Verdict::Ready => {
             ctx.reset_backoff(&uid);
-            let next = match &probes.version {
-                Some(Err(_)) => ctx.backoff(&uid).max(Duration::from_secs(60)).min(interval),
+            let mut next = match (&probes.version, &probes.rotation_error) {
+                (Some(Err(_)), _) | (_, Some(_)) => {
+                    ctx.backoff(&uid).max(Duration::from_secs(60)).min(interval)
+                }
                 _ => next_check(&status, started, interval),
             };
+            // the renewal is scheduled for its time, not found by polling
+            if nbi.spec.token.rotation.enabled
+                && let Some(at) = world.token_secret.owned().and_then(|s| s.renew_at())
+            {
+                let until = ctx.now().duration_until(at).unsigned_abs();
+                next = next.min(until.max(Duration::from_secs(1)));
+            }
             info!(reason, requeue_in = ?next, "ready");
             Action::requeue(next)
         }

@@ -6,8 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use super::decide::{Probes, SetupOutcome, Stall, Verdict};
 use crate::crd::{NetbirdInstanceStatus, SetupState, SetupStatus, TokenStatus, VersionStatus};
 use crate::token_secret::{
-    ANN_EXPIRES_AT, ANN_FINGERPRINT, ANN_SETUP_COMPLETED_AT, ANN_SETUP_STARTED_AT, ANN_USER_ID,
-    TokenSecret,
+    ANN_EXPIRES_AT, ANN_FINGERPRINT, ANN_ROTATED_AT, ANN_SETUP_COMPLETED_AT, ANN_SETUP_STARTED_AT,
+    ANN_USER_ID, TokenSecret,
 };
 
 pub const READY: &str = "Ready";
@@ -28,6 +28,8 @@ pub struct ReportInput<'a> {
     /// The credentials Secret no longer matches `credentialsFingerprint`.
     pub credentials_changed: bool,
     pub version_check_enabled: bool,
+    /// spec.token.rotation.enabled
+    pub rotation_enabled: bool,
     /// Now, truncated to seconds (what the apiserver keeps).
     pub now: Timestamp,
 }
@@ -150,10 +152,13 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
                     .map(|v| v.user.id.clone())
                     .or_else(|| ann(ANN_USER_ID).map(str::to_string))
                     .or(p.user_id),
-                token_id: p.token_id,
+                token_id: owned
+                    .and_then(|s| s.token_id())
+                    .map(str::to_string)
+                    .or(p.token_id),
                 expires_at: parse_time(ann(ANN_EXPIRES_AT)).or(p.expires_at),
                 last_verified_at: verified.map(|v| to_time(v.at)).or(p.last_verified_at),
-                last_rotated_at: p.last_rotated_at,
+                last_rotated_at: parse_time(ann(ANN_ROTATED_AT)).or(p.last_rotated_at),
             })
         }
         (None, _) => None,
@@ -259,19 +264,46 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
     }
     match r.verdict {
         Verdict::Ready => {
-            let (reason, message) = if performed_by_us
+            let expiring = !r.rotation_enabled
+                && owned
+                    .and_then(|s| s.renew_at())
+                    .is_some_and(|at| r.now >= at);
+            let rotation_failed = r
+                .probes
+                .rotation_error
+                .as_ref()
+                .map(|e| format!("; renewing it failed ({e}), retrying"));
+            let (reason, message) = if expiring {
+                (
+                    "TokenExpiringSoon",
+                    format!(
+                        "less than a third of the token's lifetime is left (it expires at {}) and rotation is off: put a new token in the Secret or set spec.token.rotation.enabled",
+                        ann(ANN_EXPIRES_AT).unwrap_or("?")
+                    ),
+                )
+            } else if ann(ANN_ROTATED_AT).is_some() {
+                (
+                    "TokenRotated",
+                    "the token was renewed before it expired; the new one is stored and verified"
+                        .to_string(),
+                )
+            } else if performed_by_us
                 && ann(ANN_USER_ID).is_some_and(|u| verified.is_none_or(|v| v.user.id == u))
             {
-                ("TokenStored", "the token from setup is stored and verified")
+                (
+                    "TokenStored",
+                    "the token from setup is stored and verified".to_string(),
+                )
             } else {
                 (
                     "TokenAdopted",
-                    "a token put into the Secret was verified and adopted",
+                    "a token put into the Secret was verified and adopted".to_string(),
                 )
             };
+            let message = format!("{message}{}", rotation_failed.unwrap_or_default());
             set(
                 &mut conditions,
-                cond(TOKEN_AVAILABLE, "True", reason, message, g, now),
+                cond(TOKEN_AVAILABLE, "True", reason, &message, g, now),
             );
         }
         _ => set(
@@ -462,6 +494,7 @@ mod tests {
             secret_name: "nb-token",
             credentials_changed: false,
             version_check_enabled: true,
+            rotation_enabled: true,
             now: t(1),
         });
         assert_eq!(s.observed_generation, Some(3));
@@ -505,6 +538,7 @@ mod tests {
             secret_name: "nb-token",
             credentials_changed: false,
             version_check_enabled: true,
+            rotation_enabled: true,
             now: t(500),
         });
         assert_eq!(
@@ -529,6 +563,7 @@ mod tests {
             secret_name: "nb-token",
             credentials_changed: false,
             version_check_enabled: true,
+            rotation_enabled: true,
             now,
         };
         let first = initial(Some(1), t(0));
@@ -567,6 +602,7 @@ mod tests {
             secret_name: "nb-token",
             credentials_changed: true,
             version_check_enabled: false,
+            rotation_enabled: true,
             now: t(1),
         });
         assert!(get(&s, READY).unwrap().message.contains("set up with"));
@@ -595,6 +631,7 @@ mod tests {
             secret_name: "nb-token",
             credentials_changed: false,
             version_check_enabled: true,
+            rotation_enabled: true,
             now: t(1),
         });
         assert_eq!(get(&s, TOKEN_AVAILABLE).unwrap().reason, "TokenAdopted");

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::decide::{Input, Probes, SetupOutcome, Step, Verdict, Verified, Waiting};
-use super::{Context, Error, lock, now};
+use super::{Context, Error, lock};
 use crate::crd::NetbirdInstance;
 use crate::credentials::{self, Credentials};
 use crate::fingerprint;
@@ -183,12 +183,10 @@ pub async fn run(
                 .token()
                 .cloned()
                 .unwrap_or_else(|| SecretString::from(""));
-            probes.verify = Some(
-                client
-                    .current_user(&token)
-                    .await
-                    .map(|user| Verified { user, at: now() }),
-            );
+            probes.verify = Some(client.current_user(&token).await.map(|user| Verified {
+                user,
+                at: ctx.now(),
+            }));
         }
         Step::CheckInstance => probes.instance = Some(client.instance_status().await),
         Step::CheckVersion => {
@@ -209,7 +207,7 @@ pub async fn run(
                     message: e.to_string(),
                     retry: true,
                 })?;
-            let started = now().to_string();
+            let started = ctx.now().to_string();
             let result = match (&world.token_secret, &world.token_secret_rv) {
                 (TokenSecret::Ours(s), Some(rv)) => {
                     let patch = token_secret::claim_patch(nbi, s, rv, &started, &fp);
@@ -243,12 +241,140 @@ pub async fn run(
             let Input::Ready(creds) = &world.credentials else {
                 return Ok(());
             };
-            let outcome = setup(nbi, &client, creds, secrets).await;
+            let outcome = setup(nbi, ctx, &client, creds, secrets).await;
             world
                 .reread(nbi, secrets)
                 .await
                 .map_err(|e| progressing("failed to read back the token Secret", &e))?;
             probes.setup = Some(outcome);
+        }
+        Step::CleanOrphans => {
+            let (token, user) = token_and_user(world, probes)?;
+            let list = client.list_tokens(&token, &user).await;
+            if let Ok(tokens) = &list {
+                let owned = world.token_secret.owned();
+                let keep = owned.and_then(|s| s.token_id()).map(str::to_string);
+                for t in tokens
+                    .iter()
+                    .filter(|t| t.name.starts_with(token_secret::TOKEN_NAME_PREFIX))
+                {
+                    if Some(&t.id) == keep.as_ref() {
+                        continue;
+                    }
+                    match client.delete_token(&token, &user, &t.id).await {
+                        Ok(()) => {
+                            info!(token_id = %t.id, "deleted a token left on the server by an interrupted rotation")
+                        }
+                        Err(e) => {
+                            warn!(token_id = %t.id, error = %e, "failed to delete a leftover token")
+                        }
+                    }
+                }
+                let patch = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_ROTATION_STARTED_AT: null}}});
+                patch_token_secret(secrets, &secret_name, &patch).await?;
+                world
+                    .reread(nbi, secrets)
+                    .await
+                    .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            }
+            probes.token_list = Some(list);
+            probes.orphans_cleaned = true;
+        }
+        Step::IdentifyToken => {
+            let (token, user) = token_and_user(world, probes)?;
+            let list = client.list_tokens(&token, &user).await;
+            if let (Ok(tokens), Some(s)) = (&list, world.token_secret.owned()) {
+                let from_setup = s.annotation(token_secret::ANN_SETUP_COMPLETED_AT).is_some()
+                    && s.annotation(token_secret::ANN_ROTATED_AT).is_none();
+                let candidates: Vec<_> = tokens
+                    .iter()
+                    .filter(|t| !from_setup || t.name == token_secret::SETUP_TOKEN_NAME)
+                    .collect();
+                let patch = match candidates.as_slice() {
+                    [t] => token_secret::identified_patch(
+                        &t.id,
+                        Some(&seconds(t.created_at)),
+                        Some(&seconds(t.expiration_date)),
+                    ),
+                    _ => token_secret::identified_patch("unknown", None, None),
+                };
+                patch_token_secret(secrets, &secret_name, &patch).await?;
+                world
+                    .reread(nbi, secrets)
+                    .await
+                    .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            }
+            probes.token_list = Some(list);
+        }
+        Step::DeletePreviousToken => {
+            let (token, user) = token_and_user(world, probes)?;
+            let previous = world
+                .token_secret
+                .owned()
+                .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_TOKEN_ID))
+                .unwrap_or_default()
+                .to_string();
+            let result = match client.delete_token(&token, &user, &previous).await {
+                // the stored token was just verified: a 404 is about the old one, already gone
+                Err(e) if e.status() == Some(404) => Ok(()),
+                other => other,
+            };
+            match &result {
+                Ok(()) => {
+                    info!(token_id = %previous, "deleted the replaced token");
+                    let patch = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_PREVIOUS_TOKEN_ID: null}}});
+                    patch_token_secret(secrets, &secret_name, &patch).await?;
+                    world
+                        .reread(nbi, secrets)
+                        .await
+                        .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+                }
+                Err(e) => {
+                    warn!(token_id = %previous, error = %e, "failed to delete the replaced token; retrying later")
+                }
+            }
+            probes.previous_deleted = Some(result);
+        }
+        Step::RotateToken => {
+            let (token, user) = token_and_user(world, probes)?;
+            let now = ctx.now();
+            let marker = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_ROTATION_STARTED_AT: now.to_string()}}});
+            patch_token_secret(secrets, &secret_name, &marker).await?;
+            let req = crate::netbird::CreateTokenRequest {
+                name: format!("{}{}", token_secret::TOKEN_NAME_PREFIX, now.as_second()),
+                expires_in: nbi.spec.token.expires_in_days,
+            };
+            match client.create_token(&token, &user, &req).await {
+                Ok(created) => {
+                    let previous = world
+                        .token_secret
+                        .owned()
+                        .and_then(|s| s.token_id())
+                        .map(str::to_string);
+                    let pat = &created.personal_access_token;
+                    let patch = token_secret::rotated_patch(
+                        nbi,
+                        &created.plain_token,
+                        &pat.id,
+                        previous.as_deref(),
+                        &seconds(pat.expiration_date),
+                        &now.to_string(),
+                    );
+                    write_until_stored(secrets, nbi, &patch, Some(&created.plain_token)).await;
+                    info!(token_id = %pat.id, expires_at = %pat.expiration_date, "rotated the token");
+                    world
+                        .reread(nbi, secrets)
+                        .await
+                        .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+                    probes.rotated = true;
+                    // the new token is verified before the old one is deleted
+                    probes.verify = None;
+                }
+                Err(e) => {
+                    warn!(error = %e, "failed to create a new token; the current one stays");
+                    probes.rotation_error = Some(e);
+                }
+            }
         }
         Step::ReleaseClaim => {
             let rejection = match &probes.setup {
@@ -279,9 +405,39 @@ pub async fn run(
     Ok(())
 }
 
+/// A timestamp in whole seconds, as annotations and the status keep it.
+fn seconds(t: jiff::Timestamp) -> String {
+    super::report::to_time(t).0.to_string()
+}
+
+/// The stored token and its verified user, for token calls.
+fn token_and_user(world: &World, probes: &Probes) -> Result<(SecretString, String), Verdict> {
+    match (world.token(), &probes.verify) {
+        (Some(t), Some(Ok(v))) => Ok((t.clone(), v.user.id.clone())),
+        _ => Err(Verdict::Waiting {
+            reason: Waiting::Progressing,
+            message: "the token must be verified before it is managed".into(),
+            retry: true,
+        }),
+    }
+}
+
+async fn patch_token_secret(
+    secrets: &Api<Secret>,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), Verdict> {
+    secrets
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map(|_| ())
+        .map_err(|e| progressing(&format!("failed to update Secret {name}"), &e))
+}
+
 /// `POST /api/setup`, and on success the token into the Secret before anything else.
 async fn setup(
     nbi: &NetbirdInstance,
+    ctx: &Context,
     client: &NetbirdClient,
     creds: &Credentials,
     secrets: &Api<Secret>,
@@ -301,7 +457,7 @@ async fn setup(
             return SetupOutcome::Failed(e);
         }
     };
-    let completed = now();
+    let completed = ctx.now();
     let Some(token) = resp.personal_access_token else {
         warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
         let patch = token_secret::no_token_patch(&resp.user_id, &completed.to_string());

@@ -43,6 +43,8 @@ pub struct State {
     pub tokens: HashMap<String, String>,
     /// user id -> email
     pub users: HashMap<String, String>,
+    /// token -> (id, name, created, expires)
+    pub pats: HashMap<String, (String, String, jiff::Timestamp, jiff::Timestamp)>,
     /// calls per endpoint name
     pub calls: HashMap<String, u32>,
     /// faults per endpoint name (instance, setup, version, users_current, tokens_list, ...)
@@ -59,6 +61,7 @@ impl Default for State {
             pat_enabled: true,
             tokens: HashMap::new(),
             users: HashMap::new(),
+            pats: HashMap::new(),
             calls: HashMap::new(),
             faults: HashMap::new(),
             version: "0.77.1",
@@ -76,6 +79,28 @@ impl State {
     fn next_id(&mut self) -> u64 {
         self.counter += 1;
         self.counter
+    }
+
+    /// Mints a well-formed PAT for `user`, valid for `days`, with a name.
+    pub fn mint_named(&mut self, user: &str, name: &str, days: i64) -> String {
+        let t = self.mint(user);
+        let id = format!("pat{}", self.next_id());
+        let now = jiff::Timestamp::now();
+        let expires = now
+            .checked_add(jiff::SignedDuration::from_hours(24 * days))
+            .unwrap();
+        self.pats
+            .insert(t.clone(), (id, name.to_string(), now, expires));
+        t
+    }
+
+    /// Tokens a user holds on the server.
+    pub fn tokens_of(&self, user: &str) -> Vec<String> {
+        self.tokens
+            .iter()
+            .filter(|(_, u)| *u == user)
+            .map(|(t, _)| t.clone())
+            .collect()
     }
 
     /// Mints a well-formed PAT for `user`.
@@ -298,9 +323,69 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
                 )
             }
         },
-        "tokens_list" => match authenticate(s, auth) {
+        "tokens_list" => match authenticate(s, auth).cloned() {
             Err((code, msg)) => error(code, msg),
-            Ok(_) => reply(200, Value::Null),
+            Ok(user) => {
+                let list: Vec<Value> = s
+                    .tokens
+                    .iter()
+                    .filter(|(_, u)| **u == user)
+                    .filter_map(|(t, _)| s.pats.get(t))
+                    .map(|(id, name, created, expires)| {
+                        json!({"id": id, "name": name, "expiration_date": expires.to_string(),
+                               "created_by": user, "created_at": created.to_string()})
+                    })
+                    .collect();
+                reply(
+                    200,
+                    if list.is_empty() {
+                        Value::Null
+                    } else {
+                        Value::Array(list)
+                    },
+                )
+            }
+        },
+        "tokens_create" => match authenticate(s, auth).cloned() {
+            Err((code, msg)) => error(code, msg),
+            Ok(user) => {
+                let Ok(req) = serde_json::from_slice::<Value>(body) else {
+                    return error(400, "invalid request body");
+                };
+                let name = req["name"].as_str().unwrap_or_default().to_string();
+                let days = req["expires_in"].as_i64().unwrap_or(0);
+                if name.is_empty() {
+                    return error(422, "token name can't be empty");
+                }
+                if !(1..=365).contains(&days) {
+                    return error(422, "expiration has to be between 1 and 365");
+                }
+                let t = s.mint_named(&user, &name, days);
+                let (id, name, created, expires) = s.pats[&t].clone();
+                reply(
+                    200,
+                    json!({"plain_token": t, "personal_access_token": {
+                    "id": id, "name": name, "expiration_date": expires.to_string(),
+                    "created_by": user, "created_at": created.to_string()}}),
+                )
+            }
+        },
+        "tokens_delete" => match authenticate(s, auth).cloned() {
+            Err((code, msg)) => error(code, msg),
+            Ok(_) => {
+                let id = path.rsplit('/').next().unwrap_or_default();
+                let Some(t) = s
+                    .pats
+                    .iter()
+                    .find(|(_, (pid, ..))| pid == id)
+                    .map(|(t, _)| t.clone())
+                else {
+                    return error(404, "token not found");
+                };
+                s.pats.remove(&t);
+                s.tokens.remove(&t);
+                reply(200, json!({}))
+            }
         },
         _ => {
             let _ = path;
@@ -361,7 +446,8 @@ fn setup(s: &mut State, body: &[u8]) -> Resp {
     s.users.insert(user_id.clone(), email.clone());
     let mut r = json!({"user_id": user_id, "email": email});
     if s.pat_enabled && create_pat {
-        r["personal_access_token"] = json!(s.mint(&user_id));
+        r["personal_access_token"] =
+            json!(s.mint_named(&user_id, "setup-token", expire.unwrap_or(1)));
     }
     let mut resp = reply(200, r);
     resp.headers_mut()

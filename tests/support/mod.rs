@@ -440,8 +440,26 @@ impl TestEnv {
         self.start_operator_with(self.cp.client().await).await
     }
 
+    /// Runs the operator in-process with its clock `ahead` of the real one.
+    pub async fn start_operator_ahead(&self, ahead: Duration) -> Operator {
+        let clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync> = Arc::new(move || {
+            jiff::Timestamp::now() + jiff::SignedDuration::try_from(ahead).unwrap()
+        });
+        self.start_operator_full(self.cp.client().await, clock)
+            .await
+    }
+
     /// Runs the operator in-process with this client's identity.
     pub async fn start_operator_with(&self, client: Client) -> Operator {
+        self.start_operator_full(client, Arc::new(jiff::Timestamp::now))
+            .await
+    }
+
+    async fn start_operator_full(
+        &self,
+        client: Client,
+        clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
+    ) -> Operator {
         netbird_operator::telemetry::init(
             netbird_operator::telemetry::LogFormat::Text,
             &std::env::var("NBOP_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -457,12 +475,9 @@ impl TestEnv {
             },
             ..Settings::default()
         };
-        let ctx = Arc::new(Context::new(
-            client,
-            metrics.clone(),
-            settings,
-            shutdown.clone(),
-        ));
+        let mut ctx = Context::new(client, metrics.clone(), settings, shutdown.clone());
+        ctx.clock = clock;
+        let ctx = Arc::new(ctx);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(controller::run(ctx.clone(), Arc::default(), move || {
             let _ = tx.send(());

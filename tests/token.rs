@@ -1,0 +1,291 @@
+//! The token's life: expiry tracking, rotation before expiry (time driven by the operator's clock),
+//! crashes during rotation, against the fake and the real NetBird server.
+
+mod support;
+
+use std::time::Duration;
+
+use netbird_operator::netbird::{ClientOptions, NetbirdClient, pat};
+use netbird_operator::token_secret::{
+    ANN_EXPIRES_AT, ANN_PREVIOUS_TOKEN_ID, ANN_ROTATION_STARTED_AT, ANN_TOKEN_ID,
+};
+use secrecy::SecretString;
+use serde_json::json;
+use support::fake_netbird::{FakeNetbird, Fault};
+use support::{NetbirdServer, TestEnv, condition, ready_is};
+
+const T: Duration = Duration::from_secs(30);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn spec(url: &str, days: i32, rotation: bool) -> serde_json::Value {
+    json!({
+        "managementURL": url,
+        "allowInsecureHTTP": true,
+        "credentialsSecretRef": {"name": "admin"},
+        "token": {"expiresInDays": days, "rotation": {"enabled": rotation}},
+    })
+}
+
+async fn admin(env: &TestEnv) {
+    env.create_secret(
+        "admin",
+        &[
+            ("email", "admin@example.com"),
+            ("password", "s3cret-Passw0rd"),
+        ],
+    )
+    .await;
+}
+
+async fn stored(env: &TestEnv) -> (String, std::collections::BTreeMap<String, String>) {
+    let s = env.secrets().get("nb-token").await.unwrap();
+    let token = String::from_utf8(s.data.unwrap()["NB_API_KEY"].0.clone()).unwrap();
+    (token, s.metadata.annotations.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn expiry_is_tracked_and_rotation_replaces_the_token_before_it_expires() {
+    let Some(env) = TestEnv::new("rotation").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    admin(&env).await;
+    let op = env.start_operator().await;
+    env.create_instance("nb", spec(&fake.url, 30, true))
+        .await
+        .unwrap();
+    let n = env
+        .wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    let (first, ann) = stored(&env).await;
+    let token_status = n.status.as_ref().unwrap().token.clone().unwrap();
+    assert!(token_status.expires_at.is_some());
+    assert_eq!(
+        token_status.expires_at.unwrap().0.to_string(),
+        ann[ANN_EXPIRES_AT]
+    );
+    let identified = env
+        .wait_instance("nb", "token identified", T, |n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.token.as_ref())
+                .is_some_and(|t| t.token_id.is_some())
+        })
+        .await;
+    let first_id = identified.status.unwrap().token.unwrap().token_id.unwrap();
+    let metrics = op.metrics.encode();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("netbird_operator_token_expiry_seconds{"))
+        .expect("expiry metric");
+    let secs: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((29 * 86400..=30 * 86400).contains(&secs), "{line}");
+    op.stop().await;
+
+    // 21 of 30 days later (less than a third left): a new token, the old one deleted
+    let op = env.start_operator_ahead(21 * DAY).await;
+    let n = env
+        .wait_instance("nb", "TokenRotated", T, |n| {
+            condition(n, "TokenAvailable").is_some_and(|(_, r, _)| r == "TokenRotated")
+                && n.status
+                    .as_ref()
+                    .and_then(|s| s.token.as_ref())
+                    .and_then(|t| t.token_id.as_ref())
+                    != Some(&first_id)
+        })
+        .await;
+    assert!(ready_is(&n, "True", "Bootstrapped"));
+    assert!(
+        n.status
+            .as_ref()
+            .unwrap()
+            .token
+            .as_ref()
+            .unwrap()
+            .last_rotated_at
+            .is_some()
+    );
+    let (second, _) = stored(&env).await;
+    assert_ne!(second, first);
+    pat::check(&second).unwrap();
+    support::wait_for("the old token to be deleted", T, || async {
+        (!fake.state().tokens.contains_key(&first)).then_some(())
+    })
+    .await;
+    let user = fake.state().tokens[&second].clone();
+    assert_eq!(
+        fake.state().tokens_of(&user),
+        vec![second.clone()],
+        "exactly one token left on the server"
+    );
+    let ann = support::wait_for("the previous-token marker to clear", T, || {
+        let env = &env;
+        async move {
+            let (_, a) = stored(env).await;
+            (!a.contains_key(ANN_PREVIOUS_TOKEN_ID)).then_some(a)
+        }
+    })
+    .await;
+    assert!(!ann.contains_key(ANN_ROTATION_STARTED_AT));
+    assert!(ann.contains_key(ANN_TOKEN_ID));
+    drop(ann);
+    assert_eq!(fake.calls("setup"), 1);
+    drop(op);
+}
+
+#[tokio::test]
+async fn rotation_off_reports_token_expiring_soon() {
+    let Some(env) = TestEnv::new("expiring").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    admin(&env).await;
+    let op = env.start_operator().await;
+    env.create_instance("nb", spec(&fake.url, 30, false))
+        .await
+        .unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    let (first, _) = stored(&env).await;
+    op.stop().await;
+    let _op = env.start_operator_ahead(21 * DAY).await;
+    let n = env
+        .wait_instance("nb", "TokenExpiringSoon", T, |n| {
+            condition(n, "TokenAvailable").is_some_and(|(_, r, _)| r == "TokenExpiringSoon")
+        })
+        .await;
+    assert!(
+        condition(&n, "TokenAvailable")
+            .unwrap()
+            .2
+            .contains("rotation is off")
+    );
+    assert_eq!(
+        stored(&env).await.0,
+        first,
+        "rotation off: the token is kept"
+    );
+}
+
+/// A crash right after the new token was created on the server and before it was stored: the token
+/// in the Secret still works, and the extra token is found by name and deleted.
+#[tokio::test]
+async fn a_crash_during_rotation_leaves_one_working_token() {
+    let Some(env) = TestEnv::new("rotation-crash").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    admin(&env).await;
+    let op = env.start_operator().await;
+    env.create_instance("nb", spec(&fake.url, 30, true))
+        .await
+        .unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    let (first, _) = stored(&env).await;
+    op.stop().await;
+
+    // the server creates the new token but answers late; the operator dies before the answer
+    fake.fault("tokens_create", Fault::Delay(Duration::from_secs(3)));
+    let op = env.start_operator_ahead(21 * DAY).await;
+    support::wait_for("the new token to be created", T, || async {
+        (fake.calls("tokens_create") > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    op.kill();
+    let user = fake.state().tokens[&first].clone();
+    assert_eq!(
+        fake.state().tokens_of(&user).len(),
+        2,
+        "an extra token now exists on the server"
+    );
+    let (still, ann) = stored(&env).await;
+    assert_eq!(still, first, "the Secret still holds the working token");
+    assert!(ann.contains_key(ANN_ROTATION_STARTED_AT));
+
+    fake.clear_fault("tokens_create");
+    let _op = env.start_operator_ahead(21 * DAY).await;
+    env.wait_instance("nb", "TokenRotated", T, |n| {
+        condition(n, "TokenAvailable").is_some_and(|(_, r, _)| r == "TokenRotated")
+    })
+    .await;
+    let (token, _) = support::wait_for("one token on the server", T, || {
+        let env = &env;
+        let fake = &fake;
+        let user = user.clone();
+        async move {
+            let (t, a) = stored(env).await;
+            (fake.state().tokens_of(&user) == vec![t.clone()]
+                && !a.contains_key(ANN_PREVIOUS_TOKEN_ID))
+            .then_some((t, a))
+        }
+    })
+    .await;
+    assert_ne!(token, first);
+}
+
+#[tokio::test]
+async fn rotation_against_the_real_netbird_server() {
+    let Some(env) = TestEnv::new("real-rotation").await else {
+        return;
+    };
+    let _guard = support::netbird_lock().await;
+    let Some(nb) = NetbirdServer::start().await else {
+        return;
+    };
+    admin(&env).await;
+    let op = env.start_operator().await;
+    env.create_instance("nb", spec(&nb.url, 1, true))
+        .await
+        .unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    env.wait_instance("nb", "token identified", T, |n| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.token.as_ref())
+            .is_some_and(|t| t.token_id.is_some())
+    })
+    .await;
+    let (first, _) = stored(&env).await;
+    op.stop().await;
+
+    // a one-day token, 17 hours later: renewed
+    let _op = env
+        .start_operator_ahead(Duration::from_secs(17 * 3600))
+        .await;
+    env.wait_instance("nb", "TokenRotated", T, |n| {
+        condition(n, "TokenAvailable").is_some_and(|(_, r, _)| r == "TokenRotated")
+    })
+    .await;
+    let second = support::wait_for("the previous token to be deleted", T, || {
+        let env = &env;
+        let first = first.clone();
+        async move {
+            let (t, a) = stored(env).await;
+            (t != first && !a.contains_key(ANN_PREVIOUS_TOKEN_ID)).then_some(t)
+        }
+    })
+    .await;
+    let client = NetbirdClient::new(&nb.url, &ClientOptions::default()).unwrap();
+    let me = client
+        .current_user(&SecretString::from(second.clone()))
+        .await
+        .expect("the new token works");
+    assert_eq!(me.email, "admin@example.com");
+    let old = client
+        .current_user(&SecretString::from(first))
+        .await
+        .unwrap_err();
+    assert!(
+        old.is_token_rejected(),
+        "the old token was deleted on the server: {old}"
+    );
+    let tokens = client
+        .list_tokens(&SecretString::from(second), &me.id)
+        .await
+        .unwrap();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    assert!(tokens[0].name.starts_with("netbird-operator-"));
+}
