@@ -68,10 +68,37 @@ async fn setup_returns_a_valid_token_once_then_412() {
         other => panic!("{other:?}"),
     }
     assert!(!c.instance_status().await.unwrap().setup_required);
+    let tokens = c.list_tokens(&token, &user.id).await.unwrap();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].name, "setup-token");
+    // a user whose tokens carry no metadata: the server answers null, the client an empty list
+    let bare = SecretString::from(fake.state().mint("someone"));
     assert!(
-        c.list_tokens(&token, &user.id).await.unwrap().is_empty(),
+        c.list_tokens(&bare, "someone").await.unwrap().is_empty(),
         "null body is an empty list"
     );
+    // create and delete
+    let created = c
+        .create_token(
+            &token,
+            &user.id,
+            &netbird_operator::netbird::CreateTokenRequest {
+                name: "x".into(),
+                expires_in: 2,
+            },
+        )
+        .await
+        .unwrap();
+    pat::check(created.plain_token.expose_secret()).unwrap();
+    assert!(!format!("{created:?}").contains(created.plain_token.expose_secret()));
+    c.delete_token(&token, &user.id, &created.personal_access_token.id)
+        .await
+        .unwrap();
+    let e = c
+        .delete_token(&token, &user.id, &created.personal_access_token.id)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404));
 }
 
 #[tokio::test]

@@ -289,3 +289,85 @@ async fn rotation_against_the_real_netbird_server() {
     assert_eq!(tokens.len(), 1, "{tokens:?}");
     assert!(tokens[0].name.starts_with("netbird-operator-"));
 }
+
+fn delete_spec(url: &str) -> serde_json::Value {
+    let mut s = spec(url, 30, true);
+    s["token"]["deletionPolicy"] = json!("Delete");
+    s
+}
+
+#[tokio::test]
+async fn delete_policy_deletes_the_token_on_the_server_through_a_finalizer() {
+    let Some(env) = TestEnv::new("delete-policy").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    admin(&env).await;
+    let _op = env.start_operator().await;
+    env.create_instance("nb", delete_spec(&fake.url))
+        .await
+        .unwrap();
+    let n = env
+        .wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    assert!(
+        n.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"bootstrap.netbird.io/token-cleanup".to_string())
+    );
+    let secret = env.secrets().get("nb-token").await.unwrap();
+    let refs = secret.metadata.owner_references.unwrap_or_default();
+    assert_eq!(
+        refs.len(),
+        1,
+        "Delete: the Secret is owned by the NetbirdInstance"
+    );
+    assert_eq!(refs[0].uid, n.metadata.uid.clone().unwrap());
+    let (token, _) = stored(&env).await;
+    assert!(fake.state().tokens.contains_key(&token));
+
+    env.instances()
+        .delete("nb", &Default::default())
+        .await
+        .unwrap();
+    env.wait_instance_gone("nb").await;
+    assert!(
+        !fake.state().tokens.contains_key(&token),
+        "the token was deleted on the server"
+    );
+    let events = env.events().await;
+    assert!(
+        events.iter().any(|(r, _)| r == "TokenDeleted"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn delete_policy_never_blocks_deletion_when_the_server_is_gone() {
+    let Some(env) = TestEnv::new("delete-gone").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    admin(&env).await;
+    let _op = env.start_operator().await;
+    env.create_instance("nb", delete_spec(&fake.url))
+        .await
+        .unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    drop(fake); // the server is gone
+    let t0 = std::time::Instant::now();
+    env.instances()
+        .delete("nb", &Default::default())
+        .await
+        .unwrap();
+    env.wait_instance_gone_within("nb", Duration::from_secs(60))
+        .await;
+    eprintln!("let go after {:?}", t0.elapsed());
+    let events = env.events().await;
+    assert!(
+        events.iter().any(|(r, _)| r == "TokenNotDeleted"),
+        "{events:?}"
+    );
+}

@@ -4,6 +4,7 @@
 //! does that one step, and asks again until the decision is a verdict; then it writes the status
 //! (only when it changed) and Events for transitions.
 
+pub mod cleanup;
 pub mod decide;
 pub mod report;
 mod steps;
@@ -38,6 +39,8 @@ pub enum Error {
     ReadSecret { name: String, source: kube::Error },
     #[error("failed to write the status: {0}")]
     WriteStatus(#[source] kube::Error),
+    #[error("failed to update the finalizers: {0}")]
+    WriteFinalizer(#[source] kube::Error),
     #[error("the NetbirdInstance has no namespace")]
     NoNamespace,
 }
@@ -155,6 +158,7 @@ impl Context {
         });
         lock(&self.verified).remove(uid);
         lock(&self.failures).remove(uid);
+        lock(&self.failures).remove(&format!("delete/{uid}"));
         lock(&self.fingerprint_checks).remove(uid);
     }
 }
@@ -322,6 +326,20 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let generation = nbi.metadata.generation;
     let started = ctx.now();
+
+    if nbi.metadata.deletion_timestamp.is_some() {
+        let attempt = {
+            let mut f = lock(&ctx.failures);
+            let n = f.entry(format!("delete/{uid}")).or_insert(0);
+            *n += 1;
+            *n
+        };
+        return cleanup::on_delete(nbi, ctx, &api, &secrets, attempt).await;
+    }
+    if cleanup::ensure_finalizer(nbi, &api).await? {
+        // the write wakes the next pass
+        return Ok(Action::await_change());
+    }
 
     // kstatus: observedGeneration and Ready from the very first pass
     if nbi

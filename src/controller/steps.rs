@@ -103,6 +103,11 @@ impl World {
         }
     }
 
+    /// The NetBird client for this spec (None while the CA is missing or invalid).
+    pub fn client(&self) -> Option<&NetbirdClient> {
+        self.client.as_ref()
+    }
+
     pub fn token(&self) -> Option<&SecretString> {
         match self.token_secret.owned().map(|s| &s.token) {
             Some(TokenValue::Present(t)) => Some(t),

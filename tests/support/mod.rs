@@ -523,16 +523,18 @@ impl TestEnv {
 
     /// Waits until the NetbirdInstance is gone.
     pub async fn wait_instance_gone(&self, name: &str) {
+        self.wait_instance_gone_within(name, Duration::from_secs(30))
+            .await
+    }
+
+    /// Waits until the NetbirdInstance is gone, at most `timeout`.
+    pub async fn wait_instance_gone_within(&self, name: &str, timeout: Duration) {
         let api = self.instances();
-        wait_for(
-            "the NetbirdInstance to be deleted",
-            Duration::from_secs(30),
-            || {
-                let api = api.clone();
-                let name = name.to_string();
-                async move { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) }
-            },
-        )
+        wait_for("the NetbirdInstance to be deleted", timeout, || {
+            let api = api.clone();
+            let name = name.to_string();
+            async move { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) }
+        })
         .await;
     }
 

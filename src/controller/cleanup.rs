@@ -1,0 +1,181 @@
+//! `deletionPolicy: Delete`: a finalizer that deletes the token on the NetBird server when the
+//! NetbirdInstance is deleted (the token Secret goes with it through its owner reference). It never
+//! blocks deletion forever: after a bounded number of failed attempts it lets go, with an Event.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::steps::World;
+use super::{Context, Error};
+use crate::crd::{DeletionPolicy, NetbirdInstance};
+
+/// The finalizer's name (domain-qualified).
+pub const FINALIZER: &str = "bootstrap.netbird.io/token-cleanup";
+
+/// Attempts to delete the token on the server before letting go.
+pub const MAX_ATTEMPTS: u32 = 4;
+
+fn has_finalizer(nbi: &NetbirdInstance) -> bool {
+    nbi.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Adds or removes the finalizer to match `deletionPolicy`. Returns true when it wrote.
+pub async fn ensure_finalizer(
+    nbi: &NetbirdInstance,
+    api: &Api<NetbirdInstance>,
+) -> Result<bool, Error> {
+    let want = nbi.spec.token.deletion_policy == DeletionPolicy::Delete;
+    if want == has_finalizer(nbi) {
+        return Ok(false);
+    }
+    let mut finalizers: Vec<String> = nbi
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if want {
+        finalizers.push(FINALIZER.to_string());
+    }
+    set_finalizers(nbi, api, finalizers).await?;
+    Ok(true)
+}
+
+async fn set_finalizers(
+    nbi: &NetbirdInstance,
+    api: &Api<NetbirdInstance>,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    // resourceVersion: never overwrite another controller's concurrent finalizer change
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": nbi.resource_version()}});
+    api.patch(
+        &nbi.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+    .map_err(Error::WriteFinalizer)
+}
+
+/// A pass for a NetbirdInstance being deleted.
+pub async fn on_delete(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    api: &Api<NetbirdInstance>,
+    secrets: &Api<Secret>,
+    attempt: u32,
+) -> Result<Action, Error> {
+    if !has_finalizer(nbi) {
+        return Ok(Action::await_change());
+    }
+    let world = World::read(nbi, secrets, &ctx.settings.netbird).await?;
+    let outcome = delete_token(nbi, &world).await;
+    let let_go = match &outcome {
+        Ok(what) => {
+            info!(what = %what, "token cleanup done");
+            true
+        }
+        Err(e) if attempt >= MAX_ATTEMPTS => {
+            warn!(error = %e, attempt, "could not delete the token on the server; letting go");
+            let note = format!(
+                "could not delete the token on the NetBird server after {attempt} attempts ({e}); the NetbirdInstance is deleted anyway. Delete the token in the dashboard"
+            );
+            publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, attempt, "could not delete the token on the server; retrying");
+            false
+        }
+    };
+    if !let_go {
+        return Ok(Action::requeue(
+            super::backoff_delay(attempt, ctx.settings.max_backoff).max(Duration::from_millis(500)),
+        ));
+    }
+    if outcome.is_ok() {
+        publish(
+            ctx,
+            nbi,
+            EventType::Normal,
+            "TokenDeleted",
+            "the token was deleted on the NetBird server".into(),
+        )
+        .await;
+    }
+    let finalizers = nbi
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    set_finalizers(nbi, api, finalizers).await?;
+    Ok(Action::await_change())
+}
+
+/// Deletes the stored token on the server. Ok(description) when there is nothing (more) to do.
+async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, String> {
+    let Some(token) = world.token() else {
+        return Ok("no token in the Secret".into());
+    };
+    let Some(client) = world.client() else {
+        return Err("no NetBird client for this spec".into());
+    };
+    let user = match client.current_user(token).await {
+        Ok(u) => u,
+        Err(e) if e.is_token_rejected() => return Ok("the token was already invalid".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let id = match world
+        .token_secret
+        .owned()
+        .and_then(|s| s.token_id())
+        .map(str::to_string)
+    {
+        Some(id) => id,
+        None => {
+            // identify it: the only token of the user
+            let tokens = client
+                .list_tokens(token, &user.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            match tokens.as_slice() {
+                [t] => t.id.clone(),
+                _ => return Err("the token's id is unknown (the user has several tokens)".into()),
+            }
+        }
+    };
+    match client.delete_token(token, &user.id, &id).await {
+        Ok(()) => Ok(format!("deleted token {id} of {}", nbi.name_any())),
+        Err(e) if e.is_token_rejected() => Ok("the token was already deleted".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn publish(
+    ctx: &Context,
+    nbi: &NetbirdInstance,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Delete".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &nbi.object_ref(&())).await {
+        warn!(error = %e, "failed to publish an Event");
+    }
+}
