@@ -200,6 +200,22 @@ pub struct TokenSpec {
     /// Renewal of the token before it expires.
     #[serde(default)]
     pub rotation: RotationSpec,
+
+    /// Trade the setup token for a token of a NetBird service user (role admin), as NetBird's docs
+    /// recommend: after setup the operator creates the service user if it does not exist, stores and
+    /// verifies its token, then deletes the setup token. Rotation then renews the service user's
+    /// token. Changing the name moves to a new service user the same way; removing this field keeps
+    /// the current token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_user: Option<ServiceUserSpec>,
+}
+
+/// A NetBird service user.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ServiceUserSpec {
+    /// Name of the service user in NetBird.
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
 }
 
 /// Renewal of the token before it expires.
@@ -229,6 +245,7 @@ impl Default for TokenSpec {
             secret_annotations: BTreeMap::new(),
             deletion_policy: DeletionPolicy::Retain,
             rotation: RotationSpec::default(),
+            service_user: None,
         }
     }
 }

@@ -33,6 +33,10 @@ pub const ANN_ISSUED_AT: &str = "bootstrap.netbird.io/issued-at";
 pub const ANN_ROTATION_STARTED_AT: &str = "bootstrap.netbird.io/rotation-started-at";
 /// Id of the token a rotation replaced, until it is deleted on the server.
 pub const ANN_PREVIOUS_TOKEN_ID: &str = "bootstrap.netbird.io/previous-token-id";
+/// Name of the NetBird service user the stored token belongs to (set by the exchange).
+pub const ANN_SERVICE_USER: &str = "bootstrap.netbird.io/service-user";
+/// User of the replaced token, when it is not the stored token's user (a service-user exchange).
+pub const ANN_PREVIOUS_USER_ID: &str = "bootstrap.netbird.io/previous-user-id";
 /// When the token was last replaced.
 pub const ANN_ROTATED_AT: &str = "bootstrap.netbird.io/rotated-at";
 /// Name prefix of the tokens the operator creates on the server.

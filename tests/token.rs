@@ -38,9 +38,13 @@ async fn admin(env: &TestEnv) {
 }
 
 async fn stored(env: &TestEnv) -> (String, std::collections::BTreeMap<String, String>) {
-    let s = env.secrets().get("nb-token").await.unwrap();
-    let token = String::from_utf8(s.data.unwrap()["NB_API_KEY"].0.clone()).unwrap();
-    (token, s.metadata.annotations.unwrap_or_default())
+    stored_opt(env).await.expect("a token in Secret nb-token")
+}
+
+async fn stored_opt(env: &TestEnv) -> Option<(String, std::collections::BTreeMap<String, String>)> {
+    let s = env.secrets().get_opt("nb-token").await.ok()??;
+    let token = String::from_utf8(s.data?.get("NB_API_KEY")?.0.clone()).ok()?;
+    Some((token, s.metadata.annotations.unwrap_or_default()))
 }
 
 #[tokio::test]
@@ -370,4 +374,102 @@ async fn delete_policy_never_blocks_deletion_when_the_server_is_gone() {
         events.iter().any(|(r, _)| r == "TokenNotDeleted"),
         "{events:?}"
     );
+}
+
+fn service_user_spec(url: &str) -> serde_json::Value {
+    let mut s = spec(url, 30, true);
+    s["token"]["serviceUser"] = json!({"name": "netbird-operator"});
+    s
+}
+
+#[tokio::test]
+async fn the_setup_token_is_traded_for_a_service_user_token() {
+    let Some(env) = TestEnv::new("service-user").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    admin(&env).await;
+    let _op = env.start_operator().await;
+    env.create_instance("nb", service_user_spec(&fake.url))
+        .await
+        .unwrap();
+    let svc = support::wait_for("the service user's token", T, || {
+        let env = &env;
+        let fake = &fake;
+        async move {
+            let (t, a) = stored_opt(env).await?;
+            let user = fake.state().tokens.get(&t).cloned()?;
+            (fake.state().service_users.contains_key(&user)
+                && !a.contains_key(ANN_PREVIOUS_TOKEN_ID))
+            .then_some(user)
+        }
+    })
+    .await;
+    let n = env
+        .wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    assert_eq!(
+        n.status.unwrap().token.unwrap().user_id.as_deref(),
+        Some(svc.as_str())
+    );
+    let owner = fake.state().users.keys().next().cloned().unwrap();
+    assert!(
+        fake.state().tokens_of(&owner).is_empty(),
+        "the setup token was deleted"
+    );
+    assert_eq!(fake.state().tokens_of(&svc).len(), 1);
+    assert_eq!(fake.state().service_users.len(), 1);
+    assert_eq!(fake.calls("setup"), 1);
+}
+
+#[tokio::test]
+async fn service_user_exchange_against_the_real_netbird_server() {
+    let Some(env) = TestEnv::new("real-service-user").await else {
+        return;
+    };
+    let _guard = support::netbird_lock().await;
+    let Some(nb) = NetbirdServer::start().await else {
+        return;
+    };
+    admin(&env).await;
+    let _op = env.start_operator().await;
+    env.create_instance("nb", service_user_spec(&nb.url))
+        .await
+        .unwrap();
+    let client = NetbirdClient::new(&nb.url, &ClientOptions::default()).unwrap();
+    let n = env
+        .wait_instance("nb", "Ready", Duration::from_secs(60), |n| {
+            ready_is(n, "True", "Bootstrapped")
+        })
+        .await;
+    let (token, ann) = support::wait_for("the exchange to finish", T, || {
+        let env = &env;
+        async move {
+            let (t, a) = stored_opt(env).await?;
+            (a.contains_key("bootstrap.netbird.io/service-user")
+                && !a.contains_key(ANN_PREVIOUS_TOKEN_ID))
+            .then_some((t, a))
+        }
+    })
+    .await;
+    let token = SecretString::from(token);
+    // the real server refuses "current user" to service users; the token reads the service users
+    let e = client.current_user(&token).await.unwrap_err();
+    assert_eq!(e.status(), Some(403));
+    let svc_id = &ann["bootstrap.netbird.io/user-id"];
+    let me = client
+        .list_service_users(&token)
+        .await
+        .expect("the service user's token works")
+        .into_iter()
+        .find(|u| &u.id == svc_id)
+        .expect("the service user exists");
+    assert_eq!(me.name, "netbird-operator");
+    assert_eq!(me.role, "admin");
+    assert_eq!(
+        n.status.unwrap().token.unwrap().user_id.as_deref(),
+        Some(svc_id.as_str())
+    );
+    let tokens = client.list_tokens(&token, &me.id).await.unwrap();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
 }

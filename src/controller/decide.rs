@@ -60,6 +60,9 @@ pub struct Probes {
     pub rotated: bool,
     /// A rotation that failed this pass (the current token still works).
     pub rotation_error: Option<NetbirdError>,
+    pub exchanged: bool,
+    /// A service-user exchange that failed this pass (the current token still works).
+    pub exchange_error: Option<NetbirdError>,
 }
 
 /// Everything the decision looks at.
@@ -82,6 +85,8 @@ pub struct Facts<'a> {
     pub version_due: bool,
     /// spec.token.rotation.enabled
     pub rotation_enabled: bool,
+    /// spec.token.serviceUser.name
+    pub service_user: Option<&'a str>,
     pub now: jiff::Timestamp,
     pub probes: &'a Probes,
     /// For messages.
@@ -178,6 +183,8 @@ pub enum Step {
     DeletePreviousToken,
     /// Create a new token, store it, then (next steps) verify it and delete the old one.
     RotateToken,
+    /// Find or create the service user, store and verify its token, delete the old token.
+    ExchangeForServiceUser,
     Finish(Verdict),
 }
 
@@ -370,6 +377,15 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
     if s.annotation(ANN_TOKEN_ID).is_none() && p.token_list.is_none() {
         return Some(Step::IdentifyToken);
     }
+    // the Secret records whose token it holds: a server that describes users unexpectedly can never
+    // make the exchange run again
+    if let Some(name) = f.service_user
+        && s.annotation(crate::token_secret::ANN_SERVICE_USER) != Some(name)
+        && !p.exchanged
+        && p.exchange_error.is_none()
+    {
+        return Some(Step::ExchangeForServiceUser);
+    }
     if f.rotation_enabled
         && !p.rotated
         && p.rotation_error.is_none()
@@ -511,6 +527,7 @@ mod tests {
                 setup_done_before: self.setup_done_before,
                 version_due: self.version_due,
                 rotation_enabled: true,
+                service_user: None,
                 now: jiff::Timestamp::UNIX_EPOCH,
                 probes: &self.probes,
                 secret_name: "nb-token",

@@ -391,6 +391,12 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             setup_done_before,
             version_due,
             rotation_enabled: nbi.spec.token.rotation.enabled,
+            service_user: nbi
+                .spec
+                .token
+                .service_user
+                .as_ref()
+                .map(|s| s.name.as_str()),
             now: ctx.now(),
             probes: &probes,
             secret_name: &secret_name,
@@ -468,8 +474,9 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     Ok(match &verdict {
         Verdict::Ready => {
             ctx.reset_backoff(&uid);
-            let mut next = match (&probes.version, &probes.rotation_error) {
-                (Some(Err(_)), _) | (_, Some(_)) => {
+            let failed_upkeep = probes.rotation_error.is_some() || probes.exchange_error.is_some();
+            let mut next = match (&probes.version, failed_upkeep) {
+                (Some(Err(_)), _) | (_, true) => {
                     ctx.backoff(&uid).max(Duration::from_secs(60)).min(interval)
                 }
                 _ => next_check(&status, started, interval),

@@ -188,10 +188,20 @@ pub async fn run(
                 .token()
                 .cloned()
                 .unwrap_or_else(|| SecretString::from(""));
-            probes.verify = Some(client.current_user(&token).await.map(|user| Verified {
-                user,
-                at: ctx.now(),
-            }));
+            let service_user_id = world
+                .token_secret
+                .owned()
+                .filter(|s| s.annotation(token_secret::ANN_SERVICE_USER).is_some())
+                .and_then(|s| s.annotation(token_secret::ANN_USER_ID))
+                .map(str::to_string);
+            probes.verify = Some(
+                verify(&client, &token, service_user_id.as_deref())
+                    .await
+                    .map(|user| Verified {
+                        user,
+                        at: ctx.now(),
+                    }),
+            );
         }
         Step::CheckInstance => probes.instance = Some(client.instance_status().await),
         Step::CheckVersion => {
@@ -319,15 +329,33 @@ pub async fn run(
                 .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_TOKEN_ID))
                 .unwrap_or_default()
                 .to_string();
-            let result = match client.delete_token(&token, &user, &previous).await {
+            let owner_of_previous = world
+                .token_secret
+                .owned()
+                .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_USER_ID))
+                .unwrap_or(&user)
+                .to_string();
+            let result = match client
+                .delete_token(&token, &owner_of_previous, &previous)
+                .await
+            {
                 // the stored token was just verified: a 404 is about the old one, already gone
                 Err(e) if e.status() == Some(404) => Ok(()),
+                // another user's token this one may not delete (a service user's token cannot
+                // delete the owner's): it is left to expire
+                Err(e) if e.status() == Some(403) => {
+                    warn!(token_id = %previous, error = %e, "the replaced token cannot be deleted with the new one; it is left to expire");
+                    Ok(())
+                }
                 other => other,
             };
             match &result {
                 Ok(()) => {
                     info!(token_id = %previous, "deleted the replaced token");
-                    let patch = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_PREVIOUS_TOKEN_ID: null}}});
+                    let patch = serde_json::json!({"metadata": {"annotations": {
+                        token_secret::ANN_PREVIOUS_TOKEN_ID: null,
+                        token_secret::ANN_PREVIOUS_USER_ID: null,
+                    }}});
                     patch_token_secret(secrets, &secret_name, &patch).await?;
                     world
                         .reread(nbi, secrets)
@@ -381,6 +409,31 @@ pub async fn run(
                 }
             }
         }
+        Step::ExchangeForServiceUser => {
+            let (token, user) = token_and_user(world, probes)?;
+            let name = nbi
+                .spec
+                .token
+                .service_user
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            match exchange(nbi, ctx, &client, secrets, world, &token, &user, &name).await {
+                Ok(()) => {
+                    probes.exchanged = true;
+                    probes.verify = None;
+                }
+                Err(ExchangeError::Netbird(e)) => {
+                    warn!(error = %e, service_user = %name, "the service-user exchange failed; the current token stays");
+                    probes.exchange_error = Some(e);
+                }
+                Err(ExchangeError::Kube(v)) => return Err(v),
+            }
+            world
+                .reread(nbi, secrets)
+                .await
+                .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+        }
         Step::ReleaseClaim => {
             let rejection = match &probes.setup {
                 Some(SetupOutcome::Failed(e)) if matches!(e.status(), Some(400 | 412 | 422)) => {
@@ -410,9 +463,120 @@ pub async fn run(
     Ok(())
 }
 
+enum ExchangeError {
+    Netbird(crate::netbird::NetbirdError),
+    Kube(Verdict),
+}
+
+impl From<crate::netbird::NetbirdError> for ExchangeError {
+    fn from(e: crate::netbird::NetbirdError) -> Self {
+        ExchangeError::Netbird(e)
+    }
+}
+
+/// Trades the current token for a token of the service user `name` (created when missing): the new
+/// token is stored and verified before the old one is deleted, with the old token itself (a service
+/// user may not delete the owner's tokens). A crash after the store leaves `previous-token-id` for a
+/// later pass.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    client: &NetbirdClient,
+    secrets: &Api<Secret>,
+    world: &World,
+    token: &SecretString,
+    user: &str,
+    name: &str,
+) -> Result<(), ExchangeError> {
+    let secret_name = nbi.token_secret_name();
+    let svc = match client
+        .list_service_users(token)
+        .await?
+        .into_iter()
+        .find(|u| u.name == name)
+    {
+        Some(u) => u,
+        None => {
+            let u = client.create_service_user(token, name).await?;
+            info!(service_user = %name, user_id = %u.id, "created the service user");
+            u
+        }
+    };
+    let now = ctx.now();
+    let marker = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_ROTATION_STARTED_AT: now.to_string()}}});
+    patch_token_secret(secrets, &secret_name, &marker)
+        .await
+        .map_err(ExchangeError::Kube)?;
+    let req = crate::netbird::CreateTokenRequest {
+        name: format!("{}{}", token_secret::TOKEN_NAME_PREFIX, now.as_second()),
+        expires_in: nbi.spec.token.expires_in_days,
+    };
+    let created = client.create_token(token, &svc.id, &req).await?;
+    let old_id = world
+        .token_secret
+        .owned()
+        .and_then(|s| s.token_id())
+        .map(str::to_string);
+    let pat = &created.personal_access_token;
+    let mut patch = token_secret::rotated_patch(
+        nbi,
+        &created.plain_token,
+        &pat.id,
+        old_id.as_deref(),
+        &seconds(pat.expiration_date),
+        &now.to_string(),
+    );
+    patch["metadata"]["annotations"][token_secret::ANN_USER_ID] = serde_json::json!(svc.id);
+    patch["metadata"]["annotations"][token_secret::ANN_SERVICE_USER] = serde_json::json!(name);
+    if old_id.is_some() {
+        patch["metadata"]["annotations"][token_secret::ANN_PREVIOUS_USER_ID] =
+            serde_json::json!(user);
+    }
+    write_until_stored(secrets, nbi, &patch, Some(&created.plain_token)).await;
+    info!(service_user = %name, token_id = %pat.id, "stored the service user's token");
+    if let Some(old_id) = old_id {
+        match client.delete_token(token, user, &old_id).await {
+            Ok(()) => info!(token_id = %old_id, "deleted the setup token"),
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => {
+                warn!(token_id = %old_id, error = %e, "failed to delete the old token; retrying later");
+                return Ok(());
+            }
+        }
+        let clear = serde_json::json!({"metadata": {"annotations": {
+            token_secret::ANN_PREVIOUS_TOKEN_ID: null,
+            token_secret::ANN_PREVIOUS_USER_ID: null,
+        }}});
+        patch_token_secret(secrets, &secret_name, &clear)
+            .await
+            .map_err(ExchangeError::Kube)?;
+    }
+    Ok(())
+}
+
 /// A timestamp in whole seconds, as annotations and the status keep it.
 fn seconds(t: jiff::Timestamp) -> String {
     super::report::to_time(t).0.to_string()
+}
+
+/// Verifies a token: `GET /api/users/current`. NetBird answers 403 there for service users, so the
+/// token of the service user the Secret names is verified by reading that user from
+/// `GET /api/users?service_user=true` (admin only) instead.
+async fn verify(
+    client: &NetbirdClient,
+    token: &SecretString,
+    service_user_id: Option<&str>,
+) -> Result<crate::netbird::User, crate::netbird::NetbirdError> {
+    match (client.current_user(token).await, service_user_id) {
+        (Err(e), Some(id)) if e.status() == Some(403) => client
+            .list_service_users(token)
+            .await?
+            .into_iter()
+            .find(|u| u.id == id)
+            .ok_or(e),
+        (result, _) => result,
+    }
 }
 
 /// The stored token and its verified user, for token calls.

@@ -199,6 +199,44 @@ impl NetbirdClient {
         .await
     }
 
+    /// `GET /api/users?service_user=true`: the account's service users.
+    pub async fn list_service_users(
+        &self,
+        token: &SecretString,
+    ) -> Result<Vec<User>, NetbirdError> {
+        let users: Option<Vec<User>> = self
+            .call(
+                Endpoint::ListUsers,
+                Method::GET,
+                "users?service_user=true",
+                Some(token),
+                None::<&()>,
+            )
+            .await?;
+        Ok(users
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|u| u.is_service_user)
+            .collect())
+    }
+
+    /// `POST /api/users`: a service user with the admin role.
+    pub async fn create_service_user(
+        &self,
+        token: &SecretString,
+        name: &str,
+    ) -> Result<User, NetbirdError> {
+        let body = serde_json::json!({"name": name, "role": "admin", "auto_groups": [], "is_service_user": true});
+        self.call(
+            Endpoint::CreateUser,
+            Method::POST,
+            "users",
+            Some(token),
+            Some(&body),
+        )
+        .await
+    }
+
     /// `DELETE /api/users/{id}/tokens/{tokenId}`.
     pub async fn delete_token(
         &self,

@@ -13,6 +13,8 @@ pub enum Endpoint {
     ListTokens,
     CreateToken,
     DeleteToken,
+    ListUsers,
+    CreateUser,
 }
 
 impl Endpoint {
@@ -23,6 +25,8 @@ impl Endpoint {
             Endpoint::Version => "version",
             Endpoint::CurrentUser => "users_current",
             Endpoint::ListTokens => "tokens_list",
+            Endpoint::ListUsers => "users_list",
+            Endpoint::CreateUser => "users_create",
             Endpoint::CreateToken => "tokens_create",
             Endpoint::DeleteToken => "tokens_delete",
         }
@@ -37,6 +41,8 @@ impl fmt::Display for Endpoint {
             Endpoint::Version => "GET /api/instance/version",
             Endpoint::CurrentUser => "GET /api/users/current",
             Endpoint::ListTokens => "GET /api/users/{id}/tokens",
+            Endpoint::ListUsers => "GET /api/users",
+            Endpoint::CreateUser => "POST /api/users",
             Endpoint::CreateToken => "POST /api/users/{id}/tokens",
             Endpoint::DeleteToken => "DELETE /api/users/{id}/tokens/{id}",
         })

@@ -43,6 +43,8 @@ pub struct State {
     pub tokens: HashMap<String, String>,
     /// user id -> email
     pub users: HashMap<String, String>,
+    /// service user id -> name
+    pub service_users: HashMap<String, String>,
     /// token -> (id, name, created, expires)
     pub pats: HashMap<String, (String, String, jiff::Timestamp, jiff::Timestamp)>,
     /// calls per endpoint name
@@ -62,6 +64,7 @@ impl Default for State {
             tokens: HashMap::new(),
             users: HashMap::new(),
             pats: HashMap::new(),
+            service_users: HashMap::new(),
             calls: HashMap::new(),
             faults: HashMap::new(),
             version: "0.77.1",
@@ -196,6 +199,8 @@ fn endpoint_of(method: &hyper::Method, path: &str) -> Option<&'static str> {
         ("POST", ["setup"]) => "setup",
         ("GET", ["instance", "version"]) => "version",
         ("GET", ["users", "current"]) => "users_current",
+        ("GET", ["users"]) => "users_list",
+        ("POST", ["users"]) => "users_create",
         ("GET", ["users", _, "tokens"]) => "tokens_list",
         ("POST", ["users", _, "tokens"]) => "tokens_create",
         ("DELETE", ["users", _, "tokens", _]) => "tokens_delete",
@@ -315,13 +320,17 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
         },
         "users_current" => match authenticate(s, auth) {
             Err((code, msg)) => error(code, msg),
-            Ok(user) => {
-                let email = s.users.get(user).cloned().unwrap_or_default();
-                reply(
-                    200,
-                    json!({"id": user, "email": email, "name": email, "role": "owner", "is_service_user": false, "status": "active"}),
-                )
-            }
+            Ok(user) => match s.service_users.get(user) {
+                // as the real server (v0.77.1): service users may not read "the current user"
+                Some(_) => error(403, "permission denied"),
+                None => {
+                    let email = s.users.get(user).cloned().unwrap_or_default();
+                    reply(
+                        200,
+                        json!({"id": user, "email": email, "name": email, "role": "owner", "is_service_user": false, "status": "active"}),
+                    )
+                }
+            },
         },
         "tokens_list" => match authenticate(s, auth).cloned() {
             Err((code, msg)) => error(code, msg),
@@ -346,9 +355,41 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
                 )
             }
         },
+        "users_list" => match authenticate(s, auth) {
+            Err((code, msg)) => error(code, msg),
+            Ok(_) => {
+                let list: Vec<Value> = s
+                    .service_users
+                    .iter()
+                    .map(|(id, name)| json!({"id": id, "email": "", "name": name, "role": "admin", "is_service_user": true, "status": "active"}))
+                    .collect();
+                reply(200, Value::Array(list))
+            }
+        },
+        "users_create" => match authenticate(s, auth) {
+            Err((code, msg)) => error(code, msg),
+            Ok(_) => {
+                let Ok(req) = serde_json::from_slice::<Value>(body) else {
+                    return error(400, "invalid request body");
+                };
+                let name = req["name"].as_str().unwrap_or_default().to_string();
+                let id = format!("svc{}", s.next_id());
+                s.service_users.insert(id.clone(), name.clone());
+                reply(
+                    200,
+                    json!({"id": id, "email": "", "name": name, "role": "admin", "is_service_user": true, "status": "active"}),
+                )
+            }
+        },
         "tokens_create" => match authenticate(s, auth).cloned() {
             Err((code, msg)) => error(code, msg),
-            Ok(user) => {
+            Ok(caller) => {
+                // the caller acts on itself, or (owner/admin) on a service user
+                let target = path.split('/').nth(3).unwrap_or_default().to_string();
+                if target != caller && !s.service_users.contains_key(&target) {
+                    return error(403, "permission denied");
+                }
+                let user = target;
                 let Ok(req) = serde_json::from_slice::<Value>(body) else {
                     return error(400, "invalid request body");
                 };
@@ -372,7 +413,11 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
         },
         "tokens_delete" => match authenticate(s, auth).cloned() {
             Err((code, msg)) => error(code, msg),
-            Ok(_) => {
+            Ok(caller) => {
+                let target = path.split('/').nth(3).unwrap_or_default().to_string();
+                if target != caller && !s.service_users.contains_key(&target) {
+                    return error(403, "permission denied");
+                }
                 let id = path.rsplit('/').next().unwrap_or_default();
                 let Some(t) = s
                     .pats
