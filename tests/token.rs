@@ -473,3 +473,173 @@ async fn service_user_exchange_against_the_real_netbird_server() {
     let tokens = client.list_tokens(&token, &me.id).await.unwrap();
     assert_eq!(tokens.len(), 1, "{tokens:?}");
 }
+
+/// Where a rotation is interrupted (the operator is killed while the server holds the named call).
+#[derive(Clone, Copy, Debug)]
+enum CrashPoint {
+    /// the marker is written, the create call never reaches the server's handler
+    BeforeCreate,
+    /// the new token exists on the server, the answer never arrives
+    AfterCreate,
+    /// the new token is stored, its verification never answers
+    AfterStore,
+    /// the new token is verified, the old one's deletion never answers
+    BeforeDeleteOld,
+}
+
+async fn crash_rotation_at(point: CrashPoint) {
+    let Some(env) = TestEnv::new(&format!("crash-{point:?}").to_lowercase()).await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    admin(&env).await;
+    let op = env.start_operator().await;
+    env.create_instance("nb", spec(&fake.url, 30, true))
+        .await
+        .unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    env.wait_instance("nb", "token identified", T, |n| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.token.as_ref())
+            .is_some_and(|t| t.token_id.is_some())
+    })
+    .await;
+    let (first, _) = stored(&env).await;
+    let user = fake.state().tokens[&first].clone();
+    op.stop().await;
+
+    match point {
+        CrashPoint::BeforeCreate => fake.fault("tokens_create", Fault::Hang),
+        CrashPoint::AfterCreate => {
+            fake.fault("tokens_create", Fault::Delay(Duration::from_secs(30)))
+        }
+        CrashPoint::AfterStore => fake.fault("tokens_create", Fault::Delay(Duration::from_secs(1))),
+        CrashPoint::BeforeDeleteOld => fake.fault("tokens_delete", Fault::Hang),
+    }
+    let op = env.start_operator_ahead(21 * DAY).await;
+    let (endpoint, calls) = match point {
+        CrashPoint::BeforeCreate | CrashPoint::AfterCreate => ("tokens_create", 1),
+        CrashPoint::AfterStore => {
+            // once the create went out, the verification that follows the store never answers
+            support::wait_for("the create call", T, || async {
+                (fake.calls("tokens_create") > 0).then_some(())
+            })
+            .await;
+            fake.fault("users_current", Fault::Hang);
+            ("users_current", fake.calls("users_current") + 1)
+        }
+        CrashPoint::BeforeDeleteOld => ("tokens_delete", 1),
+    };
+    support::wait_for("the crash point", T, || async {
+        (fake.calls(endpoint) >= calls).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    op.kill();
+    // at the crash: the Secret holds a token the server accepts
+    let (held, _) = stored(&env).await;
+    assert!(
+        fake.state().tokens.contains_key(&held),
+        "{point:?}: the Secret's token must work at every crash point"
+    );
+
+    for e in ["tokens_create", "tokens_delete", "users_current"] {
+        fake.clear_fault(e);
+    }
+    let _op = env.start_operator_ahead(21 * DAY).await;
+    let token = support::wait_for("exactly one working token", T, || {
+        let env = &env;
+        let fake = &fake;
+        let user = user.clone();
+        let first = first.clone();
+        async move {
+            let (t, a) = stored_opt(env).await?;
+            let done = fake.state().tokens_of(&user) == vec![t.clone()]
+                && t != first
+                && !a.contains_key(ANN_PREVIOUS_TOKEN_ID)
+                && !a.contains_key(ANN_ROTATION_STARTED_AT);
+            done.then_some(t)
+        }
+    })
+    .await;
+    pat::check(&token).unwrap();
+    env.wait_instance("nb", "TokenRotated", T, |n| {
+        ready_is(n, "True", "Bootstrapped")
+            && condition(n, "TokenAvailable").is_some_and(|(_, r, _)| r == "TokenRotated")
+    })
+    .await;
+    assert_eq!(fake.calls("setup"), 1);
+}
+
+#[tokio::test]
+async fn crash_before_the_new_token_is_created() {
+    crash_rotation_at(CrashPoint::BeforeCreate).await;
+}
+
+#[tokio::test]
+async fn crash_after_the_new_token_is_created() {
+    crash_rotation_at(CrashPoint::AfterCreate).await;
+}
+
+#[tokio::test]
+async fn crash_after_the_new_token_is_stored() {
+    crash_rotation_at(CrashPoint::AfterStore).await;
+}
+
+#[tokio::test]
+async fn crash_before_the_old_token_is_deleted() {
+    crash_rotation_at(CrashPoint::BeforeDeleteOld).await;
+}
+
+#[tokio::test]
+async fn changing_the_service_user_moves_the_token() {
+    let Some(env) = TestEnv::new("service-user-change").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    admin(&env).await;
+    let _op = env.start_operator().await;
+    env.create_instance("nb", service_user_spec(&fake.url))
+        .await
+        .unwrap();
+    let first_svc = support::wait_for("the first service user's token", T, || {
+        let env = &env;
+        let fake = &fake;
+        async move {
+            let (t, a) = stored_opt(env).await?;
+            let user = fake.state().tokens.get(&t).cloned()?;
+            (fake.state().service_users.contains_key(&user)
+                && !a.contains_key(ANN_PREVIOUS_TOKEN_ID))
+            .then_some(user)
+        }
+    })
+    .await;
+    let patch = json!({"spec": {"token": {"serviceUser": {"name": "another"}}}});
+    env.instances()
+        .patch(
+            "nb",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let second_svc = support::wait_for("the second service user's token", T, || {
+        let env = &env;
+        let fake = &fake;
+        let first_svc = first_svc.clone();
+        async move {
+            let (t, a) = stored_opt(env).await?;
+            let user = fake.state().tokens.get(&t).cloned()?;
+            (user != first_svc && !a.contains_key(ANN_PREVIOUS_TOKEN_ID)).then_some(user)
+        }
+    })
+    .await;
+    assert_eq!(fake.state().service_users[&second_svc], "another");
+    assert!(
+        fake.state().tokens_of(&first_svc).is_empty(),
+        "the first service user's token was deleted"
+    );
+    assert_eq!(fake.state().tokens_of(&second_svc).len(), 1);
+}
