@@ -643,3 +643,58 @@ async fn changing_the_service_user_moves_the_token() {
     );
     assert_eq!(fake.state().tokens_of(&second_svc).len(), 1);
 }
+
+/// The exchange interrupted after the service user's token was created and before it was stored:
+/// the setup token still works, and the extra service-user token is found and deleted.
+#[tokio::test]
+async fn a_crash_during_the_service_user_exchange_leaves_one_working_token() {
+    let Some(env) = TestEnv::new("exchange-crash").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    admin(&env).await;
+    fake.fault("tokens_create", Fault::Delay(Duration::from_secs(30)));
+    let op = env.start_operator().await;
+    env.create_instance("nb", service_user_spec(&fake.url))
+        .await
+        .unwrap();
+    support::wait_for("the service user's token to be created", T, || async {
+        (fake.calls("tokens_create") > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    op.kill();
+    let (held, _) = stored(&env).await;
+    assert!(
+        fake.state().tokens.contains_key(&held),
+        "the setup token still works"
+    );
+    let svc = fake.state().service_users.keys().next().cloned().unwrap();
+    assert_eq!(
+        fake.state().tokens_of(&svc).len(),
+        1,
+        "an extra service-user token exists"
+    );
+
+    fake.clear_fault("tokens_create");
+    let _op = env.start_operator().await;
+    support::wait_for(
+        "one service-user token in the Secret, none left over",
+        T,
+        || {
+            let env = &env;
+            let fake = &fake;
+            let svc = svc.clone();
+            async move {
+                let (t, a) = stored_opt(env).await?;
+                let owner = fake.state().users.keys().next().cloned()?;
+                let done = fake.state().tokens_of(&svc) == vec![t.clone()]
+                    && fake.state().tokens_of(&owner).is_empty()
+                    && !a.contains_key(ANN_PREVIOUS_TOKEN_ID)
+                    && !a.contains_key(ANN_ROTATION_STARTED_AT);
+                done.then_some(())
+            }
+        },
+    )
+    .await;
+}

@@ -265,10 +265,34 @@ pub async fn run(
         }
         Step::CleanOrphans => {
             let (token, user) = token_and_user(world, probes)?;
-            let list = client.list_tokens(&token, &user).await;
-            if let Ok(tokens) = &list {
-                let owned = world.token_secret.owned();
-                let keep = owned.and_then(|s| s.token_id()).map(str::to_string);
+            // the interrupted step minted for the token's own user (rotation) or for the service
+            // user of the spec (exchange)
+            let mut users = vec![user.clone()];
+            if let Some(name) = nbi
+                .spec
+                .token
+                .service_user
+                .as_ref()
+                .map(|s| s.name.as_str())
+                && let Ok(svcs) = client.list_service_users(&token).await
+                && let Some(svc) = svcs.into_iter().find(|u| u.name == name && u.id != user)
+            {
+                users.push(svc.id);
+            }
+            let keep = world
+                .token_secret
+                .owned()
+                .and_then(|s| s.token_id())
+                .map(str::to_string);
+            let mut list = Ok(Vec::new());
+            for owner in &users {
+                let tokens = match client.list_tokens(&token, owner).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        list = Err(e);
+                        break;
+                    }
+                };
                 for t in tokens
                     .iter()
                     .filter(|t| t.name.starts_with(token_secret::TOKEN_NAME_PREFIX))
@@ -276,7 +300,7 @@ pub async fn run(
                     if Some(&t.id) == keep.as_ref() {
                         continue;
                     }
-                    match client.delete_token(&token, &user, &t.id).await {
+                    match client.delete_token(&token, owner, &t.id).await {
                         Ok(()) => {
                             info!(token_id = %t.id, "deleted a token left on the server by an interrupted rotation")
                         }
@@ -285,6 +309,8 @@ pub async fn run(
                         }
                     }
                 }
+            }
+            if list.is_ok() {
                 let patch = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_ROTATION_STARTED_AT: null}}});
                 patch_token_secret(secrets, &secret_name, &patch).await?;
                 world

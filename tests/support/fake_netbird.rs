@@ -334,7 +334,11 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
         },
         "tokens_list" => match authenticate(s, auth).cloned() {
             Err((code, msg)) => error(code, msg),
-            Ok(user) => {
+            Ok(caller) => {
+                let user = path.split('/').nth(3).unwrap_or_default().to_string();
+                if user != caller && !s.service_users.contains_key(&user) {
+                    return error(403, "permission denied");
+                }
                 let list: Vec<Value> = s
                     .tokens
                     .iter()
