@@ -698,3 +698,73 @@ async fn a_crash_during_the_service_user_exchange_leaves_one_working_token() {
     )
     .await;
 }
+
+/// An instance set up by hand (or by another tool, or without the embedded IdP): a token put into
+/// the operator's Secret is adopted, versions are recorded, and the token is rotated like any other.
+#[tokio::test]
+async fn a_hand_made_token_is_adopted_and_rotated() {
+    let Some(env) = TestEnv::new("adopt-rotate").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    let hand_made = {
+        let mut s = fake.state();
+        s.setup_required = false;
+        s.users.insert("owner1".into(), "ops@example.com".into());
+        s.mint_named("owner1", "made-by-hand", 30)
+    };
+    admin(&env).await;
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "nb-token", "labels": {
+            "app.kubernetes.io/managed-by": "netbird-operator", "bootstrap.netbird.io/instance": "nb"}},
+        "stringData": {"NB_API_KEY": hand_made},
+    }))
+    .unwrap();
+    env.secrets()
+        .create(&Default::default(), &secret)
+        .await
+        .unwrap();
+    let op = env.start_operator().await;
+    env.create_instance("nb", spec(&fake.url, 30, true))
+        .await
+        .unwrap();
+    let n = env
+        .wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    assert_eq!(condition(&n, "TokenAvailable").unwrap().1, "TokenAdopted");
+    assert_eq!(condition(&n, "SetupComplete").unwrap().1, "AlreadySetUp");
+    assert_eq!(
+        n.status
+            .as_ref()
+            .unwrap()
+            .version
+            .as_ref()
+            .unwrap()
+            .management
+            .as_deref(),
+        Some("0.77.1")
+    );
+    env.wait_instance("nb", "token identified", T, |n| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.token.as_ref())
+            .is_some_and(|t| t.expires_at.is_some() && t.token_id.is_some())
+    })
+    .await;
+    op.stop().await;
+    let _op = env.start_operator_ahead(21 * DAY).await;
+    support::wait_for("the adopted token to be rotated", T, || {
+        let env = &env;
+        let fake = &fake;
+        let hand_made = hand_made.clone();
+        async move {
+            let (t, a) = stored_opt(env).await?;
+            let done = t != hand_made
+                && fake.state().tokens_of("owner1") == vec![t.clone()]
+                && !a.contains_key(ANN_PREVIOUS_TOKEN_ID);
+            done.then_some(())
+        }
+    })
+    .await;
+    assert_eq!(fake.calls("setup"), 0);
+}
