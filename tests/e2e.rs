@@ -52,10 +52,16 @@ async fn assert_no_secret_leaks(
     let status = serde_json::to_string(&nbi.status).unwrap();
     let events = format!("{:?}", env.events().await);
     let metrics = op.metrics.encode();
+    let logs = support::captured_logs();
+    assert!(
+        logs.contains("TRACE") || logs.contains("DEBUG"),
+        "logs are captured at the most verbose level"
+    );
     for s in secrets.iter().filter(|s| !s.is_empty()) {
         assert!(!status.contains(s), "status leaks a secret");
         assert!(!events.contains(s), "events leak a secret");
         assert!(!metrics.contains(s), "metrics leak a secret");
+        assert!(!logs.contains(s), "logs leak a secret");
     }
 }
 

@@ -460,10 +460,7 @@ impl TestEnv {
         client: Client,
         clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
     ) -> Operator {
-        netbird_operator::telemetry::init(
-            netbird_operator::telemetry::LogFormat::Text,
-            &std::env::var("NBOP_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        );
+        capture_logs();
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());
         let settings = Settings {
@@ -739,4 +736,51 @@ pub fn kstatus(n: &NetbirdInstance) -> &'static str {
         Some(_) => "InProgress",
         None => "Current",
     }
+}
+
+/// Everything the operator logged in this test process, at the most verbose level (capped at 64 MiB),
+/// for the secret-hygiene checks. With NBOP_TEST_LOG set, logs also go to stderr at that level.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
+}
+
+fn log_buffer() -> &'static std::sync::Mutex<Vec<u8>> {
+    static BUF: OnceLock<std::sync::Mutex<Vec<u8>>> = OnceLock::new();
+    BUF.get_or_init(Default::default)
+}
+
+struct BufferWriter;
+
+impl std::io::Write for BufferWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut buf = log_buffer().lock().unwrap();
+        if buf.len() + data.len() <= 64 * 1024 * 1024 {
+            buf.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the test subscriber once: trace level for the operator into the buffer.
+pub fn capture_logs() {
+    use tracing_subscriber::prelude::*;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let capture = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(|| BufferWriter)
+            .with_filter(tracing_subscriber::EnvFilter::new(
+                "trace,hyper=debug,h2=info,tower=debug,rustls=info",
+            ));
+        let stderr = std::env::var("NBOP_TEST_LOG").ok().map(|level| {
+            tracing_subscriber::fmt::layer().with_filter(tracing_subscriber::EnvFilter::new(level))
+        });
+        let _ = tracing_subscriber::registry()
+            .with(capture)
+            .with(stderr)
+            .try_init();
+    });
 }
