@@ -104,7 +104,7 @@ pub fn parse(
     let name = match text(&keys.name_key)? {
         Some(n) if !n.trim().is_empty() => {
             let n = n.trim().to_string();
-            if n.chars().count() > 255 || n.chars().any(char::is_control) {
+            if n.chars().count() > 255 || n.chars().any(|c| c.is_control() || invisible(c)) {
                 return Err(CredentialsError::InvalidName {
                     secret: secret.into(),
                     key: keys.name_key.clone(),
@@ -121,6 +121,11 @@ pub fn parse(
     })
 }
 
+/// Zero-width and bidirectional-control characters: they make two different strings look alike.
+fn invisible(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
 /// A plain check of `local@domain` that matches what NetBird accepts for common mistakes.
 fn check_email(email: &str) -> Result<(), &'static str> {
     if email.is_empty() {
@@ -131,6 +136,9 @@ fn check_email(email: &str) -> Result<(), &'static str> {
     }
     if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("it contains whitespace, perhaps a trailing newline");
+    }
+    if email.chars().any(invisible) {
+        return Err("it contains invisible or direction-changing characters");
     }
     let (local, domain) = email.rsplit_once('@').ok_or("it has no @")?;
     if local.is_empty() || domain.is_empty() {

@@ -1,0 +1,388 @@
+//! Hostile input against the real apiserver: each bad spec is refused at admission, and each bad
+//! Secret ends in a specific condition, with no panic, no setup call and nothing sent where it must
+//! not go. The table in docs/reliability.md lists these cases.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::fake_netbird::FakeNetbird;
+use support::{TestEnv, condition};
+
+const T: Duration = Duration::from_secs(30);
+const EMAIL: &str = "admin@example.com";
+const PASSWORD: &str = "s3cret-Passw0rd";
+
+fn merge(base: &mut Value, overlay: &Value) {
+    match (base, overlay) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                merge(b.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+/// Specs the apiserver must refuse, with a word of the message it must give.
+#[tokio::test]
+async fn bad_specs_are_refused_at_admission() {
+    let Some(env) = TestEnv::new("hostile-specs").await else {
+        return;
+    };
+    let long_url = format!("https://{}.example.com", "a".repeat(2100));
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "url too long",
+            json!({"managementURL": long_url}),
+            "managementURL",
+        ),
+        (
+            "url with credentials",
+            json!({"managementURL": "https://admin:pw@127.0.0.1"}),
+            "user:password@",
+        ),
+        (
+            "url with fragment",
+            json!({"managementURL": "https://127.0.0.1/#x"}),
+            "fragment",
+        ),
+        (
+            "url with query",
+            json!({"managementURL": "https://127.0.0.1/?a=b"}),
+            "query",
+        ),
+        (
+            "javascript url",
+            json!({"managementURL": "javascript:alert(1)"}),
+            "https://",
+        ),
+        (
+            "file url",
+            json!({"managementURL": "file:///etc/passwd"}),
+            "https://",
+        ),
+        ("relative url", json!({"managementURL": "/api"}), "https://"),
+        (
+            "http without opt-in",
+            json!({"managementURL": "http://127.0.0.1"}),
+            "allowInsecureHTTP",
+        ),
+        (
+            "url not a string",
+            json!({"managementURL": 42}),
+            "managementURL",
+        ),
+        (
+            "expiresInDays as string",
+            json!({"token": {"expiresInDays": "30"}}),
+            "expiresInDays",
+        ),
+        (
+            "expiresInDays negative",
+            json!({"token": {"expiresInDays": -1}}),
+            "expiresInDays",
+        ),
+        (
+            "secretKey with slash",
+            json!({"token": {"secretKey": "a/b"}}),
+            "secretKey",
+        ),
+        (
+            "secretName too long",
+            json!({"token": {"secretName": "a".repeat(254)}}),
+            "secretName",
+        ),
+        (
+            "secretName with unicode",
+            json!({"token": {"secretName": "tökén"}}),
+            "secretName",
+        ),
+        (
+            "interval negative",
+            json!({"versionCheck": {"interval": "-1h"}}),
+            "interval",
+        ),
+        (
+            "interval absurd",
+            json!({"versionCheck": {"interval": "1h".repeat(20)}}),
+            "interval",
+        ),
+        (
+            "credentials name with slash",
+            json!({"credentialsSecretRef": {"name": "../x"}}),
+            "credentialsSecretRef.name",
+        ),
+        (
+            "credentials key with newline",
+            json!({"credentialsSecretRef": {"passwordKey": "pass\nword"}}),
+            "passwordKey",
+        ),
+        (
+            "ca name empty",
+            json!({"tls": {"caSecretRef": {"name": ""}}}),
+            "caSecretRef.name",
+        ),
+        (
+            "deletionPolicy unknown",
+            json!({"token": {"deletionPolicy": "Shred"}}),
+            "deletionPolicy",
+        ),
+        (
+            "serviceUser empty",
+            json!({"token": {"serviceUser": {"name": ""}}}),
+            "serviceUser.name",
+        ),
+        (
+            "own labels overridden",
+            json!({"token": {"secretLabels": {"bootstrap.netbird.io/instance": "other"}}}),
+            "secretLabels",
+        ),
+    ];
+    let mut base =
+        json!({"managementURL": "https://127.0.0.1", "credentialsSecretRef": {"name": "admin"}});
+    base["allowInsecureHTTP"] = json!(false);
+    for (i, (what, overlay, want)) in cases.iter().enumerate() {
+        let mut spec = base.clone();
+        merge(&mut spec, overlay);
+        match env.create_instance(&format!("bad{i}"), spec).await {
+            Ok(_) => panic!("{what}: accepted"),
+            Err(kube::Error::Api(s)) => {
+                assert_eq!(s.code, 422, "{what}: {s:?}");
+                assert!(
+                    s.message.contains(want),
+                    "{what}: {:?} should mention {want:?}",
+                    s.message
+                );
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+    // a name over the limit is refused by the apiserver itself
+    let long_name = "n".repeat(254);
+    assert!(env.create_instance(&long_name, base.clone()).await.is_err());
+}
+
+/// Secrets with hostile content end in a specific condition before any setup call.
+#[tokio::test]
+async fn bad_secrets_end_in_a_condition_without_a_setup_call() {
+    let Some(env) = TestEnv::new("hostile-secrets").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    let op = env.start_operator().await;
+    let huge = "p".repeat(512 * 1024);
+    type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, &'a str, &'a str);
+    let secrets: Vec<Case> = vec![
+        (
+            "binary-email",
+            vec![
+                ("email", vec![0xff, 0xfe, 0x00]),
+                ("password", PASSWORD.into()),
+            ],
+            "InvalidSpec",
+            "not UTF-8",
+        ),
+        (
+            "huge-password",
+            vec![("email", EMAIL.into()), ("password", huge.into_bytes())],
+            "InvalidSpec",
+            "524288 bytes",
+        ),
+        (
+            "long-password",
+            vec![
+                ("email", EMAIL.into()),
+                ("password", "€".repeat(25).into_bytes()),
+            ],
+            "InvalidSpec",
+            "75 bytes",
+        ),
+        (
+            "zero-width-email",
+            vec![
+                ("email", "adm\u{200b}in@example.com".into()),
+                ("password", PASSWORD.into()),
+            ],
+            "InvalidSpec",
+            "invisible",
+        ),
+        (
+            "rtl-email",
+            vec![
+                ("email", "admin@\u{202e}moc.elpmaxe".into()),
+                ("password", PASSWORD.into()),
+            ],
+            "InvalidSpec",
+            "invisible",
+        ),
+        (
+            "newline-email",
+            vec![
+                ("email", "admin@example.com\n".into()),
+                ("password", PASSWORD.into()),
+            ],
+            "InvalidSpec",
+            "newline",
+        ),
+        (
+            "control-name",
+            vec![
+                ("email", EMAIL.into()),
+                ("password", PASSWORD.into()),
+                ("name", "a\u{7}b".into()),
+            ],
+            "InvalidSpec",
+            "control",
+        ),
+        (
+            "long-name",
+            vec![
+                ("email", EMAIL.into()),
+                ("password", PASSWORD.into()),
+                ("name", "x".repeat(300).into_bytes()),
+            ],
+            "InvalidSpec",
+            "255",
+        ),
+        (
+            "no-password",
+            vec![("email", EMAIL.into())],
+            "InvalidSpec",
+            "no key \"password\"",
+        ),
+        (
+            "two-at",
+            vec![
+                ("email", "a@b@example.com".into()),
+                ("password", PASSWORD.into()),
+            ],
+            "InvalidSpec",
+            "more than one @",
+        ),
+    ];
+    for (name, data, _, _) in &secrets {
+        let obj: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "data": data.iter().map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.clone()))).collect::<std::collections::BTreeMap<_, _>>(),
+        }))
+        .unwrap();
+        env.secrets()
+            .create(&Default::default(), &obj)
+            .await
+            .unwrap();
+        let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": name}});
+        env.create_instance(name, spec).await.unwrap();
+    }
+    for (name, _, reason, text) in &secrets {
+        let n = env
+            .wait_instance(name, reason, T, |n| {
+                condition(n, "Stalled").is_some_and(|(s, r, _)| s == "True" && r == *reason)
+            })
+            .await;
+        let message = condition(&n, "Ready").unwrap().2;
+        assert!(message.contains(text), "{name}: {message}");
+        assert!(
+            !message.contains(PASSWORD),
+            "{name}: the message carries the password"
+        );
+    }
+    assert_eq!(fake.calls("setup"), 0, "no bad Secret reached NetBird");
+    assert_eq!(op.setup_calls(), 0);
+}
+
+/// Token Secrets with hostile content, and a CA that is not one.
+#[tokio::test]
+async fn bad_tokens_and_cas_are_reported_and_never_sent_malformed() {
+    let Some(env) = TestEnv::new("hostile-tokens").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    env.create_secret("admin", &[("email", EMAIL), ("password", PASSWORD)])
+        .await;
+    let _op = env.start_operator().await;
+    let ours = |instance: &str, token: Vec<u8>| -> k8s_openapi::api::core::v1::Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{instance}-token"), "labels": {
+                "app.kubernetes.io/managed-by": "netbird-operator", "bootstrap.netbird.io/instance": instance}},
+            "data": {"NB_API_KEY": k8s_openapi::ByteString(token)},
+        }))
+        .unwrap()
+    };
+    let good = netbird_operator::netbird::pat::from_secret("abcdefghijabcdefghijabcdefghij");
+    let mut bad_checksum = good.clone().into_bytes();
+    bad_checksum[39] = if bad_checksum[39] == b'A' { b'B' } else { b'A' };
+    for (instance, token) in [
+        ("binary", vec![0u8, 159, 146, 150]),
+        ("checksum", bad_checksum),
+        ("injection", format!("{good}\r\nX-Evil: 1").into_bytes()),
+    ] {
+        env.secrets()
+            .create(&Default::default(), &ours(instance, token))
+            .await
+            .unwrap();
+        let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
+        env.create_instance(instance, spec).await.unwrap();
+    }
+    for instance in ["binary", "checksum", "injection"] {
+        env.wait_instance(instance, "TokenRejected", T, |n| {
+            condition(n, "Stalled").is_some_and(|(_, r, _)| r == "TokenRejected")
+        })
+        .await;
+    }
+    assert_eq!(
+        fake.calls("users_current"),
+        0,
+        "a malformed token is never sent"
+    );
+    assert_eq!(fake.calls("setup"), 0);
+
+    // a CA that is not PEM, and a CA Secret without the key
+    env.create_secret("garbage-ca", &[("ca.crt", "not a certificate")])
+        .await;
+    env.create_secret("empty-ca", &[("other", "x")]).await;
+    for (instance, ca) in [("garbage", "garbage-ca"), ("nokey", "empty-ca")] {
+        let spec = json!({"managementURL": fake.url.replace("http://", "https://"), "credentialsSecretRef": {"name": "admin"},
+            "tls": {"caSecretRef": {"name": ca}}});
+        env.create_instance(instance, spec).await.unwrap();
+        env.wait_instance(instance, "InvalidSpec", T, |n| {
+            condition(n, "Stalled").is_some_and(|(_, r, _)| r == "InvalidSpec")
+        })
+        .await;
+    }
+}
+
+/// managementURL pointing at the Kubernetes apiserver itself: the operator gets no NetBird answer,
+/// reports it, and never sends the credentials there (setup needs a NetBird "setup required" first).
+#[tokio::test]
+async fn a_url_pointing_at_the_apiserver_gets_nothing() {
+    let Some(env) = TestEnv::new("hostile-apiserver").await else {
+        return;
+    };
+    env.create_secret("admin", &[("email", EMAIL), ("password", PASSWORD)])
+        .await;
+    let op = env.start_operator().await;
+    for (name, insecure) in [("plain", false), ("skipverify", true)] {
+        let spec = json!({"managementURL": env.cp.url, "credentialsSecretRef": {"name": "admin"},
+            "tls": {"insecureSkipVerify": insecure}});
+        env.create_instance(name, spec).await.unwrap();
+        let n = env
+            .wait_instance(name, "ManagementUnreachable", T, |n| {
+                condition(n, "Reconciling").is_some_and(|(_, r, _)| r == "ManagementUnreachable")
+            })
+            .await;
+        let message = condition(&n, "Ready").unwrap().2;
+        if insecure {
+            assert!(message.contains("GET /api/instance answered"), "{message}");
+        } else {
+            assert!(message.contains("TLS"), "{message}");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        op.setup_calls(),
+        0,
+        "the credentials never went to the apiserver"
+    );
+}
