@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
-.PHONY: demo test tools build lint crd manifests
+.PHONY: demo test tools build lint crd manifests reliability
 
 tools:
 	tests/tools/install
@@ -34,3 +34,7 @@ manifests:
 crd:
 	cargo run --locked --quiet -- crd > crds/netbirdinstance.yaml
 	cargo run --locked --quiet -- crd --helm > charts/netbird-operator/templates/crds.yaml
+
+# long trials of the reliability campaign (the short versions run in `make test`)
+reliability: tools
+	NBOP_TRIALS=50 cargo test --locked --test reliability -- --nocapture --test-threads 3

@@ -53,6 +53,8 @@ pub struct State {
     pub faults: HashMap<String, Fault>,
     pub version: &'static str,
     pub available: Option<&'static str>,
+    /// setup calls that succeeded (200)
+    pub setups_ok: u32,
     counter: u64,
 }
 
@@ -69,6 +71,7 @@ impl Default for State {
             faults: HashMap::new(),
             version: "0.77.1",
             available: Some("0.78.0"),
+            setups_ok: 0,
             counter: 0,
         }
     }
@@ -491,6 +494,7 @@ fn setup(s: &mut State, body: &[u8]) -> Resp {
         return error(412, "setup already completed");
     }
     s.setup_required = false;
+    s.setups_ok += 1;
     let user_id = format!("user{:056}", s.next_id());
     s.users.insert(user_id.clone(), email.clone());
     let mut r = json!({"user_id": user_id, "email": email});

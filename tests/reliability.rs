@@ -1,0 +1,138 @@
+//! The crash matrix of the bootstrap: the operator is killed (its task aborted, as SIGKILL would)
+//! at each step and at random moments, then restarted, against the real apiserver and the fake
+//! NetBird. Invariants: setup succeeds at most once per instance; the token is lost only when the
+//! kill fell between the server's answer and the Secret write, and then the instance reports
+//! Stalled/TokenLost at once; never a loop.
+//!
+//! Trials per crash point: NBOP_TRIALS (default 3; `make reliability` runs 50).
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::fake_netbird::{FakeNetbird, Fault};
+use support::{TestEnv, condition, ready_is};
+
+const T: Duration = Duration::from_secs(30);
+
+fn trials() -> usize {
+    std::env::var("NBOP_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+/// A number in [0, n) (no extra dependency for test randomness).
+fn random(n: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(n);
+    h.finish() % n.max(1)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// setup is sent but the server never handles it
+    BeforeSetupHandled,
+    /// the server completes setup, its answer never arrives
+    AfterSetupHandled,
+    /// at a random moment of the bootstrap (0 to 400 ms after the instance is created, with the
+    /// setup answer delayed 0 to 200 ms)
+    Random,
+}
+
+/// Outcome of one trial: (ended Ready, ended TokenLost).
+async fn trial(env: &TestEnv, i: usize, kill: Kill) -> (bool, bool) {
+    let fake = FakeNetbird::start().await;
+    let name = format!("t{i}");
+    let admin = format!("admin-{i}");
+    env.create_secret(
+        &admin,
+        &[
+            ("email", "admin@example.com"),
+            ("password", "s3cret-Passw0rd"),
+        ],
+    )
+    .await;
+    match kill {
+        Kill::BeforeSetupHandled => fake.fault("setup", Fault::Hang),
+        Kill::AfterSetupHandled => fake.fault("setup", Fault::Delay(Duration::from_secs(30))),
+        Kill::Random => fake.fault("setup", Fault::Delay(Duration::from_millis(random(200)))),
+    }
+    let op = env.start_operator().await;
+    let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": admin}});
+    env.create_instance(&name, spec).await.unwrap();
+    match kill {
+        Kill::Random => tokio::time::sleep(Duration::from_millis(random(400))).await,
+        _ => {
+            support::wait_for("the setup call", T, || async {
+                (fake.calls("setup") > 0).then_some(())
+            })
+            .await
+        }
+    }
+    op.kill();
+    fake.clear_fault("setup");
+
+    let _op = env.start_operator().await;
+    let n = env
+        .wait_instance(&name, "Ready or TokenLost", T, |n| {
+            ready_is(n, "True", "Bootstrapped")
+                || condition(n, "Stalled").is_some_and(|(_, r, _)| r == "TokenLost")
+        })
+        .await;
+    let ready = ready_is(&n, "True", "Bootstrapped");
+    let calls = fake.calls("setup");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        fake.calls("setup"),
+        calls,
+        "trial {i} ({kill:?}): setup is not called in a loop"
+    );
+    assert!(
+        fake.state().setups_ok <= 1,
+        "trial {i} ({kill:?}): setup succeeded {} times",
+        fake.state().setups_ok
+    );
+    match kill {
+        Kill::BeforeSetupHandled => assert!(
+            ready,
+            "trial {i}: a setup the server never handled is retried once"
+        ),
+        Kill::AfterSetupHandled => assert!(!ready, "trial {i}: the answer was lost: TokenLost"),
+        Kill::Random => {}
+    }
+    (ready, !ready)
+}
+
+async fn matrix(kill: Kill) {
+    let Some(env) = TestEnv::new(&format!("crash-{kill:?}").to_lowercase()).await else {
+        return;
+    };
+    let (mut ready, mut lost) = (0, 0);
+    for i in 0..trials() {
+        let (r, l) = trial(&env, i, kill).await;
+        ready += usize::from(r);
+        lost += usize::from(l);
+    }
+    eprintln!(
+        "crash matrix {kill:?}: {} trials, {ready} Ready, {lost} TokenLost, setup succeeded at most once in each",
+        trials()
+    );
+}
+
+#[tokio::test]
+async fn kill_before_the_server_handles_setup() {
+    matrix(Kill::BeforeSetupHandled).await;
+}
+
+#[tokio::test]
+async fn kill_after_the_server_handled_setup() {
+    matrix(Kill::AfterSetupHandled).await;
+}
+
+#[tokio::test]
+async fn kill_at_random_moments() {
+    matrix(Kill::Random).await;
+}
