@@ -136,3 +136,143 @@ async fn kill_after_the_server_handled_setup() {
 async fn kill_at_random_moments() {
     matrix(Kill::Random).await;
 }
+
+/// A user who may only create NetbirdInstances in one namespace (impersonated, under RBAC) cannot
+/// make the operator read another namespace's Secret, overwrite a Secret it does not own, or send
+/// the credentials over plain http.
+#[tokio::test]
+async fn a_namespace_user_cannot_turn_the_operator_against_the_cluster() {
+    let Some(env) = TestEnv::new("deputy").await else {
+        return;
+    };
+    let Some(other) = TestEnv::new("deputy-other").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    // the victim's Secrets: credentials in another namespace, and an unrelated Secret in this one
+    other
+        .create_secret(
+            "admin",
+            &[
+                ("email", "victim@example.com"),
+                ("password", "victim-Passw0rd"),
+            ],
+        )
+        .await;
+    env.create_secret("db-password", &[("password", "do-not-touch")])
+        .await;
+    for obj in [
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "nbi-author", "namespace": env.ns},
+            "rules": [{"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances"], "verbs": ["create", "get", "list"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "nbi-author", "namespace": env.ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "nbi-author"},
+            "subjects": [{"kind": "User", "name": "alice", "apiGroup": "rbac.authorization.k8s.io"}]}),
+    ] {
+        let obj: kube::api::DynamicObject = serde_json::from_value(obj).unwrap();
+        let kind = obj.types.as_ref().unwrap().kind.clone();
+        let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "rbac.authorization.k8s.io",
+            "v1",
+            &kind,
+        ));
+        let api: kube::Api<kube::api::DynamicObject> =
+            kube::Api::namespaced_with(env.client.clone(), &env.ns, &ar);
+        api.create(&Default::default(), &obj).await.unwrap();
+    }
+    // alice, impersonated by the admin
+    let kc = kube::config::Kubeconfig::read_from(&env.cp.kubeconfig).unwrap();
+    let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    cfg.auth_info.impersonate = Some("alice".into());
+    let alice = support::TestEnv {
+        ns: env.ns.clone(),
+        client: kube::Client::try_from(cfg).unwrap(),
+        cp: env.cp,
+    };
+    let _op = env.start_operator().await;
+
+    // 1. no way to name another namespace: "admin" is looked up in alice's namespace only
+    alice
+        .create_instance("steal", json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}}))
+        .await
+        .unwrap();
+    env.wait_instance("steal", "WaitingForCredentials", T, |n| {
+        condition(n, "Reconciling").is_some_and(|(_, r, _)| r == "WaitingForCredentials")
+    })
+    .await;
+    assert_eq!(
+        fake.calls("setup"),
+        0,
+        "the other namespace's credentials were never used"
+    );
+    // 2. a token Secret name that is someone else's Secret: never overwritten
+    alice.create_secret_denied("mine").await;
+    let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "db-password"},
+        "token": {"secretName": "db-password"}});
+    alice.create_instance("overwrite", spec).await.unwrap();
+    env.wait_instance("overwrite", "InvalidSpec or SecretConflict", T, |n| {
+        condition(n, "Stalled").is_some()
+    })
+    .await;
+    let untouched = env.secrets().get("db-password").await.unwrap();
+    assert_eq!(untouched.data.unwrap()["password"].0, b"do-not-touch");
+    assert!(
+        untouched
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .is_empty(),
+        "not even annotated"
+    );
+    // 3. plain http without the opt-in is refused at admission
+    let e = alice
+        .create_instance(
+            "plain",
+            json!({"managementURL": fake.url, "credentialsSecretRef": {"name": "x"}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("allowInsecureHTTP"), "{e}");
+}
+
+/// The token Secret deleted by hand while the operator runs: reported (TokenLost), never a second
+/// setup; putting a token back recovers.
+#[tokio::test]
+async fn the_token_secret_deleted_by_hand_is_reported() {
+    let Some(env) = TestEnv::new("secret-deleted").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    env.create_secret(
+        "admin",
+        &[
+            ("email", "admin@example.com"),
+            ("password", "s3cret-Passw0rd"),
+        ],
+    )
+    .await;
+    let _op = env.start_operator().await;
+    let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
+    env.create_instance("nb", spec).await.unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    env.secrets()
+        .delete("nb-token", &Default::default())
+        .await
+        .unwrap();
+    let n = env
+        .wait_instance("nb", "TokenLost", T, |n| {
+            condition(n, "Stalled").is_some_and(|(_, r, _)| r == "TokenLost")
+        })
+        .await;
+    assert!(
+        condition(&n, "Ready").unwrap().2.contains("gone"),
+        "{:?}",
+        condition(&n, "Ready")
+    );
+    assert_eq!(fake.calls("setup"), 1);
+    assert_eq!(fake.state().setups_ok, 1);
+}

@@ -411,6 +411,16 @@ impl TestEnv {
             .expect("create secret")
     }
 
+    /// Asserts that this client may not create a Secret here (RBAC).
+    pub async fn create_secret_denied(&self, name: &str) {
+        let obj: Secret = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
+            .expect("secret");
+        match self.secrets().create(&PostParams::default(), &obj).await {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+            other => panic!("creating a Secret was not forbidden: {other:?}"),
+        }
+    }
+
     /// Creates a NetbirdInstance from a spec given as JSON (untyped, so invalid specs reach the
     /// apiserver as written).
     pub async fn create_instance(
