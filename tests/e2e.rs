@@ -352,6 +352,13 @@ async fn failure_modes_end_in_specific_conditions() {
             message: "redirect",
         },
         Case {
+            name: "rate-limited",
+            prepare: |f| f.fault("instance", Fault::Status(429, "too many requests")),
+            condition: "Reconciling",
+            reason: "ManagementUnreachable",
+            message: "429",
+        },
+        Case {
             name: "slow",
             prepare: |f| f.fault("instance", Fault::Hang),
             condition: "Reconciling",

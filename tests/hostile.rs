@@ -386,3 +386,66 @@ async fn a_url_pointing_at_the_apiserver_gets_nothing() {
         "the credentials never went to the apiserver"
     );
 }
+
+/// TLS: an unknown CA and a wrong host name are refused (Reconciling/ManagementUnreachable saying
+/// TLS); the CA from caSecretRef makes the same server trusted; insecureSkipVerify skips the check.
+#[tokio::test]
+async fn tls_is_verified_and_the_ca_secret_is_used() {
+    let Some(env) = TestEnv::new("tls").await else {
+        return;
+    };
+    let (good, ca) = FakeNetbird::start_tls(&["127.0.0.1"]).await;
+    let (wrong_name, wrong_ca) = FakeNetbird::start_tls(&["netbird.example.com"]).await;
+    env.create_secret("admin", &[("email", EMAIL), ("password", PASSWORD)])
+        .await;
+    env.create_secret("ca", &[("ca.crt", &ca)]).await;
+    env.create_secret("wrong-ca", &[("ca.crt", &wrong_ca)])
+        .await;
+    let op = env.start_operator().await;
+    let spec = |url: &str, tls: Value| json!({"managementURL": url, "credentialsSecretRef": {"name": "admin"}, "tls": tls});
+    env.create_instance("unknown-ca", spec(&good.url, json!({})))
+        .await
+        .unwrap();
+    env.create_instance(
+        "wrong-name",
+        spec(
+            &wrong_name.url,
+            json!({"caSecretRef": {"name": "wrong-ca"}}),
+        ),
+    )
+    .await
+    .unwrap();
+    for name in ["unknown-ca", "wrong-name"] {
+        let n = env
+            .wait_instance(name, "ManagementUnreachable", T, |n| {
+                condition(n, "Reconciling").is_some_and(|(_, r, _)| r == "ManagementUnreachable")
+            })
+            .await;
+        let message = condition(&n, "Ready").unwrap().2;
+        assert!(message.contains("TLS"), "{name}: {message}");
+    }
+    assert_eq!(
+        good.calls("instance") + wrong_name.calls("instance"),
+        0,
+        "nothing was sent over an unverified connection"
+    );
+    env.create_instance(
+        "with-ca",
+        spec(&good.url, json!({"caSecretRef": {"name": "ca"}})),
+    )
+    .await
+    .unwrap();
+    env.wait_instance("with-ca", "Ready", T, |n| {
+        support::ready_is(n, "True", "Bootstrapped")
+    })
+    .await;
+    let (skip, _) = FakeNetbird::start_tls(&["elsewhere.example"]).await;
+    env.create_instance("skip", spec(&skip.url, json!({"insecureSkipVerify": true})))
+        .await
+        .unwrap();
+    env.wait_instance("skip", "Ready", T, |n| {
+        support::ready_is(n, "True", "Bootstrapped")
+    })
+    .await;
+    assert_eq!(op.setup_calls(), 2);
+}
