@@ -144,6 +144,8 @@ pub struct ControlPlane {
     pub kubeconfig: PathBuf,
     /// A user ("limited") with no permissions but what a test grants through RBAC.
     pub limited_kubeconfig: PathBuf,
+    /// kube-apiserver: binary, arguments, watchdog pid, port (for restarts).
+    apiserver: std::sync::Mutex<(PathBuf, Vec<String>, u32, u16)>,
     pub url: String,
     pub kubectl: PathBuf,
     pub helm: PathBuf,
@@ -237,28 +239,30 @@ impl ControlPlane {
         );
 
         let url = format!("https://127.0.0.1:{api_port}");
-        spawn_watched(
-            &tools.kube_bin.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--tls-cert-file={}", crt.display()),
-                format!("--tls-private-key-file={}", key.display()),
-                format!("--client-ca-file={}", ca_file.display()),
-                format!("--token-auth-file={}", tokens.display()),
-                "--authorization-mode=RBAC".into(),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--allow-privileged=true".into(),
-                "--disable-admission-plugins=ServiceAccount".into(),
-                format!("--service-account-issuer=https://127.0.0.1:{api_port}/"),
-                format!("--service-account-key-file={}", sa_pub.display()),
-                format!("--service-account-signing-key-file={}", sa.display()),
-                "--endpoint-reconciler-type=none".into(),
-                format!("--cert-dir={}", dir.join("certs").display()),
-                "--v=0".into(),
-            ],
+        let apiserver_args: Vec<String> = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--tls-cert-file={}", crt.display()),
+            format!("--tls-private-key-file={}", key.display()),
+            format!("--client-ca-file={}", ca_file.display()),
+            format!("--token-auth-file={}", tokens.display()),
+            "--authorization-mode=RBAC".into(),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--allow-privileged=true".into(),
+            "--disable-admission-plugins=ServiceAccount".into(),
+            format!("--service-account-issuer=https://127.0.0.1:{api_port}/"),
+            format!("--service-account-key-file={}", sa_pub.display()),
+            format!("--service-account-signing-key-file={}", sa.display()),
+            "--endpoint-reconciler-type=none".into(),
+            format!("--cert-dir={}", dir.join("certs").display()),
+            "--v=0".into(),
+        ];
+        let apiserver_bin = tools.kube_bin.join("kube-apiserver");
+        let apiserver_pid = spawn_watched(
+            &apiserver_bin,
+            &apiserver_args,
             &[],
             &dir.join("apiserver.log"),
             None,
@@ -279,6 +283,12 @@ impl ControlPlane {
             ),
         );
         let cp = ControlPlane {
+            apiserver: std::sync::Mutex::new((
+                apiserver_bin,
+                apiserver_args,
+                apiserver_pid,
+                api_port,
+            )),
             dir: dir.clone(),
             kubeconfig,
             limited_kubeconfig,
@@ -317,6 +327,39 @@ impl ControlPlane {
             cp.kubeconfig.display()
         );
         cp
+    }
+
+    /// Stops kube-apiserver, keeps it down for `down`, starts it again (same etcd, port and
+    /// certificates) and waits until it is ready. Disrupts every test of this binary.
+    pub async fn restart_apiserver(&self, down: Duration) {
+        let (bin, args, pid, port) = self.apiserver.lock().unwrap().clone();
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        wait_for(
+            "kube-apiserver to stop",
+            Duration::from_secs(30),
+            || async move {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .is_err()
+                    .then_some(())
+            },
+        )
+        .await;
+        tokio::time::sleep(down).await;
+        let pid = spawn_watched(&bin, &args, &[], &self.dir.join("apiserver.log"), None);
+        self.apiserver.lock().unwrap().2 = pid;
+        let client = self.client().await;
+        wait_for(
+            "kube-apiserver to be ready again",
+            Duration::from_secs(90),
+            || {
+                let client = client.clone();
+                async move {
+                    let req = http::Request::get("/readyz").body(Vec::new()).ok()?;
+                    (client.request_text(req).await.ok()?.trim() == "ok").then_some(())
+                }
+            },
+        )
+        .await;
     }
 
     /// A new admin client (clients are bound to the tokio runtime that made them).
