@@ -38,3 +38,4 @@ crd:
 # long trials of the reliability campaign (the short versions run in `make test`)
 reliability: tools
 	NBOP_TRIALS=50 cargo test --locked --test reliability -- --nocapture --test-threads 3
+	NBOP_LEADER_KILLS=5 cargo test --locked --test leader -- --nocapture

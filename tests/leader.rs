@@ -104,3 +104,88 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over() {
     let _ = b.kill();
     let _ = b.wait();
 }
+
+/// Leaders SIGKILLed at random moments while many instances bootstrap: each server is set up exactly
+/// once, and no extra token is left on any server. Rounds: NBOP_LEADER_KILLS (default 1).
+#[tokio::test]
+async fn leaders_killed_during_a_bootstrap_of_many_instances() {
+    let Some(env) = TestEnv::new("leader-kills").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    env.create_secret(
+        "admin",
+        &[
+            ("email", "admin@example.com"),
+            ("password", "s3cret-Passw0rd"),
+        ],
+    )
+    .await;
+    let rounds: usize = std::env::var("NBOP_LEADER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut fakes = Vec::new();
+    for i in 0..10 {
+        let fake = FakeNetbird::start().await;
+        fake.fault(
+            "setup",
+            support::fake_netbird::Fault::Delay(Duration::from_millis(100 * (i as u64 % 5))),
+        );
+        fakes.push(fake);
+    }
+    let mut replicas = vec![
+        operator(&env, "r0", &dir.path().join("r0.log")),
+        operator(&env, "r1", &dir.path().join("r1.log")),
+    ];
+    for (i, fake) in fakes.iter().enumerate() {
+        let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
+        env.create_instance(&format!("nb{i}"), spec).await.unwrap();
+    }
+    for (next, round) in (2..).zip(0..rounds) {
+        let leader = support::wait_for("a leader", Duration::from_secs(40), || holder(&env)).await;
+        // kill it at a random moment of its work
+        let jitter = std::collections::hash_map::RandomState::new();
+        let delay = std::hash::BuildHasher::hash_one(&jitter, round) % 1000;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let idx: usize = leader.trim_start_matches('r').parse().unwrap();
+        if let Some(child) = replicas.get_mut(idx) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let name = format!("r{next}");
+        replicas.push(operator(
+            &env,
+            &name,
+            &dir.path().join(format!("{name}.log")),
+        ));
+    }
+    for i in 0..10 {
+        env.wait_instance(&format!("nb{i}"), "Ready", Duration::from_secs(120), |n| {
+            ready_is(n, "True", "Bootstrapped") || support::condition(n, "Stalled").is_some()
+        })
+        .await;
+    }
+    let mut lost = 0;
+    for (i, f) in fakes.iter().enumerate() {
+        let s = f.state();
+        assert!(
+            s.setups_ok <= 1,
+            "nb{i}: setup succeeded {} times",
+            s.setups_ok
+        );
+        assert!(
+            s.tokens.len() <= 1,
+            "nb{i}: {} tokens left on the server",
+            s.tokens.len()
+        );
+        lost += usize::from(s.setups_ok == 1 && s.tokens.is_empty());
+    }
+    for r in replicas.iter_mut() {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
+    eprintln!(
+        "leader kills: {rounds} round(s), 10 instances, setup at most once each, {lost} token(s) lost between answer and store"
+    );
+}
