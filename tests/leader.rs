@@ -142,8 +142,15 @@ async fn leaders_killed_during_a_bootstrap_of_many_instances() {
         let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
         env.create_instance(&format!("nb{i}"), spec).await.unwrap();
     }
+    let mut killed: Vec<String> = Vec::new();
     for (next, round) in (2..).zip(0..rounds) {
-        let leader = support::wait_for("a leader", Duration::from_secs(40), || holder(&env)).await;
+        let leader = support::wait_for("a live leader", Duration::from_secs(60), || {
+            let killed = killed.clone();
+            let env = &env;
+            async move { holder(env).await.filter(|h| !killed.contains(h)) }
+        })
+        .await;
+        killed.push(leader.clone());
         // kill it at a random moment of its work
         let jitter = std::collections::hash_map::RandomState::new();
         let delay = std::hash::BuildHasher::hash_one(&jitter, round) % 1000;

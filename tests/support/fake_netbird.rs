@@ -548,3 +548,78 @@ fn setup(s: &mut State, body: &[u8]) -> Resp {
         .insert("cache-control", "no-store".parse().unwrap());
     resp
 }
+
+/// Many fake NetBird servers behind one listener, one per path prefix `/i/<n>` (managementURL may
+/// carry a path prefix). For the benchmark's fleet of instances.
+pub struct FakeFleet {
+    pub base: String,
+    pub states: Arc<Vec<Arc<Mutex<State>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeFleet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeFleet {
+    pub async fn start(n: usize) -> FakeFleet {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let states: Arc<Vec<_>> = Arc::new(
+            (0..n)
+                .map(|_| Arc::new(Mutex::new(State::default())))
+                .collect(),
+        );
+        let st = states.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                        let st = st.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let rest = path.strip_prefix("/i/").unwrap_or("");
+                            let (idx, tail) = rest.split_once('/').unwrap_or((rest, ""));
+                            let Some(state) =
+                                idx.parse::<usize>().ok().and_then(|i| st.get(i)).cloned()
+                            else {
+                                return Ok::<_, Infallible>(error(404, "no such instance"));
+                            };
+                            let query = req
+                                .uri()
+                                .query()
+                                .map(|q| format!("?{q}"))
+                                .unwrap_or_default();
+                            *req.uri_mut() = format!("/{tail}{query}").parse().unwrap();
+                            handle(state, req).await
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakeFleet { base, states, task }
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("{}/i/{i}", self.base)
+    }
+
+    /// Calls made to all servers of the fleet.
+    pub fn total_calls(&self) -> u32 {
+        self.states
+            .iter()
+            .map(|s| s.lock().unwrap().calls.values().sum::<u32>())
+            .sum()
+    }
+}
