@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
-.PHONY: demo test tools build lint crd manifests reliability
+.PHONY: demo test tools build lint crd manifests reliability bench
 
 tools:
 	tests/tools/install
@@ -39,3 +39,8 @@ crd:
 reliability: tools
 	NBOP_TRIALS=50 cargo test --locked --test reliability -- --nocapture --test-threads 3
 	NBOP_LEADER_KILLS=5 cargo test --locked --test leader -- --nocapture
+
+# the performance benchmark: writes docs/performance.md (several minutes)
+bench: tools
+	cargo build --release --locked --bin netbird-operator
+	cargo run --release --locked --example bench

@@ -1,0 +1,398 @@
+//! `make bench`: the operator (release binary, a real process) against the real apiserver of the
+//! test harness and a fleet of fake NetBird servers, beside a straight-line client that makes the
+//! same NetBird calls and Kubernetes writes with no controller machinery. Writes
+//! docs/performance.md. Sizes: NBOP_BENCH_FLEET (1000), NBOP_BENCH_LATENCY (40),
+//! NBOP_BENCH_NOISE (10000), NBOP_BENCH_QUIET seconds (120).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use netbird_operator::crd::NetbirdInstance;
+use netbird_operator::netbird::{ClientOptions, NetbirdClient, SetupRequest};
+use secrecy::SecretString;
+use serde_json::json;
+use support::fake_netbird::FakeFleet;
+
+fn env_or(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn instance(name: &str, url: &str) -> NetbirdInstance {
+    serde_json::from_value(json!({
+        "apiVersion": "bootstrap.netbird.io/v1alpha1", "kind": "NetbirdInstance",
+        "metadata": {"name": name},
+        "spec": {"managementURL": url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"},
+                 "versionCheck": {"interval": "1h"}},
+    }))
+    .unwrap()
+}
+
+async fn namespace(client: &kube::Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    let _ = api.create(&PostParams::default(), &ns).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), name);
+    let admin: Secret = serde_json::from_value(json!({"metadata": {"name": "admin"},
+        "stringData": {"email": "admin@example.com", "password": "s3cret-Passw0rd"}}))
+    .unwrap();
+    let _ = secrets.create(&PostParams::default(), &admin).await;
+}
+
+fn is_ready(n: &NetbirdInstance) -> bool {
+    support::ready_is(n, "True", "Bootstrapped")
+}
+
+/// What the operator does for one instance, in a straight line: the same NetBird calls (instance,
+/// setup, current user, version) and the same Kubernetes writes (the resource, its first status, the
+/// claimed token Secret, the token, the final status), and the credentials fingerprint.
+async fn straight_line(client: &kube::Client, ns: &str, name: &str, url: &str) {
+    let nbis: Api<NetbirdInstance> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    nbis.create(&PostParams::default(), &instance(name, url))
+        .await
+        .unwrap();
+    let status = json!({"status": {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "Unknown",
+        "reason": "Progressing", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    nbis.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let nb = NetbirdClient::new(url, &ClientOptions::default()).unwrap();
+    assert!(nb.instance_status().await.unwrap().setup_required);
+    let creds = SecretString::from("admin@example.com\ns3cret-Passw0rd");
+    let _fingerprint = netbird_operator::fingerprint::hash(creds).await.unwrap();
+    let claim: Secret =
+        serde_json::from_value(json!({"metadata": {"name": format!("{name}-token"),
+        "annotations": {"bootstrap.netbird.io/setup-started-at": "now"}}}))
+        .unwrap();
+    secrets
+        .create(&PostParams::default(), &claim)
+        .await
+        .unwrap();
+    let resp = nb
+        .setup(&SetupRequest {
+            email: "admin@example.com".into(),
+            password: SecretString::from("s3cret-Passw0rd"),
+            name: "admin".into(),
+            create_pat: true,
+            pat_expire_in: 30,
+        })
+        .await
+        .unwrap();
+    let token = resp.personal_access_token.unwrap();
+    let store = json!({"stringData": {"NB_API_KEY": secrecy::ExposeSecret::expose_secret(&token)}});
+    secrets
+        .patch(
+            &format!("{name}-token"),
+            &PatchParams::default(),
+            &Patch::Merge(&store),
+        )
+        .await
+        .unwrap();
+    nb.current_user(&token).await.unwrap();
+    nb.version(&token).await.unwrap();
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Bootstrapped",
+        "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    nbis.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+async fn wait_ready(api: &Api<NetbirdInstance>, name: &str) {
+    loop {
+        if api
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|n| is_ready(&n))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn count_ready(api: &Api<NetbirdInstance>) -> usize {
+    api.list(&ListParams::default())
+        .await
+        .map(|l| l.items.iter().filter(|n| is_ready(n)).count())
+        .unwrap_or(0)
+}
+
+async fn http_ok(url: &str) -> bool {
+    reqwest::get(url)
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false)
+}
+
+async fn metric(url: &str, name: &str) -> f64 {
+    let text = match reqwest::get(url).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn start_operator(kubeconfig: &std::path::Path, port: u16) -> std::process::Child {
+    Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/release/netbird-operator"
+    ))
+    .args([
+        "run",
+        "--namespace",
+        "bench-op",
+        "--http-addr",
+        &format!("127.0.0.1:{port}"),
+        "--log-level",
+        "warn",
+    ])
+    .env("KUBECONFIG", kubeconfig)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("build it first: cargo build --release")
+}
+
+#[tokio::main]
+async fn main() {
+    netbird_operator::tls::install_crypto_provider();
+    let fleet_n = env_or("NBOP_BENCH_FLEET", 1000);
+    let lat_n = env_or("NBOP_BENCH_LATENCY", 40);
+    let noise_n = env_or("NBOP_BENCH_NOISE", 10000);
+    let quiet_s = env_or("NBOP_BENCH_QUIET", 120) as u64;
+    let cp = support::ControlPlane::shared().expect("tools missing: run tests/tools/install");
+    let client = cp.client().await;
+    let fleet = FakeFleet::start(2 * (fleet_n + lat_n)).await;
+    namespace(&client, "bench-op").await;
+    namespace(&client, "bench-line").await;
+    let ops: Api<NetbirdInstance> = Api::namespaced(client.clone(), "bench-op");
+    let port = support::free_port();
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let mut op = start_operator(&cp.kubeconfig, port);
+    while !http_ok(&format!("http://127.0.0.1:{port}/readyz")).await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = rss_kib(op.id());
+    eprintln!("idle RSS {rss_idle} KiB");
+
+    // 1. latency, one after another, operator and straight line interleaved
+    let (mut lat_op, mut lat_line) = (Vec::new(), Vec::new());
+    for i in 0..lat_n {
+        let t0 = Instant::now();
+        ops.create(
+            &PostParams::default(),
+            &instance(&format!("lat{i}"), &fleet.url(i)),
+        )
+        .await
+        .unwrap();
+        wait_ready(&ops, &format!("lat{i}")).await;
+        lat_op.push(t0.elapsed());
+        let t0 = Instant::now();
+        straight_line(
+            &client,
+            "bench-line",
+            &format!("lat{i}"),
+            &fleet.url(lat_n + i),
+        )
+        .await;
+        lat_line.push(t0.elapsed());
+    }
+    lat_op.sort();
+    lat_line.sort();
+    eprintln!(
+        "latency p50 operator {:?} line {:?}",
+        pct(&lat_op, 0.5),
+        pct(&lat_line, 0.5)
+    );
+
+    // 2. fleet: created at once (16 writers), until all Ready
+    let base = 2 * lat_n;
+    let t0 = Instant::now();
+    stream::iter(0..fleet_n)
+        .for_each_concurrent(16, |i| {
+            let ops = ops.clone();
+            let url = fleet.url(base + i);
+            async move {
+                ops.create(&PostParams::default(), &instance(&format!("f{i}"), &url))
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    while count_ready(&ops).await < fleet_n + lat_n {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fleet_op = t0.elapsed();
+    eprintln!("fleet operator {fleet_op:?}");
+    let client2 = client.clone();
+    let t0 = Instant::now();
+    stream::iter(0..fleet_n)
+        .for_each_concurrent(8, |i| {
+            let client = client2.clone();
+            let url = fleet.url(base + fleet_n + i);
+            async move { straight_line(&client, "bench-line", &format!("f{i}"), &url).await }
+        })
+        .await;
+    let fleet_line = t0.elapsed();
+    eprintln!("fleet line {fleet_line:?}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_fleet = rss_kib(op.id());
+
+    // 4. quiet steady state (before the noise, which is a change the operator must see)
+    let calls0 = fleet.total_calls();
+    let rv = |items: Vec<NetbirdInstance>| {
+        items
+            .iter()
+            .map(|n| n.metadata.resource_version.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    let before = rv(ops.list(&ListParams::default()).await.unwrap().items);
+    let secrets_op: Api<Secret> = Api::namespaced(client.clone(), "bench-op");
+    let srv = |items: Vec<Secret>| {
+        items
+            .iter()
+            .map(|n| n.metadata.resource_version.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    let sbefore = srv(secrets_op.list(&ListParams::default()).await.unwrap().items);
+    tokio::time::sleep(Duration::from_secs(quiet_s)).await;
+    let after = rv(ops.list(&ListParams::default()).await.unwrap().items);
+    let safter = srv(secrets_op.list(&ListParams::default()).await.unwrap().items);
+    let writes = before.iter().zip(&after).filter(|(a, b)| a != b).count()
+        + sbefore.iter().zip(&safter).filter(|(a, b)| a != b).count();
+    let quiet_calls = fleet.total_calls() - calls0;
+    eprintln!("quiet: {writes} writes, {quiet_calls} NetBird calls in {quiet_s} s");
+
+    // 3. memory with unrelated Secrets of 4 KiB in the watched namespace
+    let blob = "x".repeat(4096);
+    stream::iter(0..noise_n)
+        .for_each_concurrent(32, |i| {
+            let secrets = secrets_op.clone();
+            let blob = blob.clone();
+            async move {
+                let s: Secret = serde_json::from_value(json!({"metadata": {"name": format!("noise{i}")}, "stringData": {"blob": blob}})).unwrap();
+                let _ = secrets.create(&PostParams::default(), &s).await;
+            }
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let rss_noise = rss_kib(op.id());
+    eprintln!("RSS idle {rss_idle} fleet {rss_fleet} noise {rss_noise} KiB");
+
+    // 5. start-up with everything present
+    let _ = op.kill();
+    let _ = op.wait();
+    let port = support::free_port();
+    let t0 = Instant::now();
+    op = start_operator(&cp.kubeconfig, port);
+    let metrics_url2 = format!("http://127.0.0.1:{port}/metrics");
+    let mut first_reconcile = None;
+    let mut readyz = None;
+    while first_reconcile.is_none() || readyz.is_none() {
+        if readyz.is_none() && http_ok(&format!("http://127.0.0.1:{port}/readyz")).await {
+            readyz = Some(t0.elapsed());
+        }
+        if first_reconcile.is_none()
+            && metric(&metrics_url2, "netbird_operator_reconciles_total").await > 0.0
+        {
+            first_reconcile = Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if t0.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+    }
+    let _ = op.kill();
+    let _ = op.wait();
+    let _ = metrics_url;
+
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+    let mib = |k: u64| k as f64 / 1024.0;
+    let report = format!(
+        "# Performance\n\nMeasured by `make bench` (examples/bench.rs) on {date}: {cores} cores ({cpu}), Kubernetes 1.36.3 (the test harness's\n\
+kube-apiserver and etcd on loopback), the operator's release binary as its own process (concurrency 8), fake NetBird\n\
+servers (one per path prefix) on loopback. Each ratio compares figures from the same run.\n\n\
+| figure | operator | straight line | ratio / result | target |\n|---|---|---|---|---|\n\
+| latency to Ready, p50 ({lat_n} one after another) | {op50:.1} ms | {line50:.1} ms | {r50:.2}x | <= 1.25x |\n\
+| latency to Ready, p99 | {op99:.1} ms | {line99:.1} ms | {r99:.2}x | |\n\
+| fleet of {fleet_n} created at once, until all Ready | {fop:.1} s | {fline:.1} s (concurrency 8) | {rf:.2}x | <= 1.5x |\n\
+| resident memory idle | {idle:.1} MiB | | | |\n\
+| resident memory with {total} Ready instances | {fleet_mem:.1} MiB | | | <= 40 MiB |\n\
+| growth after {noise_n} unrelated 4 KiB Secrets in the watched namespace | {growth:+.1} MiB | | | <= 2 MiB |\n\
+| writes to the apiserver in {quiet_s} s of steady state (resourceVersions of every NetbirdInstance and Secret) | {writes} | | | 0 |\n\
+| NetBird calls in the same {quiet_s} s (counted by the servers) | {quiet_calls} | | | 0 outside scheduled checks |\n\
+| start-up with {total} instances: process start to /readyz | {rz} | | | |\n\
+| start-up: process start to the first reconcile | {fr} | | | |\n",
+        date = jiff::Timestamp::now().strftime("%Y-%m-%d"),
+        cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        op50 = pct(&lat_op, 0.5).as_secs_f64() * 1000.0,
+        line50 = pct(&lat_line, 0.5).as_secs_f64() * 1000.0,
+        r50 = ratio(pct(&lat_op, 0.5), pct(&lat_line, 0.5)),
+        op99 = pct(&lat_op, 0.99).as_secs_f64() * 1000.0,
+        line99 = pct(&lat_line, 0.99).as_secs_f64() * 1000.0,
+        r99 = ratio(pct(&lat_op, 0.99), pct(&lat_line, 0.99)),
+        fop = fleet_op.as_secs_f64(),
+        fline = fleet_line.as_secs_f64(),
+        rf = ratio(fleet_op, fleet_line),
+        idle = mib(rss_idle),
+        total = fleet_n + lat_n,
+        fleet_mem = mib(rss_fleet),
+        growth = mib(rss_noise) - mib(rss_fleet),
+        rz = readyz
+            .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
+            .unwrap_or("> 120 s".into()),
+        fr = first_reconcile
+            .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
+            .unwrap_or("> 120 s".into()),
+    );
+    std::fs::write(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/docs/performance.md"),
+        &report,
+    )
+    .unwrap();
+    println!("{report}");
+}
