@@ -38,7 +38,7 @@ crd:
 # long trials of the reliability campaign (the short versions run in `make test`)
 reliability: tools
 	NBOP_TRIALS=50 cargo test --locked --test reliability -- --nocapture --test-threads 3
-	NBOP_LEADER_KILLS=5 cargo test --locked --test leader -- --nocapture
+	NBOP_LEADER_KILLS=4 cargo test --locked --test leader -- --nocapture
 
 # the performance benchmark: writes docs/performance.md (several minutes)
 bench: tools
