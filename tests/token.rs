@@ -466,10 +466,15 @@ async fn service_user_exchange_against_the_real_netbird_server() {
         .expect("the service user exists");
     assert_eq!(me.name, "netbird-operator");
     assert_eq!(me.role, "admin");
-    assert_eq!(
-        n.status.unwrap().token.unwrap().user_id.as_deref(),
-        Some(svc_id.as_str())
-    );
+    let _ = n;
+    env.wait_instance("nb", "the service user in status", T, |n| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.token.as_ref())
+            .and_then(|t| t.user_id.as_deref())
+            == Some(svc_id.as_str())
+    })
+    .await;
     let tokens = client.list_tokens(&token, &me.id).await.unwrap();
     assert_eq!(tokens.len(), 1, "{tokens:?}");
 }

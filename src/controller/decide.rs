@@ -374,12 +374,16 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
     if s.annotation(ANN_PREVIOUS_TOKEN_ID).is_some() && p.previous_deleted.is_none() {
         return Some(Step::DeletePreviousToken);
     }
-    if s.annotation(ANN_TOKEN_ID).is_none() && p.token_list.is_none() {
+    // right after setup, Ready first: the token is identified in the next pass (which the Secret
+    // write triggers anyway)
+    if s.annotation(ANN_TOKEN_ID).is_none() && p.token_list.is_none() && p.setup.is_none() {
         return Some(Step::IdentifyToken);
     }
     // the Secret records whose token it holds: a server that describes users unexpectedly can never
     // make the exchange run again
+    // (after identification: the exchange deletes the old token by its id)
     if let Some(name) = f.service_user
+        && s.annotation(ANN_TOKEN_ID).is_some()
         && s.annotation(crate::token_secret::ANN_SERVICE_USER) != Some(name)
         && !p.exchanged
         && p.exchange_error.is_none()

@@ -121,6 +121,15 @@ impl World {
             .is_none_or(|s| token_secret::metadata_in_sync(nbi, s))
     }
 
+    /// The token Secret as a write returned it (saves reading it back).
+    fn set_token_secret(&mut self, nbi: &NetbirdInstance, secret: Option<Secret>) {
+        self.token_secret_rv = secret
+            .as_ref()
+            .and_then(|s| s.metadata.resource_version.clone());
+        self.token_secret =
+            token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
+    }
+
     async fn reread(
         &mut self,
         nbi: &NetbirdInstance,
@@ -222,6 +231,11 @@ pub async fn run(
                     message: e.to_string(),
                     retry: true,
                 })?;
+            // the fingerprint was just made from these credentials: no need to compare them again
+            lock(&ctx.fingerprint_checks).insert(
+                nbi.uid().unwrap_or_default(),
+                (fingerprint_key(&fp, &creds.fingerprint_input()), true),
+            );
             let started = ctx.now().to_string();
             let result = match (&world.token_secret, &world.token_secret_rv) {
                 (TokenSecret::Ours(s), Some(rv)) => {
@@ -229,27 +243,24 @@ pub async fn run(
                     secrets
                         .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
                         .await
-                        .map(|_| ())
                 }
-                _ => secrets
-                    .create(
-                        &PostParams::default(),
-                        &token_secret::new_claimed(nbi, &started, &fp),
-                    )
-                    .await
-                    .map(|_| ()),
+                _ => {
+                    secrets
+                        .create(
+                            &PostParams::default(),
+                            &token_secret::new_claimed(nbi, &started, &fp),
+                        )
+                        .await
+                }
             };
-            result.map_err(|e| {
+            let claimed = result.map_err(|e| {
                 progressing(
                     &format!("failed to claim Secret {secret_name} before setup"),
                     &e,
                 )
             })?;
             info!(secret = %secret_name, "claimed the token Secret for setup");
-            world
-                .reread(nbi, secrets)
-                .await
-                .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            world.set_token_secret(nbi, Some(claimed));
             probes.claimed = true;
         }
         Step::Setup => {
@@ -689,14 +700,14 @@ async fn write_until_stored(
     nbi: &NetbirdInstance,
     patch: &serde_json::Value,
     token: Option<&SecretString>,
-) {
+) -> Option<Secret> {
     let name = nbi.token_secret_name();
     let attempt = || async {
         match secrets
             .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(s) => Ok(s),
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 let mut fresh = token_secret::new_claimed(nbi, "", "");
                 if let Some(a) = fresh.metadata.annotations.as_mut() {
@@ -705,10 +716,7 @@ async fn write_until_stored(
                 let mut obj = serde_json::to_value(&fresh).unwrap_or_default();
                 merge(&mut obj, patch);
                 let fresh: Secret = serde_json::from_value(obj).unwrap_or(fresh);
-                secrets
-                    .create(&PostParams::default(), &fresh)
-                    .await
-                    .map(|_| ())
+                secrets.create(&PostParams::default(), &fresh).await
             }
             Err(e) => Err(e),
         }
@@ -718,12 +726,13 @@ async fn write_until_stored(
         .with_max_delay(Duration::from_secs(30))
         .with_jitter()
         .without_max_times();
-    let _ = attempt
+    attempt
         .retry(policy)
         .notify(|e, d| {
             warn!(error = %e, retry_in = ?d, secret = %name, held_token = token.is_some(), "failed to write the token Secret; retrying");
         })
-        .await;
+        .await
+        .ok()
 }
 
 /// JSON merge patch semantics (RFC 7386), for creating a Secret from a patch.
@@ -740,6 +749,15 @@ fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
         }
         (t, p) => *t = p.clone(),
     }
+}
+
+/// What the in-memory cache of fingerprint comparisons is keyed by (never stored anywhere).
+fn fingerprint_key(fp: &str, input: &SecretString) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(fp.as_bytes());
+    h.update([0]);
+    h.update(input.expose_secret().as_bytes());
+    h.finalize().into()
 }
 
 /// Whether the credentials Secret now differs from the credentials NetBird was set up with. The
@@ -761,13 +779,7 @@ pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &W
         return false;
     };
     let input = creds.fingerprint_input();
-    let key: [u8; 32] = {
-        let mut h = Sha256::new();
-        h.update(fp.as_bytes());
-        h.update([0]);
-        h.update(input.expose_secret().as_bytes());
-        h.finalize().into()
-    };
+    let key = fingerprint_key(&fp, &input);
     let uid = nbi.uid().unwrap_or_default();
     if let Some((k, same)) = lock(&ctx.fingerprint_checks).get(&uid)
         && *k == key
