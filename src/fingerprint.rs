@@ -1,8 +1,9 @@
 //! `status.credentialsFingerprint`: an argon2id hash of the email and password used for setup.
 //! Hashing is slow by design, so it runs on the blocking thread pool, never on the async runtime,
-//! and one at a time: each hash allocates its memory cost, and concurrent hashes on many blocking
-//! threads would leave that memory in as many allocator arenas (measured: 1.2 GiB resident after
-//! 210 bootstraps with the default 19 MiB cost, unserialized).
+//! and at most one per core: each hash allocates its memory cost, and many concurrent hashes on
+//! blocking threads would leave that memory in as many allocator arenas (measured: 1.2 GiB resident
+//! after 210 bootstraps with the default 19 MiB cost, unbounded; more than one per core would not
+//! finish sooner anyway).
 
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
@@ -18,8 +19,13 @@ fn hasher() -> Argon2<'static> {
 }
 
 fn gate() -> &'static Semaphore {
-    static GATE: Semaphore = Semaphore::const_new(1);
-    &GATE
+    static GATE: std::sync::OnceLock<Semaphore> = std::sync::OnceLock::new();
+    GATE.get_or_init(|| {
+        let cores = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(4);
+        Semaphore::new(cores)
+    })
 }
 
 /// Hashes `input` with argon2id and a random salt; returns the PHC string.
