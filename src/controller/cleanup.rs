@@ -77,7 +77,7 @@ pub async fn on_delete(
     if !has_finalizer(nbi) {
         return Ok(Action::await_change());
     }
-    let world = World::read(nbi, secrets, &ctx.settings.netbird).await?;
+    let world = World::read(nbi, secrets, ctx).await?;
     let outcome = delete_token(nbi, &world).await;
     let let_go = match &outcome {
         Ok(what) => {

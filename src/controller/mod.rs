@@ -86,6 +86,8 @@ pub struct Context {
     verified: Mutex<HashMap<String, ([u8; 32], Verified)>>,
     /// Results of fingerprint comparisons, per instance: digest of (fingerprint, credentials).
     fingerprint_checks: Mutex<HashMap<String, ([u8; 32], bool)>>,
+    /// NetBird clients by URL and TLS settings (digest), shared by all passes.
+    clients: Mutex<HashMap<[u8; 32], crate::netbird::NetbirdClient>>,
     pub shutdown: CancellationToken,
     /// The clock (tests move it forward to reach a token's rotation time).
     pub clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
@@ -115,6 +117,7 @@ impl Context {
             failures: Mutex::default(),
             verified: Mutex::default(),
             fingerprint_checks: Mutex::default(),
+            clients: Mutex::default(),
             shutdown,
             clock: Arc::new(jiff::Timestamp::now),
         }
@@ -352,7 +355,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         write_status(&api, &name, &report::initial(generation, started)).await?;
     }
 
-    let mut world = steps::World::read(nbi, &secrets, &ctx.settings.netbird).await?;
+    let mut world = steps::World::read(nbi, &secrets, ctx).await?;
     let interval = nbi.version_interval();
     let version_due = nbi.spec.version_check.enabled && version_due(nbi, started, interval);
     let mut probes = Probes::default();

@@ -32,7 +32,7 @@ impl World {
     pub async fn read(
         nbi: &NetbirdInstance,
         secrets: &Api<Secret>,
-        netbird: &ClientOptions,
+        ctx: &Context,
     ) -> Result<Self, Error> {
         let get = |name: String| async move {
             secrets
@@ -77,12 +77,13 @@ impl World {
             token_secret_rv,
             client: None,
         };
-        world.build_client(nbi, netbird);
+        world.build_client(nbi, ctx);
         Ok(world)
     }
 
     /// Builds the NetBird client once the CA (if any) is known; a bad CA bundle becomes InvalidSpec.
-    fn build_client(&mut self, nbi: &NetbirdInstance, base: &ClientOptions) {
+    fn build_client(&mut self, nbi: &NetbirdInstance, ctx: &Context) {
+        let base = &ctx.settings.netbird;
         let extra_ca_pem = match &self.ca {
             Input::Ready(pem) => Some(pem.clone()),
             Input::NotNeeded => None,
@@ -97,8 +98,28 @@ impl World {
                 .is_some_and(|t| t.insecure_skip_verify),
             ..base.clone()
         };
+        // a client (its TLS roots, its connection pool) is built once per URL and TLS settings and
+        // reused by every pass: building one loads the system's roots
+        let key: [u8; 32] = {
+            let mut h = Sha256::new();
+            h.update(nbi.spec.management_url.as_bytes());
+            h.update([0, u8::from(opts.insecure_skip_verify)]);
+            h.update(opts.extra_ca_pem.as_deref().unwrap_or_default());
+            h.finalize().into()
+        };
+        if let Some(c) = lock(&ctx.clients).get(&key) {
+            self.client = Some(c.clone());
+            return;
+        }
         match NetbirdClient::new(&nbi.spec.management_url, &opts) {
-            Ok(c) => self.client = Some(c),
+            Ok(c) => {
+                let mut clients = lock(&ctx.clients);
+                if clients.len() >= 4096 {
+                    clients.clear();
+                }
+                clients.insert(key, c.clone());
+                self.client = Some(c);
+            }
             Err(e) => self.ca = Input::Invalid(format!("cannot connect as the spec says: {e}")),
         }
     }
