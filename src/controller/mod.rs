@@ -86,8 +86,8 @@ pub struct Context {
     verified: Mutex<HashMap<String, ([u8; 32], Verified)>>,
     /// Results of fingerprint comparisons, per instance: digest of (fingerprint, credentials).
     fingerprint_checks: Mutex<HashMap<String, ([u8; 32], bool)>>,
-    /// NetBird clients by URL and TLS settings (digest), shared by all passes.
-    clients: Mutex<HashMap<[u8; 32], crate::netbird::NetbirdClient>>,
+    /// HTTP clients for NetBird by TLS settings (digest), shared by all instances and passes.
+    clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
     pub shutdown: CancellationToken,
     /// The clock (tests move it forward to reach a token's rotation time).
     pub clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,

@@ -98,28 +98,27 @@ impl World {
                 .is_some_and(|t| t.insecure_skip_verify),
             ..base.clone()
         };
-        // a client (its TLS roots, its connection pool) is built once per URL and TLS settings and
-        // reused by every pass: building one loads the system's roots
+        // the HTTP client (TLS roots, connection pool) is built once per TLS settings and shared by
+        // every instance and pass: one per instance held ~270 KiB each (measured: 288 MiB for 1040)
         let key: [u8; 32] = {
             let mut h = Sha256::new();
-            h.update(nbi.spec.management_url.as_bytes());
-            h.update([0, u8::from(opts.insecure_skip_verify)]);
+            h.update([u8::from(opts.insecure_skip_verify)]);
             h.update(opts.extra_ca_pem.as_deref().unwrap_or_default());
             h.finalize().into()
         };
-        if let Some(c) = lock(&ctx.clients).get(&key) {
-            self.client = Some(c.clone());
-            return;
-        }
-        match NetbirdClient::new(&nbi.spec.management_url, &opts) {
-            Ok(c) => {
+        let cached = lock(&ctx.clients).get(&key).cloned();
+        let http = match cached {
+            Some(http) => Ok(http),
+            None => NetbirdClient::http(&opts).inspect(|http| {
                 let mut clients = lock(&ctx.clients);
-                if clients.len() >= 4096 {
+                if clients.len() >= 256 {
                     clients.clear();
                 }
-                clients.insert(key, c.clone());
-                self.client = Some(c);
-            }
+                clients.insert(key, http.clone());
+            }),
+        };
+        match http.and_then(|http| NetbirdClient::with_http(&nbi.spec.management_url, http)) {
+            Ok(c) => self.client = Some(c),
             Err(e) => self.ca = Input::Invalid(format!("cannot connect as the spec says: {e}")),
         }
     }

@@ -74,16 +74,12 @@ impl std::fmt::Debug for NetbirdClient {
 impl NetbirdClient {
     /// A client for `management_url` (the operator appends `/api/...` to it).
     pub fn new(management_url: &str, opts: &ClientOptions) -> Result<Self, ClientBuildError> {
-        let mut api = Url::parse(management_url)?;
-        if api.scheme() != "https" && api.scheme() != "http" {
-            return Err(ClientBuildError::Scheme(api.scheme().to_string()));
-        }
-        // base + "api/": keep a path prefix, add exactly one slash
-        let path = format!("{}/api/", api.path().trim_end_matches('/'));
-        api.set_path(&path);
-        api.set_query(None);
-        api.set_fragment(None);
+        Self::with_http(management_url, Self::http(opts)?)
+    }
 
+    /// The HTTP client for these options. It holds the TLS roots and the connection pool: share it
+    /// between all servers with the same TLS settings (see `with_http`).
+    pub fn http(opts: &ClientOptions) -> Result<reqwest::Client, ClientBuildError> {
         crate::tls::install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(opts.connect_timeout)
@@ -103,9 +99,25 @@ impl NetbirdClient {
         if opts.insecure_skip_verify {
             builder = builder.tls_danger_accept_invalid_certs(true);
         }
-        let http = builder
+        builder
             .build()
-            .map_err(|e| ClientBuildError::Http(error_chain(&e)))?;
+            .map_err(|e| ClientBuildError::Http(error_chain(&e)))
+    }
+
+    /// A client for `management_url` over a shared HTTP client.
+    pub fn with_http(
+        management_url: &str,
+        http: reqwest::Client,
+    ) -> Result<Self, ClientBuildError> {
+        let mut api = Url::parse(management_url)?;
+        if api.scheme() != "https" && api.scheme() != "http" {
+            return Err(ClientBuildError::Scheme(api.scheme().to_string()));
+        }
+        // base + "api/": keep a path prefix, add exactly one slash
+        let path = format!("{}/api/", api.path().trim_end_matches('/'));
+        api.set_path(&path);
+        api.set_query(None);
+        api.set_fragment(None);
         Ok(Self {
             http,
             api,
