@@ -150,6 +150,29 @@ impl World {
             token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
     }
 
+    /// Patches the token Secret and takes the result as the new state (no read-back).
+    async fn patch(
+        &mut self,
+        nbi: &NetbirdInstance,
+        secrets: &Api<Secret>,
+        patch: &serde_json::Value,
+    ) -> Result<(), Verdict> {
+        let written = patch_token_secret(secrets, &nbi.token_secret_name(), patch).await?;
+        self.set_token_secret(nbi, Some(written));
+        Ok(())
+    }
+
+    /// Reads the token Secret again (after a write made elsewhere).
+    async fn refresh(
+        &mut self,
+        nbi: &NetbirdInstance,
+        secrets: &Api<Secret>,
+    ) -> Result<(), Verdict> {
+        self.reread(nbi, secrets)
+            .await
+            .map_err(|e| progressing("failed to read back the token Secret", &e))
+    }
+
     async fn reread(
         &mut self,
         nbi: &NetbirdInstance,
@@ -205,10 +228,7 @@ pub async fn run(
                     .map_err(|e| {
                         progressing(&format!("failed to update Secret {secret_name}"), &e)
                     })?;
-                world
-                    .reread(nbi, secrets)
-                    .await
-                    .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+                world.refresh(nbi, secrets).await?;
             }
             probes.metadata_synced = true;
         }
@@ -288,10 +308,7 @@ pub async fn run(
                 return Ok(());
             };
             let outcome = setup(nbi, ctx, &client, creds, secrets).await;
-            world
-                .reread(nbi, secrets)
-                .await
-                .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            world.refresh(nbi, secrets).await?;
             probes.setup = Some(outcome);
         }
         Step::CleanOrphans => {
@@ -343,11 +360,7 @@ pub async fn run(
             }
             if list.is_ok() {
                 let patch = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_ROTATION_STARTED_AT: null}}});
-                patch_token_secret(secrets, &secret_name, &patch).await?;
-                world
-                    .reread(nbi, secrets)
-                    .await
-                    .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+                world.patch(nbi, secrets, &patch).await?;
             }
             probes.token_list = Some(list);
             probes.orphans_cleaned = true;
@@ -370,11 +383,7 @@ pub async fn run(
                     ),
                     _ => token_secret::identified_patch("unknown", None, None),
                 };
-                patch_token_secret(secrets, &secret_name, &patch).await?;
-                world
-                    .reread(nbi, secrets)
-                    .await
-                    .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+                world.patch(nbi, secrets, &patch).await?;
             }
             probes.token_list = Some(list);
         }
@@ -413,11 +422,7 @@ pub async fn run(
                         token_secret::ANN_PREVIOUS_TOKEN_ID: null,
                         token_secret::ANN_PREVIOUS_USER_ID: null,
                     }}});
-                    patch_token_secret(secrets, &secret_name, &patch).await?;
-                    world
-                        .reread(nbi, secrets)
-                        .await
-                        .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+                    world.patch(nbi, secrets, &patch).await?;
                 }
                 Err(e) => {
                     warn!(token_id = %previous, error = %e, "failed to delete the replaced token; retrying later")
@@ -452,10 +457,7 @@ pub async fn run(
                     );
                     write_until_stored(secrets, nbi, &patch, Some(&created.plain_token)).await;
                     info!(token_id = %pat.id, expires_at = %pat.expiration_date, "rotated the token");
-                    world
-                        .reread(nbi, secrets)
-                        .await
-                        .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+                    world.refresh(nbi, secrets).await?;
                     probes.rotated = true;
                     // the new token is verified before the old one is deleted
                     probes.verify = None;
@@ -486,10 +488,7 @@ pub async fn run(
                 }
                 Err(ExchangeError::Kube(v)) => return Err(v),
             }
-            world
-                .reread(nbi, secrets)
-                .await
-                .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            world.refresh(nbi, secrets).await?;
         }
         Step::ReleaseClaim => {
             let rejection = match &probes.setup {
@@ -510,10 +509,7 @@ pub async fn run(
                 )
                 .await
                 .map_err(|e| progressing(&format!("failed to update Secret {secret_name}"), &e))?;
-            world
-                .reread(nbi, secrets)
-                .await
-                .map_err(|e| progressing("failed to read back the token Secret", &e))?;
+            world.refresh(nbi, secrets).await?;
             probes.claim_released = true;
         }
     }
@@ -652,11 +648,10 @@ async fn patch_token_secret(
     secrets: &Api<Secret>,
     name: &str,
     patch: &serde_json::Value,
-) -> Result<(), Verdict> {
+) -> Result<Secret, Verdict> {
     secrets
         .patch(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
-        .map(|_| ())
         .map_err(|e| progressing(&format!("failed to update Secret {name}"), &e))
 }
 

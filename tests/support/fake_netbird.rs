@@ -128,11 +128,13 @@ pub struct FakeNetbird {
     pub url: String,
     pub state: Arc<Mutex<State>>,
     task: tokio::task::JoinHandle<()>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for FakeNetbird {
     fn drop(&mut self) {
         self.task.abort();
+        self.stop.cancel();
     }
 }
 
@@ -176,6 +178,8 @@ impl FakeNetbird {
         let url = format!("{scheme}://{}", listener.local_addr().expect("addr"));
         let state = Arc::new(Mutex::new(State::default()));
         let st = state.clone();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stop_conns = stop.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -183,23 +187,37 @@ impl FakeNetbird {
                 };
                 let st = st.clone();
                 let tls = tls.clone();
+                // open connections end with the server: a client's pooled connection must not keep
+                // a "gone" server answering
+                let stop = stop_conns.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
                     let http = hyper::server::conn::http1::Builder::new();
-                    match tls {
-                        Some(acceptor) => {
-                            if let Ok(stream) = acceptor.accept(stream).await {
+                    let serve = async {
+                        match tls {
+                            Some(acceptor) => {
+                                if let Ok(stream) = acceptor.accept(stream).await {
+                                    let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                                }
+                            }
+                            None => {
                                 let _ = http.serve_connection(TokioIo::new(stream), svc).await;
                             }
                         }
-                        None => {
-                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
-                        }
+                    };
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = stop.cancelled() => {}
                     }
                 });
             }
         });
-        FakeNetbird { url, state, task }
+        FakeNetbird {
+            url,
+            state,
+            task,
+            stop,
+        }
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
