@@ -645,31 +645,17 @@ async fn a_secret_it_cannot_write_is_found_before_setup() {
     };
     let fake = FakeNetbird::start().await;
     admin_secret(&env).await;
-    let rbac: Vec<serde_json::Value> = vec![
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "operator-without-secret-writes", "namespace": env.ns},
-        "rules": [
+    env.grant_role(
+        "operator-without-secret-writes",
+        "limited",
+        json!([
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances/status"], "verbs": ["patch", "update"]},
             {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-        ]}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": "operator-without-secret-writes", "namespace": env.ns},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "operator-without-secret-writes"},
-            "subjects": [{"kind": "User", "name": "limited", "apiGroup": "rbac.authorization.k8s.io"}]}),
-    ];
-    for obj in rbac {
-        let obj: kube::api::DynamicObject = serde_json::from_value(obj).unwrap();
-        let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
-            "rbac.authorization.k8s.io",
-            "v1",
-            obj.types.as_ref().unwrap().kind.as_str(),
-        ));
-        let api: kube::Api<kube::api::DynamicObject> =
-            kube::Api::namespaced_with(env.client.clone(), &env.ns, &ar);
-        api.create(&Default::default(), &obj).await.unwrap();
-    }
+        ]),
+    )
+    .await;
     let limited = env.cp.client_from(&env.cp.limited_kubeconfig).await;
     let _op = env.start_operator_with(limited).await;
     env.create_instance("nb", spec(&fake.url)).await.unwrap();

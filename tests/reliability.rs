@@ -161,26 +161,12 @@ async fn a_namespace_user_cannot_turn_the_operator_against_the_cluster() {
         .await;
     env.create_secret("db-password", &[("password", "do-not-touch")])
         .await;
-    for obj in [
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": {"name": "nbi-author", "namespace": env.ns},
-            "rules": [{"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances"], "verbs": ["create", "get", "list"]}]}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": "nbi-author", "namespace": env.ns},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "nbi-author"},
-            "subjects": [{"kind": "User", "name": "alice", "apiGroup": "rbac.authorization.k8s.io"}]}),
-    ] {
-        let obj: kube::api::DynamicObject = serde_json::from_value(obj).unwrap();
-        let kind = obj.types.as_ref().unwrap().kind.clone();
-        let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
-            "rbac.authorization.k8s.io",
-            "v1",
-            &kind,
-        ));
-        let api: kube::Api<kube::api::DynamicObject> =
-            kube::Api::namespaced_with(env.client.clone(), &env.ns, &ar);
-        api.create(&Default::default(), &obj).await.unwrap();
-    }
+    env.grant_role(
+        "nbi-author",
+        "alice",
+        json!([{"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances"], "verbs": ["create", "get", "list"]}]),
+    )
+    .await;
     // alice, impersonated by the admin
     let kc = kube::config::Kubeconfig::read_from(&env.cp.kubeconfig).unwrap();
     let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())

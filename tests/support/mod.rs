@@ -454,6 +454,28 @@ impl TestEnv {
             .expect("create secret")
     }
 
+    /// Grants `user` a Role with `rules` in this namespace (a Role and a RoleBinding named `role`).
+    pub async fn grant_role(&self, role: &str, user: &str, rules: serde_json::Value) {
+        use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+        let r: Role =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": role}, "rules": rules}))
+                .expect("role");
+        let b: RoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": role},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+            "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
+        }))
+        .expect("role binding");
+        Api::<Role>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &r)
+            .await
+            .expect("create Role");
+        Api::<RoleBinding>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &b)
+            .await
+            .expect("create RoleBinding");
+    }
+
     /// Asserts that this client may not create a Secret here (RBAC).
     pub async fn create_secret_denied(&self, name: &str) {
         let obj: Secret = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
