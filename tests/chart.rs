@@ -371,14 +371,7 @@ async fn install_upgrade_and_the_chart_rbac_is_enough_and_no_more() {
     let sa_client = cp.client_from(&kubeconfig).await;
 
     let fake = FakeNetbird::start().await;
-    env.create_secret(
-        "admin",
-        &[
-            ("email", "admin@example.com"),
-            ("password", "s3cret-Passw0rd"),
-        ],
-    )
-    .await;
+    env.create_admin_secret().await;
     let _op = env.start_operator_with(sa_client.clone()).await;
     env.create_instance(
         "nb",

@@ -56,14 +56,7 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over() {
     assert_eq!(leader, "replica-a");
     let mut b = operator(&env, "replica-b", &dir.path().join("b.log"));
 
-    env.create_secret(
-        "admin",
-        &[
-            ("email", "admin@example.com"),
-            ("password", "s3cret-Passw0rd"),
-        ],
-    )
-    .await;
+    env.create_admin_secret().await;
     let spec = |url: &str| json!({"managementURL": url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
     env.create_instance("one", spec(&fake.url)).await.unwrap();
     env.wait_instance("one", "Ready", Duration::from_secs(30), |n| {
@@ -113,14 +106,7 @@ async fn leaders_killed_during_a_bootstrap_of_many_instances() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    env.create_secret(
-        "admin",
-        &[
-            ("email", "admin@example.com"),
-            ("password", "s3cret-Passw0rd"),
-        ],
-    )
-    .await;
+    env.create_admin_secret().await;
     let rounds: usize = std::env::var("NBOP_LEADER_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())

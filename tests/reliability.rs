@@ -232,14 +232,7 @@ async fn the_token_secret_deleted_by_hand_is_reported() {
         return;
     };
     let fake = FakeNetbird::start().await;
-    env.create_secret(
-        "admin",
-        &[
-            ("email", "admin@example.com"),
-            ("password", "s3cret-Passw0rd"),
-        ],
-    )
-    .await;
+    env.create_admin_secret().await;
     let _op = env.start_operator().await;
     let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
     env.create_instance("nb", spec).await.unwrap();

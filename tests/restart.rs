@@ -15,14 +15,7 @@ async fn an_apiserver_restart_during_bootstraps_loses_nothing() {
     let Some(env) = TestEnv::new("apiserver-restart").await else {
         return;
     };
-    env.create_secret(
-        "admin",
-        &[
-            ("email", "admin@example.com"),
-            ("password", "s3cret-Passw0rd"),
-        ],
-    )
-    .await;
+    env.create_admin_secret().await;
     let op = env.start_operator().await;
     let mut fakes = Vec::new();
     for i in 0..5 {

@@ -26,17 +26,6 @@ fn spec(url: &str, days: i32, rotation: bool) -> serde_json::Value {
     })
 }
 
-async fn admin(env: &TestEnv) {
-    env.create_secret(
-        "admin",
-        &[
-            ("email", "admin@example.com"),
-            ("password", "s3cret-Passw0rd"),
-        ],
-    )
-    .await;
-}
-
 async fn stored(env: &TestEnv) -> (String, std::collections::BTreeMap<String, String>) {
     stored_opt(env).await.expect("a token in Secret nb-token")
 }
@@ -53,7 +42,7 @@ async fn expiry_is_tracked_and_rotation_replaces_the_token_before_it_expires() {
         return;
     };
     let fake = FakeNetbird::start().await;
-    admin(&env).await;
+    env.create_admin_secret().await;
     let op = env.start_operator().await;
     env.create_instance("nb", spec(&fake.url, 30, true))
         .await
@@ -143,7 +132,7 @@ async fn rotation_off_reports_token_expiring_soon() {
         return;
     };
     let fake = FakeNetbird::start().await;
-    admin(&env).await;
+    env.create_admin_secret().await;
     let op = env.start_operator().await;
     env.create_instance("nb", spec(&fake.url, 30, false))
         .await
@@ -179,7 +168,7 @@ async fn a_crash_during_rotation_leaves_one_working_token() {
         return;
     };
     let fake = FakeNetbird::start().await;
-    admin(&env).await;
+    env.create_admin_secret().await;
     let op = env.start_operator().await;
     env.create_instance("nb", spec(&fake.url, 30, true))
         .await
@@ -238,7 +227,7 @@ async fn rotation_against_the_real_netbird_server() {
     let Some(nb) = NetbirdServer::start().await else {
         return;
     };
-    admin(&env).await;
+    env.create_admin_secret().await;
     let op = env.start_operator().await;
     env.create_instance("nb", spec(&nb.url, 1, true))
         .await
@@ -306,7 +295,7 @@ async fn delete_policy_deletes_the_token_on_the_server_through_a_finalizer() {
         return;
     };
     let fake = FakeNetbird::start().await;
-    admin(&env).await;
+    env.create_admin_secret().await;
     let _op = env.start_operator().await;
     env.create_instance("nb", delete_spec(&fake.url))
         .await
@@ -353,7 +342,7 @@ async fn delete_policy_never_blocks_deletion_when_the_server_is_gone() {
         return;
     };
     let fake = FakeNetbird::start().await;
-    admin(&env).await;
+    env.create_admin_secret().await;
     let _op = env.start_operator().await;
     env.create_instance("nb", delete_spec(&fake.url))
         .await
@@ -388,7 +377,7 @@ async fn the_setup_token_is_traded_for_a_service_user_token() {
         return;
     };
     let fake = FakeNetbird::start().await;
-    admin(&env).await;
+    env.create_admin_secret().await;
     let _op = env.start_operator().await;
     env.create_instance("nb", service_user_spec(&fake.url))
         .await
@@ -431,7 +420,7 @@ async fn service_user_exchange_against_the_real_netbird_server() {
     let Some(nb) = NetbirdServer::start().await else {
         return;
     };
-    admin(&env).await;
+    env.create_admin_secret().await;
     let _op = env.start_operator().await;
     env.create_instance("nb", service_user_spec(&nb.url))
         .await
@@ -497,7 +486,7 @@ async fn crash_rotation_at(point: CrashPoint) {
         return;
     };
     let fake = FakeNetbird::start().await;
-    admin(&env).await;
+    env.create_admin_secret().await;
     let op = env.start_operator().await;
     env.create_instance("nb", spec(&fake.url, 30, true))
         .await
@@ -604,7 +593,7 @@ async fn changing_the_service_user_moves_the_token() {
         return;
     };
     let fake = FakeNetbird::start().await;
-    admin(&env).await;
+    env.create_admin_secret().await;
     let _op = env.start_operator().await;
     env.create_instance("nb", service_user_spec(&fake.url))
         .await
@@ -657,7 +646,7 @@ async fn a_crash_during_the_service_user_exchange_leaves_one_working_token() {
         return;
     };
     let fake = FakeNetbird::start().await;
-    admin(&env).await;
+    env.create_admin_secret().await;
     fake.fault("tokens_create", Fault::Delay(Duration::from_secs(30)));
     let op = env.start_operator().await;
     env.create_instance("nb", service_user_spec(&fake.url))
@@ -718,7 +707,7 @@ async fn a_hand_made_token_is_adopted_and_rotated() {
         s.users.insert("owner1".into(), "ops@example.com".into());
         s.mint_named("owner1", "made-by-hand", 30)
     };
-    admin(&env).await;
+    env.create_admin_secret().await;
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
         "metadata": {"name": "nb-token", "labels": {
             "app.kubernetes.io/managed-by": "netbird-operator", "bootstrap.netbird.io/instance": "nb"}},

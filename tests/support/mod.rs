@@ -454,6 +454,18 @@ impl TestEnv {
             .expect("create secret")
     }
 
+    /// The credentials Secret most tests use: Secret "admin" with a valid email and password.
+    pub async fn create_admin_secret(&self) -> Secret {
+        self.create_secret(
+            "admin",
+            &[
+                ("email", "admin@example.com"),
+                ("password", "s3cret-Passw0rd"),
+            ],
+        )
+        .await
+    }
+
     /// Grants `user` a Role with `rules` in this namespace (a Role and a RoleBinding named `role`).
     pub async fn grant_role(&self, role: &str, user: &str, rules: serde_json::Value) {
         use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
