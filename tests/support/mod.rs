@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod fake_netbird;
+pub mod kube_faults;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,156 @@
+//! Kubernetes faults injected between the operator and the real apiserver (tests/support/kube_faults):
+//! watches that expire (410 Gone) and must be relisted, and 409 Conflicts on the status and token
+//! Secret writes. Invariants: nothing the apiserver accepted is lost, what happened while the watch
+//! was gone is seen after the relist, setup is called once, and no fault makes a loop.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use serde_json::json;
+use support::fake_netbird::{FakeNetbird, Fault};
+use support::kube_faults::{self, KubeFaults};
+use support::{TestEnv, ready_is};
+
+const T: Duration = Duration::from_secs(30);
+
+fn spec(url: &str) -> serde_json::Value {
+    json!({"managementURL": url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}})
+}
+
+#[tokio::test]
+async fn an_expired_watch_is_relisted_and_nothing_is_missed() {
+    let Some(env) = TestEnv::new("watch-expired").await else {
+        return;
+    };
+    env.create_admin_secret().await;
+    let faults = Arc::new(KubeFaults::default());
+    let client = kube_faults::client(env.cp.client().await, faults.clone());
+    let _op = env.start_operator_with(client).await;
+    let first = FakeNetbird::start().await;
+    env.create_instance("first", spec(&first.url))
+        .await
+        .unwrap();
+    env.wait_instance("first", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+
+    // every watch ends; while the operator cannot watch, a new instance appears and the first
+    // one's credentials Secret changes; then its watches come back with 410 Gone (what the
+    // apiserver answers for a compacted resourceVersion)
+    faults.hold_watches();
+    faults.expire_next_watches(4);
+    let lists_before = faults.count(&faults.lists);
+    let second = FakeNetbird::start().await;
+    env.create_instance("second", spec(&second.url))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = env.instances().get("second").await.unwrap();
+    assert!(
+        n.status.is_none(),
+        "the new instance cannot be seen while the watches are down: {:?}",
+        n.status
+    );
+    assert_eq!(second.calls("instance"), 0);
+    faults.release_watches();
+
+    env.wait_instance("second", "Ready", T, |n| {
+        ready_is(n, "True", "Bootstrapped")
+    })
+    .await;
+    let expired = faults.count(&faults.expired);
+    let relists = faults.count(&faults.lists) - lists_before;
+    eprintln!("watch expiry: {expired} watches answered 410, {relists} lists after it");
+    assert_eq!(expired, 4, "every injected 410 was delivered");
+    assert!(
+        relists >= 2,
+        "both watches relisted after 410 ({relists} lists)"
+    );
+
+    // the watches work again and nothing loops: the bootstrap of the second instance settles
+    // (its token identified and described) and then 3 s pass with no write and no watch restart
+    let watches = settle(&faults).await;
+    assert!(watches <= 2, "watch restarts in a quiet 3 s: {watches}");
+    assert_eq!(first.state().setups_ok, 1);
+    assert_eq!(first.calls("setup"), 1);
+    assert_eq!(second.calls("setup"), 1);
+}
+
+/// Waits for 3 s in which the operator makes no write (fails after 20 s: that would be a loop);
+/// returns the watch requests made in those 3 s.
+async fn settle(faults: &KubeFaults) -> u32 {
+    let start = std::time::Instant::now();
+    loop {
+        let (writes, watches) = (faults.count(&faults.writes), faults.count(&faults.watches));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        if faults.count(&faults.writes) == writes {
+            return faults.count(&faults.watches) - watches;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the operator keeps writing: {:?}",
+            faults.write_log.lock().unwrap()
+        );
+    }
+}
+
+fn status_write(m: &Method, path: &str) -> bool {
+    *m == Method::PATCH && path.ends_with("/status")
+}
+
+fn token_secret_write(m: &Method, path: &str) -> bool {
+    *m != Method::POST && path.ends_with("/secrets/nb-token")
+}
+
+#[tokio::test]
+async fn conflicts_on_status_and_token_writes_lose_nothing() {
+    let Some(env) = TestEnv::new("write-conflicts").await else {
+        return;
+    };
+    env.create_admin_secret().await;
+    let faults = Arc::new(KubeFaults::default());
+    let client = kube_faults::client(env.cp.client().await, faults.clone());
+    let _op = env.start_operator_with(client).await;
+    let fake = FakeNetbird::start().await;
+    fake.fault("setup", Fault::Delay(Duration::from_millis(1500)));
+
+    // 1: every status write conflicts for 2 s from the start
+    faults.conflict_on(status_write);
+    env.create_instance("nb", spec(&fake.url)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status_conflicts = faults.count(&faults.conflicts);
+    faults.clear_conflicts();
+    assert!(status_conflicts >= 1, "status writes were refused");
+
+    // 2: the token write after setup conflicts for 3 s: the operator holds the token and retries
+    support::wait_for("the setup call", T, || async {
+        (fake.calls("setup") > 0).then_some(())
+    })
+    .await;
+    faults.conflict_on(token_secret_write);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let token_conflicts = faults.count(&faults.conflicts) - status_conflicts;
+    faults.clear_conflicts();
+    assert!(
+        token_conflicts >= 2,
+        "the token write was refused and retried ({token_conflicts} conflicts)"
+    );
+
+    let n = env
+        .wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    eprintln!(
+        "conflicts: {status_conflicts} on status writes, {token_conflicts} on the token Secret; Ready with generation {:?}",
+        n.status.as_ref().and_then(|s| s.observed_generation)
+    );
+    let secret = env.secrets().get("nb-token").await.unwrap();
+    let token = String::from_utf8(secret.data.unwrap()["NB_API_KEY"].0.clone()).unwrap();
+    assert!(
+        fake.state().tokens.contains_key(&token),
+        "the stored token is the one the server issued"
+    );
+    assert_eq!(fake.calls("setup"), 1, "setup called once");
+    assert_eq!(fake.state().setups_ok, 1);
+}

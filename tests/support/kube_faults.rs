@@ -1,0 +1,199 @@
+//! Kubernetes faults the real apiserver cannot produce on demand, injected between the operator's
+//! client and the real apiserver: watches cut and answered with 410 Gone (what an expired
+//! resourceVersion gets), and 409 Conflict on chosen writes. Everything else goes through to the
+//! real apiserver unchanged.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use kube::Client;
+use kube::client::Body;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// Which writes get a 409 Conflict while the rule holds.
+type WriteRule = Box<dyn Fn(&Method, &str) -> bool + Send + Sync>;
+
+/// The faults to inject, shared between the test and the client it made.
+#[derive(Default)]
+pub struct KubeFaults {
+    /// The next this many watch requests are answered with a 410 Expired event.
+    expire_watches: AtomicU32,
+    /// Ends every open watch stream when cancelled (then replaced by a fresh token).
+    cut: Mutex<CancellationToken>,
+    /// While set, new watch requests wait until it is cancelled (released).
+    hold: Mutex<Option<CancellationToken>>,
+    conflict_on: Mutex<Option<WriteRule>>,
+    pub watches: AtomicU32,
+    pub lists: AtomicU32,
+    pub expired: AtomicU32,
+    pub conflicts: AtomicU32,
+    pub writes: AtomicU32,
+    /// Method and path of every write, in order.
+    pub write_log: Mutex<Vec<String>>,
+}
+
+impl KubeFaults {
+    /// Ends every open watch and answers the next `n` watch requests with 410 Gone.
+    pub fn expire_watches(&self, n: u32) {
+        self.expire_watches.store(n, Ordering::SeqCst);
+        let old = std::mem::take(&mut *self.cut.lock().unwrap());
+        old.cancel();
+    }
+
+    /// Answers the next `n` watch requests with 410 Gone (open watches go on).
+    pub fn expire_next_watches(&self, n: u32) {
+        self.expire_watches.store(n, Ordering::SeqCst);
+    }
+
+    /// Ends every open watch and keeps new watches waiting until `release_watches`: events of
+    /// that time reach the operator only through the relist that follows.
+    pub fn hold_watches(&self) {
+        *self.hold.lock().unwrap() = Some(CancellationToken::new());
+        let old = std::mem::take(&mut *self.cut.lock().unwrap());
+        old.cancel();
+    }
+
+    pub fn release_watches(&self) {
+        if let Some(gate) = self.hold.lock().unwrap().take() {
+            gate.cancel();
+        }
+    }
+
+    /// Answers writes matching `rule` (method, path) with 409 Conflict until cleared.
+    pub fn conflict_on(&self, rule: impl Fn(&Method, &str) -> bool + Send + Sync + 'static) {
+        *self.conflict_on.lock().unwrap() = Some(Box::new(rule));
+    }
+
+    pub fn clear_conflicts(&self) {
+        *self.conflict_on.lock().unwrap() = None;
+    }
+
+    pub fn count(&self, c: &AtomicU32) -> u32 {
+        c.load(Ordering::SeqCst)
+    }
+
+    fn inject(&self, req: &Request<Body>) -> Option<Response<Body>> {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or_default();
+        let is_watch = query
+            .split('&')
+            .any(|kv| kv == "watch=true" || kv == "watch=1");
+        if req.method() == Method::GET {
+            if is_watch {
+                self.watches.fetch_add(1, Ordering::SeqCst);
+                let left = self.expire_watches.load(Ordering::SeqCst);
+                if left > 0
+                    && self
+                        .expire_watches
+                        .compare_exchange(left, left - 1, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    self.expired.fetch_add(1, Ordering::SeqCst);
+                    // what the apiserver sends for a watch from a compacted resourceVersion
+                    let event = serde_json::json!({
+                        "type": "ERROR",
+                        "object": status(410, "Expired", "too old resource version: 1 (2)"),
+                    });
+                    let mut line = serde_json::to_vec(&event).unwrap();
+                    line.push(b'\n');
+                    return Some(Response::new(Body::from(line)));
+                }
+            } else {
+                self.lists.fetch_add(1, Ordering::SeqCst);
+            }
+            return None;
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.write_log
+            .lock()
+            .unwrap()
+            .push(format!("{} {path}", req.method()));
+        let conflict = self
+            .conflict_on
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|rule| rule(req.method(), &path));
+        if !conflict {
+            return None;
+        }
+        self.conflicts.fetch_add(1, Ordering::SeqCst);
+        let body = status(
+            409,
+            "Conflict",
+            "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again",
+        );
+        let mut resp = Response::new(Body::from(serde_json::to_vec(&body).unwrap()));
+        *resp.status_mut() = StatusCode::CONFLICT;
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        Some(resp)
+    }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code,
+    })
+}
+
+/// A client that sends through `faults` to the apiserver `inner` talks to.
+pub fn client(inner: Client, faults: Arc<KubeFaults>) -> Client {
+    let ns = inner.default_namespace().to_string();
+    let svc = tower::service_fn(move |req: Request<Body>| {
+        let inner = inner.clone();
+        let faults = faults.clone();
+        async move {
+            let is_watch = req.uri().query().is_some_and(|q| q.contains("watch="));
+            let gate = faults.hold.lock().unwrap().clone();
+            if let Some(gate) = gate.filter(|_| is_watch) {
+                gate.cancelled().await;
+            }
+            if let Some(resp) = faults.inject(&req) {
+                return Ok::<_, kube::Error>(resp.map(|b| Cuttable {
+                    inner: b,
+                    cut: None,
+                }));
+            }
+            let cut =
+                is_watch.then(|| Box::pin(faults.cut.lock().unwrap().clone().cancelled_owned()));
+            let resp = inner.send(req).await?;
+            Ok(resp.map(|b| Cuttable { inner: b, cut }))
+        }
+    });
+    Client::new(svc, ns)
+}
+
+/// A response body that ends early when its watch is cut.
+pub struct Cuttable {
+    inner: Body,
+    cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl HttpBody for Cuttable {
+    type Data = Bytes;
+    type Error = kube::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, kube::Error>>> {
+        if let Some(cut) = self.cut.as_mut()
+            && cut.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
