@@ -678,3 +678,96 @@ async fn a_secret_it_cannot_write_is_found_before_setup() {
     );
     assert!(fake.calls("instance") >= 1);
 }
+
+/// Responses with this status code counted by the real server's own metrics endpoint.
+async fn server_responses(nb: &NetbirdServer, code: u16) -> u64 {
+    let text = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(&nb.metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("management_http_response_counter_code_total{"))
+        .filter(|l| l.contains(&format!("code=\"{code}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// The real server's API rate limiter (NB_API_RATE_LIMITING_ENABLED, 6 requests a minute per token,
+/// burst 1) answers the operator's token calls with 429: the operator backs off (bounded calls, as
+/// the server counts them), says so in its condition, and finishes once the limiter lets it through.
+/// (Before the retry gate, each failed check's status write woke a pass that called again at once:
+/// 1,799 answers of 429 in 20 s.)
+#[tokio::test]
+async fn the_real_servers_rate_limiter_is_met_with_backoff() {
+    let Some(env) = TestEnv::new("real-rate-limit").await else {
+        return;
+    };
+    let _guard = support::netbird_lock().await;
+    let Some(nb) = NetbirdServer::start_with_env(&[
+        ("NB_API_RATE_LIMITING_ENABLED", "true"),
+        ("NB_API_RATE_LIMITING_RPM", "6"),
+        ("NB_API_RATE_LIMITING_BURST", "1"),
+    ])
+    .await
+    else {
+        return;
+    };
+    admin_secret(&env).await;
+    let op = env.start_operator().await;
+    env.create_instance("nb", spec(&nb.url)).await.unwrap();
+    let limited = env
+        .wait_instance("nb", "a condition naming the rate limit", T, |n| {
+            n.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.message.contains("too many requests"))
+            })
+        })
+        .await;
+    eprintln!(
+        "rate limited: {:?}",
+        limited.status.as_ref().unwrap().conditions
+    );
+    let start = std::time::Instant::now();
+    let n = env
+        .wait_instance(
+            "nb",
+            "Ready with the version checked",
+            Duration::from_secs(90),
+            |n| {
+                ready_is(n, "True", "Bootstrapped")
+                    && n.status.as_ref().is_some_and(|s| s.version.is_some())
+                    && condition(n, "TokenAvailable").is_some_and(|(_, r, _)| r == "TokenStored")
+            },
+        )
+        .await;
+    let refused = server_responses(&nb, 429).await;
+    let ok = server_responses(&nb, 200).await;
+    eprintln!(
+        "rate limit: Ready {:.1} s after the first 429; the server answered 429 {refused} times and 200 {ok} times",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(refused >= 1, "the server's limiter answered 429");
+    assert!(
+        refused <= 2 + start.elapsed().as_secs() / 2,
+        "bounded retries: {refused} refused calls in {:?}",
+        start.elapsed()
+    );
+    assert_eq!(op.setup_calls(), 1);
+    assert!(n.status.unwrap().version.unwrap().management.is_some());
+    // once through, quiet: no call in the next 5 s
+    let before = server_responses(&nb, 429).await + server_responses(&nb, 200).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        server_responses(&nb, 429).await + server_responses(&nb, 200).await,
+        before,
+        "no calls once Ready"
+    );
+}

@@ -80,6 +80,10 @@ pub struct Context {
     pub settings: Settings,
     /// Consecutive failures per instance (uid), for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Retries scheduled per instance (uid): not before this instant, unless the inputs (digest of
+    /// generation and Secret resourceVersions) changed. A pass woken by the operator's own status
+    /// write then waits for its retry instead of calling NetBird again.
+    retries: Mutex<HashMap<String, (std::time::Instant, [u8; 32])>>,
     /// Tokens verified recently, per instance (uid): digest of the token and the generation, and
     /// the result. Held in memory only, so a pass that changes nothing makes no call to NetBird; a
     /// new token or a spec change (another URL, say) verifies again.
@@ -115,6 +119,7 @@ impl Context {
             metrics,
             settings,
             failures: Mutex::default(),
+            retries: Mutex::default(),
             verified: Mutex::default(),
             fingerprint_checks: Mutex::default(),
             clients: Mutex::default(),
@@ -135,6 +140,18 @@ impl Context {
 
     fn reset_backoff(&self, uid: &str) {
         lock(&self.failures).remove(uid);
+    }
+
+    /// How long a pass with these inputs still has to wait for its scheduled retry.
+    fn retry_pending(&self, uid: &str, inputs: &[u8; 32]) -> Option<Duration> {
+        let retries = lock(&self.retries);
+        let (at, scheduled_for) = retries.get(uid)?;
+        let left = at.saturating_duration_since(std::time::Instant::now());
+        (scheduled_for == inputs && !left.is_zero()).then_some(left)
+    }
+
+    fn schedule_retry(&self, uid: &str, after: Duration, inputs: [u8; 32]) {
+        lock(&self.retries).insert(uid.to_string(), (std::time::Instant::now() + after, inputs));
     }
 
     fn cached_verification(
@@ -162,6 +179,7 @@ impl Context {
         lock(&self.verified).remove(uid);
         lock(&self.failures).remove(uid);
         lock(&self.failures).remove(&format!("delete/{uid}"));
+        lock(&self.retries).remove(uid);
         lock(&self.fingerprint_checks).remove(uid);
     }
 }
@@ -356,6 +374,12 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     }
 
     let mut world = steps::World::read(nbi, &secrets, ctx).await?;
+    if let Some(left) = ctx.retry_pending(&uid, &world.inputs(generation)) {
+        // woken by an event that changed nothing this pass depends on (typically its own status
+        // write): the retry stays at its time, so a failing server is not called in a loop
+        tracing::debug!(retry_in = ?left, "retry already scheduled and nothing changed");
+        return Ok(Action::requeue(left));
+    }
     let interval = nbi.version_interval();
     let version_due = nbi.spec.version_check.enabled && version_due(nbi, started, interval);
     let mut probes = Probes::default();
@@ -474,15 +498,24 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             .get_or_create(&ReasonLabels { reason })
             .inc();
     }
-    Ok(match &verdict {
+    let inputs = world.inputs(generation);
+    let action = match &verdict {
         Verdict::Ready => {
-            ctx.reset_backoff(&uid);
-            let failed_upkeep = probes.rotation_error.is_some() || probes.exchange_error.is_some();
-            let mut next = match (&probes.version, failed_upkeep) {
-                (Some(Err(_)), _) | (_, true) => {
-                    ctx.backoff(&uid).max(Duration::from_secs(60)).min(interval)
-                }
-                _ => next_check(&status, started, interval),
+            let failed = matches!(probes.version, Some(Err(_)))
+                || probes.rotation_error.is_some()
+                || probes.exchange_error.is_some()
+                || matches!(probes.token_list, Some(Err(_)));
+            let mut next = if failed {
+                // a failed check or upkeep is retried after a minute at the earliest (or the
+                // configured maximum backoff, if shorter), never later than the interval
+                let floor = Duration::from_secs(60).min(ctx.settings.max_backoff);
+                let d = ctx.backoff(&uid).max(floor).min(interval);
+                ctx.schedule_retry(&uid, d, inputs);
+                d
+            } else {
+                ctx.reset_backoff(&uid);
+                lock(&ctx.retries).remove(&uid);
+                next_check(&status, started, interval)
             };
             // the renewal is scheduled for its time, not found by polling
             if nbi.spec.token.rotation.enabled
@@ -497,6 +530,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         Verdict::Suspended => Action::await_change(),
         Verdict::Waiting { retry: true, .. } => {
             let d = ctx.backoff(&uid);
+            ctx.schedule_retry(&uid, d, inputs);
             info!(reason, retry_in = ?d, "not ready, retrying");
             Action::requeue(d)
         }
@@ -511,7 +545,14 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             info!(reason, "stalled: needs a person");
             Action::await_change()
         }
-    })
+    };
+    if !matches!(
+        verdict,
+        Verdict::Waiting { retry: true, .. } | Verdict::Ready
+    ) {
+        lock(&ctx.retries).remove(&uid);
+    }
+    Ok(action)
 }
 
 fn version_due(nbi: &NetbirdInstance, now: jiff::Timestamp, interval: Duration) -> bool {

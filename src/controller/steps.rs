@@ -25,6 +25,8 @@ pub struct World {
     pub token_secret: TokenSecret,
     /// resourceVersion of the token Secret, for optimistic concurrency on the claim.
     pub token_secret_rv: Option<String>,
+    /// resourceVersions of the credentials and CA Secrets as read.
+    input_rvs: [Option<String>; 2],
     client: Option<NetbirdClient>,
 }
 
@@ -41,7 +43,10 @@ impl World {
                 .map_err(|source| Error::ReadSecret { name, source })
         };
         let cref = &nbi.spec.credentials_secret_ref;
-        let credentials = match get(cref.name.clone()).await? {
+        let rv = |s: &Option<Secret>| s.as_ref().and_then(|s| s.metadata.resource_version.clone());
+        let credentials_secret = get(cref.name.clone()).await?;
+        let credentials_rv = rv(&credentials_secret);
+        let credentials = match credentials_secret {
             None => Input::Missing(format!(
                 "waiting for the credentials Secret {} (keys {}, {} and optionally {}); the operator continues as soon as it exists",
                 cref.name, cref.email_key, cref.password_key, cref.name_key
@@ -51,9 +56,13 @@ impl World {
                 Err(e) => Input::Invalid(e.to_string()),
             },
         };
+        let mut ca_rv = None;
         let ca = match nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
             None => Input::NotNeeded,
-            Some(r) => match get(r.name.clone()).await? {
+            Some(r) => match get(r.name.clone())
+                .await?
+                .inspect(|s| ca_rv.clone_from(&s.metadata.resource_version))
+            {
                 None => Input::Missing(format!(
                     "waiting for the CA Secret {} (key {})",
                     r.name, r.key
@@ -75,10 +84,23 @@ impl World {
             ca,
             token_secret,
             token_secret_rv,
+            input_rvs: [credentials_rv, ca_rv],
             client: None,
         };
         world.build_client(nbi, ctx);
         Ok(world)
+    }
+
+    /// A digest of everything a pass depends on besides the clock: the spec's generation and the
+    /// resourceVersions of the credentials, CA and token Secrets (after this pass's own writes).
+    pub fn inputs(&self, generation: Option<i64>) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(generation.unwrap_or_default().to_le_bytes());
+        for rv in self.input_rvs.iter().chain([&self.token_secret_rv]) {
+            h.update(rv.as_deref().unwrap_or("-").as_bytes());
+            h.update([0]);
+        }
+        h.finalize().into()
     }
 
     /// Builds the NetBird client once the CA (if any) is known; a bad CA bundle becomes InvalidSpec.

@@ -701,15 +701,23 @@ pub fn ready_is(n: &NetbirdInstance, status: &str, reason: &str) -> bool {
 /// watchdog when the test process ends).
 pub struct NetbirdServer {
     pub url: String,
+    /// The server's own Prometheus endpoint (requests and responses by endpoint and status).
+    pub metrics_url: String,
     dir: PathBuf,
     watchdog_pid: u32,
 }
 
 impl NetbirdServer {
     pub async fn start() -> Option<NetbirdServer> {
+        Self::start_with_env(&[]).await
+    }
+
+    /// Starts the server with extra environment (for example its API rate limiter).
+    pub async fn start_with_env(extra: &[(&str, &str)]) -> Option<NetbirdServer> {
         let tools = tools()?;
         // NetBird always opens TCP 33073 besides its main port: one server at a time per machine
         let port = free_port();
+        let metrics = free_port();
         let dir = tempfile::Builder::new()
             .prefix("nbop-netbird-")
             .tempdir()
@@ -736,24 +744,25 @@ impl NetbirdServer {
 "#,
             data = dir.join("data").display(),
             health = free_port(),
-            metrics = free_port(),
         );
         std::fs::write(dir.join("config.yaml"), config).expect("config");
+        let mut env: Vec<(&str, String)> = extra.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        env.extend([
+            ("NB_SETUP_PAT_ENABLED", "true".into()),
+            ("NB_DISABLE_GEOLOCATION", "true".into()),
+            // the server's own release check goes to an unreachable loopback proxy: no
+            // traffic leaves the machine, and the version answer comes at once
+            ("HTTPS_PROXY", "http://127.0.0.1:9".into()),
+            ("HTTP_PROXY", "http://127.0.0.1:9".into()),
+            ("NO_PROXY", "127.0.0.1,localhost".into()),
+        ]);
         let watchdog_pid = spawn_watched(
             &tools.netbird_bin.join("netbird-server"),
             &[
                 "--config".into(),
                 dir.join("config.yaml").display().to_string(),
             ],
-            &[
-                ("NB_SETUP_PAT_ENABLED", "true".into()),
-                ("NB_DISABLE_GEOLOCATION", "true".into()),
-                // the server's own release check goes to an unreachable loopback proxy: no
-                // traffic leaves the machine, and the version answer comes at once
-                ("HTTPS_PROXY", "http://127.0.0.1:9".into()),
-                ("HTTP_PROXY", "http://127.0.0.1:9".into()),
-                ("NO_PROXY", "127.0.0.1,localhost".into()),
-            ],
+            &env,
             &dir.join("netbird.log"),
             Some(&dir),
         );
@@ -778,6 +787,7 @@ impl NetbirdServer {
         }
         Some(NetbirdServer {
             url,
+            metrics_url: format!("http://127.0.0.1:{metrics}/metrics"),
             dir,
             watchdog_pid,
         })
