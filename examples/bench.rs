@@ -2,7 +2,9 @@
 //! test harness and a fleet of fake NetBird servers, beside a straight-line client that makes the
 //! same NetBird calls and Kubernetes writes with no controller machinery. Writes
 //! docs/performance.md. Sizes: NBOP_BENCH_FLEET (1000), NBOP_BENCH_LATENCY (40),
-//! NBOP_BENCH_NOISE (10000), NBOP_BENCH_QUIET seconds (120).
+//! NBOP_BENCH_NOISE (10000), NBOP_BENCH_QUIET seconds (120), NBOP_BENCH_FAULTS (200 instances whose
+//! server fails) and NBOP_BENCH_FAULT_SECS (60). NBOP_BENCH_WRAP runs the operator under a
+//! profiler, e.g. `NBOP_BENCH_WRAP="heaptrack -o /tmp/op"` (its RSS figures are then the profiler's).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -17,7 +19,7 @@ use netbird_operator::crd::NetbirdInstance;
 use netbird_operator::netbird::{ClientOptions, NetbirdClient, SetupRequest};
 use secrecy::SecretString;
 use serde_json::json;
-use support::fake_netbird::FakeFleet;
+use support::fake_netbird::{FakeFleet, Fault};
 
 fn env_or(key: &str, default: usize) -> usize {
     std::env::var(key)
@@ -166,24 +168,29 @@ async fn metric(url: &str, name: &str) -> f64 {
 }
 
 fn start_operator(kubeconfig: &std::path::Path, port: u16) -> std::process::Child {
-    Command::new(concat!(
+    let bin = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/target/release/netbird-operator"
-    ))
-    .args([
-        "run",
-        "--namespace",
-        "bench-op",
-        "--http-addr",
-        &format!("127.0.0.1:{port}"),
-        "--log-level",
-        "warn",
-    ])
-    .env("KUBECONFIG", kubeconfig)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("build it first: cargo build --release")
+    );
+    let wrap = std::env::var("NBOP_BENCH_WRAP").unwrap_or_default();
+    let mut argv: Vec<&str> = wrap.split_whitespace().collect();
+    argv.push(bin);
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .args([
+            "run",
+            "--namespace",
+            "bench-op",
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--log-level",
+            "warn",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("build it first: cargo build --release")
 }
 
 #[tokio::main]
@@ -193,9 +200,11 @@ async fn main() {
     let lat_n = env_or("NBOP_BENCH_LATENCY", 40);
     let noise_n = env_or("NBOP_BENCH_NOISE", 10000);
     let quiet_s = env_or("NBOP_BENCH_QUIET", 120) as u64;
+    let faults_n = env_or("NBOP_BENCH_FAULTS", 200);
+    let fault_s = env_or("NBOP_BENCH_FAULT_SECS", 60) as u64;
     let cp = support::ControlPlane::shared().expect("tools missing: run tests/tools/install");
     let client = cp.client().await;
-    let fleet = FakeFleet::start(2 * (fleet_n + lat_n)).await;
+    let fleet = FakeFleet::start(2 * (fleet_n + lat_n) + faults_n).await;
     namespace(&client, "bench-op").await;
     namespace(&client, "bench-line").await;
     let ops: Api<NetbirdInstance> = Api::namespaced(client.clone(), "bench-op");
@@ -337,6 +346,57 @@ async fn main() {
             break;
         }
     }
+
+    // 6. memory and calls while NetBird servers fail in every way the fake can (the operator that
+    // just started, with every instance above Ready)
+    let faults = [
+        Fault::Hang,
+        Fault::Huge,
+        Fault::Status(500, "internal server error"),
+        Fault::Close,
+        Fault::NonJson(502),
+    ];
+    let first_fault = 2 * (fleet_n + lat_n);
+    for i in 0..faults_n {
+        fleet.states[first_fault + i]
+            .lock()
+            .unwrap()
+            .faults
+            .insert("instance".into(), faults[i % faults.len()].clone());
+    }
+    let rss_before_faults = rss_kib(op.id());
+    let calls_before_faults = fleet.total_calls();
+    stream::iter(0..faults_n)
+        .for_each_concurrent(16, |i| {
+            let ops = ops.clone();
+            let url = fleet.url(first_fault + i);
+            async move {
+                ops.create(
+                    &PostParams::default(),
+                    &instance(&format!("fault{i}"), &url),
+                )
+                .await
+                .unwrap();
+            }
+        })
+        .await;
+    let t0 = Instant::now();
+    let mut rss_fault_max = 0;
+    let mut rss_fault_half = 0;
+    while t0.elapsed() < Duration::from_secs(fault_s) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss = rss_kib(op.id());
+        rss_fault_max = rss_fault_max.max(rss);
+        if rss_fault_half == 0 && t0.elapsed() >= Duration::from_secs(fault_s / 2) {
+            rss_fault_half = rss;
+        }
+    }
+    let rss_fault_end = rss_kib(op.id());
+    let fault_calls = fleet.total_calls() - calls_before_faults;
+    let healthy = http_ok(&format!("http://127.0.0.1:{port}/healthz")).await;
+    eprintln!(
+        "faults: RSS before {rss_before_faults} half {rss_fault_half} max {rss_fault_max} end {rss_fault_end} KiB; {fault_calls} calls; healthy {healthy}"
+    );
     let _ = op.kill();
     let _ = op.wait();
     let _ = metrics_url;
@@ -365,7 +425,9 @@ servers (one per path prefix) on loopback. Each ratio compares figures from the 
 | writes to the apiserver in {quiet_s} s of steady state (resourceVersions of every NetbirdInstance and Secret) | {writes} | | | 0 |\n\
 | NetBird calls in the same {quiet_s} s (counted by the servers) | {quiet_calls} | | | 0 outside scheduled checks |\n\
 | start-up with {total} instances: process start to /readyz | {rz} | | | |\n\
-| start-up: process start to the first reconcile | {fr} | | | |\n",
+| start-up: process start to the first reconcile | {fr} | | | |\n\
+| resident memory with {faults_n} more instances whose servers fail (hang, 3 MiB bodies, 500, reset, non-JSON), over {fault_s} s: before, at half time, peak, end | {fb:.1} / {fh:.1} / {fm:.1} / {fe:.1} MiB | | second half {fgrow:+.1} MiB | bounded |\n\
+| NetBird calls by those {faults_n} instances in {fault_s} s (backoff from 1 s, doubling) | {fault_calls} ({per_min:.1} per instance per minute) | | /healthz {health} | bounded |\n",
         date = jiff::Timestamp::now().strftime("%Y-%m-%d"),
         cores = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -386,6 +448,13 @@ servers (one per path prefix) on loopback. Each ratio compares figures from the 
         rz = readyz
             .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
             .unwrap_or("> 120 s".into()),
+        fb = mib(rss_before_faults),
+        fh = mib(rss_fault_half),
+        fm = mib(rss_fault_max),
+        fe = mib(rss_fault_end),
+        fgrow = mib(rss_fault_end) - mib(rss_fault_half),
+        per_min = fault_calls as f64 / faults_n.max(1) as f64 / (fault_s as f64 / 60.0),
+        health = if healthy { "ok" } else { "FAILED" },
         fr = first_reconcile
             .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
             .unwrap_or("> 120 s".into()),
