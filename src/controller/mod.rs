@@ -19,7 +19,7 @@ use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use secrecy::ExposeSecret;
@@ -225,8 +225,20 @@ pub async fn run(
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
 
-    let controller = Controller::new(instances, watcher::Config::default().any_semantic());
-    let store = controller.store();
+    // The cache holds what the passes read and nothing more: managedFields and kubectl's copy of
+    // the last applied spec are dropped before an instance is stored.
+    let (store, writer) = reflector::store();
+    let instance_events = watcher(instances, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|nbi: &mut NetbirdInstance| {
+            nbi.managed_fields_mut().clear();
+            if let Some(a) = nbi.metadata.annotations.as_mut() {
+                a.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        })
+        .reflect(writer)
+        .applied_objects();
+    let controller = Controller::for_stream(instance_events, store.clone());
     let _ = store_slot.set(store.clone());
 
     // Secrets are watched by metadata only and not cached: memory does not grow with the Secrets of
