@@ -40,6 +40,71 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) the process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// The apiserver's request counters by verb and resource (apiserver_request_total).
+async fn apiserver_requests(
+    client: &kube::Client,
+) -> std::collections::BTreeMap<(String, String), f64> {
+    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(req).await.unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let label = |k: &str| {
+            l.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        let v: f64 = l
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *out.entry((label("verb"), label("resource"))).or_default() += v;
+    }
+    out
+}
+
+/// Requests made between two snapshots, per instance, as "VERB resource n.n" sorted by count.
+fn per_instance(
+    before: &std::collections::BTreeMap<(String, String), f64>,
+    after: &std::collections::BTreeMap<(String, String), f64>,
+    n: usize,
+) -> (f64, String) {
+    let mut rows: Vec<(f64, String)> = after
+        .iter()
+        .map(|(k, v)| (v - before.get(k).copied().unwrap_or(0.0), k))
+        .filter(|(d, (verb, _))| *d > 0.0 && verb != "WATCH")
+        .map(|(d, (verb, res))| (d / n as f64, format!("{verb} {res}")))
+        .filter(|(d, _)| *d >= 0.05)
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total = rows.iter().map(|r| r.0).sum();
+    let text = rows
+        .iter()
+        .map(|(d, k)| format!("{k} {d:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (total, text)
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -250,6 +315,8 @@ async fn main() {
 
     // 2. fleet: created at once (16 writers), until all Ready
     let base = 2 * lat_n;
+    let api0 = apiserver_requests(&client).await;
+    let cpu0 = cpu_secs(op.id());
     let t0 = Instant::now();
     stream::iter(0..fleet_n)
         .for_each_concurrent(16, |i| {
@@ -266,7 +333,11 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let fleet_op = t0.elapsed();
-    eprintln!("fleet operator {fleet_op:?}");
+    let cpu_fleet = cpu_secs(op.id()) - cpu0;
+    // let the passes that follow the last writes end before counting
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let api1 = apiserver_requests(&client).await;
+    eprintln!("fleet operator {fleet_op:?}, {cpu_fleet:.1} s CPU");
     let client2 = client.clone();
     let t0 = Instant::now();
     stream::iter(0..fleet_n)
@@ -277,7 +348,13 @@ async fn main() {
         })
         .await;
     let fleet_line = t0.elapsed();
+    let api2 = apiserver_requests(&client).await;
+    let (req_op, req_op_text) = per_instance(&api0, &api1, fleet_n);
+    let (req_line, req_line_text) = per_instance(&api1, &api2, fleet_n);
     eprintln!("fleet line {fleet_line:?}");
+    eprintln!(
+        "apiserver requests per instance: operator {req_op:.1} ({req_op_text}); line {req_line:.1} ({req_line_text})"
+    );
 
     // 4. quiet steady state (before the noise, which is a change the operator must see)
     let calls0 = fleet.total_calls();
@@ -419,6 +496,8 @@ servers (one per path prefix) on loopback. Each ratio compares figures from the 
 | latency to Ready, p50 ({lat_n} one after another) | {op50:.1} ms | {line50:.1} ms | {r50:.2}x | <= 1.25x |\n\
 | latency to Ready, p99 | {op99:.1} ms | {line99:.1} ms | {r99:.2}x | |\n\
 | fleet of {fleet_n} created at once, until all Ready | {fop:.1} s | {fline:.1} s (concurrency 8) | {rf:.2}x | <= 1.5x |\n\
+| apiserver requests per instance during the fleet (apiserver_request_total, watches excluded) | {req_op:.1}: {req_op_text} | {req_line:.1}: {req_line_text} | {rreq:.2}x | |\n\
+| operator CPU during the fleet | {cpu_fleet:.1} s | | | |\n\
 | resident memory idle | {idle:.1} MiB | | | |\n\
 | resident memory with {total} Ready instances (after the quiet window) | {fleet_mem:.1} MiB | | | <= 40 MiB |\n\
 | growth after {noise_n} unrelated 4 KiB Secrets in the watched namespace | {growth:+.1} MiB | | | <= 2 MiB |\n\
@@ -441,6 +520,7 @@ servers (one per path prefix) on loopback. Each ratio compares figures from the 
         fop = fleet_op.as_secs_f64(),
         fline = fleet_line.as_secs_f64(),
         rf = ratio(fleet_op, fleet_line),
+        rreq = req_op / req_line.max(1e-9),
         idle = mib(rss_idle),
         total = fleet_n + lat_n,
         fleet_mem = mib(rss_fleet),
