@@ -250,6 +250,9 @@ fn start_operator(kubeconfig: &std::path::Path, port: u16) -> std::process::Chil
             &format!("127.0.0.1:{port}"),
             "--log-level",
             "warn",
+            // the same concurrency as the straight line
+            "--concurrency",
+            "8",
         ])
         .env("KUBECONFIG", kubeconfig)
         .stdout(Stdio::null())

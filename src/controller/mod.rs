@@ -64,7 +64,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             namespace: None,
-            concurrency: 8,
+            concurrency: 32,
             netbird: ClientOptions::default(),
             instance_id: None,
             max_backoff: Duration::from_secs(300),
