@@ -255,3 +255,72 @@ async fn the_token_secret_deleted_by_hand_is_reported() {
     assert_eq!(fake.calls("setup"), 1);
     assert_eq!(fake.state().setups_ok, 1);
 }
+
+/// The token Secret edited by hand while the operator runs: a broken token is reported
+/// (TokenRejected) and never sent, putting the token back recovers; the ownership label removed by
+/// hand makes it a Secret the operator does not touch (SecretConflict) until it is back; setup is
+/// never called again.
+#[tokio::test]
+async fn the_token_secret_edited_by_hand_is_reported_and_repaired() {
+    let Some(env) = TestEnv::new("secret-edited").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    env.create_admin_secret().await;
+    let _op = env.start_operator().await;
+    let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
+    env.create_instance("nb", spec).await.unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    let original = env.secrets().get("nb-token").await.unwrap();
+    let token = original.data.as_ref().unwrap()["NB_API_KEY"].clone();
+    let patch = |v: serde_json::Value| {
+        let secrets = env.secrets();
+        async move {
+            secrets
+                .patch(
+                    "nb-token",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&v),
+                )
+                .await
+                .unwrap()
+        }
+    };
+
+    // a token that is not one: reported, never sent
+    let verified = fake.calls("users_current");
+    patch(json!({"stringData": {"NB_API_KEY": "not-a-token"}})).await;
+    env.wait_instance("nb", "TokenRejected", T, |n| {
+        condition(n, "Stalled").is_some_and(|(_, r, _)| r == "TokenRejected")
+    })
+    .await;
+    assert_eq!(
+        fake.calls("users_current"),
+        verified,
+        "a malformed token is never sent"
+    );
+
+    // the token put back: Ready again
+    patch(json!({"data": {"NB_API_KEY": token}})).await;
+    env.wait_instance("nb", "Ready again", T, |n| {
+        ready_is(n, "True", "Bootstrapped")
+    })
+    .await;
+
+    // our label removed by hand: the Secret is no longer ours, so it is left untouched and the
+    // conflict reported; the label put back ends it
+    patch(json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}})).await;
+    env.wait_instance("nb", "SecretConflict", T, |n| {
+        condition(n, "Stalled").is_some_and(|(_, r, _)| r == "SecretConflict")
+    })
+    .await;
+    patch(json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": "netbird-operator"}}}))
+        .await;
+    env.wait_instance("nb", "Ready after the label", T, |n| {
+        ready_is(n, "True", "Bootstrapped")
+    })
+    .await;
+    assert_eq!(fake.calls("setup"), 1, "setup is never called again");
+    assert_eq!(fake.state().setups_ok, 1);
+}
