@@ -20,15 +20,20 @@ fn spec(url: &str) -> serde_json::Value {
     json!({"managementURL": url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}})
 }
 
+/// The credentials Secret, and the operator running with a client that goes through the faults.
+async fn operator_behind_faults(env: &TestEnv) -> (Arc<KubeFaults>, support::Operator) {
+    env.create_admin_secret().await;
+    let faults = Arc::new(KubeFaults::default());
+    let client = kube_faults::client(env.cp.client().await, faults.clone());
+    (faults, env.start_operator_with(client).await)
+}
+
 #[tokio::test]
 async fn an_expired_watch_is_relisted_and_nothing_is_missed() {
     let Some(env) = TestEnv::new("watch-expired").await else {
         return;
     };
-    env.create_admin_secret().await;
-    let faults = Arc::new(KubeFaults::default());
-    let client = kube_faults::client(env.cp.client().await, faults.clone());
-    let _op = env.start_operator_with(client).await;
+    let (faults, _op) = operator_behind_faults(&env).await;
     let first = FakeNetbird::start().await;
     env.create_instance("first", spec(&first.url))
         .await
@@ -83,9 +88,9 @@ async fn an_expired_watch_is_relisted_and_nothing_is_missed() {
 async fn settle(faults: &KubeFaults) -> u32 {
     let start = std::time::Instant::now();
     loop {
-        let (writes, watches) = (faults.count(&faults.writes), faults.count(&faults.watches));
+        let (writes, watches) = (faults.writes(), faults.count(&faults.watches));
         tokio::time::sleep(Duration::from_secs(3)).await;
-        if faults.count(&faults.writes) == writes {
+        if faults.writes() == writes {
             return faults.count(&faults.watches) - watches;
         }
         assert!(
@@ -109,10 +114,7 @@ async fn conflicts_on_status_and_token_writes_lose_nothing() {
     let Some(env) = TestEnv::new("write-conflicts").await else {
         return;
     };
-    env.create_admin_secret().await;
-    let faults = Arc::new(KubeFaults::default());
-    let client = kube_faults::client(env.cp.client().await, faults.clone());
-    let _op = env.start_operator_with(client).await;
+    let (faults, _op) = operator_behind_faults(&env).await;
     let fake = FakeNetbird::start().await;
     fake.fault("setup", Fault::Delay(Duration::from_millis(1500)));
 

@@ -224,6 +224,18 @@ async fn a_namespace_user_cannot_turn_the_operator_against_the_cluster() {
     assert!(e.to_string().contains("allowInsecureHTTP"), "{e}");
 }
 
+/// A fake server, the operator, and instance "nb" bootstrapped against them (Ready).
+async fn bootstrapped(env: &TestEnv) -> (FakeNetbird, support::Operator) {
+    let fake = FakeNetbird::start().await;
+    env.create_admin_secret().await;
+    let op = env.start_operator().await;
+    let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
+    env.create_instance("nb", spec).await.unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    (fake, op)
+}
+
 /// The token Secret deleted by hand while the operator runs: reported (TokenLost), never a second
 /// setup; putting a token back recovers.
 #[tokio::test]
@@ -231,13 +243,7 @@ async fn the_token_secret_deleted_by_hand_is_reported() {
     let Some(env) = TestEnv::new("secret-deleted").await else {
         return;
     };
-    let fake = FakeNetbird::start().await;
-    env.create_admin_secret().await;
-    let _op = env.start_operator().await;
-    let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
-    env.create_instance("nb", spec).await.unwrap();
-    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
-        .await;
+    let (fake, _op) = bootstrapped(&env).await;
     env.secrets()
         .delete("nb-token", &Default::default())
         .await
@@ -265,13 +271,7 @@ async fn the_token_secret_edited_by_hand_is_reported_and_repaired() {
     let Some(env) = TestEnv::new("secret-edited").await else {
         return;
     };
-    let fake = FakeNetbird::start().await;
-    env.create_admin_secret().await;
-    let _op = env.start_operator().await;
-    let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
-    env.create_instance("nb", spec).await.unwrap();
-    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
-        .await;
+    let (fake, _op) = bootstrapped(&env).await;
     let original = env.secrets().get("nb-token").await.unwrap();
     let token = original.data.as_ref().unwrap()["NB_API_KEY"].clone();
     let patch = |v: serde_json::Value| {

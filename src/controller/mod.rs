@@ -510,7 +510,8 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             .get_or_create(&ReasonLabels { reason })
             .inc();
     }
-    let inputs = world.inputs(generation);
+    // a retry is kept with what this pass read (after its own writes): see `retry_pending`
+    let mut retry = None;
     let action = match &verdict {
         Verdict::Ready => {
             let failed = matches!(probes.version, Some(Err(_)))
@@ -522,11 +523,10 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
                 // configured maximum backoff, if shorter), never later than the interval
                 let floor = Duration::from_secs(60).min(ctx.settings.max_backoff);
                 let d = ctx.backoff(&uid).max(floor).min(interval);
-                ctx.schedule_retry(&uid, d, inputs);
+                retry = Some(d);
                 d
             } else {
                 ctx.reset_backoff(&uid);
-                lock(&ctx.retries).remove(&uid);
                 next_check(&status, started, interval)
             };
             // the renewal is scheduled for its time, not found by polling
@@ -542,7 +542,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         Verdict::Suspended => Action::await_change(),
         Verdict::Waiting { retry: true, .. } => {
             let d = ctx.backoff(&uid);
-            ctx.schedule_retry(&uid, d, inputs);
+            retry = Some(d);
             info!(reason, retry_in = ?d, "not ready, retrying");
             Action::requeue(d)
         }
@@ -558,11 +558,11 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             Action::await_change()
         }
     };
-    if !matches!(
-        verdict,
-        Verdict::Waiting { retry: true, .. } | Verdict::Ready
-    ) {
-        lock(&ctx.retries).remove(&uid);
+    match retry {
+        Some(after) => ctx.schedule_retry(&uid, after, world.inputs(generation)),
+        None => {
+            lock(&ctx.retries).remove(&uid);
+        }
     }
     Ok(action)
 }

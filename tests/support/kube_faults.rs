@@ -33,19 +33,11 @@ pub struct KubeFaults {
     pub lists: AtomicU32,
     pub expired: AtomicU32,
     pub conflicts: AtomicU32,
-    pub writes: AtomicU32,
     /// Method and path of every write, in order.
     pub write_log: Mutex<Vec<String>>,
 }
 
 impl KubeFaults {
-    /// Ends every open watch and answers the next `n` watch requests with 410 Gone.
-    pub fn expire_watches(&self, n: u32) {
-        self.expire_watches.store(n, Ordering::SeqCst);
-        let old = std::mem::take(&mut *self.cut.lock().unwrap());
-        old.cancel();
-    }
-
     /// Answers the next `n` watch requests with 410 Gone (open watches go on).
     pub fn expire_next_watches(&self, n: u32) {
         self.expire_watches.store(n, Ordering::SeqCst);
@@ -76,6 +68,11 @@ impl KubeFaults {
 
     pub fn count(&self, c: &AtomicU32) -> u32 {
         c.load(Ordering::SeqCst)
+    }
+
+    /// Writes seen so far.
+    pub fn writes(&self) -> usize {
+        self.write_log.lock().unwrap().len()
     }
 
     fn inject(&self, req: &Request<Body>) -> Option<Response<Body>> {
@@ -109,7 +106,6 @@ impl KubeFaults {
             }
             return None;
         }
-        self.writes.fetch_add(1, Ordering::SeqCst);
         self.write_log
             .lock()
             .unwrap()
