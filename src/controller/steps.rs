@@ -43,9 +43,8 @@ impl World {
                 .map_err(|source| Error::ReadSecret { name, source })
         };
         let cref = &nbi.spec.credentials_secret_ref;
-        let rv = |s: &Option<Secret>| s.as_ref().and_then(|s| s.metadata.resource_version.clone());
         let credentials_secret = get(cref.name.clone()).await?;
-        let credentials_rv = rv(&credentials_secret);
+        let credentials_rv = resource_version(&credentials_secret);
         let credentials = match credentials_secret {
             None => Input::Missing(format!(
                 "waiting for the credentials Secret {} (keys {}, {} and optionally {}); the operator continues as soon as it exists",
@@ -74,9 +73,7 @@ impl World {
             },
         };
         let secret = get(nbi.token_secret_name()).await?;
-        let token_secret_rv = secret
-            .as_ref()
-            .and_then(|s| s.metadata.resource_version.clone());
+        let token_secret_rv = resource_version(&secret);
         let token_secret =
             token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
         let mut world = World {
@@ -165,9 +162,7 @@ impl World {
 
     /// The token Secret as a write returned it (saves reading it back).
     fn set_token_secret(&mut self, nbi: &NetbirdInstance, secret: Option<Secret>) {
-        self.token_secret_rv = secret
-            .as_ref()
-            .and_then(|s| s.metadata.resource_version.clone());
+        self.token_secret_rv = resource_version(&secret);
         self.token_secret =
             token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
     }
@@ -201,13 +196,15 @@ impl World {
         secrets: &Api<Secret>,
     ) -> Result<(), kube::Error> {
         let secret = secrets.get_opt(&nbi.token_secret_name()).await?;
-        self.token_secret_rv = secret
-            .as_ref()
-            .and_then(|s| s.metadata.resource_version.clone());
-        self.token_secret =
-            token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
+        self.set_token_secret(nbi, secret);
         Ok(())
     }
+}
+
+fn resource_version(secret: &Option<Secret>) -> Option<String> {
+    secret
+        .as_ref()
+        .and_then(|s| s.metadata.resource_version.clone())
 }
 
 fn progressing(what: &str, e: &kube::Error) -> Verdict {
