@@ -365,6 +365,18 @@ async fn delete_policy_never_blocks_deletion_when_the_server_is_gone() {
     );
 }
 
+/// The service user whose token the Secret holds, once the exchange has finished (the old token
+/// deleted).
+async fn service_user_holding_the_token(env: &TestEnv, fake: &FakeNetbird, what: &str) -> String {
+    support::wait_for(what, T, || async move {
+        let (t, a) = stored_opt(env).await?;
+        let user = fake.state().tokens.get(&t).cloned()?;
+        (fake.state().service_users.contains_key(&user) && !a.contains_key(ANN_PREVIOUS_TOKEN_ID))
+            .then_some(user)
+    })
+    .await
+}
+
 fn service_user_spec(url: &str) -> serde_json::Value {
     let mut s = spec(url, 30, true);
     s["token"]["serviceUser"] = json!({"name": "netbird-operator"});
@@ -382,18 +394,7 @@ async fn the_setup_token_is_traded_for_a_service_user_token() {
     env.create_instance("nb", service_user_spec(&fake.url))
         .await
         .unwrap();
-    let svc = support::wait_for("the service user's token", T, || {
-        let env = &env;
-        let fake = &fake;
-        async move {
-            let (t, a) = stored_opt(env).await?;
-            let user = fake.state().tokens.get(&t).cloned()?;
-            (fake.state().service_users.contains_key(&user)
-                && !a.contains_key(ANN_PREVIOUS_TOKEN_ID))
-            .then_some(user)
-        }
-    })
-    .await;
+    let svc = service_user_holding_the_token(&env, &fake, "the service user's token").await;
     let n = env
         .wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
         .await;
@@ -598,18 +599,8 @@ async fn changing_the_service_user_moves_the_token() {
     env.create_instance("nb", service_user_spec(&fake.url))
         .await
         .unwrap();
-    let first_svc = support::wait_for("the first service user's token", T, || {
-        let env = &env;
-        let fake = &fake;
-        async move {
-            let (t, a) = stored_opt(env).await?;
-            let user = fake.state().tokens.get(&t).cloned()?;
-            (fake.state().service_users.contains_key(&user)
-                && !a.contains_key(ANN_PREVIOUS_TOKEN_ID))
-            .then_some(user)
-        }
-    })
-    .await;
+    let first_svc =
+        service_user_holding_the_token(&env, &fake, "the first service user's token").await;
     let patch = json!({"spec": {"token": {"serviceUser": {"name": "another"}}}});
     env.instances()
         .patch(
