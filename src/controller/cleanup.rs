@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -26,14 +25,14 @@ fn has_finalizer(nbi: &NetbirdInstance) -> bool {
     nbi.finalizers().iter().any(|f| f == FINALIZER)
 }
 
-/// Adds or removes the finalizer to match `deletionPolicy`. Returns true when it wrote.
+/// Adds or removes the finalizer to match `deletionPolicy`.
 pub async fn ensure_finalizer(
     nbi: &NetbirdInstance,
     api: &Api<NetbirdInstance>,
-) -> Result<bool, Error> {
+) -> Result<(), Error> {
     let want = nbi.spec.token.deletion_policy == DeletionPolicy::Delete;
     if want == has_finalizer(nbi) {
-        return Ok(false);
+        return Ok(());
     }
     let mut finalizers: Vec<String> = nbi
         .finalizers()
@@ -44,8 +43,7 @@ pub async fn ensure_finalizer(
     if want {
         finalizers.push(FINALIZER.to_string());
     }
-    set_finalizers(nbi, api, finalizers).await?;
-    Ok(true)
+    set_finalizers(nbi, api, finalizers).await
 }
 
 async fn set_finalizers(
@@ -71,7 +69,7 @@ pub async fn on_delete(
     nbi: &NetbirdInstance,
     ctx: &Context,
     api: &Api<NetbirdInstance>,
-    secrets: &Api<Secret>,
+    secrets: &super::secrets::Secrets<'_>,
     attempt: u32,
 ) -> Result<Action, Error> {
     if !has_finalizer(nbi) {

@@ -7,6 +7,7 @@
 pub mod cleanup;
 pub mod decide;
 pub mod report;
+mod secrets;
 mod steps;
 
 use std::collections::HashMap;
@@ -92,6 +93,8 @@ pub struct Context {
     fingerprint_checks: Mutex<HashMap<String, ([u8; 32], bool)>>,
     /// HTTP clients for NetBird by TLS settings (digest), shared by all instances and passes.
     clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
+    /// The Secrets passes read and wrote, used again while the watch reports them unchanged.
+    secret_cache: secrets::SecretCache,
     pub shutdown: CancellationToken,
     /// The clock (tests move it forward to reach a token's rotation time).
     pub clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
@@ -123,6 +126,7 @@ impl Context {
             verified: Mutex::default(),
             fingerprint_checks: Mutex::default(),
             clients: Mutex::default(),
+            secret_cache: secrets::SecretCache::default(),
             shutdown,
             clock: Arc::new(jiff::Timestamp::now),
         }
@@ -241,10 +245,17 @@ pub async fn run(
     let controller = Controller::for_stream(instance_events, store.clone());
     let _ = store_slot.set(store.clone());
 
-    // Secrets are watched by metadata only and not cached: memory does not grow with the Secrets of
-    // the cluster, and an event for a Secret that a NetbirdInstance references triggers its pass.
+    // Secrets are watched by metadata only: memory does not grow with the Secrets of the cluster.
+    // The watch keeps the cache of the Secrets passes use current (see `secrets`), and an event for
+    // a Secret that a NetbirdInstance references triggers its pass.
+    let cache_ctx = ctx.clone();
     let secret_events = watcher(secrets, watcher::Config::default().any_semantic())
         .default_backoff()
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                cache_ctx.secret_cache.observe(event);
+            }
+        })
         .touched_objects();
     let mapper_store = store.clone();
     let mapper =
@@ -356,7 +367,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let name = nbi.name_any();
     let uid = nbi.uid().unwrap_or_default();
     let api: Api<NetbirdInstance> = Api::namespaced(ctx.client.clone(), ns);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secrets = secrets::Secrets::new(ctx.client.clone(), ns, &ctx.secret_cache);
     let generation = nbi.metadata.generation;
     let started = ctx.now();
 
@@ -369,10 +380,8 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         };
         return cleanup::on_delete(nbi, ctx, &api, &secrets, attempt).await;
     }
-    if cleanup::ensure_finalizer(nbi, &api).await? {
-        // the write wakes the next pass
-        return Ok(Action::await_change());
-    }
+    // the pass goes on after adding the finalizer: what it reads next does not depend on it
+    cleanup::ensure_finalizer(nbi, &api).await?;
 
     // kstatus: observedGeneration and Ready from the very first pass
     if nbi

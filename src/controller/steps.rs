@@ -4,13 +4,13 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams, PostParams};
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::decide::{Input, Probes, SetupOutcome, Step, Verdict, Verified, Waiting};
+use super::secrets::Secrets;
 use super::{Context, Error, lock};
 use crate::crd::NetbirdInstance;
 use crate::credentials::{self, Credentials};
@@ -33,12 +33,12 @@ pub struct World {
 impl World {
     pub async fn read(
         nbi: &NetbirdInstance,
-        secrets: &Api<Secret>,
+        secrets: &Secrets<'_>,
         ctx: &Context,
     ) -> Result<Self, Error> {
         let get = |name: String| async move {
             secrets
-                .get_opt(&name)
+                .get(&name)
                 .await
                 .map_err(|source| Error::ReadSecret { name, source })
         };
@@ -171,7 +171,7 @@ impl World {
     async fn patch(
         &mut self,
         nbi: &NetbirdInstance,
-        secrets: &Api<Secret>,
+        secrets: &Secrets<'_>,
         patch: &serde_json::Value,
     ) -> Result<(), Verdict> {
         let written = patch_token_secret(secrets, &nbi.token_secret_name(), patch).await?;
@@ -179,23 +179,21 @@ impl World {
         Ok(())
     }
 
-    /// Reads the token Secret again (after a write made elsewhere).
-    async fn refresh(
+    /// Takes the token Secret as a write returned it, or reads it again when the write gave up
+    /// (only at shutdown).
+    async fn written(
         &mut self,
         nbi: &NetbirdInstance,
-        secrets: &Api<Secret>,
+        secrets: &Secrets<'_>,
+        written: Option<Secret>,
     ) -> Result<(), Verdict> {
-        self.reread(nbi, secrets)
-            .await
-            .map_err(|e| progressing("failed to read back the token Secret", &e))
-    }
-
-    async fn reread(
-        &mut self,
-        nbi: &NetbirdInstance,
-        secrets: &Api<Secret>,
-    ) -> Result<(), kube::Error> {
-        let secret = secrets.get_opt(&nbi.token_secret_name()).await?;
+        let secret = match written {
+            Some(s) => Some(s),
+            None => secrets
+                .get(&nbi.token_secret_name())
+                .await
+                .map_err(|e| progressing("failed to read back the token Secret", &e))?,
+        };
         self.set_token_secret(nbi, secret);
         Ok(())
     }
@@ -220,7 +218,7 @@ pub async fn run(
     step: Step,
     nbi: &NetbirdInstance,
     ctx: &Context,
-    secrets: &Api<Secret>,
+    secrets: &Secrets<'_>,
     world: &mut World,
     probes: &mut Probes,
 ) -> Result<(), Verdict> {
@@ -241,13 +239,7 @@ pub async fn run(
         Step::SyncSecretMetadata => {
             if let Some(s) = world.token_secret.owned() {
                 let patch = token_secret::metadata_patch(nbi, s);
-                secrets
-                    .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .map_err(|e| {
-                        progressing(&format!("failed to update Secret {secret_name}"), &e)
-                    })?;
-                world.refresh(nbi, secrets).await?;
+                world.patch(nbi, secrets, &patch).await?;
             }
             probes.metadata_synced = true;
         }
@@ -299,16 +291,11 @@ pub async fn run(
             let result = match (&world.token_secret, &world.token_secret_rv) {
                 (TokenSecret::Ours(s), Some(rv)) => {
                     let patch = token_secret::claim_patch(nbi, s, rv, &started, &fp);
-                    secrets
-                        .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
-                        .await
+                    secrets.patch(&secret_name, &patch).await
                 }
                 _ => {
                     secrets
-                        .create(
-                            &PostParams::default(),
-                            &token_secret::new_claimed(nbi, &started, &fp),
-                        )
+                        .create(&token_secret::new_claimed(nbi, &started, &fp))
                         .await
                 }
             };
@@ -326,8 +313,10 @@ pub async fn run(
             let Input::Ready(creds) = &world.credentials else {
                 return Ok(());
             };
-            let outcome = setup(nbi, ctx, &client, creds, secrets).await;
-            world.refresh(nbi, secrets).await?;
+            let (outcome, written) = setup(nbi, ctx, &client, creds, secrets).await;
+            if !matches!(outcome, SetupOutcome::Failed(_)) {
+                world.written(nbi, secrets, written).await?;
+            }
             probes.setup = Some(outcome);
         }
         Step::CleanOrphans => {
@@ -474,9 +463,10 @@ pub async fn run(
                         &seconds(pat.expiration_date),
                         &now.to_string(),
                     );
-                    write_until_stored(secrets, nbi, &patch, Some(&created.plain_token)).await;
+                    let written =
+                        write_until_stored(secrets, nbi, &patch, Some(&created.plain_token)).await;
                     info!(token_id = %pat.id, expires_at = %pat.expiration_date, "rotated the token");
-                    world.refresh(nbi, secrets).await?;
+                    world.written(nbi, secrets, written).await?;
                     probes.rotated = true;
                     // the new token is verified before the old one is deleted
                     probes.verify = None;
@@ -496,18 +486,22 @@ pub async fn run(
                 .as_ref()
                 .map(|s| s.name.clone())
                 .unwrap_or_default();
-            match exchange(nbi, ctx, &client, secrets, world, &token, &user, &name).await {
-                Ok(()) => {
+            let written = match exchange(nbi, ctx, &client, secrets, world, &token, &user, &name)
+                .await
+            {
+                Ok(written) => {
                     probes.exchanged = true;
                     probes.verify = None;
+                    written
                 }
                 Err(ExchangeError::Netbird(e)) => {
                     warn!(error = %e, service_user = %name, "the service-user exchange failed; the current token stays");
                     probes.exchange_error = Some(e);
+                    None
                 }
                 Err(ExchangeError::Kube(v)) => return Err(v),
-            }
-            world.refresh(nbi, secrets).await?;
+            };
+            world.written(nbi, secrets, written).await?;
         }
         Step::ReleaseClaim => {
             let rejection = match &probes.setup {
@@ -520,15 +514,9 @@ pub async fn run(
                 }
                 _ => None,
             };
-            secrets
-                .patch(
-                    &secret_name,
-                    &PatchParams::default(),
-                    &Patch::Merge(&token_secret::release_patch(rejection)),
-                )
-                .await
-                .map_err(|e| progressing(&format!("failed to update Secret {secret_name}"), &e))?;
-            world.refresh(nbi, secrets).await?;
+            world
+                .patch(nbi, secrets, &token_secret::release_patch(rejection))
+                .await?;
             probes.claim_released = true;
         }
     }
@@ -555,12 +543,12 @@ async fn exchange(
     nbi: &NetbirdInstance,
     ctx: &Context,
     client: &NetbirdClient,
-    secrets: &Api<Secret>,
+    secrets: &Secrets<'_>,
     world: &World,
     token: &SecretString,
     user: &str,
     name: &str,
-) -> Result<(), ExchangeError> {
+) -> Result<Option<Secret>, ExchangeError> {
     let secret_name = nbi.token_secret_name();
     let svc = match client
         .list_service_users(token)
@@ -605,7 +593,7 @@ async fn exchange(
         patch["metadata"]["annotations"][token_secret::ANN_PREVIOUS_USER_ID] =
             serde_json::json!(user);
     }
-    write_until_stored(secrets, nbi, &patch, Some(&created.plain_token)).await;
+    let mut written = write_until_stored(secrets, nbi, &patch, Some(&created.plain_token)).await;
     info!(service_user = %name, token_id = %pat.id, "stored the service user's token");
     if let Some(old_id) = old_id {
         match client.delete_token(token, user, &old_id).await {
@@ -613,18 +601,20 @@ async fn exchange(
             Err(e) if e.status() == Some(404) => {}
             Err(e) => {
                 warn!(token_id = %old_id, error = %e, "failed to delete the old token; retrying later");
-                return Ok(());
+                return Ok(written);
             }
         }
         let clear = serde_json::json!({"metadata": {"annotations": {
             token_secret::ANN_PREVIOUS_TOKEN_ID: null,
             token_secret::ANN_PREVIOUS_USER_ID: null,
         }}});
-        patch_token_secret(secrets, &secret_name, &clear)
-            .await
-            .map_err(ExchangeError::Kube)?;
+        written = Some(
+            patch_token_secret(secrets, &secret_name, &clear)
+                .await
+                .map_err(ExchangeError::Kube)?,
+        );
     }
-    Ok(())
+    Ok(written)
 }
 
 /// A timestamp in whole seconds, as annotations and the status keep it.
@@ -664,24 +654,25 @@ fn token_and_user(world: &World, probes: &Probes) -> Result<(SecretString, Strin
 }
 
 async fn patch_token_secret(
-    secrets: &Api<Secret>,
+    secrets: &Secrets<'_>,
     name: &str,
     patch: &serde_json::Value,
 ) -> Result<Secret, Verdict> {
     secrets
-        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .patch(name, patch)
         .await
         .map_err(|e| progressing(&format!("failed to update Secret {name}"), &e))
 }
 
-/// `POST /api/setup`, and on success the token into the Secret before anything else.
+/// `POST /api/setup`, and on success the token into the Secret before anything else (the Secret as
+/// written is returned beside the outcome).
 async fn setup(
     nbi: &NetbirdInstance,
     ctx: &Context,
     client: &NetbirdClient,
     creds: &Credentials,
-    secrets: &Api<Secret>,
-) -> SetupOutcome {
+    secrets: &Secrets<'_>,
+) -> (SetupOutcome, Option<Secret>) {
     let req = SetupRequest {
         email: creds.email.clone(),
         password: creds.password.clone(),
@@ -694,18 +685,19 @@ async fn setup(
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "setup failed");
-            return SetupOutcome::Failed(e);
+            return (SetupOutcome::Failed(e), None);
         }
     };
     let completed = ctx.now();
     let Some(token) = resp.personal_access_token else {
         warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
         let patch = token_secret::no_token_patch(&resp.user_id, &completed.to_string());
-        write_until_stored(secrets, nbi, &patch, None).await;
-        return SetupOutcome::NoToken {
+        let written = write_until_stored(secrets, nbi, &patch, None).await;
+        let outcome = SetupOutcome::NoToken {
             user_id: resp.user_id,
             email: resp.email,
         };
+        return (outcome, written);
     };
     let expires = completed
         .checked_add(jiff::SignedDuration::from_hours(
@@ -719,28 +711,26 @@ async fn setup(
         &expires.to_string(),
         &completed.to_string(),
     );
-    write_until_stored(secrets, nbi, &patch, Some(&token)).await;
+    let written = write_until_stored(secrets, nbi, &patch, Some(&token)).await;
     info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token stored");
-    SetupOutcome::TokenStored {
+    let outcome = SetupOutcome::TokenStored {
         user_id: resp.user_id,
         email: resp.email,
-    }
+    };
+    (outcome, written)
 }
 
 /// Writes `patch` to the token Secret, retrying with backoff for as long as the process lives: the
 /// token exists nowhere else. When the Secret vanished, it is created again with the token.
 async fn write_until_stored(
-    secrets: &Api<Secret>,
+    secrets: &Secrets<'_>,
     nbi: &NetbirdInstance,
     patch: &serde_json::Value,
     token: Option<&SecretString>,
 ) -> Option<Secret> {
     let name = nbi.token_secret_name();
     let attempt = || async {
-        match secrets
-            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-        {
+        match secrets.patch(&name, patch).await {
             Ok(s) => Ok(s),
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 let mut fresh = token_secret::new_claimed(nbi, "", "");
@@ -750,7 +740,7 @@ async fn write_until_stored(
                 let mut obj = serde_json::to_value(&fresh).unwrap_or_default();
                 merge(&mut obj, patch);
                 let fresh: Secret = serde_json::from_value(obj).unwrap_or(fresh);
-                secrets.create(&PostParams::default(), &fresh).await
+                secrets.create(&fresh).await
             }
             Err(e) => Err(e),
         }

@@ -1,0 +1,260 @@
+//! The Secrets a pass reads and writes, through a cache of the ones passes use.
+//!
+//! Secrets are watched by metadata only, so memory does not grow with the cluster's Secrets. A
+//! Secret a pass has read or written is kept whole (without managedFields) and used again while the
+//! metadata watch reports that very resourceVersion; a pass woken by the operator's own writes then
+//! reads nothing from the apiserver. Anything else is a GET: a version the watch has not reported
+//! yet (the operator's own write included: a write response is kept, but only trusted once the watch
+//! confirms it), a moved version, a deletion, a relist of the watch, an absent Secret.
+//!
+//! Written here rather than with a kube reflector: a reflector caches every Secret it watches (all of
+//! the cluster's, or a label selector's, which the user's credentials Secret does not carry), while
+//! this keeps only the Secrets that instances reference.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+
+use super::lock;
+
+/// More entries than this and the cache starts over (a safety net: entries are the Secrets
+/// instances referenced, and a deleted Secret's entry goes with its watch event).
+const MAX_ENTRIES: usize = 16_384;
+
+#[derive(Default)]
+struct Entry {
+    /// The resourceVersion the metadata watch last reported (None: not reported since the entry
+    /// was made).
+    seen: Option<String>,
+    /// The Secret as last read or written.
+    secret: Option<Secret>,
+}
+
+impl Entry {
+    fn current(&self) -> Option<&Secret> {
+        let secret = self.secret.as_ref()?;
+        (self.seen.is_some() && secret.metadata.resource_version == self.seen).then_some(secret)
+    }
+}
+
+/// Referenced Secrets by namespace and name.
+#[derive(Default)]
+pub struct SecretCache {
+    entries: Mutex<HashMap<(String, String), Entry>>,
+}
+
+fn key(ns: &str, name: &str) -> (String, String) {
+    (ns.to_string(), name.to_string())
+}
+
+fn slim(mut secret: Secret) -> Secret {
+    secret.metadata.managed_fields = None;
+    secret
+}
+
+impl SecretCache {
+    /// Takes note of an event of the Secrets' metadata watch.
+    pub fn observe(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+        let mut entries = lock(&self.entries);
+        match event {
+            watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
+                let (Some(ns), name) = (s.namespace(), s.name_any()) else {
+                    return;
+                };
+                if let Some(e) = entries.get_mut(&key(&ns, &name)) {
+                    e.seen.clone_from(&s.metadata.resource_version);
+                }
+            }
+            watcher::Event::Delete(s) => {
+                if let Some(ns) = s.namespace() {
+                    entries.remove(&key(&ns, &s.name_any()));
+                }
+            }
+            // a relist: deletions during the gap are not reported one by one
+            watcher::Event::Init => entries.clear(),
+            watcher::Event::InitDone => {}
+        }
+    }
+
+    fn current(&self, ns: &str, name: &str) -> Option<Secret> {
+        lock(&self.entries)
+            .get(&key(ns, name))
+            .and_then(Entry::current)
+            .cloned()
+    }
+
+    /// Before a GET: from now on the watch's reports for this Secret are kept.
+    fn expect(&self, ns: &str, name: &str) {
+        let mut entries = lock(&self.entries);
+        if entries.len() >= MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.entry(key(ns, name)).or_default();
+    }
+
+    /// After a GET. The version read counts as reported by the watch only when the watch reported
+    /// nothing during the GET (a report during it may be newer; then the next pass reads again).
+    fn read(&self, ns: &str, name: &str, got: Option<&Secret>) {
+        if let Some(e) = lock(&self.entries).get_mut(&key(ns, name)) {
+            if e.seen.is_none() {
+                e.seen = got.and_then(|s| s.metadata.resource_version.clone());
+            }
+            e.secret = got.cloned().map(slim);
+        }
+    }
+
+    /// After a write: kept, and used once the watch reports its version.
+    fn wrote(&self, ns: &str, name: &str, written: &Secret) {
+        let mut entries = lock(&self.entries);
+        if entries.len() >= MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.entry(key(ns, name)).or_default().secret = Some(slim(written.clone()));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.entries).len()
+    }
+}
+
+/// The Secrets of one namespace as a pass sees them: reads through the cache, writes recorded in it.
+pub struct Secrets<'a> {
+    api: Api<Secret>,
+    ns: String,
+    cache: &'a SecretCache,
+}
+
+impl<'a> Secrets<'a> {
+    pub fn new(client: kube::Client, ns: &str, cache: &'a SecretCache) -> Self {
+        Self {
+            api: Api::namespaced(client, ns),
+            ns: ns.to_string(),
+            cache,
+        }
+    }
+
+    /// The Secret, from the cache when the watch confirms it is current, else from the apiserver.
+    pub async fn get(&self, name: &str) -> Result<Option<Secret>, kube::Error> {
+        if let Some(s) = self.cache.current(&self.ns, name) {
+            return Ok(Some(s));
+        }
+        self.cache.expect(&self.ns, name);
+        let got = self.api.get_opt(name).await?;
+        self.cache.read(&self.ns, name, got.as_ref());
+        Ok(got)
+    }
+
+    /// A JSON merge patch; returns the Secret as written.
+    pub async fn patch(
+        &self,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> Result<Secret, kube::Error> {
+        let written = self
+            .api
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        self.cache.wrote(&self.ns, name, &written);
+        Ok(written)
+    }
+
+    /// Creates the Secret; returns it as written.
+    pub async fn create(&self, secret: &Secret) -> Result<Secret, kube::Error> {
+        let written = self.api.create(&PostParams::default(), secret).await?;
+        self.cache.wrote(&self.ns, &written.name_any(), &written);
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn secret(rv: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("s".into()),
+                namespace: Some("ns".into()),
+                resource_version: Some(rv.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn meta(rv: &str) -> PartialObjectMeta<Secret> {
+        PartialObjectMeta {
+            types: None,
+            metadata: secret(rv).metadata,
+            _phantom: std::marker::PhantomData,
+        }
+    }
+
+    fn cached_rv(c: &SecretCache) -> Option<String> {
+        c.current("ns", "s")
+            .and_then(|s| s.metadata.resource_version)
+    }
+
+    #[test]
+    fn a_read_is_used_until_the_watch_reports_another_version() {
+        let c = SecretCache::default();
+        assert_eq!(cached_rv(&c), None);
+        c.expect("ns", "s");
+        c.read("ns", "s", Some(&secret("1")));
+        assert_eq!(cached_rv(&c).as_deref(), Some("1"));
+        c.observe(&watcher::Event::Apply(meta("2")));
+        assert_eq!(cached_rv(&c), None, "moved: read again");
+        c.read("ns", "s", Some(&secret("2")));
+        assert_eq!(cached_rv(&c).as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn a_report_during_the_read_wins_over_the_read() {
+        let c = SecretCache::default();
+        c.expect("ns", "s");
+        c.observe(&watcher::Event::Apply(meta("2")));
+        c.read("ns", "s", Some(&secret("1")));
+        assert_eq!(cached_rv(&c), None);
+    }
+
+    #[test]
+    fn an_own_write_is_trusted_once_the_watch_reports_it() {
+        let c = SecretCache::default();
+        c.wrote("ns", "s", &secret("5"));
+        assert_eq!(cached_rv(&c), None);
+        c.observe(&watcher::Event::Apply(meta("4")));
+        assert_eq!(cached_rv(&c), None);
+        c.observe(&watcher::Event::Apply(meta("5")));
+        assert_eq!(cached_rv(&c).as_deref(), Some("5"));
+    }
+
+    #[test]
+    fn deletions_relists_and_unread_secrets_are_forgotten() {
+        let c = SecretCache::default();
+        c.observe(&watcher::Event::Apply(meta("1")));
+        assert_eq!(c.len(), 0, "a Secret no pass read is not kept");
+        c.expect("ns", "s");
+        c.read("ns", "s", Some(&secret("1")));
+        c.observe(&watcher::Event::Delete(meta("2")));
+        assert_eq!((cached_rv(&c), c.len()), (None, 0));
+        c.expect("ns", "s");
+        c.read("ns", "s", Some(&secret("3")));
+        c.observe(&watcher::Event::Init);
+        assert_eq!((cached_rv(&c), c.len()), (None, 0));
+    }
+
+    #[test]
+    fn an_absent_secret_is_read_every_time() {
+        let c = SecretCache::default();
+        c.expect("ns", "s");
+        c.read("ns", "s", None);
+        assert_eq!(cached_rv(&c), None);
+    }
+}
