@@ -374,9 +374,9 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
     if s.annotation(ANN_PREVIOUS_TOKEN_ID).is_some() && p.previous_deleted.is_none() {
         return Some(Step::DeletePreviousToken);
     }
-    // right after setup, Ready first: the token is identified in the next pass (which the Secret
-    // write triggers anyway)
-    if s.annotation(ANN_TOKEN_ID).is_none() && p.token_list.is_none() && p.setup.is_none() {
+    // right after setup too: the pass that reports Ready reports the whole token (one status write
+    // and no second pass, where identifying it later cost a pass, a status write and its Event)
+    if s.annotation(ANN_TOKEN_ID).is_none() && p.token_list.is_none() {
         return Some(Step::IdentifyToken);
     }
     // the Secret records whose token it holds: a server that describes users unexpectedly can never
@@ -594,11 +594,16 @@ mod tests {
             email: "a@b.c".into(),
         });
         w.secret = owned(Some("nbp_x"), false);
+        if let TokenSecret::Ours(s) = &mut w.secret {
+            s.annotations.remove(ANN_TOKEN_ID);
+        }
         assert_eq!(w.decide(), Step::VerifyToken);
         w.probes.verify = Some(Ok(Verified {
             user: user(),
             at: jiff::Timestamp::UNIX_EPOCH,
         }));
+        assert_eq!(w.decide(), Step::IdentifyToken, "in the same pass");
+        w.probes.token_list = Some(Ok(Vec::new()));
         assert_eq!(w.decide(), Step::CheckVersion);
         w.probes.version = Some(Err(transport()));
         assert_eq!(

@@ -626,14 +626,23 @@ async fn publish_events(
     probes: &Probes,
 ) {
     let mut events = Vec::new();
-    if let Some(decide::SetupOutcome::TokenStored { .. }) = &probes.setup {
-        events.push((
-            EventType::Normal,
-            "SetupPerformed",
-            "the one-time setup succeeded and its token is stored".to_string(),
-        ));
+    let setup_performed = matches!(
+        &probes.setup,
+        Some(decide::SetupOutcome::TokenStored { .. })
+    );
+    if setup_performed {
+        // the usual case: the same pass made the instance Ready, and one Event tells both
+        let note = match verdict {
+            Verdict::Ready => {
+                "the one-time setup succeeded; its token is stored and verified, and the instance is Ready"
+            }
+            _ => "the one-time setup succeeded and its token is stored",
+        };
+        events.push((EventType::Normal, "SetupPerformed", note.to_string()));
     }
-    if report::ready_of(previous) != report::ready_of(Some(status)) {
+    if report::ready_of(previous) != report::ready_of(Some(status))
+        && !(setup_performed && matches!(verdict, Verdict::Ready))
+    {
         let ready = status.conditions.iter().find(|c| c.type_ == report::READY);
         let message = ready.map(|c| c.message.clone()).unwrap_or_default();
         let (ty, reason) = match verdict {
