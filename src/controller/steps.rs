@@ -43,7 +43,18 @@ impl World {
                 .map_err(|source| Error::ReadSecret { name, source })
         };
         let cref = &nbi.spec.credentials_secret_ref;
-        let credentials_secret = get(cref.name.clone()).await?;
+        let ca_ref = nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref());
+        // the three reads at once: a pass that has to read them waits for one round trip
+        let (credentials_secret, ca_secret, secret) = futures::try_join!(
+            get(cref.name.clone()),
+            async {
+                match ca_ref {
+                    Some(r) => get(r.name.clone()).await,
+                    None => Ok(None),
+                }
+            },
+            get(nbi.token_secret_name()),
+        )?;
         let credentials_rv = resource_version(&credentials_secret);
         let credentials = match credentials_secret {
             None => Input::Missing(format!(
@@ -55,24 +66,18 @@ impl World {
                 Err(e) => Input::Invalid(e.to_string()),
             },
         };
-        let mut ca_rv = None;
-        let ca = match nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
-            None => Input::NotNeeded,
-            Some(r) => match get(r.name.clone())
-                .await?
-                .inspect(|s| ca_rv.clone_from(&s.metadata.resource_version))
-            {
-                None => Input::Missing(format!(
-                    "waiting for the CA Secret {} (key {})",
-                    r.name, r.key
-                )),
-                Some(s) => match s.data.unwrap_or_default().remove(&r.key) {
-                    None => Input::Invalid(format!("CA Secret {} has no key {:?}", r.name, r.key)),
-                    Some(pem) => Input::Ready(pem.0),
-                },
+        let ca_rv = resource_version(&ca_secret);
+        let ca = match (ca_ref, ca_secret) {
+            (None, _) => Input::NotNeeded,
+            (Some(r), None) => Input::Missing(format!(
+                "waiting for the CA Secret {} (key {})",
+                r.name, r.key
+            )),
+            (Some(r), Some(s)) => match s.data.unwrap_or_default().remove(&r.key) {
+                None => Input::Invalid(format!("CA Secret {} has no key {:?}", r.name, r.key)),
+                Some(pem) => Input::Ready(pem.0),
             },
         };
-        let secret = get(nbi.token_secret_name()).await?;
         let token_secret_rv = resource_version(&secret);
         let token_secret =
             token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
