@@ -156,3 +156,68 @@ async fn conflicts_on_status_and_token_writes_lose_nothing() {
     assert_eq!(fake.calls("setup"), 1, "setup called once");
     assert_eq!(fake.state().setups_ok, 1);
 }
+
+/// Passes that ended without a Kubernetes error so far.
+fn passes(op: &support::Operator) -> u64 {
+    op.metrics
+        .reconciles
+        .get_or_create(&netbird_operator::metrics::ResultLabels { result: "ok" })
+        .get()
+}
+
+async fn next_pass(op: &support::Operator, after: u64) {
+    support::wait_for("a pass", T, || async { (passes(op) > after).then_some(()) }).await;
+}
+
+#[tokio::test]
+async fn secrets_are_read_again_only_when_the_watch_reports_a_change() {
+    let Some(env) = TestEnv::new("secret-reads").await else {
+        return;
+    };
+    let (faults, op) = operator_behind_faults(&env).await;
+    let fake = FakeNetbird::start().await;
+    env.create_instance("nb", spec(&fake.url)).await.unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    settle(&faults).await;
+    let reads = || {
+        (
+            faults.reads_of("/secrets/admin"),
+            faults.reads_of("/secrets/nb-token"),
+        )
+    };
+    let before = reads();
+    eprintln!("Secret reads during the bootstrap (credentials, token): {before:?}");
+
+    // a pass woken by a change outside its Secrets reads none of them
+    let n = passes(&op);
+    let touch = json!({"metadata": {"annotations": {"example.com/touched": "1"}}});
+    env.instances()
+        .patch(
+            "nb",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&touch),
+        )
+        .await
+        .unwrap();
+    next_pass(&op, n).await;
+    assert_eq!(reads(), before, "nothing changed: no Secret read");
+
+    // the credentials Secret changes: that one is read again, once
+    let n = passes(&op);
+    let extra = json!({"stringData": {"unrelated": "x"}});
+    env.secrets()
+        .patch(
+            "admin",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&extra),
+        )
+        .await
+        .unwrap();
+    next_pass(&op, n).await;
+    settle(&faults).await;
+    assert_eq!(reads(), (before.0 + 1, before.1), "only the changed Secret");
+    let n = env.instances().get("nb").await.unwrap();
+    assert!(ready_is(&n, "True", "Bootstrapped"));
+    assert_eq!(fake.calls("setup"), 1);
+}

@@ -35,6 +35,8 @@ pub struct KubeFaults {
     pub conflicts: AtomicU32,
     /// Method and path of every write, in order.
     pub write_log: Mutex<Vec<String>>,
+    /// Path of every read that is not a watch (gets and lists), in order.
+    pub read_log: Mutex<Vec<String>>,
 }
 
 impl KubeFaults {
@@ -75,6 +77,12 @@ impl KubeFaults {
         self.write_log.lock().unwrap().len()
     }
 
+    /// Reads so far whose path ends with `suffix`.
+    pub fn reads_of(&self, suffix: &str) -> usize {
+        let log = self.read_log.lock().unwrap();
+        log.iter().filter(|p| p.ends_with(suffix)).count()
+    }
+
     fn inject(&self, req: &Request<Body>) -> Option<Response<Body>> {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or_default();
@@ -103,6 +111,7 @@ impl KubeFaults {
                 }
             } else {
                 self.lists.fetch_add(1, Ordering::SeqCst);
+                self.read_log.lock().unwrap().push(path);
             }
             return None;
         }
