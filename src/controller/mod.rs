@@ -383,18 +383,23 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     // the pass goes on after adding the finalizer: what it reads next does not depend on it
     cleanup::ensure_finalizer(nbi, &api).await?;
 
-    // kstatus: observedGeneration and Ready from the very first pass
-    if nbi
+    // kstatus: observedGeneration and Ready from the very first pass (written while the Secrets
+    // are read: neither depends on the other)
+    let first = nbi
         .status
         .as_ref()
         .and_then(|s| s.observed_generation)
         .is_none()
-        && !nbi.spec.suspend
-    {
-        write_status(&api, &name, &report::initial(generation, started)).await?;
-    }
-
-    let mut world = steps::World::read(nbi, &secrets, ctx).await?;
+        && !nbi.spec.suspend;
+    let initial_status = async {
+        if first {
+            write_status(&api, &name, &report::initial(generation, started)).await
+        } else {
+            Ok(())
+        }
+    };
+    let ((), mut world) =
+        futures::try_join!(initial_status, steps::World::read(nbi, &secrets, ctx))?;
     if let Some(left) = ctx.retry_pending(&uid, &world.inputs(generation)) {
         // woken by an event that changed nothing this pass depends on (typically its own status
         // write): the retry stays at its time, so a failing server is not called in a loop
