@@ -184,8 +184,8 @@ impl World {
         Ok(())
     }
 
-    /// Takes the token Secret as a write returned it, or reads it again when the write gave up
-    /// (only at shutdown).
+    /// Takes the token Secret as a write returned it, or reads it again when there is no write
+    /// result (a write that gave up at shutdown, an exchange that failed after its marker).
     async fn written(
         &mut self,
         nbi: &NetbirdInstance,
