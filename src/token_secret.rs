@@ -47,6 +47,40 @@ pub const OUTCOME_TOKEN_NOT_ISSUED: &str = "token-not-issued";
 /// Set when NetBird refused setup (400/412/422): `<generation> <status> <message>`. Setup is not
 /// tried again until the spec or the credentials change.
 pub const ANN_SETUP_REJECTED: &str = "bootstrap.netbird.io/setup-rejected";
+/// The last comparison of the credentials Secret with the fingerprint:
+/// `<its resourceVersion> <same|changed> <tag of the fingerprint>`. A restarted operator then
+/// repeats the argon2 comparison only for credentials that changed since. No password material:
+/// a resourceVersion, a word and a digest of the (public) fingerprint.
+pub const ANN_CREDENTIALS_CHECKED: &str = "bootstrap.netbird.io/credentials-checked";
+
+fn fingerprint_tag(fingerprint: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(fingerprint.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The value of [`ANN_CREDENTIALS_CHECKED`] for a comparison.
+pub fn credentials_check(credentials_rv: &str, fingerprint: &str, same: bool) -> String {
+    let result = if same { "same" } else { "changed" };
+    format!("{credentials_rv} {result} {}", fingerprint_tag(fingerprint))
+}
+
+/// The recorded result (same: true) when `value` was recorded for this version of the credentials
+/// Secret and this fingerprint.
+pub fn recorded_check(value: &str, credentials_rv: &str, fingerprint: &str) -> Option<bool> {
+    let mut parts = value.split(' ');
+    let (rv, result, tag) = (parts.next()?, parts.next()?, parts.next()?);
+    if rv != credentials_rv || tag != fingerprint_tag(fingerprint) || parts.next().is_some() {
+        return None;
+    }
+    match result {
+        "same" => Some(true),
+        "changed" => Some(false),
+        _ => None,
+    }
+}
 
 /// What the key of the token Secret holds.
 #[derive(Clone)]
@@ -486,5 +520,17 @@ mod tests {
             Value::Null
         );
         assert_eq!(p["data"]["NB_API_KEY"], json!("bmJwX2FiYw=="));
+    }
+
+    #[test]
+    fn a_credentials_check_holds_for_its_version_and_fingerprint_only() {
+        let v = credentials_check("41", "$argon2id$fp", false);
+        assert_eq!(recorded_check(&v, "41", "$argon2id$fp"), Some(false));
+        assert_eq!(recorded_check(&v, "42", "$argon2id$fp"), None);
+        assert_eq!(recorded_check(&v, "41", "$argon2id$other"), None);
+        let same = credentials_check("41", "$argon2id$fp", true);
+        assert_eq!(recorded_check(&same, "41", "$argon2id$fp"), Some(true));
+        assert_eq!(recorded_check("41 same", "41", "$argon2id$fp"), None);
+        assert_eq!(recorded_check("garbage", "41", "$argon2id$fp"), None);
     }
 }

@@ -221,3 +221,79 @@ async fn secrets_are_read_again_only_when_the_watch_reports_a_change() {
     assert!(ready_is(&n, "True", "Bootstrapped"));
     assert_eq!(fake.calls("setup"), 1);
 }
+
+/// The annotation recording the last credentials comparison, and the token Secret's version.
+async fn credentials_checked(env: &TestEnv) -> (String, String) {
+    let s = env.secrets().get("nb-token").await.unwrap();
+    let ann = s.metadata.annotations.unwrap_or_default();
+    (
+        ann.get("bootstrap.netbird.io/credentials-checked")
+            .cloned()
+            .unwrap_or_default(),
+        s.metadata.resource_version.unwrap_or_default(),
+    )
+}
+
+#[tokio::test]
+async fn the_credentials_comparison_is_recorded_and_not_repeated_after_a_restart() {
+    let Some(env) = TestEnv::new("credentials-checked").await else {
+        return;
+    };
+    let (faults, op) = operator_behind_faults(&env).await;
+    let fake = FakeNetbird::start().await;
+    env.create_instance("nb", spec(&fake.url)).await.unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    let admin_rv = env
+        .secrets()
+        .get("admin")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let (checked, _) = credentials_checked(&env).await;
+    assert!(
+        checked.starts_with(&format!("{admin_rv} same ")),
+        "recorded with the claim: {checked:?}"
+    );
+
+    // another password: compared once, reported, recorded
+    let other = json!({"stringData": {"password": "another-Passw0rd"}});
+    let changed = env
+        .secrets()
+        .patch(
+            "admin",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&other),
+        )
+        .await
+        .unwrap();
+    let changed_rv = changed.metadata.resource_version.unwrap();
+    env.wait_instance("nb", "the note on changed credentials", T, |n| {
+        support::condition(n, "Ready").is_some_and(|(_, _, m)| m.contains("no longer matches"))
+    })
+    .await;
+    support::wait_for("the comparison recorded", T, || async {
+        let (checked, _) = credentials_checked(&env).await;
+        checked
+            .starts_with(&format!("{changed_rv} changed "))
+            .then_some(())
+    })
+    .await;
+    settle(&faults).await;
+    op.stop().await;
+
+    // a restarted operator takes the recorded result: no write, the note stays
+    let (checked, rv) = credentials_checked(&env).await;
+    let op = env.start_operator().await;
+    next_pass(&op, 0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(credentials_checked(&env).await, (checked, rv), "no write");
+    let n = env.instances().get("nb").await.unwrap();
+    assert!(
+        support::condition(&n, "Ready")
+            .is_some_and(|(s, _, m)| s == "True" && m.contains("no longer matches"))
+    );
+    assert_eq!(fake.calls("setup"), 1);
+}

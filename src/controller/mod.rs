@@ -429,7 +429,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let secret_name = nbi.token_secret_name();
     let spec_problem = nbi.spec.problem();
 
-    let mut credentials_changed = steps::credentials_changed(nbi, ctx, &world).await;
+    let mut credentials_changed = steps::credentials_changed(nbi, ctx, &mut world).await;
     let mut verdict = None;
     for _ in 0..16 {
         let step = decide::decide(&Facts {
@@ -482,7 +482,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
 
     if probes.claimed {
         // the claim recorded the fingerprint of the credentials in use
-        credentials_changed = steps::credentials_changed(nbi, ctx, &world).await;
+        credentials_changed = steps::credentials_changed(nbi, ctx, &mut world).await;
     }
     let status = report::status(&report::ReportInput {
         generation,
@@ -501,6 +501,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         write_status(&api, &name, &status).await?;
     }
     publish_events(nbi, ctx, previous.as_ref(), &status, &verdict, &probes).await;
+    steps::record_credentials_check(nbi, &secrets, &mut world).await;
 
     let labels = InstanceLabels {
         namespace: ns.to_string(),

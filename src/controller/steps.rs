@@ -28,6 +28,9 @@ pub struct World {
     /// resourceVersions of the credentials and CA Secrets as read.
     input_rvs: [Option<String>; 2],
     client: Option<NetbirdClient>,
+    /// A comparison of the credentials with the fingerprint made by this pass, to be recorded on the
+    /// token Secret (see `token_secret::ANN_CREDENTIALS_CHECKED`).
+    unrecorded_check: Option<String>,
 }
 
 impl World {
@@ -88,6 +91,7 @@ impl World {
             token_secret_rv,
             input_rvs: [credentials_rv, ca_rv],
             client: None,
+            unrecorded_check: None,
         };
         world.build_client(nbi, ctx);
         Ok(world)
@@ -293,15 +297,22 @@ pub async fn run(
                 (fingerprint_key(&fp, &creds.fingerprint_input()), true),
             );
             let started = ctx.now().to_string();
+            let check = world.input_rvs[0]
+                .as_deref()
+                .map(|rv| token_secret::credentials_check(rv, &fp, true));
             let result = match (&world.token_secret, &world.token_secret_rv) {
                 (TokenSecret::Ours(s), Some(rv)) => {
-                    let patch = token_secret::claim_patch(nbi, s, rv, &started, &fp);
+                    let mut patch = token_secret::claim_patch(nbi, s, rv, &started, &fp);
+                    patch["metadata"]["annotations"][token_secret::ANN_CREDENTIALS_CHECKED] =
+                        serde_json::json!(check);
                     secrets.patch(&secret_name, &patch).await
                 }
                 _ => {
-                    secrets
-                        .create(&token_secret::new_claimed(nbi, &started, &fp))
-                        .await
+                    let mut fresh = token_secret::new_claimed(nbi, &started, &fp);
+                    if let (Some(a), Some(check)) = (fresh.metadata.annotations.as_mut(), check) {
+                        a.insert(token_secret::ANN_CREDENTIALS_CHECKED.into(), check);
+                    }
+                    secrets.create(&fresh).await
                 }
             };
             let claimed = result.map_err(|e| {
@@ -790,8 +801,9 @@ fn fingerprint_key(fp: &str, input: &SecretString) -> [u8; 32] {
 }
 
 /// Whether the credentials Secret now differs from the credentials NetBird was set up with. The
-/// argon2 comparison runs only when the fingerprint or the credentials changed since the last one.
-pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &World) -> bool {
+/// argon2 comparison runs only when the fingerprint or the credentials changed since the last one,
+/// in this process (memory) or before (recorded on the token Secret, then kept for recording).
+pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &mut World) -> bool {
     let Input::Ready(creds) = &world.credentials else {
         return false;
     };
@@ -815,9 +827,52 @@ pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &W
     {
         return !same;
     }
-    let same = fingerprint::matches(fp, input).await;
+    let credentials_rv = world.input_rvs[0].clone().unwrap_or_default();
+    let recorded = world
+        .token_secret
+        .owned()
+        .and_then(|s| s.annotation(token_secret::ANN_CREDENTIALS_CHECKED))
+        .and_then(|v| token_secret::recorded_check(v, &credentials_rv, &fp));
+    let same = match recorded {
+        Some(same) => same,
+        None => {
+            let same = fingerprint::matches(fp.clone(), input).await;
+            world.unrecorded_check = (!credentials_rv.is_empty())
+                .then(|| token_secret::credentials_check(&credentials_rv, &fp, same));
+            same
+        }
+    };
     lock(&ctx.fingerprint_checks).insert(uid, (key, same));
     !same
+}
+
+/// Records on the token Secret a comparison this pass made (a restart then need not repeat it).
+/// Bookkeeping: a failure is logged and the comparison is made again after a restart.
+pub async fn record_credentials_check(
+    nbi: &NetbirdInstance,
+    secrets: &Secrets<'_>,
+    world: &mut World,
+) {
+    let Some(check) = world.unrecorded_check.take() else {
+        return;
+    };
+    if nbi.spec.suspend {
+        return;
+    }
+    let recorded = world
+        .token_secret
+        .owned()
+        .map(|s| s.annotation(token_secret::ANN_CREDENTIALS_CHECKED) == Some(check.as_str()));
+    if recorded != Some(false) {
+        return;
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_CREDENTIALS_CHECKED: check}}});
+    match secrets.patch(&nbi.token_secret_name(), &patch).await {
+        Ok(written) => world.set_token_secret(nbi, Some(written)),
+        Err(e) => {
+            warn!(error = %e, "failed to record the credentials comparison on the token Secret")
+        }
+    }
 }
 
 #[cfg(test)]
