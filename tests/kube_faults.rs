@@ -157,6 +157,32 @@ async fn conflicts_on_status_and_token_writes_lose_nothing() {
     assert_eq!(fake.state().setups_ok, 1);
 }
 
+/// The operator behind the faults and one instance "nb" bootstrapped against a fake server.
+async fn bootstrapped_behind_faults(
+    env: &TestEnv,
+) -> (Arc<KubeFaults>, support::Operator, FakeNetbird) {
+    let (faults, op) = operator_behind_faults(env).await;
+    let fake = FakeNetbird::start().await;
+    env.create_instance("nb", spec(&fake.url)).await.unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    (faults, op, fake)
+}
+
+/// A JSON merge patch of `name`.
+async fn merge<K>(api: &kube::Api<K>, name: &str, patch: serde_json::Value) -> K
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap()
+}
+
 /// Passes that ended without a Kubernetes error so far.
 fn passes(op: &support::Operator) -> u64 {
     op.metrics
@@ -174,11 +200,7 @@ async fn secrets_are_read_again_only_when_the_watch_reports_a_change() {
     let Some(env) = TestEnv::new("secret-reads").await else {
         return;
     };
-    let (faults, op) = operator_behind_faults(&env).await;
-    let fake = FakeNetbird::start().await;
-    env.create_instance("nb", spec(&fake.url)).await.unwrap();
-    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
-        .await;
+    let (faults, op, fake) = bootstrapped_behind_faults(&env).await;
     settle(&faults).await;
     let reads = || {
         (
@@ -192,28 +214,18 @@ async fn secrets_are_read_again_only_when_the_watch_reports_a_change() {
     // a pass woken by a change outside its Secrets reads none of them
     let n = passes(&op);
     let touch = json!({"metadata": {"annotations": {"example.com/touched": "1"}}});
-    env.instances()
-        .patch(
-            "nb",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&touch),
-        )
-        .await
-        .unwrap();
+    merge(&env.instances(), "nb", touch).await;
     next_pass(&op, n).await;
     assert_eq!(reads(), before, "nothing changed: no Secret read");
 
     // the credentials Secret changes: that one is read again, once
     let n = passes(&op);
-    let extra = json!({"stringData": {"unrelated": "x"}});
-    env.secrets()
-        .patch(
-            "admin",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&extra),
-        )
-        .await
-        .unwrap();
+    merge(
+        &env.secrets(),
+        "admin",
+        json!({"stringData": {"unrelated": "x"}}),
+    )
+    .await;
     next_pass(&op, n).await;
     settle(&faults).await;
     assert_eq!(reads(), (before.0 + 1, before.1), "only the changed Secret");
@@ -227,7 +239,7 @@ async fn credentials_checked(env: &TestEnv) -> (String, String) {
     let s = env.secrets().get("nb-token").await.unwrap();
     let ann = s.metadata.annotations.unwrap_or_default();
     (
-        ann.get("bootstrap.netbird.io/credentials-checked")
+        ann.get(netbird_operator::token_secret::ANN_CREDENTIALS_CHECKED)
             .cloned()
             .unwrap_or_default(),
         s.metadata.resource_version.unwrap_or_default(),
@@ -239,11 +251,7 @@ async fn the_credentials_comparison_is_recorded_and_not_repeated_after_a_restart
     let Some(env) = TestEnv::new("credentials-checked").await else {
         return;
     };
-    let (faults, op) = operator_behind_faults(&env).await;
-    let fake = FakeNetbird::start().await;
-    env.create_instance("nb", spec(&fake.url)).await.unwrap();
-    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
-        .await;
+    let (faults, op, fake) = bootstrapped_behind_faults(&env).await;
     let admin_rv = env
         .secrets()
         .get("admin")
@@ -260,15 +268,7 @@ async fn the_credentials_comparison_is_recorded_and_not_repeated_after_a_restart
 
     // another password: compared once, reported, recorded
     let other = json!({"stringData": {"password": "another-Passw0rd"}});
-    let changed = env
-        .secrets()
-        .patch(
-            "admin",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&other),
-        )
-        .await
-        .unwrap();
+    let changed = merge(&env.secrets(), "admin", other).await;
     let changed_rv = changed.metadata.resource_version.unwrap();
     env.wait_instance("nb", "the note on changed credentials", T, |n| {
         support::condition(n, "Ready").is_some_and(|(_, _, m)| m.contains("no longer matches"))
