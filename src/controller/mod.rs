@@ -176,7 +176,7 @@ impl Context {
     }
 
     fn forget(&self, uid: &str, namespace: Option<&str>, name: &str) {
-        self.metrics.token_expiry.remove(&InstanceLabels {
+        self.metrics.forget_instance(&InstanceLabels {
             namespace: namespace.unwrap_or_default().to_string(),
             name: name.to_string(),
         });
@@ -507,6 +507,8 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         namespace: ns.to_string(),
         name: name.clone(),
     };
+    // per-instance condition gauges (the chart's alerts), from the status this pass wrote
+    ctx.metrics.set_conditions(&labels, &status.conditions);
     match world.token_secret.owned().and_then(|s| s.lifetime()) {
         Some((_, expires)) => {
             ctx.metrics
