@@ -31,6 +31,7 @@ pub struct Tools {
     pub etcd_bin: PathBuf,
     pub helm_bin: PathBuf,
     pub netbird_bin: PathBuf,
+    pub promtool_bin: PathBuf,
 }
 
 fn repo_root() -> PathBuf {
@@ -69,6 +70,7 @@ pub fn tools() -> Option<&'static Tools> {
                 etcd_bin: get("ETCD_BIN"),
                 helm_bin: get("HELM_BIN"),
                 netbird_bin: get("NETBIRD_BIN"),
+                promtool_bin: get("PROMTOOL_BIN"),
             })
         })
         .as_ref()
