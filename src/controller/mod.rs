@@ -232,8 +232,18 @@ pub async fn run(
     // The cache holds what the passes read and nothing more: managedFields and kubectl's copy of
     // the last applied spec are dropped before an instance is stored.
     let (store, writer) = reflector::store();
+    // the controller sees applied objects only: a deleted instance is forgotten here, so its
+    // per-instance series (which the chart's alerts read) go at once, not at its next requeue
+    let forget_ctx = ctx.clone();
     let instance_events = watcher(instances, watcher::Config::default().any_semantic())
         .default_backoff()
+        .inspect(move |event| {
+            if let Ok(watcher::Event::Delete(nbi)) = event
+                && let Some(uid) = nbi.uid()
+            {
+                forget_ctx.forget(&uid, nbi.namespace().as_deref(), &nbi.name_any());
+            }
+        })
         .modify(|nbi: &mut NetbirdInstance| {
             nbi.managed_fields_mut().clear();
             if let Some(a) = nbi.metadata.annotations.as_mut() {

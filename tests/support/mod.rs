@@ -6,6 +6,7 @@
 //! failure; set NBOP_SKIP_E2E=1 to skip the tests that need them (loudly).
 #![allow(dead_code)]
 
+pub mod consumer;
 pub mod fake_netbird;
 pub mod kube_faults;
 
