@@ -163,3 +163,55 @@ async fn read_once_consumer_works_with_the_stored_token_and_is_refused_once_it_i
     })
     .await;
 }
+
+/// examples/with-official-operator.yaml is a valid NetbirdInstance (a server-side dry run against
+/// the CRD), and names the Secret and key that examples/official-operator-values.yaml makes the
+/// official chart read.
+#[tokio::test]
+async fn the_official_operator_example_is_valid_and_consistent() {
+    let Some(env) = TestEnv::new("official-example").await else {
+        return;
+    };
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/examples/with-official-operator.yaml"))
+        .expect("example");
+    let mut obj: serde_json::Value = serde_norway::from_str(&text).expect("YAML");
+    assert_eq!(obj["kind"], "NetbirdInstance");
+    obj["metadata"]["namespace"] = json!(env.ns);
+    let ar = kube::api::ApiResource::erase::<netbird_operator::crd::NetbirdInstance>(&());
+    let api: kube::Api<kube::api::DynamicObject> =
+        kube::Api::namespaced_with(env.client.clone(), &env.ns, &ar);
+    // a server-side apply, dry run, strict: an unknown field fails as a schema error does
+    let params = kube::api::PatchParams::apply("example-check")
+        .dry_run()
+        .validation_strict();
+    api.patch(
+        obj["metadata"]["name"].as_str().unwrap(),
+        &params,
+        &kube::api::Patch::Apply(&obj),
+    )
+    .await
+    .expect("the example passes the CRD's validation");
+    let mut bogus = obj.clone();
+    bogus["spec"]["token"]["bogus"] = json!(true);
+    assert!(
+        api.patch("netbird", &params, &kube::api::Patch::Apply(&bogus))
+            .await
+            .is_err(),
+        "the strict dry run refuses an unknown field"
+    );
+
+    let values: serde_json::Value = serde_norway::from_str(
+        &std::fs::read_to_string(format!("{root}/examples/official-operator-values.yaml"))
+            .expect("values"),
+    )
+    .expect("YAML");
+    let from = &values["netbirdAPI"]["keyFromSecret"];
+    assert_eq!(from["name"], obj["spec"]["token"]["secretName"]);
+    assert_eq!(from["name"], SECRET);
+    assert_eq!(from["key"], KEY);
+    assert_eq!(
+        values["operator"]["podAnnotations"]["secret.reloader.stakater.com/reload"],
+        SECRET
+    );
+}
