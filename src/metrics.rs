@@ -1,5 +1,6 @@
-//! Prometheus metrics. Labels are bounded sets (endpoint, status class, reason), never object
-//! names or error text.
+//! Prometheus metrics. Labels are bounded sets (endpoint, status class, reason, condition type),
+//! never error text; object names appear only on the per-instance series (`namespace`, `name`),
+//! bounded by the number of NetbirdInstances and removed with them.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use prometheus_client::encoding::EncodeLabelSet;
