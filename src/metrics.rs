@@ -1,6 +1,8 @@
-//! Prometheus metrics. Labels are bounded sets (endpoint, status class, reason), never object
-//! names or error text.
+//! Prometheus metrics. Labels are bounded sets (endpoint, status class, reason, condition type),
+//! never error text; object names appear only on the per-instance series (`namespace`, `name`),
+//! bounded by the number of NetbirdInstances and removed with them.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -32,6 +34,17 @@ pub struct InstanceLabels {
     pub name: String,
 }
 
+/// One condition of one NetbirdInstance (`condition` is one of [`CONDITION_TYPES`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub namespace: String,
+    pub name: String,
+    pub condition: &'static str,
+}
+
+/// The condition types exported per NetbirdInstance: the ones the chart's alerts need.
+pub const CONDITION_TYPES: [&str; 3] = ["Ready", "Stalled", "UpdateAvailable"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReadyLabels {
     pub ready: &'static str,
@@ -50,6 +63,7 @@ pub struct Metrics {
     /// Instances the passes keep something in memory about (backoff, verification, retry gate):
     /// returns to where it was when instances go away, whatever state they were in.
     pub remembered_instances: Gauge,
+    pub instance_condition: Family<ConditionLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -103,6 +117,12 @@ impl Default for Metrics {
             "NetbirdInstances the operator keeps per-instance memory about (a debugging figure: it follows the number of instances)",
             remembered_instances.clone(),
         );
+        let instance_condition = Family::default();
+        registry.register(
+            "instance_condition",
+            "1 when the condition (Ready, Stalled, UpdateAvailable) of a NetbirdInstance is True, 0 when False or absent",
+            instance_condition.clone(),
+        );
         Self {
             registry,
             remembered_instances,
@@ -113,6 +133,7 @@ impl Default for Metrics {
             instances,
             update_available,
             token_expiry,
+            instance_condition,
         }
     }
 }
@@ -140,6 +161,34 @@ impl Metrics {
             .set(unknown);
         self.update_available.set(update_available);
     }
+
+    /// Sets the per-instance condition gauges from the status a pass wrote.
+    pub fn set_conditions(&self, instance: &InstanceLabels, conditions: &[Condition]) {
+        for condition in CONDITION_TYPES {
+            let is_true = conditions
+                .iter()
+                .any(|c| c.type_ == condition && c.status == "True");
+            self.instance_condition
+                .get_or_create(&ConditionLabels {
+                    namespace: instance.namespace.clone(),
+                    name: instance.name.clone(),
+                    condition,
+                })
+                .set(i64::from(is_true));
+        }
+    }
+
+    /// Removes every per-instance series of a NetbirdInstance that is gone.
+    pub fn forget_instance(&self, instance: &InstanceLabels) {
+        self.token_expiry.remove(instance);
+        for condition in CONDITION_TYPES {
+            self.instance_condition.remove(&ConditionLabels {
+                namespace: instance.namespace.clone(),
+                name: instance.name.clone(),
+                condition,
+            });
+        }
+    }
 }
 
 impl CallObserver for Metrics {
@@ -153,5 +202,63 @@ impl CallObserver for Metrics {
         if endpoint == Endpoint::Setup {
             self.setup_calls.inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn condition(type_: &str, status: &str) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: "Any".into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::UNIX_EPOCH,
+            ),
+        }
+    }
+
+    #[test]
+    fn instance_conditions_are_exported_per_instance_and_forgotten() {
+        let m = Metrics::default();
+        let nb = InstanceLabels {
+            namespace: "netbird".into(),
+            name: "nb".into(),
+        };
+        m.set_conditions(
+            &nb,
+            &[condition("Ready", "False"), condition("Stalled", "True")],
+        );
+        let text = m.encode();
+        for line in [
+            r#"netbird_operator_instance_condition{namespace="netbird",name="nb",condition="Ready"} 0"#,
+            r#"netbird_operator_instance_condition{namespace="netbird",name="nb",condition="Stalled"} 1"#,
+            r#"netbird_operator_instance_condition{namespace="netbird",name="nb",condition="UpdateAvailable"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // Stalled is removed when false: the gauge follows
+        m.set_conditions(
+            &nb,
+            &[
+                condition("Ready", "True"),
+                condition("UpdateAvailable", "True"),
+            ],
+        );
+        let text = m.encode();
+        assert!(text.contains(r#"condition="Ready"} 1"#), "{text}");
+        assert!(text.contains(r#"condition="Stalled"} 0"#), "{text}");
+        assert!(text.contains(r#"condition="UpdateAvailable"} 1"#), "{text}");
+        m.token_expiry.get_or_create(&nb).set(3600);
+        m.forget_instance(&nb);
+        let text = m.encode();
+        assert!(
+            !text.contains(r#"name="nb""#),
+            "series left after forget:\n{text}"
+        );
     }
 }

@@ -240,7 +240,7 @@ impl Context {
     pub fn forget(&self, uid: &str) {
         let gone = lock(&self.memory).remove(uid);
         if let Some(m) = gone {
-            self.metrics.token_expiry.remove(&InstanceLabels {
+            self.metrics.forget_instance(&InstanceLabels {
                 namespace: m.key.0,
                 name: m.key.1,
             });
@@ -607,6 +607,8 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         namespace: ns.to_string(),
         name: name.clone(),
     };
+    // per-instance condition gauges (the chart's alerts), from the status this pass wrote
+    ctx.metrics.set_conditions(&labels, &status.conditions);
     match world.token_secret.owned().and_then(|s| s.lifetime()) {
         Some((_, expires)) => {
             ctx.metrics

@@ -6,6 +6,7 @@
 //! failure; set NBOP_SKIP_E2E=1 to skip the tests that need them (loudly).
 #![allow(dead_code)]
 
+pub mod consumer;
 pub mod fake_netbird;
 pub mod kube_faults;
 
@@ -31,6 +32,7 @@ pub struct Tools {
     pub etcd_bin: PathBuf,
     pub helm_bin: PathBuf,
     pub netbird_bin: PathBuf,
+    pub promtool_bin: PathBuf,
 }
 
 fn repo_root() -> PathBuf {
@@ -69,6 +71,7 @@ pub fn tools() -> Option<&'static Tools> {
                 etcd_bin: get("ETCD_BIN"),
                 helm_bin: get("HELM_BIN"),
                 netbird_bin: get("NETBIRD_BIN"),
+                promtool_bin: get("PROMTOOL_BIN"),
             })
         })
         .as_ref()
