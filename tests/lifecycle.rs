@@ -97,15 +97,21 @@ async fn the_finalizer_keeps_trying_until_the_server_is_back() {
         .delete("nb", &Default::default())
         .await
         .unwrap();
+    // one Event per failure: the recorder keeps repeats of an Event as its series count
     let failures = support::wait_for("two failed attempts, each with an Event", T, || {
         let env = &env;
         async move {
-            let n = env
-                .events()
+            let api: kube::Api<k8s_openapi::api::events::v1::Event> =
+                kube::Api::namespaced(env.client.clone(), &env.ns);
+            let n: i32 = api
+                .list(&Default::default())
                 .await
+                .ok()?
+                .items
                 .into_iter()
-                .filter(|(r, note)| r == "TokenNotDeleted" && note.contains("retrying"))
-                .count();
+                .filter(|e| e.reason.as_deref() == Some("TokenNotDeleted"))
+                .map(|e| e.series.map_or(1, |s| s.count))
+                .sum();
             (n >= 2).then_some(n)
         }
     })
