@@ -231,11 +231,34 @@ pub struct RotationSpec {
     /// When false, the TokenAvailable condition turns to TokenExpiringSoon instead.
     #[serde(default = "default_true")]
     pub enabled: bool,
+
+    /// How long the previous token stays valid after a rotation before the operator deletes it,
+    /// as a duration such as 24h, 90m or 0s (0s: at once). Never longer than the previous token's
+    /// own expiry. Programs that read the token once at start-up (the official NetBird operator
+    /// reads it from an environment variable) keep working until they restart within this time.
+    /// The service-user exchange keeps the same overlap for the setup token.
+    #[serde(default = "default_grace_period")]
+    #[schemars(
+        length(min = 2, max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
+    pub grace_period: String,
 }
 
 impl Default for RotationSpec {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            grace_period: default_grace_period(),
+        }
+    }
+}
+
+impl RotationSpec {
+    /// The grace period (24h when unparsable: the schema refuses such values).
+    pub fn grace(&self) -> std::time::Duration {
+        crate::duration::parse(&self.grace_period)
+            .unwrap_or(std::time::Duration::from_secs(24 * 3600))
     }
 }
 
@@ -367,6 +390,17 @@ pub struct TokenStatus {
     /// When the token was last replaced by a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotated_at: Option<Time>,
+    /// NetBird id of the token the last rotation replaced, while it is still valid (its grace
+    /// period).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "previousTokenID"
+    )]
+    pub previous_token_id: Option<String>,
+    /// When the operator deletes the previous token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token_deletion_at: Option<Time>,
 }
 
 /// Versions reported by the management server.
@@ -413,6 +447,9 @@ fn default_true() -> bool {
 }
 fn default_interval() -> String {
     "1h".into()
+}
+fn default_grace_period() -> String {
+    "24h".into()
 }
 
 impl NetbirdInstance {

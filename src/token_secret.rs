@@ -36,6 +36,8 @@ pub const ANN_ROTATION_STARTED_AT: &str = "bootstrap.netbird.io/rotation-started
 pub const ANN_PREVIOUS_TOKEN_ID: &str = "bootstrap.netbird.io/previous-token-id";
 /// Name of the NetBird service user the stored token belongs to (set by the exchange).
 pub const ANN_SERVICE_USER: &str = "bootstrap.netbird.io/service-user";
+/// When the token a rotation replaced is deleted (its grace period ends; never after its expiry).
+pub const ANN_PREVIOUS_DELETE_AT: &str = "bootstrap.netbird.io/previous-token-delete-at";
 /// User of the replaced token, when it is not the stored token's user (a service-user exchange).
 pub const ANN_PREVIOUS_USER_ID: &str = "bootstrap.netbird.io/previous-user-id";
 /// When the token was last replaced.
@@ -165,6 +167,11 @@ impl OwnedSecret {
     }
     pub fn setup_started(&self) -> bool {
         self.annotations.contains_key(ANN_SETUP_STARTED_AT)
+    }
+
+    /// When the replaced token is to be deleted (absent: at once).
+    pub fn previous_delete_at(&self) -> Option<jiff::Timestamp> {
+        self.time(ANN_PREVIOUS_DELETE_AT)
     }
 
     /// A setup call of the current claim got no answer.
@@ -387,7 +394,11 @@ pub fn data_value(token: &SecretString) -> Value {
 /// Ends the hand-over after the replaced token was deleted on the server.
 pub fn previous_deleted_patch() -> Value {
     json!({
-        "metadata": {"annotations": {ANN_PREVIOUS_TOKEN_ID: Value::Null, ANN_PREVIOUS_USER_ID: Value::Null}},
+        "metadata": {"annotations": {
+            ANN_PREVIOUS_TOKEN_ID: Value::Null,
+            ANN_PREVIOUS_USER_ID: Value::Null,
+            ANN_PREVIOUS_DELETE_AT: Value::Null,
+        }},
         "data": {PREVIOUS_TOKEN_KEY: Value::Null},
     })
 }
@@ -427,7 +438,7 @@ pub fn rotated_patch(
     nbi: &NetbirdInstance,
     token: &SecretString,
     token_id: &str,
-    previous_id: Option<&str>,
+    previous: Option<(&str, &str)>,
     expires_at: &str,
     issued_at: &str,
 ) -> Value {
@@ -441,7 +452,8 @@ pub fn rotated_patch(
     ann[ANN_TOKEN_ID] = json!(token_id);
     ann[ANN_ROTATED_AT] = json!(issued_at);
     ann[ANN_ROTATION_STARTED_AT] = Value::Null;
-    ann[ANN_PREVIOUS_TOKEN_ID] = previous_id.map_or(Value::Null, |p| json!(p));
+    ann[ANN_PREVIOUS_TOKEN_ID] = previous.map_or(Value::Null, |(id, _)| json!(id));
+    ann[ANN_PREVIOUS_DELETE_AT] = previous.map_or(Value::Null, |(_, at)| json!(at));
     patch
 }
 

@@ -448,7 +448,8 @@ async fn service_user_and_delete_policy_delete_the_token() {
     env.create_admin_secret().await;
     let _op = env.start_operator().await;
     let mut s = spec(&nb.url);
-    s["token"] = json!({"deletionPolicy": "Delete", "serviceUser": {"name": "netbird-operator"}});
+    s["token"] = json!({"deletionPolicy": "Delete", "serviceUser": {"name": "netbird-operator"},
+        "rotation": {"gracePeriod": "0s"}});
     env.create_instance("nb", s).await.unwrap();
     let stored = support::wait_for("the service user's token", T, || {
         let env = &env;
@@ -498,7 +499,8 @@ async fn the_setup_token_is_deleted_for_sure_after_the_exchange() {
     env.create_admin_secret().await;
     let op = env.start_operator().await;
     let mut s = spec(&fake.url);
-    s["token"] = json!({"serviceUser": {"name": "netbird-operator"}});
+    s["token"] =
+        json!({"serviceUser": {"name": "netbird-operator"}, "rotation": {"gracePeriod": "0s"}});
     env.create_instance("nb", s).await.unwrap();
     let pending = support::wait_for("the exchange with a pending deletion", T, || {
         let env = &env;
@@ -555,7 +557,8 @@ async fn two_instances_share_a_server_and_a_service_user_through_rotations() {
     let op = env.start_operator().await;
     let shared = |url: &str| {
         let mut s = spec(url);
-        s["token"] = json!({"expiresInDays": 1, "serviceUser": {"name": "shared"}});
+        s["token"] = json!({"expiresInDays": 1, "serviceUser": {"name": "shared"},
+            "rotation": {"gracePeriod": "0s"}});
         s
     };
     env.create_instance("a", shared(&nb.url)).await.unwrap();

@@ -22,7 +22,8 @@ fn spec(url: &str, days: i32, rotation: bool) -> serde_json::Value {
         "managementURL": url,
         "allowInsecureHTTP": true,
         "credentialsSecretRef": {"name": "admin"},
-        "token": {"expiresInDays": days, "rotation": {"enabled": rotation}},
+        // these tests follow the hand-over step by step: no grace period (tests/day2.rs has it)
+        "token": {"expiresInDays": days, "rotation": {"enabled": rotation, "gracePeriod": "0s"}},
     })
 }
 

@@ -412,7 +412,13 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
     if s.annotation(ANN_ROTATION_STARTED_AT).is_some() && !p.orphans_cleaned && !listing_failed {
         return Some(Step::CleanOrphans);
     }
-    if s.annotation(ANN_PREVIOUS_TOKEN_ID).is_some() && p.previous_deleted.is_none() {
+    let renewal_due = f.rotation_enabled && s.renew_at().is_some_and(|at| f.now >= at);
+    // the replaced token is deleted when its grace period ends (the pass is scheduled for then),
+    // or before a new rotation would replace its record
+    if s.annotation(ANN_PREVIOUS_TOKEN_ID).is_some()
+        && p.previous_deleted.is_none()
+        && (renewal_due || s.previous_delete_at().is_none_or(|at| f.now >= at))
+    {
         return Some(Step::DeletePreviousToken);
     }
     // a token creation this spec asked for answered with a malformed token: not asked again until

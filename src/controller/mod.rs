@@ -653,6 +653,19 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
                 let until = ctx.now().duration_until(at).unsigned_abs();
                 next = next.min(until.max(Duration::from_secs(1)));
             }
+            // and so is the end of the replaced token's grace period
+            if let Some(at) = world
+                .token_secret
+                .owned()
+                .filter(|s| {
+                    s.annotation(crate::token_secret::ANN_PREVIOUS_TOKEN_ID)
+                        .is_some()
+                })
+                .and_then(|s| s.previous_delete_at())
+            {
+                let until = ctx.now().duration_until(at).unsigned_abs();
+                next = next.min(until.max(Duration::from_secs(1)));
+            }
             info!(reason, requeue_in = ?next, "ready");
             Action::requeue(next)
         }

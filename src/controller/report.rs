@@ -6,8 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use super::decide::{Probes, SetupOutcome, Stall, Verdict};
 use crate::crd::{NetbirdInstanceStatus, SetupState, SetupStatus, TokenStatus, VersionStatus};
 use crate::token_secret::{
-    ANN_EXPIRES_AT, ANN_ROTATED_AT, ANN_SETUP_COMPLETED_AT, ANN_SETUP_OUTCOME,
-    ANN_SETUP_STARTED_AT, ANN_USER_ID, TokenSecret,
+    ANN_EXPIRES_AT, ANN_PREVIOUS_DELETE_AT, ANN_PREVIOUS_TOKEN_ID, ANN_ROTATED_AT,
+    ANN_SETUP_COMPLETED_AT, ANN_SETUP_OUTCOME, ANN_SETUP_STARTED_AT, ANN_USER_ID, TokenSecret,
 };
 
 pub const READY: &str = "Ready";
@@ -165,6 +165,10 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
                 expires_at: parse_time(ann(ANN_EXPIRES_AT)).or(p.expires_at),
                 last_verified_at: verified.map(|v| to_time(v.at)).or(p.last_verified_at),
                 last_rotated_at: parse_time(ann(ANN_ROTATED_AT)).or(p.last_rotated_at),
+                // what is pending: the replaced token until it is deleted
+                previous_token_id: ann(ANN_PREVIOUS_TOKEN_ID).map(str::to_string),
+                previous_token_deletion_at: ann(ANN_PREVIOUS_TOKEN_ID)
+                    .and(parse_time(ann(ANN_PREVIOUS_DELETE_AT))),
             })
         }
         (None, _) => None,

@@ -544,11 +544,12 @@ pub async fn run(
                         .and_then(|s| s.token_id())
                         .map(str::to_string);
                     let pat = &created.personal_access_token;
+                    let delete_at = previous_delete_at(nbi, world, now);
                     let patch = token_secret::rotated_patch(
                         nbi,
                         &created.plain_token,
                         &pat.id,
-                        previous.as_deref(),
+                        previous.as_deref().map(|id| (id, delete_at.as_str())),
                         &seconds(pat.expiration_date),
                         &now.to_string(),
                     );
@@ -687,11 +688,12 @@ async fn exchange(
         .and_then(|s| s.token_id())
         .map(str::to_string);
     let pat = &created.personal_access_token;
+    let delete_at = previous_delete_at(nbi, world, now);
     let mut patch = token_secret::rotated_patch(
         nbi,
         &created.plain_token,
         &pat.id,
-        old_id.as_deref(),
+        old_id.as_deref().map(|id| (id, delete_at.as_str())),
         &seconds(pat.expiration_date),
         &now.to_string(),
     );
@@ -707,7 +709,9 @@ async fn exchange(
     let mut written =
         write_until_stored(ctx, secrets, nbi, &patch, Some(&created.plain_token)).await;
     info!(service_user = %name, token_id = %pat.id, "stored the service user's token");
-    if let Some(old_id) = old_id {
+    // with a grace period the setup token stays valid until then (a later pass deletes it, with
+    // itself, kept in the Secret); without one it goes now
+    if let Some(old_id) = old_id.filter(|_| nbi.spec.token.rotation.grace().is_zero()) {
         match client.delete_token(token, user, &old_id).await {
             Ok(()) => info!(token_id = %old_id, "deleted the setup token"),
             Err(e) if e.status() == Some(404) => {}
@@ -727,6 +731,21 @@ async fn exchange(
         );
     }
     Ok(written)
+}
+
+/// When the token being replaced is deleted: after the grace period, and never after its own
+/// expiry (when known).
+fn previous_delete_at(nbi: &NetbirdInstance, world: &World, now: jiff::Timestamp) -> String {
+    let grace = jiff::SignedDuration::try_from(nbi.spec.token.rotation.grace())
+        .unwrap_or(jiff::SignedDuration::ZERO);
+    let after_grace = now.checked_add(grace).unwrap_or(now);
+    let expires = world
+        .token_secret
+        .owned()
+        .and_then(|s| s.lifetime())
+        .map(|(_, expires)| expires);
+    let at = expires.map_or(after_grace, |e| e.min(after_grace));
+    seconds(at)
 }
 
 /// A timestamp in whole seconds, as annotations and the status keep it.
