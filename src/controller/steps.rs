@@ -965,7 +965,11 @@ async fn write_until_stored(
                 return None;
             }
         }
-        let wait = delay.mul_f64(0.5 + 0.5 * super::jitter_fraction());
+        let mut wait = delay.mul_f64(0.5 + 0.5 * super::jitter_fraction());
+        if let Some(at) = deadline {
+            // never sleep past the deadline
+            wait = wait.min(at.saturating_duration_since(std::time::Instant::now()));
+        }
         delay = (delay * 2).min(Duration::from_secs(30));
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
