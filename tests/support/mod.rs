@@ -6,6 +6,7 @@
 //! failure; set NBOP_SKIP_E2E=1 to skip the tests that need them (loudly).
 #![allow(dead_code)]
 
+pub mod chart;
 pub mod fake_netbird;
 pub mod kube_faults;
 
@@ -543,39 +544,27 @@ impl TestEnv {
             .await
     }
 
+    /// Runs the operator in-process with this client's identity, watching `namespaces` (all when
+    /// empty), with its clock `ahead` of the real one.
+    pub async fn start_operator_watching(
+        &self,
+        client: Client,
+        namespaces: &[&str],
+        ahead: Duration,
+    ) -> Operator {
+        let clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync> = Arc::new(move || {
+            jiff::Timestamp::now() + jiff::SignedDuration::try_from(ahead).unwrap()
+        });
+        let namespaces = namespaces.iter().map(|ns| ns.to_string()).collect();
+        start_operator_in(client, namespaces, clock).await
+    }
+
     async fn start_operator_full(
         &self,
         client: Client,
         clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
     ) -> Operator {
-        capture_logs();
-        let shutdown = CancellationToken::new();
-        let metrics = Arc::new(Metrics::default());
-        let settings = Settings {
-            namespace: Some(self.ns.clone()),
-            max_backoff: Duration::from_secs(5),
-            netbird: netbird_operator::netbird::ClientOptions {
-                request_timeout: Duration::from_secs(3),
-                ..Default::default()
-            },
-            ..Settings::default()
-        };
-        let mut ctx = Context::new(client, metrics.clone(), settings, shutdown.clone());
-        ctx.clock = clock;
-        let ctx = Arc::new(ctx);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(controller::run(ctx.clone(), Arc::default(), move || {
-            let _ = tx.send(());
-        }));
-        tokio::time::timeout(Duration::from_secs(30), rx)
-            .await
-            .expect("watches sync")
-            .expect("synced");
-        Operator {
-            shutdown,
-            task: Some(task),
-            metrics,
-        }
+        start_operator_in(client, vec![self.ns.clone()], clock).await
     }
 
     /// The NetbirdInstance once `pred` holds for it.
@@ -636,6 +625,42 @@ impl TestEnv {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// Runs the operator in-process with the test timeouts.
+async fn start_operator_in(
+    client: Client,
+    namespaces: Vec<String>,
+    clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
+) -> Operator {
+    capture_logs();
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    let settings = Settings {
+        namespaces,
+        max_backoff: Duration::from_secs(5),
+        netbird: netbird_operator::netbird::ClientOptions {
+            request_timeout: Duration::from_secs(3),
+            ..Default::default()
+        },
+        ..Settings::default()
+    };
+    let mut ctx = Context::new(client, metrics.clone(), settings, shutdown.clone());
+    ctx.clock = clock;
+    let ctx = Arc::new(ctx);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(controller::run(ctx.clone(), Arc::default(), move || {
+        let _ = tx.send(());
+    }));
+    tokio::time::timeout(Duration::from_secs(30), rx)
+        .await
+        .expect("watches sync")
+        .expect("synced");
+    Operator {
+        shutdown,
+        task: Some(task),
+        metrics,
     }
 }
 
@@ -715,7 +740,12 @@ impl NetbirdServer {
     /// Starts the server with extra environment (for example its API rate limiter).
     pub async fn start_with_env(extra: &[(&str, &str)]) -> Option<NetbirdServer> {
         let tools = tools()?;
-        // NetBird always opens TCP 33073 besides its main port: one server at a time per machine
+        // NetBird always opens TCP 33073 besides its main port: one server at a time per machine.
+        // Another test process may hold it: wait for it (up to 3 minutes) instead of failing.
+        wait_for("TCP 33073 to be free", Duration::from_secs(180), || async {
+            std::net::TcpListener::bind("0.0.0.0:33073").ok().map(drop)
+        })
+        .await;
         let port = free_port();
         let metrics = free_port();
         let dir = tempfile::Builder::new()
