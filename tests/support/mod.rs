@@ -740,12 +740,7 @@ impl NetbirdServer {
     /// Starts the server with extra environment (for example its API rate limiter).
     pub async fn start_with_env(extra: &[(&str, &str)]) -> Option<NetbirdServer> {
         let tools = tools()?;
-        // NetBird always opens TCP 33073 besides its main port: one server at a time per machine.
-        // Another test process may hold it: wait for it (up to 3 minutes) instead of failing.
-        wait_for("TCP 33073 to be free", Duration::from_secs(180), || async {
-            std::net::TcpListener::bind("0.0.0.0:33073").ok().map(drop)
-        })
-        .await;
+        // NetBird always opens TCP 33073 besides its main port: one server at a time per machine
         let port = free_port();
         let metrics = free_port();
         let dir = tempfile::Builder::new()
