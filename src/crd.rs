@@ -52,6 +52,7 @@ pub const GROUP: &str = "bootstrap.netbird.io";
         json_path = ".metadata.creationTimestamp"
     )
 )]
+#[kube(validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name must be at most 63 characters: it becomes the value of the token Secret's bootstrap.netbird.io/instance label"))]
 #[x_kube(validation = Rule::new("self.allowInsecureHTTP || !self.managementURL.startsWith('http://')").message("managementURL uses http://, which would send the admin password unencrypted: use https:// or set allowInsecureHTTP: true"))]
 #[serde(rename_all = "camelCase")]
 pub struct NetbirdInstanceSpec {
@@ -188,8 +189,11 @@ pub struct TokenSpec {
     #[x_kube(validation = Rule::new("!('app.kubernetes.io/managed-by' in self) && !('bootstrap.netbird.io/instance' in self)").message("secretLabels must not set app.kubernetes.io/managed-by or bootstrap.netbird.io/instance: the operator sets them"))]
     pub secret_labels: BTreeMap<String, String>,
 
-    /// Annotations added to the token Secret.
+    /// Annotations added to the token Secret. Keys under bootstrap.netbird.io/ are refused: they
+    /// are the operator's own records (which server the token belongs to, when it expires, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('bootstrap.netbird.io/'))").message("secretAnnotations must not set keys under bootstrap.netbird.io/: they are the operator's own records"))]
     pub secret_annotations: BTreeMap<String, String>,
 
     /// What happens to the token Secret when this NetbirdInstance is deleted: Retain (default)
@@ -300,11 +304,6 @@ pub struct NetbirdInstanceStatus {
     /// Running and latest versions, from the last version check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<VersionStatus>,
-
-    /// An argon2id hash (PHC string, random salt) of the email and password used for setup. It lets
-    /// the operator notice that the credentials Secret changed without exposing the password.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials_fingerprint: Option<String>,
 }
 
 /// Where the one-time setup stands.

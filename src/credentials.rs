@@ -27,7 +27,7 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// The text fingerprinted for `status.credentialsFingerprint`.
+    /// The text fingerprinted for the token Secret's `credentials-fingerprint` annotation.
     pub fn fingerprint_input(&self) -> SecretString {
         SecretString::from(format!("{}\n{}", self.email, self.password.expose_secret()))
     }

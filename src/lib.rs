@@ -2,6 +2,7 @@
 //! their API token in a Secret.
 #![forbid(unsafe_code)]
 
+pub mod binding;
 pub mod cli;
 pub mod controller;
 pub mod crd;

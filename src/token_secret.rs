@@ -12,6 +12,7 @@ use kube::Resource;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
+use crate::binding::{self, ANN_MANAGEMENT_URL};
 use crate::crd::{DeletionPolicy, NetbirdInstance};
 
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -39,11 +40,21 @@ pub const ANN_SERVICE_USER: &str = "bootstrap.netbird.io/service-user";
 pub const ANN_PREVIOUS_USER_ID: &str = "bootstrap.netbird.io/previous-user-id";
 /// When the token was last replaced.
 pub const ANN_ROTATED_AT: &str = "bootstrap.netbird.io/rotated-at";
-/// Name prefix of the tokens the operator creates on the server.
-pub const TOKEN_NAME_PREFIX: &str = "netbird-operator-";
+/// Data key of the token a service-user exchange replaced, kept until it is deleted on the server:
+/// only that token itself may delete it (a service user may not delete the owner's tokens), so a
+/// failed or interrupted deletion can be retried, after a restart too.
+pub const PREVIOUS_TOKEN_KEY: &str = "previous-token";
+/// Set when a server answered a token creation (rotation or service-user exchange) with something
+/// that is not a NetBird token: `<generation> <what> <why>`. Nothing was stored; the instance
+/// stalls until the spec changes.
+pub const ANN_MALFORMED_TOKEN: &str = "bootstrap.netbird.io/malformed-token";
+/// Prefix of the operator's own annotations: never taken from `spec.token.secretAnnotations`.
+pub const OWN_ANNOTATION_PREFIX: &str = "bootstrap.netbird.io/";
 /// Name NetBird gives the token setup creates.
 pub const SETUP_TOKEN_NAME: &str = "setup-token";
 pub const OUTCOME_TOKEN_NOT_ISSUED: &str = "token-not-issued";
+/// Setup answered 200 with something that is not a NetBird token (never stored).
+pub const OUTCOME_TOKEN_MALFORMED: &str = "token-malformed";
 /// Set when NetBird refused setup (400/412/422): `<generation> <status> <message>`. Setup is not
 /// tried again until the spec or the credentials change.
 pub const ANN_SETUP_REJECTED: &str = "bootstrap.netbird.io/setup-rejected";
@@ -117,6 +128,8 @@ pub struct OwnedSecret {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub owner_references: Vec<OwnerReference>,
+    /// The token a service-user exchange replaced, until it is deleted on the server.
+    pub previous_token: Option<SecretString>,
 }
 
 impl OwnedSecret {
@@ -149,6 +162,19 @@ impl OwnedSecret {
     }
     pub fn setup_started(&self) -> bool {
         self.annotations.contains_key(ANN_SETUP_STARTED_AT)
+    }
+
+    /// The server the stored token belongs to, when recorded.
+    pub fn home_server(&self) -> Option<&str> {
+        self.annotation(ANN_MANAGEMENT_URL)
+            .filter(|u| !u.is_empty())
+    }
+
+    /// Whether the stored token may be sent to `url`: the Secret records no server yet (it is then
+    /// recorded at the first verification) or records this one.
+    pub fn may_send_token_to(&self, url: &str) -> bool {
+        self.home_server()
+            .is_none_or(|home| binding::same_server(home, url))
     }
 }
 
@@ -192,12 +218,34 @@ pub fn classify(secret: Option<Secret>, instance: &str, key: &str) -> TokenSecre
             Err(_) => TokenValue::NotText,
         },
     };
+    let previous_token = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(PREVIOUS_TOKEN_KEY))
+        .and_then(|v| std::str::from_utf8(&v.0).ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| SecretString::from(t.to_string()));
     TokenSecret::Ours(OwnedSecret {
         token,
+        previous_token,
         labels,
         annotations: secret.metadata.annotations.unwrap_or_default(),
         owner_references: secret.metadata.owner_references.unwrap_or_default(),
     })
+}
+
+/// The annotations `spec.token.secretAnnotations` adds: those under `bootstrap.netbird.io/` are
+/// the operator's own records and never taken from the spec (the schema refuses them; an object
+/// stored before that rule must not be able to pin them either).
+pub fn spec_annotations(nbi: &NetbirdInstance) -> BTreeMap<String, String> {
+    nbi.spec
+        .token
+        .secret_annotations
+        .iter()
+        .filter(|(k, _)| !k.starts_with(OWN_ANNOTATION_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Labels the token Secret must carry.
@@ -235,10 +283,7 @@ pub fn metadata_in_sync(nbi: &NetbirdInstance, s: &OwnedSecret) -> bool {
     let labels_ok = desired_labels(nbi)
         .iter()
         .all(|(k, v)| s.labels.get(k) == Some(v));
-    let ann_ok = nbi
-        .spec
-        .token
-        .secret_annotations
+    let ann_ok = spec_annotations(nbi)
         .iter()
         .all(|(k, v)| s.annotations.get(k) == Some(v));
     let refs_ok = desired_owner_references(nbi, &s.owner_references) == s.owner_references;
@@ -249,14 +294,14 @@ pub fn metadata_in_sync(nbi: &NetbirdInstance, s: &OwnedSecret) -> bool {
 pub fn metadata_patch(nbi: &NetbirdInstance, s: &OwnedSecret) -> Value {
     json!({"metadata": {
         "labels": desired_labels(nbi),
-        "annotations": nbi.spec.token.secret_annotations,
+        "annotations": spec_annotations(nbi),
         "ownerReferences": desired_owner_references(nbi, &s.owner_references),
     }})
 }
 
 /// A new token Secret, claimed for setup (`setup-started-at` set, no token yet).
 pub fn new_claimed(nbi: &NetbirdInstance, started_at: &str, fingerprint: &str) -> Secret {
-    let mut annotations = nbi.spec.token.secret_annotations.clone();
+    let mut annotations = spec_annotations(nbi);
     annotations.insert(ANN_SETUP_STARTED_AT.into(), started_at.into());
     annotations.insert(ANN_FINGERPRINT.into(), fingerprint.into());
     let refs = desired_owner_references(nbi, &[]);
@@ -301,11 +346,7 @@ pub fn store_patch(
     completed_at: &str,
 ) -> Value {
     let mut data = serde_json::Map::new();
-    data.insert(
-        nbi.spec.token.secret_key.clone(),
-        serde_json::to_value(ByteString(token.expose_secret().as_bytes().to_vec()))
-            .unwrap_or(Value::Null),
-    );
+    data.insert(nbi.spec.token.secret_key.clone(), data_value(token));
     json!({
         "metadata": {
             "labels": desired_labels(nbi),
@@ -315,10 +356,48 @@ pub fn store_patch(
                 ANN_ISSUED_AT: completed_at,
                 ANN_SETUP_COMPLETED_AT: completed_at,
                 ANN_SETUP_STARTED_AT: Value::Null,
+                ANN_MANAGEMENT_URL: binding::normalize(&nbi.spec.management_url),
             },
         },
         "data": data,
     })
+}
+
+/// A token as a Secret's data value (base64).
+pub fn data_value(token: &SecretString) -> Value {
+    serde_json::to_value(ByteString(token.expose_secret().as_bytes().to_vec()))
+        .unwrap_or(Value::Null)
+}
+
+/// Ends the hand-over after the replaced token was deleted on the server.
+pub fn previous_deleted_patch() -> Value {
+    json!({
+        "metadata": {"annotations": {ANN_PREVIOUS_TOKEN_ID: Value::Null, ANN_PREVIOUS_USER_ID: Value::Null}},
+        "data": {PREVIOUS_TOKEN_KEY: Value::Null},
+    })
+}
+
+/// Records the server the stored token was first verified against (Secrets written before the
+/// operator recorded it: the upgrade path).
+pub fn home_server_patch(nbi: &NetbirdInstance) -> Value {
+    json!({"metadata": {"annotations": {
+        ANN_MANAGEMENT_URL: binding::normalize(&nbi.spec.management_url),
+    }}})
+}
+
+/// Records that a token creation answered with a malformed token (nothing else is written).
+pub fn malformed_token_patch(generation: i64, what: &str, why: &str) -> Value {
+    json!({"metadata": {"annotations": {
+        ANN_MALFORMED_TOKEN: format!("{generation} {what} {why}"),
+        ANN_ROTATION_STARTED_AT: Value::Null,
+    }}})
+}
+
+/// A recorded malformed token: (generation, what, why).
+pub fn parse_malformed(value: &str) -> Option<(i64, &str, &str)> {
+    let mut parts = value.splitn(3, ' ');
+    let generation = parts.next()?.parse().ok()?;
+    Some((generation, parts.next()?, parts.next().unwrap_or("")))
 }
 
 /// Writes a rotated token: the new token and its facts, and the id of the token it replaces (to be
@@ -345,12 +424,13 @@ pub fn rotated_patch(
     patch
 }
 
-/// Records that setup succeeded without a token (the server lacks NB_SETUP_PAT_ENABLED=true).
-pub fn no_token_patch(user_id: &str, completed_at: &str) -> Value {
+/// Records that setup succeeded without a usable token: none (`OUTCOME_TOKEN_NOT_ISSUED`, the
+/// server lacks NB_SETUP_PAT_ENABLED=true) or a malformed one (`OUTCOME_TOKEN_MALFORMED`).
+pub fn no_token_patch(user_id: &str, completed_at: &str, outcome: &str) -> Value {
     json!({"metadata": {"annotations": {
         ANN_USER_ID: user_id,
         ANN_SETUP_COMPLETED_AT: completed_at,
-        ANN_SETUP_OUTCOME: OUTCOME_TOKEN_NOT_ISSUED,
+        ANN_SETUP_OUTCOME: outcome,
         ANN_SETUP_STARTED_AT: Value::Null,
     }}})
 }

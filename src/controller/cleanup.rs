@@ -11,9 +11,10 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::steps::World;
+use super::steps::{World, verify};
 use super::{Context, Error};
 use crate::crd::{DeletionPolicy, NetbirdInstance};
+use crate::token_secret;
 
 /// The finalizer's name (domain-qualified).
 pub const FINALIZER: &str = "bootstrap.netbird.io/token-cleanup";
@@ -76,6 +77,23 @@ pub async fn on_delete(
         return Ok(Action::await_change());
     }
     let world = World::read(nbi, secrets, ctx).await?;
+    if let Some(home) = world
+        .token_secret
+        .owned()
+        .filter(|s| !s.may_send_token_to(&nbi.spec.management_url))
+        .and_then(|s| s.home_server())
+    {
+        // the token belongs to another server than the spec names now: it is not sent anywhere
+        let note = format!(
+            "the token in Secret {} belongs to the NetBird server at {home}, and spec.managementURL is {}: \
+             it was not sent there to be deleted. Delete it in the dashboard of {home}",
+            nbi.token_secret_name(),
+            nbi.spec.management_url
+        );
+        warn!(home = %home, "the token belongs to another server; not deleted");
+        publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+        return remove_finalizer(nbi, api).await;
+    }
     let outcome = delete_token(nbi, &world).await;
     let let_go = match &outcome {
         Ok(what) => {
@@ -110,6 +128,13 @@ pub async fn on_delete(
         )
         .await;
     }
+    remove_finalizer(nbi, api).await
+}
+
+async fn remove_finalizer(
+    nbi: &NetbirdInstance,
+    api: &Api<NetbirdInstance>,
+) -> Result<Action, Error> {
     let finalizers = nbi
         .finalizers()
         .iter()
@@ -128,7 +153,27 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, St
     let Some(client) = world.client() else {
         return Err("no NetBird client for this spec".into());
     };
-    let user = match client.current_user(token).await {
+    let secret = world.token_secret.owned();
+    // a service user's token is verified the way every pass verifies it (NetBird answers 403 to
+    // GET /api/users/current for service users)
+    let service_user_id = secret
+        .filter(|s| s.annotation(token_secret::ANN_SERVICE_USER).is_some())
+        .and_then(|s| s.annotation(token_secret::ANN_USER_ID));
+    // a token a service-user exchange replaced and that is still pending: deleted with itself
+    if let (Some(old), Some(old_id)) = (
+        world.previous_token(),
+        secret.and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_TOKEN_ID)),
+    ) {
+        let old_user = secret
+            .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_USER_ID))
+            .unwrap_or_default();
+        match client.delete_token(old, old_user, old_id).await {
+            Ok(()) => info!(token_id = %old_id, "deleted the replaced token"),
+            Err(e) if e.is_token_rejected() || e.status() == Some(404) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let user = match verify(client, token, service_user_id).await {
         Ok(u) => u,
         Err(e) if e.is_token_rejected() => return Ok("the token was already invalid".into()),
         Err(e) => return Err(e.to_string()),

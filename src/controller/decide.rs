@@ -4,8 +4,9 @@
 use crate::credentials::Credentials;
 use crate::netbird::{InstanceStatus, NetbirdError, PersonalAccessToken, User, VersionInfo};
 use crate::token_secret::{
-    ANN_PREVIOUS_TOKEN_ID, ANN_ROTATION_STARTED_AT, ANN_SETUP_OUTCOME, ANN_SETUP_REJECTED,
-    ANN_TOKEN_ID, OUTCOME_TOKEN_NOT_ISSUED, TokenSecret, TokenValue, parse_rejection,
+    ANN_MALFORMED_TOKEN, ANN_PREVIOUS_TOKEN_ID, ANN_ROTATION_STARTED_AT, ANN_SETUP_OUTCOME,
+    ANN_SETUP_REJECTED, ANN_TOKEN_ID, OUTCOME_TOKEN_MALFORMED, OUTCOME_TOKEN_NOT_ISSUED,
+    TokenSecret, TokenValue, parse_rejection,
 };
 
 /// An input the reconcile reads from a Secret.
@@ -63,6 +64,9 @@ pub struct Probes {
     pub exchanged: bool,
     /// A service-user exchange that failed this pass (the current token still works).
     pub exchange_error: Option<NetbirdError>,
+    /// A token creation (setup, rotation, exchange) answered with something that is not a NetBird
+    /// token: what was asked and why the answer is not a token. Nothing was stored.
+    pub malformed_token: Option<(&'static str, crate::netbird::pat::PatFormatError)>,
 }
 
 /// Everything the decision looks at.
@@ -89,6 +93,8 @@ pub struct Facts<'a> {
     pub service_user: Option<&'a str>,
     pub now: jiff::Timestamp,
     pub probes: &'a Probes,
+    /// The credentials Secret's allow-list (`bootstrap.netbird.io/management-urls`), when it has one.
+    pub allowed_servers: Option<&'a str>,
     /// For messages.
     pub secret_name: &'a str,
     pub secret_key: &'a str,
@@ -114,6 +120,8 @@ pub enum Stall {
     TokenLost,
     TokenRejected,
     SecretConflict,
+    /// The token or the password would go to a server its Secret does not allow.
+    ServerNotAllowed,
 }
 
 impl Stall {
@@ -126,6 +134,7 @@ impl Stall {
             Stall::TokenLost => "TokenLost",
             Stall::TokenRejected => "TokenRejected",
             Stall::SecretConflict => "SecretConflict",
+            Stall::ServerNotAllowed => "ServerNotAllowed",
         }
     }
 }
@@ -223,6 +232,15 @@ pub fn decide(f: &Facts<'_>) -> Step {
         Input::Invalid(m) => return stalled(Stall::InvalidSpec, m.clone()),
         Input::NotNeeded | Input::Ready(_) => {}
     }
+    // the credentials Secret's owner decides where its password may go: checked before any call
+    if let Some(list) = f.allowed_servers
+        && !crate::binding::allowed(list, f.management_url)
+    {
+        return stalled(
+            Stall::ServerNotAllowed,
+            password_not_allowed_message(f, list),
+        );
+    }
     match f.ca {
         Input::Missing(m) => {
             return Step::Finish(Verdict::Waiting {
@@ -255,6 +273,12 @@ pub fn decide(f: &Facts<'_>) -> Step {
             return Step::SyncSecretMetadata;
         }
         match &s.token {
+            TokenValue::Present(_) if !s.may_send_token_to(f.management_url) => {
+                return stalled(
+                    Stall::ServerNotAllowed,
+                    token_not_allowed_message(f, s.home_server().unwrap_or_default()),
+                );
+            }
             TokenValue::Present(_) => {
                 return match &p.verify {
                     None => Step::VerifyToken,
@@ -291,6 +315,12 @@ pub fn decide(f: &Facts<'_>) -> Step {
         if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_NOT_ISSUED) {
             return stalled(Stall::TokenNotIssued, token_not_issued_message(f));
         }
+        if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_MALFORMED) {
+            return stalled(
+                Stall::TokenNotIssued,
+                malformed_token_message(f, "setup", "it is not a NetBird token"),
+            );
+        }
         // a refusal answered this very spec and these credentials: not sent again
         if p.setup.is_none()
             && let Some((generation, status, message)) =
@@ -306,6 +336,12 @@ pub fn decide(f: &Facts<'_>) -> Step {
         }
     }
 
+    if let Some((what, why)) = &p.malformed_token {
+        return stalled(
+            Stall::TokenNotIssued,
+            malformed_token_message(f, what, &why.to_string()),
+        );
+    }
     match &p.setup {
         Some(SetupOutcome::NoToken { .. }) => {
             return stalled(Stall::TokenNotIssued, token_not_issued_message(f));
@@ -374,6 +410,18 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
     if s.annotation(ANN_PREVIOUS_TOKEN_ID).is_some() && p.previous_deleted.is_none() {
         return Some(Step::DeletePreviousToken);
     }
+    // a token creation this spec asked for answered with a malformed token: not asked again until
+    // the spec changes
+    if let Some((generation, what, why)) = s
+        .annotation(ANN_MALFORMED_TOKEN)
+        .and_then(crate::token_secret::parse_malformed)
+        && generation == f.generation
+    {
+        return Some(stalled(
+            Stall::TokenNotIssued,
+            malformed_token_message(f, what, why),
+        ));
+    }
     // right after setup too: the pass that reports Ready reports the whole token (one status write
     // and no second pass, where identifying it later cost a pass, a status write and its Event)
     if s.annotation(ANN_TOKEN_ID).is_none() && p.token_list.is_none() {
@@ -424,6 +472,51 @@ fn token_not_issued_message(f: &Facts<'_>) -> String {
          Log in to the dashboard as the owner, create a personal access token and put it under key {} of \
          Secret {}; the operator adopts it",
         f.secret_key, f.secret_name
+    )
+}
+
+fn token_not_allowed_message(f: &Facts<'_>, home: &str) -> String {
+    format!(
+        "the token in Secret {} belongs to the NetBird server at {home} (annotation {}), but \
+         spec.managementURL is {}: the token is not sent there. If {} is the same server under a new \
+         address, whoever may write Secret {} sets that annotation to the new URL; for another server, \
+         set spec.token.secretName to another Secret",
+        f.secret_name,
+        crate::binding::ANN_MANAGEMENT_URL,
+        f.management_url,
+        f.management_url,
+        f.secret_name
+    )
+}
+
+fn password_not_allowed_message(f: &Facts<'_>, list: &str) -> String {
+    let list: Vec<String> = crate::binding::allow_list(list);
+    format!(
+        "the credentials Secret allows its password to be sent only to {} (annotation {}), not to {}: \
+         nothing was sent. Whoever may write the credentials Secret adds the URL to that annotation, \
+         or the NetbirdInstance names another credentials Secret",
+        list.join(", "),
+        crate::binding::ANN_ALLOWED_URLS,
+        f.management_url
+    )
+}
+
+fn malformed_token_message(f: &Facts<'_>, what: &str, why: &str) -> String {
+    let then = if what == "setup" {
+        format!(
+            "Setup is done and is never called again: log in to the dashboard as the owner, create a \
+             personal access token and put it under key {} of Secret {}; the operator adopts it",
+            f.secret_key, f.secret_name
+        )
+    } else {
+        "The current token stays in use; the operator asks again when the spec changes. Check what \
+         answers at spec.managementURL (a proxy rewriting answers?)"
+            .to_string()
+    };
+    format!(
+        "NetBird at {} answered the token creation ({what}) with something that is not a NetBird \
+         token ({why}); nothing was stored. {then}",
+        f.management_url
     )
 }
 
@@ -481,6 +574,7 @@ mod tests {
             annotations.insert(ANN_SETUP_STARTED_AT.to_string(), "t".to_string());
         }
         TokenSecret::Ours(OwnedSecret {
+            previous_token: None,
             token: token.map_or(TokenValue::Missing, |t| {
                 TokenValue::Present(SecretString::from(t))
             }),
@@ -501,6 +595,7 @@ mod tests {
         spec_problem: Option<&'static str>,
         in_sync: bool,
         credentials_unchanged: bool,
+        allowed_servers: Option<&'static str>,
     }
 
     impl World {
@@ -516,6 +611,7 @@ mod tests {
                 spec_problem: None,
                 in_sync: true,
                 credentials_unchanged: true,
+                allowed_servers: None,
             }
         }
         fn decide(&self) -> Step {
@@ -534,6 +630,7 @@ mod tests {
                 service_user: None,
                 now: jiff::Timestamp::UNIX_EPOCH,
                 probes: &self.probes,
+                allowed_servers: self.allowed_servers,
                 secret_name: "nb-token",
                 secret_key: "NB_API_KEY",
                 management_url: "https://nb.example.com",
@@ -674,6 +771,7 @@ mod tests {
         w.probes.verify = Some(Err(transport()));
         assert_eq!(reason(w.decide()), "ManagementUnreachable");
         let w = World::new(TokenSecret::Ours(OwnedSecret {
+            previous_token: None,
             token: TokenValue::NotText,
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
@@ -756,6 +854,7 @@ mod tests {
             OUTCOME_TOKEN_NOT_ISSUED.to_string(),
         );
         let w = World::new(TokenSecret::Ours(OwnedSecret {
+            previous_token: None,
             token: TokenValue::Missing,
             labels: BTreeMap::new(),
             annotations,
@@ -776,6 +875,7 @@ mod tests {
             "1 422 invalid email format".to_string(),
         );
         let secret = TokenSecret::Ours(OwnedSecret {
+            previous_token: None,
             token: TokenValue::Missing,
             labels: BTreeMap::new(),
             annotations,
@@ -809,5 +909,87 @@ mod tests {
         assert_eq!(w.decide(), Step::SyncSecretMetadata);
         w.probes.metadata_synced = true;
         assert_eq!(w.decide(), Step::VerifyToken);
+    }
+
+    #[test]
+    fn a_token_bound_to_another_server_is_never_sent() {
+        let mut secret = owned(Some("nbp_x"), false);
+        if let TokenSecret::Ours(s) = &mut secret {
+            s.annotations.insert(
+                crate::binding::ANN_MANAGEMENT_URL.into(),
+                "https://home.example.com".into(),
+            );
+        }
+        let w = World::new(secret);
+        match w.decide() {
+            Step::Finish(Verdict::Stalled { reason, message }) => {
+                assert_eq!(reason, Stall::ServerNotAllowed);
+                assert!(message.contains("https://home.example.com"), "{message}");
+                assert!(message.contains("https://nb.example.com"), "{message}");
+                assert!(message.contains("spec.token.secretName"), "{message}");
+            }
+            s => panic!("{s:?}"),
+        }
+        // the same server under another spelling is the same server
+        let mut secret = owned(Some("nbp_x"), false);
+        if let TokenSecret::Ours(s) = &mut secret {
+            s.annotations.insert(
+                crate::binding::ANN_MANAGEMENT_URL.into(),
+                "https://NB.example.com:443/".into(),
+            );
+        }
+        assert_eq!(World::new(secret).decide(), Step::VerifyToken);
+        // no record yet (a Secret written before the operator recorded it): verified, then recorded
+        assert_eq!(
+            World::new(owned(Some("nbp_x"), false)).decide(),
+            Step::VerifyToken
+        );
+    }
+
+    #[test]
+    fn the_password_goes_only_where_its_secret_allows() {
+        let mut w = World::new(TokenSecret::Absent);
+        w.allowed_servers = Some("https://other.example.com, https://third.example.com");
+        assert_eq!(reason(w.decide()), "ServerNotAllowed");
+        w.allowed_servers = Some("https://other.example.com https://nb.example.com/");
+        assert_eq!(w.decide(), Step::CheckInstance);
+    }
+
+    #[test]
+    fn a_malformed_token_from_setup_or_a_rotation_stalls_without_a_loop() {
+        let mut w = World::new(TokenSecret::Absent);
+        w.probes.malformed_token = Some(("setup", crate::netbird::pat::PatFormatError::Checksum));
+        assert_eq!(reason(w.decide()), "TokenNotIssued");
+
+        let mut secret = owned(None, false);
+        if let TokenSecret::Ours(s) = &mut secret {
+            s.annotations.insert(
+                crate::token_secret::ANN_SETUP_OUTCOME.into(),
+                OUTCOME_TOKEN_MALFORMED.into(),
+            );
+        }
+        assert_eq!(reason(World::new(secret).decide()), "TokenNotIssued");
+
+        let mut secret = owned(Some("nbp_x"), false);
+        if let TokenSecret::Ours(s) = &mut secret {
+            s.annotations.insert(
+                ANN_MALFORMED_TOKEN.into(),
+                "1 rotation the token does not start with nbp_".into(),
+            );
+        }
+        let mut w = World::new(secret.clone());
+        w.probes.verify = Some(Ok(Verified {
+            user: user(),
+            at: jiff::Timestamp::UNIX_EPOCH,
+        }));
+        w.version_due = false;
+        assert_eq!(reason(w.decide()), "TokenNotIssued");
+        // another generation asks again
+        if let TokenSecret::Ours(s) = &mut secret {
+            s.annotations
+                .insert(ANN_MALFORMED_TOKEN.into(), "0 rotation x".into());
+        }
+        w.secret = secret;
+        assert_eq!(w.decide(), Step::Finish(Verdict::Ready));
     }
 }

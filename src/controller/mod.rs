@@ -86,8 +86,8 @@ pub struct Context {
     /// generation and Secret resourceVersions) changed. A pass woken by the operator's own status
     /// write then waits for its retry instead of calling NetBird again.
     retries: Mutex<HashMap<String, (std::time::Instant, [u8; 32])>>,
-    /// Tokens verified recently, per instance (uid): digest of the token and the generation, and
-    /// the result. Held in memory only, so a pass that changes nothing makes no call to NetBird; a
+    /// Tokens verified recently, per instance (uid): digest of the token, the generation and the
+    /// server, and the result. Held in memory only, so a pass that changes nothing makes no call to NetBird; a
     /// new token or a spec change (another URL, say) verifies again.
     verified: Mutex<HashMap<String, ([u8; 32], Verified)>>,
     /// Results of fingerprint comparisons, per instance: digest of (fingerprint, credentials).
@@ -428,10 +428,12 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let interval = nbi.version_interval();
     let version_due = nbi.spec.version_check.enabled && version_due(nbi, started, interval);
     let mut probes = Probes::default();
+    // a verification holds for this token, this spec and this server only
     let cache_key = |token: &secrecy::SecretString| {
         digest(&format!(
-            "{}\n{}",
+            "{}\n{}\n{}",
             generation.unwrap_or_default(),
+            crate::binding::normalize(&nbi.spec.management_url),
             token.expose_secret()
         ))
     };
@@ -471,6 +473,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
                 .map(|s| s.name.as_str()),
             now: ctx.now(),
             probes: &probes,
+            allowed_servers: world.allowed_servers.as_deref(),
             secret_name: &secret_name,
             secret_key: &nbi.spec.token.secret_key,
             management_url: &nbi.spec.management_url,

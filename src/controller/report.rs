@@ -6,8 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use super::decide::{Probes, SetupOutcome, Stall, Verdict};
 use crate::crd::{NetbirdInstanceStatus, SetupState, SetupStatus, TokenStatus, VersionStatus};
 use crate::token_secret::{
-    ANN_EXPIRES_AT, ANN_FINGERPRINT, ANN_ROTATED_AT, ANN_SETUP_COMPLETED_AT, ANN_SETUP_STARTED_AT,
-    ANN_USER_ID, TokenSecret,
+    ANN_EXPIRES_AT, ANN_ROTATED_AT, ANN_SETUP_COMPLETED_AT, ANN_SETUP_OUTCOME,
+    ANN_SETUP_STARTED_AT, ANN_USER_ID, TokenSecret,
 };
 
 pub const READY: &str = "Ready";
@@ -25,7 +25,7 @@ pub struct ReportInput<'a> {
     pub probes: &'a Probes,
     pub token_secret: &'a TokenSecret,
     pub secret_name: &'a str,
-    /// The credentials Secret no longer matches `credentialsFingerprint`.
+    /// The credentials Secret no longer matches the fingerprint recorded on the token Secret.
     pub credentials_changed: bool,
     pub version_check_enabled: bool,
     /// spec.token.rotation.enabled
@@ -112,9 +112,15 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             }
         }
         Verdict::Stalled {
-            reason: Stall::TokenLost | Stall::TokenNotIssued,
+            reason: Stall::TokenLost,
             ..
         } => SetupState::Completed,
+        // setup answered without a usable token (a rotation answered with a malformed one leaves
+        // the setup state as it was)
+        Verdict::Stalled {
+            reason: Stall::TokenNotIssued,
+            ..
+        } if ann(ANN_SETUP_OUTCOME).is_some() || setup_result.is_some() => SetupState::Completed,
         Verdict::Stalled {
             reason: Stall::SetupUnavailable,
             ..
@@ -365,9 +371,6 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
         setup: Some(setup),
         token,
         version,
-        credentials_fingerprint: ann(ANN_FINGERPRINT)
-            .map(str::to_string)
-            .or(prev.credentials_fingerprint),
     }
 }
 
@@ -439,6 +442,7 @@ mod tests {
 
     fn owned(annotations: &[(&str, &str)]) -> TokenSecret {
         TokenSecret::Ours(OwnedSecret {
+            previous_token: None,
             token: TokenValue::Present(SecretString::from("nbp_x")),
             labels: BTreeMap::new(),
             annotations: annotations
@@ -473,7 +477,7 @@ mod tests {
             (ANN_SETUP_COMPLETED_AT, "2027-01-15T08:00:00Z"),
             (ANN_USER_ID, "u1"),
             (ANN_EXPIRES_AT, "2027-02-14T08:00:00Z"),
-            (ANN_FINGERPRINT, "$argon2id$v=19$x"),
+            (crate::token_secret::ANN_FINGERPRINT, "$argon2id$v=19$x"),
         ]);
         let probes = Probes {
             verify: Some(Ok(verified(t(0)))),
@@ -520,10 +524,9 @@ mod tests {
                 .to_string(),
             "2027-02-14T08:00:00Z"
         );
-        assert_eq!(
-            s.credentials_fingerprint.as_deref(),
-            Some("$argon2id$v=19$x")
-        );
+        // no function of the password where readers of the NetbirdInstance can see it
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("argon2"), "{json}");
 
         // the same pass again later (cached verification, no version check): identical status
         let again = status(&ReportInput {

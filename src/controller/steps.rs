@@ -15,6 +15,7 @@ use super::{Context, Error, lock};
 use crate::crd::NetbirdInstance;
 use crate::credentials::{self, Credentials};
 use crate::fingerprint;
+use crate::netbird::pat::{self, PatFormatError};
 use crate::netbird::{ClientOptions, NetbirdClient, SetupRequest};
 use crate::token_secret::{self, ANN_FINGERPRINT, TokenSecret, TokenValue};
 
@@ -31,6 +32,10 @@ pub struct World {
     /// A comparison of the credentials with the fingerprint made by this pass, to be recorded on the
     /// token Secret (see `token_secret::ANN_CREDENTIALS_CHECKED`).
     unrecorded_check: Option<String>,
+    /// The credentials Secret's allow-list of servers for its password, when it has one.
+    pub allowed_servers: Option<String>,
+    /// spec.managementURL: the only server the client talks to.
+    management_url: String,
 }
 
 impl World {
@@ -59,6 +64,11 @@ impl World {
             get(nbi.token_secret_name()),
         )?;
         let credentials_rv = resource_version(&credentials_secret);
+        let allowed_servers = credentials_secret
+            .as_ref()
+            .and_then(|s| s.metadata.annotations.as_ref())
+            .and_then(|a| a.get(crate::binding::ANN_ALLOWED_URLS))
+            .cloned();
         let credentials = match credentials_secret {
             None => Input::Missing(format!(
                 "waiting for the credentials Secret {} (keys {}, {} and optionally {}); the operator continues as soon as it exists",
@@ -92,6 +102,8 @@ impl World {
             input_rvs: [credentials_rv, ca_rv],
             client: None,
             unrecorded_check: None,
+            allowed_servers,
+            management_url: nbi.spec.management_url.clone(),
         };
         world.build_client(nbi, ctx);
         Ok(world)
@@ -156,11 +168,22 @@ impl World {
         self.client.as_ref()
     }
 
+    /// The stored token, when it may be sent to spec.managementURL (the Secret records no other
+    /// server for it). Every call that carries the token takes it from here.
     pub fn token(&self) -> Option<&SecretString> {
-        match self.token_secret.owned().map(|s| &s.token) {
-            Some(TokenValue::Present(t)) => Some(t),
+        let s = self.token_secret.owned()?;
+        match &s.token {
+            TokenValue::Present(t) if s.may_send_token_to(&self.management_url) => Some(t),
             _ => None,
         }
+    }
+
+    /// The token a service-user exchange replaced, kept until it is deleted (same server rule).
+    pub fn previous_token(&self) -> Option<&SecretString> {
+        let s = self.token_secret.owned()?;
+        s.previous_token
+            .as_ref()
+            .filter(|_| s.may_send_token_to(&self.management_url))
     }
 
     pub fn metadata_in_sync(&self, nbi: &NetbirdInstance) -> bool {
@@ -271,6 +294,18 @@ pub async fn run(
                         at: ctx.now(),
                     }),
             );
+            // the first verification binds the token to this server (Secrets written before the
+            // operator recorded it, and tokens put in by hand)
+            if matches!(probes.verify, Some(Ok(_)))
+                && world
+                    .token_secret
+                    .owned()
+                    .is_some_and(|s| s.home_server().is_none())
+            {
+                world
+                    .patch(nbi, secrets, &token_secret::home_server_patch(nbi))
+                    .await?;
+            }
         }
         Step::CheckInstance => probes.instance = Some(client.instance_status().await),
         Step::CheckVersion => {
@@ -329,14 +364,16 @@ pub async fn run(
             let Input::Ready(creds) = &world.credentials else {
                 return Ok(());
             };
-            let (outcome, written) = setup(nbi, ctx, &client, creds, secrets).await;
+            let (outcome, written, malformed) = setup(nbi, ctx, &client, creds, secrets).await;
             if !matches!(outcome, SetupOutcome::Failed(_)) {
                 world.written(nbi, secrets, written).await?;
             }
             probes.setup = Some(outcome);
+            probes.malformed_token = malformed.map(|why| ("setup", why));
         }
         Step::CleanOrphans => {
             let (token, user) = token_and_user(world, probes)?;
+            let ns = nbi.namespace().unwrap_or_default();
             // the interrupted step minted for the token's own user (rotation) or for the service
             // user of the spec (exchange)
             let mut users = vec![user.clone()];
@@ -365,9 +402,11 @@ pub async fn run(
                         break;
                     }
                 };
+                // only tokens this instance created: another NetbirdInstance on the same server, or
+                // sharing the service user, keeps its own
                 for t in tokens
                     .iter()
-                    .filter(|t| t.name.starts_with(token_secret::TOKEN_NAME_PREFIX))
+                    .filter(|t| crate::binding::is_own_token(&t.name, &ns, &nbi.name_any()))
                 {
                     if Some(&t.id) == keep.as_ref() {
                         continue;
@@ -425,10 +464,24 @@ pub async fn run(
                 .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_USER_ID))
                 .unwrap_or(&user)
                 .to_string();
-            let result = match client
-                .delete_token(&token, &owner_of_previous, &previous)
-                .await
-            {
+            // a token the exchange replaced is deleted with itself (kept in the Secret until then);
+            // a rotated one with the current token of the same user
+            let result = match world.previous_token() {
+                Some(old) => match client
+                    .delete_token(old, &owner_of_previous, &previous)
+                    .await
+                {
+                    // it no longer works: expired, or deleted already
+                    Err(e) if e.is_token_rejected() => Ok(()),
+                    other => other,
+                },
+                None => {
+                    client
+                        .delete_token(&token, &owner_of_previous, &previous)
+                        .await
+                }
+            };
+            let result = match result {
                 // the stored token was just verified: a 404 is about the old one, already gone
                 Err(e) if e.status() == Some(404) => Ok(()),
                 // another user's token this one may not delete (a service user's token cannot
@@ -442,11 +495,9 @@ pub async fn run(
             match &result {
                 Ok(()) => {
                     info!(token_id = %previous, "deleted the replaced token");
-                    let patch = serde_json::json!({"metadata": {"annotations": {
-                        token_secret::ANN_PREVIOUS_TOKEN_ID: null,
-                        token_secret::ANN_PREVIOUS_USER_ID: null,
-                    }}});
-                    world.patch(nbi, secrets, &patch).await?;
+                    world
+                        .patch(nbi, secrets, &token_secret::previous_deleted_patch())
+                        .await?;
                 }
                 Err(e) => {
                     warn!(token_id = %previous, error = %e, "failed to delete the replaced token; retrying later")
@@ -460,11 +511,22 @@ pub async fn run(
             let marker = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_ROTATION_STARTED_AT: now.to_string()}}});
             patch_token_secret(secrets, &secret_name, &marker).await?;
             let req = crate::netbird::CreateTokenRequest {
-                name: format!("{}{}", token_secret::TOKEN_NAME_PREFIX, now.as_second()),
+                name: own_token_name(nbi, now),
                 expires_in: nbi.spec.token.expires_in_days,
             };
-            match client.create_token(&token, &user, &req).await {
-                Ok(created) => {
+            let created = client.create_token(&token, &user, &req).await.map(|c| {
+                let checked = well_formed(&c);
+                (c, checked)
+            });
+            match created {
+                Ok((created, Err(why))) => {
+                    refuse_malformed(&client, &token, &user, &created, why).await;
+                    probes.malformed_token = Some(("rotation", why));
+                    world
+                        .patch(nbi, secrets, &malformed_patch(nbi, "rotation", why))
+                        .await?;
+                }
+                Ok((created, Ok(()))) => {
                     let previous = world
                         .token_secret
                         .owned()
@@ -515,6 +577,10 @@ pub async fn run(
                     probes.exchange_error = Some(e);
                     None
                 }
+                Err(ExchangeError::Malformed(why, written)) => {
+                    probes.malformed_token = Some(("service-user exchange", why));
+                    Some(*written)
+                }
                 Err(ExchangeError::Kube(v)) => return Err(v),
             };
             world.written(nbi, secrets, written).await?;
@@ -542,6 +608,9 @@ pub async fn run(
 enum ExchangeError {
     Netbird(crate::netbird::NetbirdError),
     Kube(Verdict),
+    /// The server answered the token creation with a malformed token; recorded on the Secret (as
+    /// written).
+    Malformed(crate::netbird::pat::PatFormatError, Box<Secret>),
 }
 
 impl From<crate::netbird::NetbirdError> for ExchangeError {
@@ -585,10 +654,21 @@ async fn exchange(
         .await
         .map_err(ExchangeError::Kube)?;
     let req = crate::netbird::CreateTokenRequest {
-        name: format!("{}{}", token_secret::TOKEN_NAME_PREFIX, now.as_second()),
+        name: own_token_name(nbi, now),
         expires_in: nbi.spec.token.expires_in_days,
     };
     let created = client.create_token(token, &svc.id, &req).await?;
+    if let Err(why) = well_formed(&created) {
+        refuse_malformed(client, token, &svc.id, &created, why).await;
+        let written = patch_token_secret(
+            secrets,
+            &secret_name,
+            &malformed_patch(nbi, "service-user exchange", why),
+        )
+        .await
+        .map_err(ExchangeError::Kube)?;
+        return Err(ExchangeError::Malformed(why, Box::new(written)));
+    }
     let old_id = world
         .token_secret
         .owned()
@@ -608,6 +688,9 @@ async fn exchange(
     if old_id.is_some() {
         patch["metadata"]["annotations"][token_secret::ANN_PREVIOUS_USER_ID] =
             serde_json::json!(user);
+        // only the old token itself may delete it (a service user may not delete the owner's
+        // tokens): it is kept until it is gone, so a failed deletion or a crash is retried
+        patch["data"][token_secret::PREVIOUS_TOKEN_KEY] = token_secret::data_value(token);
     }
     let mut written = write_until_stored(secrets, nbi, &patch, Some(&created.plain_token)).await;
     info!(service_user = %name, token_id = %pat.id, "stored the service user's token");
@@ -620,14 +703,14 @@ async fn exchange(
                 return Ok(written);
             }
         }
-        let clear = serde_json::json!({"metadata": {"annotations": {
-            token_secret::ANN_PREVIOUS_TOKEN_ID: null,
-            token_secret::ANN_PREVIOUS_USER_ID: null,
-        }}});
         written = Some(
-            patch_token_secret(secrets, &secret_name, &clear)
-                .await
-                .map_err(ExchangeError::Kube)?,
+            patch_token_secret(
+                secrets,
+                &secret_name,
+                &token_secret::previous_deleted_patch(),
+            )
+            .await
+            .map_err(ExchangeError::Kube)?,
         );
     }
     Ok(written)
@@ -641,7 +724,7 @@ fn seconds(t: jiff::Timestamp) -> String {
 /// Verifies a token: `GET /api/users/current`. NetBird answers 403 there for service users, so the
 /// token of the service user the Secret names is verified by reading that user from
 /// `GET /api/users?service_user=true` (admin only) instead.
-async fn verify(
+pub(super) async fn verify(
     client: &NetbirdClient,
     token: &SecretString,
     service_user_id: Option<&str>,
@@ -688,7 +771,7 @@ async fn setup(
     client: &NetbirdClient,
     creds: &Credentials,
     secrets: &Secrets<'_>,
-) -> (SetupOutcome, Option<Secret>) {
+) -> (SetupOutcome, Option<Secret>, Option<PatFormatError>) {
     let req = SetupRequest {
         email: creds.email.clone(),
         password: creds.password.clone(),
@@ -701,19 +784,35 @@ async fn setup(
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "setup failed");
-            return (SetupOutcome::Failed(e), None);
+            return (SetupOutcome::Failed(e), None, None);
         }
     };
     let completed = ctx.now();
-    let Some(token) = resp.personal_access_token else {
-        warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
-        let patch = token_secret::no_token_patch(&resp.user_id, &completed.to_string());
-        let written = write_until_stored(secrets, nbi, &patch, None).await;
-        let outcome = SetupOutcome::NoToken {
-            user_id: resp.user_id,
-            email: resp.email,
-        };
-        return (outcome, written);
+    // what the server returns is checked as strictly as what the client sends: a malformed token is
+    // never stored
+    let malformed = resp
+        .personal_access_token
+        .as_ref()
+        .and_then(|t| pat::check(t.expose_secret()).err());
+    let token = match resp.personal_access_token {
+        Some(token) if malformed.is_none() => token,
+        _ => {
+            let outcome = if malformed.is_some() {
+                warn!(user_id = %resp.user_id, "setup succeeded but returned a malformed token; not stored");
+                token_secret::OUTCOME_TOKEN_MALFORMED
+            } else {
+                warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
+                token_secret::OUTCOME_TOKEN_NOT_ISSUED
+            };
+            let patch =
+                token_secret::no_token_patch(&resp.user_id, &completed.to_string(), outcome);
+            let written = write_until_stored(secrets, nbi, &patch, None).await;
+            let outcome = SetupOutcome::NoToken {
+                user_id: resp.user_id,
+                email: resp.email,
+            };
+            return (outcome, written, malformed);
+        }
     };
     let expires = completed
         .checked_add(jiff::SignedDuration::from_hours(
@@ -733,7 +832,49 @@ async fn setup(
         user_id: resp.user_id,
         email: resp.email,
     };
-    (outcome, written)
+    (outcome, written, None)
+}
+
+/// The name of a token this instance creates: it identifies the instance, so the clean-up never
+/// touches another instance's tokens.
+fn own_token_name(nbi: &NetbirdInstance, now: jiff::Timestamp) -> String {
+    crate::binding::token_name(
+        &nbi.namespace().unwrap_or_default(),
+        &nbi.name_any(),
+        now.as_second(),
+    )
+}
+
+/// Whether a created token is a NetBird token (format and checksum).
+fn well_formed(created: &crate::netbird::CreatedToken) -> Result<(), PatFormatError> {
+    pat::check(created.plain_token.expose_secret())
+}
+
+/// A created token that is not well-formed is not stored; the server's record of it is deleted
+/// (best effort: it is this instance's own, by its name).
+async fn refuse_malformed(
+    client: &NetbirdClient,
+    token: &SecretString,
+    user: &str,
+    created: &crate::netbird::CreatedToken,
+    why: PatFormatError,
+) {
+    let id = &created.personal_access_token.id;
+    warn!(token_id = %id, error = %why, "the server answered the token creation with a malformed token; not stored");
+    if !id.is_empty()
+        && let Err(e) = client.delete_token(token, user, id).await
+    {
+        warn!(token_id = %id, error = %e, "failed to delete the malformed token's record on the server");
+    }
+}
+
+/// Records a malformed answer for this generation, so the same spec does not ask again.
+fn malformed_patch(nbi: &NetbirdInstance, what: &str, why: PatFormatError) -> serde_json::Value {
+    token_secret::malformed_token_patch(
+        nbi.metadata.generation.unwrap_or_default(),
+        what,
+        &why.to_string(),
+    )
 }
 
 /// Writes `patch` to the token Secret, retrying with backoff for as long as the process lives: the
@@ -810,12 +951,7 @@ pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &m
     let fp = world
         .token_secret
         .owned()
-        .and_then(|s| s.annotation(ANN_FINGERPRINT).map(str::to_string))
-        .or_else(|| {
-            nbi.status
-                .as_ref()
-                .and_then(|s| s.credentials_fingerprint.clone())
-        });
+        .and_then(|s| s.annotation(ANN_FINGERPRINT).map(str::to_string));
     let Some(fp) = fp.filter(|f| !f.is_empty()) else {
         return false;
     };

@@ -55,6 +55,14 @@ pub struct State {
     pub available: Option<&'static str>,
     /// setup calls that succeeded (200)
     pub setups_ok: u32,
+    /// Every Authorization header value received, in order (a hostile server keeps what it is
+    /// sent: tests read this to prove a token never reached it).
+    pub authorizations: Vec<String>,
+    /// Every setup request body received (to prove a password never reached a server).
+    pub setup_bodies: Vec<String>,
+    /// Answer setup and token creation with a token whose checksum is wrong (a broken or hostile
+    /// server).
+    pub malformed_tokens: bool,
     counter: u64,
 }
 
@@ -72,6 +80,9 @@ impl Default for State {
             version: "0.77.1",
             available: Some("0.78.0"),
             setups_ok: 0,
+            authorizations: Vec::new(),
+            setup_bodies: Vec::new(),
+            malformed_tokens: false,
             counter: 0,
         }
     }
@@ -284,6 +295,9 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    if let Some(a) = &auth {
+        state.lock().unwrap().authorizations.push(a.clone());
+    }
     let Some(endpoint) = endpoint_of(&method, &path) else {
         let mut r = Response::new(Full::new(Bytes::from("404 page not found")));
         *r.status_mut() = StatusCode::NOT_FOUND;
@@ -292,6 +306,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
     let fault = {
         let mut s = state.lock().unwrap();
         *s.calls.entry(endpoint.to_string()).or_default() += 1;
+        if endpoint == "setup" {
+            s.setup_bodies
+                .push(String::from_utf8_lossy(&body).into_owned());
+        }
         s.faults.get(endpoint).cloned()
     };
     match fault {
@@ -336,6 +354,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
     }
     let mut s = state.lock().unwrap();
     Ok(serve(&mut s, endpoint, &path, auth.as_deref(), &body))
+}
+
+/// A token with one character of its secret part changed: its checksum no longer matches.
+fn corrupt(token: &str) -> String {
+    let mut chars: Vec<char> = token.chars().collect();
+    chars[5] = if chars[5] == 'z' { 'y' } else { 'z' };
+    chars.into_iter().collect()
 }
 
 /// A response that makes hyper drop the connection: a content-length that the body does not meet.
@@ -469,6 +494,7 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
                 }
                 let t = s.mint_named(&user, &name, days);
                 let (id, name, created, expires) = s.pats[&t].clone();
+                let t = if s.malformed_tokens { corrupt(&t) } else { t };
                 reply(
                     200,
                     json!({"plain_token": t, "personal_access_token": {
@@ -558,8 +584,8 @@ fn setup(s: &mut State, body: &[u8]) -> Resp {
     s.users.insert(user_id.clone(), email.clone());
     let mut r = json!({"user_id": user_id, "email": email});
     if s.pat_enabled && create_pat {
-        r["personal_access_token"] =
-            json!(s.mint_named(&user_id, "setup-token", expire.unwrap_or(1)));
+        let t = s.mint_named(&user_id, "setup-token", expire.unwrap_or(1));
+        r["personal_access_token"] = json!(if s.malformed_tokens { corrupt(&t) } else { t });
     }
     let mut resp = reply(200, r);
     resp.headers_mut()

@@ -829,12 +829,37 @@ impl Drop for NetbirdServer {
     }
 }
 
-/// A global lock for tests that start a real NetBird server (it always binds TCP 33073).
-pub async fn netbird_lock() -> tokio::sync::MutexGuard<'static, ()> {
+/// A lock for tests that start a real NetBird server (it always binds TCP 33073): held across the
+/// test binaries of this machine (a file lock), not only within one.
+pub struct NetbirdLock {
+    _in_process: tokio::sync::MutexGuard<'static, ()>,
+    _machine: std::fs::File,
+}
+
+/// Takes the [`NetbirdLock`].
+pub async fn netbird_lock() -> NetbirdLock {
     static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
-    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+    let in_process = LOCK
+        .get_or_init(|| tokio::sync::Mutex::new(()))
         .lock()
-        .await
+        .await;
+    let path = std::env::temp_dir().join("nbop-netbird-server.lock");
+    let machine = tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .expect("lock file");
+        f.lock().expect("lock");
+        f
+    })
+    .await
+    .expect("lock task");
+    NetbirdLock {
+        _in_process: in_process,
+        _machine: machine,
+    }
 }
 
 /// The kstatus status of an object (sigs.k8s.io/cli-utils rules, as Flux and Helm 4 compute it):
