@@ -28,6 +28,8 @@ use tokio::sync::RwLock;
 
 const T: Duration = Duration::from_secs(30);
 const FINALIZER: &str = "bootstrap.netbird.io/token-cleanup";
+/// The password of `TestEnv::create_admin_secret`.
+const PASSWORD: &str = "s3cret-Passw0rd";
 
 /// Held shared by the namespaced tests, exclusively by the cluster-wide one.
 static CLUSTER_WIDE: RwLock<()> = RwLock::const_new(());
@@ -186,8 +188,16 @@ async fn cluster_wide_bootstrap_service_user_rotation_and_delete_on_the_real_ser
     })
     .await;
     assert!(works(second.clone()).await.expect("the new token works"));
-    let old = works(first).await.unwrap_err();
+    let old = works(first.clone()).await.unwrap_err();
     assert!(old.is_token_rejected(), "the old token is deleted: {old}");
+
+    let logs = support::captured_logs();
+    for secret in [first.as_str(), second.as_str(), PASSWORD] {
+        assert!(
+            !logs.contains(secret),
+            "a log line holds a token or the password"
+        );
+    }
 
     // deletionPolicy Delete: the token is deleted on the server, then the finalizer lets go
     delete_through_the_finalizer(&env, "nb").await;
@@ -445,10 +455,20 @@ async fn two_replicas_take_over_from_a_killed_leader() {
         std::fs::read_to_string(dir.join("a.log")).unwrap_or_default(),
         std::fs::read_to_string(dir.join("b.log")).unwrap_or_default(),
     ];
+    let tokens = [
+        stored(&w1, "nb-token").await.unwrap().0,
+        stored(&w2, "nb-token").await.unwrap().0,
+    ];
     for log in &logs {
         assert!(
             !log.to_lowercase().contains("forbidden"),
             "a request was forbidden:\n{log}"
         );
+        for secret in tokens.iter().map(String::as_str).chain([PASSWORD]) {
+            assert!(
+                !log.contains(secret),
+                "a log line holds a token or the password"
+            );
+        }
     }
 }
