@@ -9,7 +9,7 @@
 //! (ready only once every namespace has been listed), and after that a namespace's relist as plain
 //! `Apply` events plus a `Delete` for each object that the relist no longer has.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -40,19 +40,20 @@ where
 /// What the merged stream has told the reflector so far, by namespace (stream index).
 struct Merge<K> {
     namespaces: Vec<String>,
-    /// Names the reflector holds (or buffers, before the first complete list) per namespace.
-    names: Vec<HashSet<String>>,
-    /// Names seen so far in a namespace's list in progress.
-    listing: Vec<Option<HashSet<String>>>,
+    /// Names (with uids) the reflector holds, or buffers before the first complete list, per
+    /// namespace.
+    names: Vec<HashMap<String, Option<String>>>,
+    /// Names (with uids) seen so far in a namespace's list in progress.
+    listing: Vec<Option<HashMap<String, Option<String>>>>,
     /// Namespaces whose first list is complete.
     listed: Vec<bool>,
     /// Deletions seen before every namespace was listed: the reflector's buffer cannot forget an
     /// object, so they are sent right after the first `InitDone`.
-    deferred: Vec<HashSet<String>>,
+    deferred: Vec<HashMap<String, Option<String>>>,
     started: bool,
     synced: bool,
-    /// Any object seen: a `Delete` needs an object, and only its name and namespace matter to the
-    /// reflector (a copy of this one with its metadata replaced).
+    /// Any object seen: a `Delete` needs an object, and only its name, namespace and uid matter
+    /// downstream (a copy of this one with its metadata replaced).
     template: Option<K>,
 }
 
@@ -61,10 +62,10 @@ impl<K: Resource + Clone> Merge<K> {
         let n = namespaces.len();
         Self {
             namespaces,
-            names: vec![HashSet::new(); n],
+            names: vec![HashMap::new(); n],
             listing: vec![None; n],
             listed: vec![false; n],
-            deferred: vec![HashSet::new(); n],
+            deferred: vec![HashMap::new(); n],
             started: false,
             synced: false,
             template: None,
@@ -75,7 +76,7 @@ impl<K: Resource + Clone> Merge<K> {
     fn step(&mut self, i: usize, event: Event<K>) -> Vec<Event<K>> {
         match event {
             Event::Init => {
-                self.listing[i] = Some(HashSet::new());
+                self.listing[i] = Some(HashMap::new());
                 if self.started {
                     Vec::new()
                 } else {
@@ -84,32 +85,39 @@ impl<K: Resource + Clone> Merge<K> {
                 }
             }
             Event::InitApply(obj) => {
-                let name = self.note(&obj);
+                let (name, uid) = self.note(&obj);
                 if let Some(l) = self.listing[i].as_mut() {
-                    l.insert(name.clone());
+                    l.insert(name.clone(), uid.clone());
                 }
-                self.applied(i, name, obj)
+                self.applied(i, name, uid, obj)
             }
             Event::Apply(obj) => {
-                let name = self.note(&obj);
-                self.applied(i, name, obj)
+                let (name, uid) = self.note(&obj);
+                self.applied(i, name, uid, obj)
             }
             Event::Delete(obj) => {
-                let name = self.note(&obj);
+                let (name, uid) = self.note(&obj);
                 self.names[i].remove(&name);
                 if self.synced {
                     vec![Event::Delete(obj)]
                 } else {
-                    self.deferred[i].insert(name);
+                    self.deferred[i].insert(name, uid);
                     Vec::new()
                 }
             }
             Event::InitDone => {
                 let listed = self.listing[i].take().unwrap_or_default();
-                let gone: Vec<String> = self.names[i].difference(&listed).cloned().collect();
+                let gone: Vec<(String, Option<String>)> = self.names[i]
+                    .iter()
+                    .filter(|(name, _)| !listed.contains_key(*name))
+                    .map(|(name, uid)| (name.clone(), uid.clone()))
+                    .collect();
                 self.names[i] = listed;
                 if self.synced {
-                    return gone.iter().filter_map(|n| self.tombstone(i, n)).collect();
+                    return gone
+                        .iter()
+                        .filter_map(|(name, uid)| self.tombstone(i, name, uid))
+                        .collect();
                 }
                 self.deferred[i].extend(gone);
                 self.listed[i] = true;
@@ -119,8 +127,8 @@ impl<K: Resource + Clone> Merge<K> {
                 self.synced = true;
                 let mut out = vec![Event::InitDone];
                 for j in 0..self.deferred.len() {
-                    for name in std::mem::take(&mut self.deferred[j]) {
-                        out.extend(self.tombstone(j, &name));
+                    for (name, uid) in std::mem::take(&mut self.deferred[j]) {
+                        out.extend(self.tombstone(j, &name, &uid));
                     }
                 }
                 out
@@ -128,8 +136,8 @@ impl<K: Resource + Clone> Merge<K> {
         }
     }
 
-    fn applied(&mut self, i: usize, name: String, obj: K) -> Vec<Event<K>> {
-        self.names[i].insert(name.clone());
+    fn applied(&mut self, i: usize, name: String, uid: Option<String>, obj: K) -> Vec<Event<K>> {
+        self.names[i].insert(name.clone(), uid);
         if self.synced {
             vec![Event::Apply(obj)]
         } else {
@@ -139,18 +147,21 @@ impl<K: Resource + Clone> Merge<K> {
         }
     }
 
-    fn note(&mut self, obj: &K) -> String {
+    /// The object's name and uid; the first object becomes the template of tombstones.
+    fn note(&mut self, obj: &K) -> (String, Option<String>) {
         if self.template.is_none() {
             self.template = Some(obj.clone());
         }
-        obj.meta().name.clone().unwrap_or_default()
+        let meta = obj.meta();
+        (meta.name.clone().unwrap_or_default(), meta.uid.clone())
     }
 
-    fn tombstone(&self, i: usize, name: &str) -> Option<Event<K>> {
+    fn tombstone(&self, i: usize, name: &str, uid: &Option<String>) -> Option<Event<K>> {
         let mut obj = self.template.clone()?;
         *obj.meta_mut() = ObjectMeta {
             name: Some(name.to_string()),
             namespace: Some(self.namespaces[i].clone()),
+            uid: uid.clone(),
             ..ObjectMeta::default()
         };
         Some(Event::Delete(obj))
@@ -169,6 +180,7 @@ mod tests {
                 name: Some(name.into()),
                 namespace: Some(ns.into()),
                 resource_version: Some(rv.into()),
+                uid: Some(format!("uid-{ns}-{name}")),
                 ..ObjectMeta::default()
             },
             ..ConfigMap::default()
@@ -190,17 +202,25 @@ mod tests {
                 store,
             }
         }
-        fn feed(&mut self, i: usize, event: Event<ConfigMap>) {
+        /// Feeds an event; returns the uids of the deletions passed on.
+        fn feed(&mut self, i: usize, event: Event<ConfigMap>) -> Vec<String> {
+            let mut deleted = Vec::new();
             for e in self.merge.step(i, event) {
+                if let Event::Delete(c) = &e {
+                    deleted.extend(c.metadata.uid.clone());
+                }
                 self.writer.apply_watcher_event(&e);
             }
+            deleted
         }
-        fn list(&mut self, i: usize, objs: &[ConfigMap]) {
-            self.feed(i, Event::Init);
+        /// A complete list of namespace `i`; returns the uids of the deletions passed on.
+        fn list(&mut self, i: usize, objs: &[ConfigMap]) -> Vec<String> {
+            let mut deleted = self.feed(i, Event::Init);
             for o in objs {
-                self.feed(i, Event::InitApply(o.clone()));
+                deleted.extend(self.feed(i, Event::InitApply(o.clone())));
             }
-            self.feed(i, Event::InitDone);
+            deleted.extend(self.feed(i, Event::InitDone));
+            deleted
         }
         fn state(&self) -> Vec<(String, String, String)> {
             let mut v: Vec<_> = self
@@ -253,7 +273,8 @@ mod tests {
         h.list(1, &[cm("b", "z", "1")]);
         h.feed(1, Event::Apply(cm("b", "w", "1")));
         // namespace a relists (its watch expired): y was deleted meanwhile, x changed, v is new
-        h.list(0, &[cm("a", "x", "3"), cm("a", "v", "1")]);
+        let deleted = h.list(0, &[cm("a", "x", "3"), cm("a", "v", "1")]);
+        assert_eq!(deleted, ["uid-a-y"], "the deletion names the object's uid");
         assert_eq!(
             h.state(),
             vec![
@@ -276,7 +297,12 @@ mod tests {
         // a deleted and re-created object before the first sync is kept
         h.feed(0, Event::Delete(cm("a", "x", "2")));
         h.feed(0, Event::Apply(cm("a", "x", "3")));
-        h.list(1, &[]);
+        let deleted = h.list(1, &[]);
+        assert_eq!(
+            deleted,
+            ["uid-a-y"],
+            "y is forgotten once everything is listed"
+        );
         assert_eq!(h.state(), vec![t("a", "x", "3")]);
     }
 }
