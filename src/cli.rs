@@ -67,6 +67,14 @@ pub struct RunArgs {
     /// Longest wait between retries of a failing instance, in seconds.
     #[arg(long, env = "MAX_BACKOFF", default_value_t = 300)]
     pub max_backoff: u64,
+    /// How long the finalizer of `deletionPolicy: Delete` keeps trying to delete the token on the
+    /// NetBird server, in seconds from the deletion request, before it lets the NetbirdInstance go.
+    #[arg(long, env = "FINALIZER_TIMEOUT", default_value_t = 900)]
+    pub finalizer_timeout: u64,
+    /// After SIGTERM, how long a token write still failing keeps trying, in seconds (keep it
+    /// below the pod's terminationGracePeriodSeconds; the chart sets it 10 s below).
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value_t = 50)]
+    pub shutdown_timeout: u64,
     /// Name of this replica in Events and in the leader Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -123,6 +131,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
         },
         instance_id: args.pod_name.clone(),
         max_backoff: Duration::from_secs(args.max_backoff.max(1)),
+        finalizer_timeout: Duration::from_secs(args.finalizer_timeout),
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
     let settings_namespaces = settings.namespaces.clone();
     let ctx = Arc::new(Context::new(

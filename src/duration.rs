@@ -40,6 +40,23 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(total))
 }
 
+/// A duration as Go writes one, in whole units: `15m`, `1h30m`, `45s`, `0s`.
+pub fn format(d: Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, sec) = (s / 3600, s / 60 % 60, s % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if sec > 0 || out.is_empty() {
+        out.push_str(&format!("{sec}s"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +71,13 @@ mod tests {
         for bad in ["", "h", "1", "1d", "-1h", "1h 30m", "abc"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn formats_in_whole_units() {
+        assert_eq!(super::format(Duration::from_secs(900)), "15m");
+        assert_eq!(super::format(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(super::format(Duration::from_secs(0)), "0s");
+        assert_eq!(super::format(Duration::from_secs(3661)), "1h1m1s");
     }
 }

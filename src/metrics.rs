@@ -47,6 +47,9 @@ pub struct Metrics {
     pub instances: Family<ReadyLabels, Gauge>,
     pub update_available: Gauge,
     pub token_expiry: Family<InstanceLabels, Gauge>,
+    /// Instances the passes keep something in memory about (backoff, verification, retry gate):
+    /// returns to where it was when instances go away, whatever state they were in.
+    pub remembered_instances: Gauge,
 }
 
 impl Default for Metrics {
@@ -94,8 +97,15 @@ impl Default for Metrics {
             "Seconds until the stored token expires, per NetbirdInstance (when the expiry is known)",
             token_expiry.clone(),
         );
+        let remembered_instances = Gauge::default();
+        registry.register(
+            "remembered_instances",
+            "NetbirdInstances the operator keeps per-instance memory about (a debugging figure: it follows the number of instances)",
+            remembered_instances.clone(),
+        );
         Self {
             registry,
+            remembered_instances,
             reconciles,
             reconcile_errors,
             netbird_requests,

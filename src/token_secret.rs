@@ -55,6 +55,9 @@ pub const SETUP_TOKEN_NAME: &str = "setup-token";
 pub const OUTCOME_TOKEN_NOT_ISSUED: &str = "token-not-issued";
 /// Setup answered 200 with something that is not a NetBird token (never stored).
 pub const OUTCOME_TOKEN_MALFORMED: &str = "token-malformed";
+/// Set when a setup call got no answer (timeout, reset): the server may have completed it. A later
+/// "already set up" is then reported as TokenLost, never as someone else's setup.
+pub const ANN_SETUP_UNANSWERED: &str = "bootstrap.netbird.io/setup-unanswered";
 /// Set when NetBird refused setup (400/412/422): `<generation> <status> <message>`. Setup is not
 /// tried again until the spec or the credentials change.
 pub const ANN_SETUP_REJECTED: &str = "bootstrap.netbird.io/setup-rejected";
@@ -162,6 +165,11 @@ impl OwnedSecret {
     }
     pub fn setup_started(&self) -> bool {
         self.annotations.contains_key(ANN_SETUP_STARTED_AT)
+    }
+
+    /// A setup call of the current claim got no answer.
+    pub fn setup_unanswered(&self) -> bool {
+        self.setup_started() && self.annotations.contains_key(ANN_SETUP_UNANSWERED)
     }
 
     /// The server the stored token belongs to, when recorded.
@@ -334,7 +342,13 @@ pub fn claim_patch(
     patch["metadata"]["annotations"][ANN_FINGERPRINT] = json!(fingerprint);
     patch["metadata"]["annotations"][ANN_SETUP_OUTCOME] = Value::Null;
     patch["metadata"]["annotations"][ANN_SETUP_REJECTED] = Value::Null;
+    patch["metadata"]["annotations"][ANN_SETUP_UNANSWERED] = Value::Null;
     patch
+}
+
+/// Records that a setup call got no answer (its outcome is unknown).
+pub fn setup_unanswered_patch(at: &str) -> Value {
+    json!({"metadata": {"annotations": {ANN_SETUP_UNANSWERED: at}}})
 }
 
 /// Writes the token that setup returned, and ends the in-flight marker.
@@ -356,6 +370,7 @@ pub fn store_patch(
                 ANN_ISSUED_AT: completed_at,
                 ANN_SETUP_COMPLETED_AT: completed_at,
                 ANN_SETUP_STARTED_AT: Value::Null,
+                ANN_SETUP_UNANSWERED: Value::Null,
                 ANN_MANAGEMENT_URL: binding::normalize(&nbi.spec.management_url),
             },
         },
@@ -375,6 +390,12 @@ pub fn previous_deleted_patch() -> Value {
         "metadata": {"annotations": {ANN_PREVIOUS_TOKEN_ID: Value::Null, ANN_PREVIOUS_USER_ID: Value::Null}},
         "data": {PREVIOUS_TOKEN_KEY: Value::Null},
     })
+}
+
+/// Marks a token creation in flight (rotation, exchange): a crash before the new token is stored
+/// leaves an extra token on the server, found by its name and deleted on the next pass.
+pub fn rotation_marker_patch(started_at: &str) -> Value {
+    json!({"metadata": {"annotations": {ANN_ROTATION_STARTED_AT: started_at}}})
 }
 
 /// Records the server the stored token was first verified against (Secrets written before the

@@ -1,6 +1,7 @@
 //! `deletionPolicy: Delete`: a finalizer that deletes the token on the NetBird server when the
 //! NetbirdInstance is deleted (the token Secret goes with it through its owner reference). It never
-//! blocks deletion forever: after a bounded number of failed attempts it lets go, with an Event.
+//! blocks deletion forever: it retries with backoff, an Event per failure, for `finalizer_timeout`
+//! after the deletion request, then lets go.
 
 use std::time::Duration;
 
@@ -18,9 +19,6 @@ use crate::token_secret;
 
 /// The finalizer's name (domain-qualified).
 pub const FINALIZER: &str = "bootstrap.netbird.io/token-cleanup";
-
-/// Attempts to delete the token on the server before letting go.
-pub const MAX_ATTEMPTS: u32 = 4;
 
 fn has_finalizer(nbi: &NetbirdInstance) -> bool {
     nbi.finalizers().iter().any(|f| f == FINALIZER)
@@ -100,24 +98,42 @@ pub async fn on_delete(
             info!(what = %what, "token cleanup done");
             true
         }
-        Err(e) if attempt >= MAX_ATTEMPTS => {
-            warn!(error = %e, attempt, "could not delete the token on the server; letting go");
-            let note = format!(
-                "could not delete the token on the NetBird server after {attempt} attempts ({e}); the NetbirdInstance is deleted anyway. Delete the token in the dashboard"
-            );
-            publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
-            true
-        }
         Err(e) => {
-            warn!(error = %e, attempt, "could not delete the token on the server; retrying");
-            false
+            // the time counts from the deletion request, so a restart does not start it again
+            let requested = nbi
+                .metadata
+                .deletion_timestamp
+                .as_ref()
+                .map_or(ctx.now(), |t| t.0);
+            let elapsed = ctx.now().duration_since(requested).unsigned_abs();
+            let timeout = ctx.settings.finalizer_timeout;
+            if elapsed >= timeout {
+                warn!(error = %e, attempt, "could not delete the token on the server; letting go");
+                let note = format!(
+                    "could not delete the token on the NetBird server in {} ({attempt} attempts; last: {e}); \
+                     the NetbirdInstance is deleted anyway. Delete the token in the NetBird dashboard",
+                    crate::duration::format(timeout)
+                );
+                publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+                true
+            } else {
+                let retry_in = super::backoff_delay(attempt, ctx.settings.max_backoff)
+                    .max(Duration::from_millis(500))
+                    .min(timeout - elapsed);
+                warn!(error = %e, attempt, ?retry_in, "could not delete the token on the server; retrying");
+                let note = format!(
+                    "attempt {attempt} to delete the token on the NetBird server failed ({e}); retrying \
+                     in {}s, for at most {} after the deletion request, then the NetbirdInstance is \
+                     deleted anyway",
+                    retry_in.as_secs().max(1),
+                    crate::duration::format(timeout)
+                );
+                publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+                return Ok(Action::requeue(retry_in));
+            }
         }
     };
-    if !let_go {
-        return Ok(Action::requeue(
-            super::backoff_delay(attempt, ctx.settings.max_backoff).max(Duration::from_millis(500)),
-        ));
-    }
+    debug_assert!(let_go);
     if outcome.is_ok() {
         publish(
             ctx,

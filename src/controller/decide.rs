@@ -355,6 +355,11 @@ pub fn decide(f: &Facts<'_>) -> Step {
             });
         }
         Some(SetupOutcome::Failed(e)) => {
+            // "already set up" after an unanswered call of this claim: that call may have been the
+            // one that set it up, and its token is lost; the claim is kept as the evidence
+            if e.status() == Some(412) && owned.is_some_and(|s| s.setup_unanswered()) {
+                return stalled(Stall::TokenLost, token_lost_message(f, true));
+            }
             let definitive = matches!(e.status(), Some(400 | 412 | 422));
             if definitive && owned.is_some_and(|s| s.setup_started()) && !p.claim_released {
                 return Step::ReleaseClaim;
@@ -521,14 +526,21 @@ fn malformed_token_message(f: &Facts<'_>, what: &str, why: &str) -> String {
 }
 
 fn token_lost_message(f: &Facts<'_>, started: bool) -> String {
-    let how = if started {
-        "this operator's setup call reached the server but its token was never stored (the process stopped in between)"
-    } else {
-        "the token this operator stored is gone from the Secret"
-    };
+    if !started {
+        return format!(
+            "NetBird at {} is set up and the token this operator stored is gone from the Secret; NetBird \
+             shows a token only once. Log in to the dashboard as the owner, create a personal access token \
+             and put it under key {} of Secret {}; the operator adopts it",
+            f.management_url, f.secret_key, f.secret_name
+        );
+    }
     format!(
-        "NetBird at {} is set up and {how}; NetBird shows a token only once. Log in to the dashboard as the \
-         owner, create a personal access token and put it under key {} of Secret {}; the operator adopts it",
+        "NetBird at {} is set up, and this operator's setup call may have done it: its answer never \
+         arrived (a timeout, a reset connection or a restart) and its token was never stored. The owner \
+         may also have been created by someone else at the same moment. NetBird shows a token only once: \
+         if the owner is the account in the credentials Secret, log in to the dashboard with it, create a \
+         personal access token and put it under key {} of Secret {}; if someone else set the server up, \
+         ask them for a personal access token and put it there. The operator adopts it",
         f.management_url, f.secret_key, f.secret_name
     )
 }
@@ -991,5 +1003,31 @@ mod tests {
         }
         w.secret = secret;
         assert_eq!(w.decide(), Step::Finish(Verdict::Ready));
+    }
+
+    #[test]
+    fn already_set_up_after_an_unanswered_call_is_token_lost_and_keeps_the_claim() {
+        let mut secret = owned(None, true);
+        if let TokenSecret::Ours(s) = &mut secret {
+            s.annotations
+                .insert(crate::token_secret::ANN_SETUP_UNANSWERED.into(), "t".into());
+        }
+        let mut w = World::new(secret);
+        w.probes.instance = Some(Ok(InstanceStatus {
+            setup_required: true,
+        }));
+        w.probes.claimed = true;
+        w.probes.setup = Some(SetupOutcome::Failed(api(412, "setup already completed")));
+        match w.decide() {
+            Step::Finish(Verdict::Stalled { reason, message }) => {
+                assert_eq!(reason, Stall::TokenLost);
+                assert!(message.contains("someone else"), "{message}");
+            }
+            s => panic!("{s:?}"),
+        }
+        // without an unanswered call, a 412 is someone else's setup: the claim is released
+        let mut w = World::new(owned(None, true));
+        w.probes.setup = Some(SetupOutcome::Failed(api(412, "setup already completed")));
+        assert_eq!(w.decide(), Step::ReleaseClaim);
     }
 }

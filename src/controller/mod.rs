@@ -60,6 +60,12 @@ pub struct Settings {
     pub instance_id: Option<String>,
     /// Longest backoff between retries of a failing instance.
     pub max_backoff: Duration,
+    /// How long the finalizer of `deletionPolicy: Delete` keeps trying to delete the token on the
+    /// server (from the deletion request) before it lets go.
+    pub finalizer_timeout: Duration,
+    /// How long a token write still in flight keeps trying after a shutdown began (within the
+    /// pod's termination grace period).
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -70,8 +76,32 @@ impl Default for Settings {
             netbird: ClientOptions::default(),
             instance_id: None,
             max_backoff: Duration::from_secs(300),
+            finalizer_timeout: Duration::from_secs(900),
+            shutdown_timeout: Duration::from_secs(50),
         }
     }
+}
+
+/// What the passes remember about one instance between passes (never stored anywhere).
+#[derive(Default)]
+struct InstanceMemory {
+    /// Namespace and name, to remove the instance's metric series when it is forgotten.
+    key: (String, String),
+    /// Consecutive failures, for backoff.
+    failures: u32,
+    /// Failed attempts of the finalizer's token deletion.
+    delete_failures: u32,
+    /// A retry scheduled: not before this instant, unless the inputs (digest of generation and
+    /// Secret resourceVersions) changed. A pass woken by the operator's own status write then waits
+    /// for its retry instead of calling NetBird again.
+    retry: Option<(std::time::Instant, [u8; 32])>,
+    /// The token verified recently: digest of the token, the generation and the server, and the
+    /// result. A pass that changes nothing makes no call to NetBird; a new token or a spec change
+    /// verifies again.
+    verified: Option<([u8; 32], Verified)>,
+    /// The last fingerprint comparison: digest of (fingerprint, credentials), and whether they
+    /// matched.
+    fingerprint_check: Option<([u8; 32], bool)>,
 }
 
 /// Shared state of all passes.
@@ -80,18 +110,9 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
-    /// Consecutive failures per instance (uid), for backoff.
-    failures: Mutex<HashMap<String, u32>>,
-    /// Retries scheduled per instance (uid): not before this instant, unless the inputs (digest of
-    /// generation and Secret resourceVersions) changed. A pass woken by the operator's own status
-    /// write then waits for its retry instead of calling NetBird again.
-    retries: Mutex<HashMap<String, (std::time::Instant, [u8; 32])>>,
-    /// Tokens verified recently, per instance (uid): digest of the token, the generation and the
-    /// server, and the result. Held in memory only, so a pass that changes nothing makes no call to NetBird; a
-    /// new token or a spec change (another URL, say) verifies again.
-    verified: Mutex<HashMap<String, ([u8; 32], Verified)>>,
-    /// Results of fingerprint comparisons, per instance: digest of (fingerprint, credentials).
-    fingerprint_checks: Mutex<HashMap<String, ([u8; 32], bool)>>,
+    /// What passes remember about each instance, by uid; forgotten in one piece when the
+    /// instance goes away (see [`Context::forget`]).
+    memory: Mutex<HashMap<String, InstanceMemory>>,
     /// HTTP clients for NetBird by TLS settings (digest), shared by all instances and passes.
     clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
     /// The Secrets passes read and wrote, used again while the watch reports them unchanged.
@@ -122,10 +143,7 @@ impl Context {
             client,
             metrics,
             settings,
-            failures: Mutex::default(),
-            retries: Mutex::default(),
-            verified: Mutex::default(),
-            fingerprint_checks: Mutex::default(),
+            memory: Mutex::default(),
             clients: Mutex::default(),
             secret_cache: secrets::SecretCache::default(),
             shutdown,
@@ -133,30 +151,42 @@ impl Context {
         }
     }
 
+    /// Runs `f` on the memory of instance `uid` (created empty when there is none).
+    fn remember<T>(&self, uid: &str, f: impl FnOnce(&mut InstanceMemory) -> T) -> T {
+        let mut memory = lock(&self.memory);
+        f(memory.entry(uid.to_string()).or_default())
+    }
+
+    /// Reads the memory of instance `uid`, if there is any (never creates it).
+    fn recall<T>(&self, uid: &str, f: impl FnOnce(&InstanceMemory) -> Option<T>) -> Option<T> {
+        lock(&self.memory).get(uid).and_then(f)
+    }
+
     fn backoff(&self, uid: &str) -> Duration {
-        let n = {
-            let mut f = lock(&self.failures);
-            let n = f.entry(uid.to_string()).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        };
+        let n = self.remember(uid, |m| {
+            m.failures = m.failures.saturating_add(1);
+            m.failures
+        });
         backoff_delay(n, self.settings.max_backoff)
     }
 
     fn reset_backoff(&self, uid: &str) {
-        lock(&self.failures).remove(uid);
+        if let Some(m) = lock(&self.memory).get_mut(uid) {
+            m.failures = 0;
+        }
     }
 
     /// How long a pass with these inputs still has to wait for its scheduled retry.
     fn retry_pending(&self, uid: &str, inputs: &[u8; 32]) -> Option<Duration> {
-        let retries = lock(&self.retries);
-        let (at, scheduled_for) = retries.get(uid)?;
+        let (at, scheduled_for) = self.recall(uid, |m| m.retry)?;
         let left = at.saturating_duration_since(std::time::Instant::now());
-        (scheduled_for == inputs && !left.is_zero()).then_some(left)
+        (scheduled_for == *inputs && !left.is_zero()).then_some(left)
     }
 
-    fn schedule_retry(&self, uid: &str, after: Duration, inputs: [u8; 32]) {
-        lock(&self.retries).insert(uid.to_string(), (std::time::Instant::now() + after, inputs));
+    fn schedule_retry(&self, uid: &str, after: Option<Duration>, inputs: [u8; 32]) {
+        self.remember(uid, |m| {
+            m.retry = after.map(|d| (std::time::Instant::now() + d, inputs));
+        });
     }
 
     fn cached_verification(
@@ -166,26 +196,76 @@ impl Context {
         max_age: Duration,
         now: jiff::Timestamp,
     ) -> Option<Verified> {
-        let map = lock(&self.verified);
-        let (d, v) = map.get(uid)?;
+        let (d, v) = self.recall(uid, |m| m.verified.clone())?;
         let age = now.duration_since(v.at).unsigned_abs();
-        (d == digest && age < max_age).then(|| v.clone())
+        (d == *digest && age < max_age).then_some(v)
     }
 
     fn remember_verification(&self, uid: &str, digest: [u8; 32], v: &Verified) {
-        lock(&self.verified).insert(uid.to_string(), (digest, v.clone()));
+        self.remember(uid, |m| m.verified = Some((digest, v.clone())));
     }
 
-    fn forget(&self, uid: &str, namespace: Option<&str>, name: &str) {
-        self.metrics.token_expiry.remove(&InstanceLabels {
-            namespace: namespace.unwrap_or_default().to_string(),
-            name: name.to_string(),
-        });
-        lock(&self.verified).remove(uid);
-        lock(&self.failures).remove(uid);
-        lock(&self.failures).remove(&format!("delete/{uid}"));
-        lock(&self.retries).remove(uid);
-        lock(&self.fingerprint_checks).remove(uid);
+    fn forget_verification(&self, uid: &str) {
+        if let Some(m) = lock(&self.memory).get_mut(uid) {
+            m.verified = None;
+        }
+    }
+
+    /// The last fingerprint comparison for `uid`, when it was made for `key`.
+    pub(crate) fn fingerprint_check(&self, uid: &str, key: &[u8; 32]) -> Option<bool> {
+        self.recall(uid, |m| {
+            m.fingerprint_check
+                .filter(|(k, _)| k == key)
+                .map(|(_, same)| same)
+        })
+    }
+
+    pub(crate) fn remember_fingerprint_check(&self, uid: &str, key: [u8; 32], same: bool) {
+        self.remember(uid, |m| m.fingerprint_check = Some((key, same)));
+    }
+
+    /// Counts a failed attempt of the finalizer's token deletion; returns the count.
+    fn delete_attempt(&self, uid: &str) -> u32 {
+        self.remember(uid, |m| {
+            m.delete_failures = m.delete_failures.saturating_add(1);
+            m.delete_failures
+        })
+    }
+
+    /// Records where the instance lives (for its metric series).
+    fn remember_key(&self, uid: &str, namespace: &str, name: &str) {
+        self.remember(uid, |m| m.key = (namespace.to_string(), name.to_string()));
+    }
+
+    /// Drops everything remembered about an instance that went away, and its metric series.
+    pub fn forget(&self, uid: &str) {
+        let gone = lock(&self.memory).remove(uid);
+        if let Some(m) = gone {
+            self.metrics.token_expiry.remove(&InstanceLabels {
+                namespace: m.key.0,
+                name: m.key.1,
+            });
+        }
+        self.metrics
+            .remembered_instances
+            .set(self.remembered() as i64);
+    }
+
+    /// Forgets every instance not in `live` (uids), after a relist may have missed deletions.
+    fn forget_all_but(&self, live: &std::collections::HashSet<String>) {
+        let gone: Vec<String> = lock(&self.memory)
+            .keys()
+            .filter(|uid| !live.contains(*uid))
+            .cloned()
+            .collect();
+        for uid in gone {
+            self.forget(&uid);
+        }
+    }
+
+    /// How many instances the passes remember something about.
+    pub fn remembered(&self) -> usize {
+        lock(&self.memory).len()
     }
 }
 
@@ -222,7 +302,25 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let (store, writer) = reflector::store();
-    let instance_events = watch_each(&client, &ctx.settings.namespaces)
+    // every way an instance goes away forgets it: a deletion the watch reports (whatever state the
+    // instance was in: Stalled and suspended ones have no pass left to notice), and one a relist
+    // reveals by its absence
+    let forget_ctx = ctx.clone();
+    let mut listed = std::collections::HashSet::new();
+    let instance_events = watch_each::<NetbirdInstance>(&client, &ctx.settings.namespaces)
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(nbi)) => {
+                if let Some(uid) = nbi.uid() {
+                    forget_ctx.forget(&uid);
+                }
+            }
+            Ok(watcher::Event::Init) => listed.clear(),
+            Ok(watcher::Event::InitApply(nbi)) => {
+                listed.extend(nbi.uid());
+            }
+            Ok(watcher::Event::InitDone) => forget_ctx.forget_all_but(&listed),
+            _ => {}
+        })
         .modify(|nbi: &mut NetbirdInstance| {
             // The cache holds what the passes read and nothing more: managedFields and kubectl's
             // copy of the last applied spec are dropped before an instance is stored.
@@ -284,7 +382,7 @@ pub async fn run(
                     Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
                         // deleted: drop what the passes remembered about it
                         if let Some(uid) = obj.extra.uid.as_deref() {
-                            ctx.forget(uid, obj.namespace.as_deref(), &obj.name);
+                            ctx.forget(uid);
                         }
                     }
                     Err(e) => warn!(error = %e, "reconcile failed"),
@@ -390,13 +488,9 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let generation = nbi.metadata.generation;
     let started = ctx.now();
 
+    ctx.remember_key(&uid, ns, &name);
     if nbi.metadata.deletion_timestamp.is_some() {
-        let attempt = {
-            let mut f = lock(&ctx.failures);
-            let n = f.entry(format!("delete/{uid}")).or_insert(0);
-            *n += 1;
-            *n
-        };
+        let attempt = ctx.delete_attempt(&uid);
         return cleanup::on_delete(nbi, ctx, &api, &secrets, attempt).await;
     }
     // the pass goes on after adding the finalizer: what it reads next does not depend on it
@@ -423,6 +517,9 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         // woken by an event that changed nothing this pass depends on (typically its own status
         // write): the retry stays at its time, so a failing server is not called in a loop
         tracing::debug!(retry_in = ?left, "retry already scheduled and nothing changed");
+        if left >= STALLED_UNTIL_CHANGED / 2 {
+            return Ok(Action::await_change());
+        }
         return Ok(Action::requeue(left));
     }
     let interval = nbi.version_interval();
@@ -499,7 +596,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         retry: true,
     });
     if matches!(&probes.verify, Some(Err(_))) {
-        lock(&ctx.verified).remove(&uid);
+        ctx.forget_verification(&uid);
     }
 
     if probes.claimed {
@@ -587,22 +684,28 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             ctx.reset_backoff(&uid);
             info!(reason, "waiting for a Secret");
             // a watch event normally wakes the pass; this is a safety net
-            Action::requeue(Duration::from_secs(600))
+            let d = Duration::from_secs(600);
+            retry = Some(d);
+            Action::requeue(d)
         }
         Verdict::Stalled { .. } => {
             ctx.reset_backoff(&uid);
             info!(reason, "stalled: needs a person");
+            // through the retry gate like every verdict: the pass its own status write wakes
+            // changes nothing and calls nobody, until the spec or a Secret changes
+            retry = Some(STALLED_UNTIL_CHANGED);
             Action::await_change()
         }
     };
-    match retry {
-        Some(after) => ctx.schedule_retry(&uid, after, world.inputs(generation)),
-        None => {
-            lock(&ctx.retries).remove(&uid);
-        }
-    }
+    ctx.schedule_retry(&uid, retry, world.inputs(generation));
+    ctx.metrics
+        .remembered_instances
+        .set(ctx.remembered() as i64);
     Ok(action)
 }
+
+/// How long a Stalled verdict holds while nothing it depends on changes (in effect: until then).
+const STALLED_UNTIL_CHANGED: Duration = Duration::from_secs(365 * 24 * 3600);
 
 fn version_due(nbi: &NetbirdInstance, now: jiff::Timestamp, interval: Duration) -> bool {
     let Some(status) = &nbi.status else {

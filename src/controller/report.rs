@@ -408,6 +408,34 @@ fn remove(conditions: &mut Vec<Condition>, type_: &str) {
     conditions.retain(|c| c.type_ != type_);
 }
 
+/// The status while a token the operator holds in memory cannot be written to its Secret: Ready
+/// False and Reconciling True with reason StoringToken and what failed, so a person knows before
+/// the process ends. The rest of the previous status is kept.
+pub fn storing_token(
+    previous: Option<&NetbirdInstanceStatus>,
+    generation: Option<i64>,
+    message: &str,
+    now: Timestamp,
+) -> NetbirdInstanceStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    set(
+        &mut status.conditions,
+        cond(READY, "False", "StoringToken", message, generation, now),
+    );
+    set(
+        &mut status.conditions,
+        cond(
+            RECONCILING,
+            "True",
+            "StoringToken",
+            message,
+            generation,
+            now,
+        ),
+    );
+    status
+}
+
 /// The Ready condition's (status, reason), to detect transitions.
 pub fn ready_of(status: Option<&NetbirdInstanceStatus>) -> Option<(String, String)> {
     status?

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use secrecy::{ExposeSecret, SecretString};
@@ -327,9 +326,10 @@ pub async fn run(
                     retry: true,
                 })?;
             // the fingerprint was just made from these credentials: no need to compare them again
-            lock(&ctx.fingerprint_checks).insert(
-                nbi.uid().unwrap_or_default(),
-                (fingerprint_key(&fp, &creds.fingerprint_input()), true),
+            ctx.remember_fingerprint_check(
+                &nbi.uid().unwrap_or_default(),
+                fingerprint_key(&fp, &creds.fingerprint_input()),
+                true,
             );
             let started = ctx.now().to_string();
             let check = world.input_rvs[0]
@@ -365,8 +365,17 @@ pub async fn run(
                 return Ok(());
             };
             let (outcome, written, malformed) = setup(nbi, ctx, &client, creds, secrets).await;
-            if !matches!(outcome, SetupOutcome::Failed(_)) {
-                world.written(nbi, secrets, written).await?;
+            match &outcome {
+                // no answer: the server may have done it; a later "already set up" is then not
+                // taken for someone else's setup
+                SetupOutcome::Failed(e) if e.status().is_none() => {
+                    let at = ctx.now().to_string();
+                    world
+                        .patch(nbi, secrets, &token_secret::setup_unanswered_patch(&at))
+                        .await?;
+                }
+                SetupOutcome::Failed(_) => {}
+                _ => world.written(nbi, secrets, written).await?,
             }
             probes.setup = Some(outcome);
             probes.malformed_token = malformed.map(|why| ("setup", why));
@@ -416,7 +425,7 @@ pub async fn run(
                             info!(token_id = %t.id, "deleted a token left on the server by an interrupted rotation")
                         }
                         Err(e) => {
-                            warn!(token_id = %t.id, error = %e, "failed to delete a leftover token")
+                            warn!(token_id = %t.id, error = %e.with_request_id(), "failed to delete a leftover token")
                         }
                     }
                 }
@@ -487,7 +496,7 @@ pub async fn run(
                 // another user's token this one may not delete (a service user's token cannot
                 // delete the owner's): it is left to expire
                 Err(e) if e.status() == Some(403) => {
-                    warn!(token_id = %previous, error = %e, "the replaced token cannot be deleted with the new one; it is left to expire");
+                    warn!(token_id = %previous, error = %e.with_request_id(), "the replaced token cannot be deleted with the new one; it is left to expire");
                     Ok(())
                 }
                 other => other,
@@ -500,7 +509,7 @@ pub async fn run(
                         .await?;
                 }
                 Err(e) => {
-                    warn!(token_id = %previous, error = %e, "failed to delete the replaced token; retrying later")
+                    warn!(token_id = %previous, error = %e.with_request_id(), "failed to delete the replaced token; retrying later")
                 }
             }
             probes.previous_deleted = Some(result);
@@ -508,8 +517,10 @@ pub async fn run(
         Step::RotateToken => {
             let (token, user) = token_and_user(world, probes)?;
             let now = ctx.now();
-            let marker = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_ROTATION_STARTED_AT: now.to_string()}}});
-            patch_token_secret(secrets, &secret_name, &marker).await?;
+            let marker = token_secret::rotation_marker_patch(&now.to_string());
+            // the write's result is the new state: the retry gate then recognises the pass this
+            // write wakes, and a failed creation is not tried again at once
+            world.patch(nbi, secrets, &marker).await?;
             let req = crate::netbird::CreateTokenRequest {
                 name: own_token_name(nbi, now),
                 expires_in: nbi.spec.token.expires_in_days,
@@ -542,7 +553,8 @@ pub async fn run(
                         &now.to_string(),
                     );
                     let written =
-                        write_until_stored(secrets, nbi, &patch, Some(&created.plain_token)).await;
+                        write_until_stored(ctx, secrets, nbi, &patch, Some(&created.plain_token))
+                            .await;
                     info!(token_id = %pat.id, expires_at = %pat.expiration_date, "rotated the token");
                     world.written(nbi, secrets, written).await?;
                     probes.rotated = true;
@@ -550,7 +562,7 @@ pub async fn run(
                     probes.verify = None;
                 }
                 Err(e) => {
-                    warn!(error = %e, "failed to create a new token; the current one stays");
+                    warn!(error = %e.with_request_id(), "failed to create a new token; the current one stays");
                     probes.rotation_error = Some(e);
                 }
             }
@@ -573,7 +585,7 @@ pub async fn run(
                     written
                 }
                 Err(ExchangeError::Netbird(e)) => {
-                    warn!(error = %e, service_user = %name, "the service-user exchange failed; the current token stays");
+                    warn!(error = %e.with_request_id(), service_user = %name, "the service-user exchange failed; the current token stays");
                     probes.exchange_error = Some(e);
                     None
                 }
@@ -649,7 +661,7 @@ async fn exchange(
         }
     };
     let now = ctx.now();
-    let marker = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_ROTATION_STARTED_AT: now.to_string()}}});
+    let marker = token_secret::rotation_marker_patch(&now.to_string());
     patch_token_secret(secrets, &secret_name, &marker)
         .await
         .map_err(ExchangeError::Kube)?;
@@ -692,14 +704,15 @@ async fn exchange(
         // tokens): it is kept until it is gone, so a failed deletion or a crash is retried
         patch["data"][token_secret::PREVIOUS_TOKEN_KEY] = token_secret::data_value(token);
     }
-    let mut written = write_until_stored(secrets, nbi, &patch, Some(&created.plain_token)).await;
+    let mut written =
+        write_until_stored(ctx, secrets, nbi, &patch, Some(&created.plain_token)).await;
     info!(service_user = %name, token_id = %pat.id, "stored the service user's token");
     if let Some(old_id) = old_id {
         match client.delete_token(token, user, &old_id).await {
             Ok(()) => info!(token_id = %old_id, "deleted the setup token"),
             Err(e) if e.status() == Some(404) => {}
             Err(e) => {
-                warn!(token_id = %old_id, error = %e, "failed to delete the old token; retrying later");
+                warn!(token_id = %old_id, error = %e.with_request_id(), "failed to delete the old token; retrying later");
                 return Ok(written);
             }
         }
@@ -783,7 +796,7 @@ async fn setup(
     let resp = match client.setup(&req).await {
         Ok(r) => r,
         Err(e) => {
-            warn!(error = %e, "setup failed");
+            warn!(error = %e.with_request_id(), "setup failed");
             return (SetupOutcome::Failed(e), None, None);
         }
     };
@@ -806,7 +819,7 @@ async fn setup(
             };
             let patch =
                 token_secret::no_token_patch(&resp.user_id, &completed.to_string(), outcome);
-            let written = write_until_stored(secrets, nbi, &patch, None).await;
+            let written = write_until_stored(ctx, secrets, nbi, &patch, None).await;
             let outcome = SetupOutcome::NoToken {
                 user_id: resp.user_id,
                 email: resp.email,
@@ -826,7 +839,7 @@ async fn setup(
         &expires.to_string(),
         &completed.to_string(),
     );
-    let written = write_until_stored(secrets, nbi, &patch, Some(&token)).await;
+    let written = write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await;
     info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token stored");
     let outcome = SetupOutcome::TokenStored {
         user_id: resp.user_id,
@@ -864,7 +877,7 @@ async fn refuse_malformed(
     if !id.is_empty()
         && let Err(e) = client.delete_token(token, user, id).await
     {
-        warn!(token_id = %id, error = %e, "failed to delete the malformed token's record on the server");
+        warn!(token_id = %id, error = %e.with_request_id(), "failed to delete the malformed token's record on the server");
     }
 }
 
@@ -877,9 +890,13 @@ fn malformed_patch(nbi: &NetbirdInstance, what: &str, why: PatFormatError) -> se
     )
 }
 
-/// Writes `patch` to the token Secret, retrying with backoff for as long as the process lives: the
-/// token exists nowhere else. When the Secret vanished, it is created again with the token.
+/// Writes `patch` to the token Secret, retrying with backoff: the token exists nowhere else. When
+/// the Secret vanished, it is created again with the token. A refusal that looks permanent (RBAC,
+/// validation) is put in the status at once, and retried all the same (an admin may fix it). After
+/// a shutdown began it keeps trying for `--shutdown-timeout`, then gives up and says loudly what
+/// is lost; it never holds the process beyond that.
 async fn write_until_stored(
+    ctx: &Context,
     secrets: &Secrets<'_>,
     nbi: &NetbirdInstance,
     patch: &serde_json::Value,
@@ -902,18 +919,69 @@ async fn write_until_stored(
             Err(e) => Err(e),
         }
     };
-    let policy = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times();
-    attempt
-        .retry(policy)
-        .notify(|e, d| {
-            warn!(error = %e, retry_in = ?d, secret = %name, held_token = token.is_some(), "failed to write the token Secret; retrying");
-        })
-        .await
-        .ok()
+    let mut delay = Duration::from_millis(200);
+    let mut reported = false;
+    let mut deadline = None;
+    loop {
+        let e = match attempt().await {
+            Ok(s) => return Some(s),
+            Err(e) => e,
+        };
+        warn!(error = %e, retry_in = ?delay, secret = %name, held_token = token.is_some(), "failed to write the token Secret; retrying");
+        if token.is_some() && !reported && looks_permanent(&e) {
+            reported = true;
+            report_storing_token(ctx, nbi, &name, &e).await;
+        }
+        if ctx.shutdown.is_cancelled() {
+            let at = *deadline
+                .get_or_insert_with(|| std::time::Instant::now() + ctx.settings.shutdown_timeout);
+            if std::time::Instant::now() >= at {
+                tracing::error!(
+                    namespace = nbi.metadata.namespace.as_deref().unwrap_or_default(),
+                    instance = %nbi.name_any(),
+                    secret = %name,
+                    error = %e,
+                    "shutting down with the token not stored: the token NetBird issued is LOST (NetBird shows a token only once). Log in to the dashboard as the owner, create a personal access token and put it under the token Secret's key"
+                );
+                return None;
+            }
+        }
+        let wait = delay.mul_f64(0.5 + 0.5 * super::jitter_fraction());
+        delay = (delay * 2).min(Duration::from_secs(30));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            // a shutdown starts the deadline at once
+            () = ctx.shutdown.cancelled(), if deadline.is_none() => {}
+        }
+    }
+}
+
+/// A refusal that retrying as is will not change (an admin has to act): RBAC, validation.
+fn looks_permanent(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if matches!(s.code, 400 | 401 | 403 | 422))
+}
+
+/// Puts a failing token write in the status at once (Ready False, Reconciling/StoringToken).
+async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str, e: &kube::Error) {
+    let message = format!(
+        "the token NetBird returned is held in memory only: writing Secret {secret} failed ({e}). The \
+         operator needs get, create and patch on secrets in namespace {}; it keeps retrying with backoff, \
+         and the token is lost if the process ends first",
+        nbi.metadata.namespace.as_deref().unwrap_or_default()
+    );
+    let status = super::report::storing_token(
+        nbi.status.as_ref(),
+        nbi.metadata.generation,
+        &message,
+        ctx.now(),
+    );
+    let api: kube::Api<NetbirdInstance> = kube::Api::namespaced(
+        ctx.client.clone(),
+        nbi.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    if let Err(e) = super::write_status(&api, &nbi.name_any(), &status).await {
+        warn!(error = %e, "failed to report the failing token write in the status");
+    }
 }
 
 /// JSON merge patch semantics (RFC 7386), for creating a Secret from a patch.
@@ -958,9 +1026,7 @@ pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &m
     let input = creds.fingerprint_input();
     let key = fingerprint_key(&fp, &input);
     let uid = nbi.uid().unwrap_or_default();
-    if let Some((k, same)) = lock(&ctx.fingerprint_checks).get(&uid)
-        && *k == key
-    {
+    if let Some(same) = ctx.fingerprint_check(&uid, &key) {
         return !same;
     }
     let credentials_rv = world.input_rvs[0].clone().unwrap_or_default();
@@ -978,7 +1044,7 @@ pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &m
             same
         }
     };
-    lock(&ctx.fingerprint_checks).insert(uid, (key, same));
+    ctx.remember_fingerprint_check(&uid, key, same);
     !same
 }
 

@@ -399,9 +399,30 @@ fn api_error(
     NetbirdError::Api {
         endpoint,
         status: status.as_u16(),
-        message,
+        message: scrub(&message),
         request_id,
     }
+}
+
+/// A server message as the operator keeps it: at most 200 characters, and long opaque words (a
+/// token's hash in "invalid token: pat: <hash> not found") replaced, so no function of a token
+/// reaches a condition, an Event or a log line.
+fn scrub(message: &str) -> String {
+    let opaque = |w: &str| {
+        w.len() >= 24
+            && w.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+/=_-".contains(&b))
+            && w.bytes().any(|b| b.is_ascii_digit())
+    };
+    message
+        .split(' ')
+        .map(|w| if opaque(w) { "[redacted]" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect()
 }
 
 /// A path segment with everything but unreserved characters percent-encoded.
@@ -410,14 +431,20 @@ fn segment(s: &str) -> String {
 }
 
 /// A URL with any user:password removed (for error messages).
+/// A redirect target as reported: its origin only (no credentials, path or query, which an SSO
+/// gateway makes new on every answer); a relative target without its query.
 fn redact_url(s: &str) -> String {
     match Url::parse(s) {
-        Ok(mut u) => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.to_string()
-        }
-        Err(_) => s.chars().take(200).filter(|c| !c.is_control()).collect(),
+        Ok(u) if u.origin().is_tuple() => u.origin().ascii_serialization(),
+        Ok(u) => format!("{}:", u.scheme()),
+        Err(_) => s
+            .split(['?', '#'])
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .filter(|c| !c.is_control())
+            .collect(),
     }
 }
 
@@ -536,11 +563,25 @@ mod tests {
     }
 
     #[test]
-    fn redirect_location_loses_credentials() {
+    fn redirect_location_is_its_origin_only() {
         assert_eq!(
             redact_url("https://u:p@evil.example/x"),
-            "https://evil.example/x"
+            "https://evil.example"
         );
+        assert_eq!(
+            redact_url("https://sso.example:8443/oauth2/start?rd=%2F&state=4f9a"),
+            "https://sso.example:8443"
+        );
+    }
+
+    #[test]
+    fn server_messages_lose_token_hashes() {
+        assert_eq!(
+            scrub("invalid token: pat: jqethtqbbwixwx67ozgcwf1huu5pcsl1eztseukpkoq= not found"),
+            "invalid token: pat: [redacted] not found"
+        );
+        assert_eq!(scrub("setup already completed"), "setup already completed");
+        assert_eq!(scrub(&"x".repeat(500)).len(), 200);
     }
 
     #[test]

@@ -71,17 +71,13 @@ impl fmt::Display for TransportKind {
     }
 }
 
-fn request_id_suffix(id: &Option<String>) -> String {
-    id.as_ref()
-        .map(|id| format!(", request id {id}"))
-        .unwrap_or_default()
-}
-
 /// A failed NetBird API call.
 #[derive(Debug, thiserror::Error)]
 pub enum NetbirdError {
-    /// The server answered with an error status and (usually) a JSON message.
-    #[error("{endpoint} answered {status}: {message}{}", request_id_suffix(.request_id))]
+    /// The server answered with an error status and (usually) a JSON message. The request id
+    /// changes on every answer: it is kept for logs and Events (see [`NetbirdError::request_id`]),
+    /// never printed into a condition, so a failure that repeats writes no new status.
+    #[error("{endpoint} answered {status}: {message}")]
     Api {
         endpoint: Endpoint,
         status: u16,
@@ -96,7 +92,8 @@ pub enum NetbirdError {
         detail: String,
     },
     /// The server answered with a redirect, which the operator never follows (credentials must not
-    /// be sent to another host).
+    /// be sent to another host). `location` is the target's origin only: its path and query (an SSO
+    /// gateway's `state=`) change from answer to answer.
     #[error(
         "{endpoint} answered {status} redirecting to {location}: managementURL must point at the server itself, not at a redirect"
     )]
@@ -106,7 +103,7 @@ pub enum NetbirdError {
         location: String,
     },
     /// The answer is not what NetBird sends.
-    #[error("{endpoint} answered {status} with a body that is not NetBird's JSON ({detail}){}", request_id_suffix(.request_id))]
+    #[error("{endpoint} answered {status} with a body that is not NetBird's JSON ({detail})")]
     Decode {
         endpoint: Endpoint,
         status: u16,
@@ -122,6 +119,24 @@ pub enum NetbirdError {
 }
 
 impl NetbirdError {
+    /// The `X-Request-Id` of the answer, to find the server's log line.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            NetbirdError::Api { request_id, .. } | NetbirdError::Decode { request_id, .. } => {
+                request_id.as_deref()
+            }
+            _ => None,
+        }
+    }
+
+    /// The error with its request id, for logs and Events (not for conditions).
+    pub fn with_request_id(&self) -> String {
+        match self.request_id() {
+            Some(id) => format!("{self} (request id {id})"),
+            None => self.to_string(),
+        }
+    }
+
     /// HTTP status of the answer, if one arrived.
     pub fn status(&self) -> Option<u16> {
         match self {

@@ -23,6 +23,9 @@ pub enum Fault {
     NonJson(u16),
     /// A redirect to this location.
     Redirect(&'static str),
+    /// A redirect to this location with a query that is new on every answer (an SSO gateway's
+    /// `?rd=...&state=...`).
+    RedirectWithState(&'static str),
     /// A body larger than the client accepts.
     Huge,
     /// Accept the request and never answer.
@@ -31,6 +34,10 @@ pub enum Fault {
     Delay(Duration),
     /// Close the connection without an answer.
     Close,
+    /// Do the work, then close the connection: the caller never learns the outcome.
+    ServeThenClose,
+    /// A fixed JSON answer with this status (a stale cache in front of the server, say).
+    Json(u16, &'static str),
 }
 
 /// The fake's state, shared with the test.
@@ -256,8 +263,16 @@ fn reply(status: u16, body: Value) -> Resp {
     r.headers_mut()
         .insert("content-type", "application/json".parse().unwrap());
     r.headers_mut()
-        .insert("x-request-id", "fake-req-1".parse().unwrap());
+        .insert("x-request-id", request_id().parse().unwrap());
     r
+}
+
+/// A new request id for every answer, as the real server sends (anything that copies it into a
+/// Kubernetes object turns each answer into a write).
+fn request_id() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("fake-{:x}-{n}", std::process::id())
 }
 
 fn error(status: u16, message: &str) -> Resp {
@@ -327,6 +342,14 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
             r.headers_mut().insert("location", to.parse().unwrap());
             return Ok(r);
         }
+        Some(Fault::RedirectWithState(to)) => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::FOUND;
+            let location = format!("{to}?rd=%2Fapi&state={}", request_id());
+            r.headers_mut()
+                .insert("location", location.parse().unwrap());
+            return Ok(r);
+        }
         Some(Fault::Huge) => {
             let big = format!(
                 "{{\"setup_required\": true, \"pad\": \"{}\"}}",
@@ -350,6 +373,22 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
             return Ok(resp);
         }
         Some(Fault::Close) => return Ok(panic_free_close()),
+        Some(Fault::ServeThenClose) => {
+            let _ = serve(
+                &mut state.lock().unwrap(),
+                endpoint,
+                &path,
+                auth.as_deref(),
+                &body,
+            );
+            return Ok(panic_free_close());
+        }
+        Some(Fault::Json(code, body)) => {
+            return Ok(reply(
+                code,
+                serde_json::from_str(body).unwrap_or(Value::Null),
+            ));
+        }
         None => {}
     }
     let mut s = state.lock().unwrap();

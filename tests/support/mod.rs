@@ -640,6 +640,9 @@ async fn start_operator_in(
     let settings = Settings {
         namespaces,
         max_backoff: Duration::from_secs(5),
+        // the finalizer lets go after 10 s here (15 min by default)
+        finalizer_timeout: Duration::from_secs(10),
+        shutdown_timeout: Duration::from_secs(5),
         netbird: netbird_operator::netbird::ClientOptions {
             request_timeout: Duration::from_secs(3),
             ..Default::default()
@@ -684,10 +687,16 @@ impl Operator {
     }
 
     /// Stops gracefully.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_within(Duration::from_secs(10)).await;
+    }
+
+    /// Stops gracefully; whether the operator ended within `limit`.
+    pub async fn stop_within(mut self, limit: Duration) -> bool {
         self.shutdown.cancel();
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        match self.task.take() {
+            Some(t) => tokio::time::timeout(limit, t).await.is_ok(),
+            None => true,
         }
     }
 }
