@@ -307,9 +307,8 @@ async fn several_watched_namespaces_delete_policy_and_a_late_secret() {
     let fake_b = FakeNetbird::start().await;
     a.create_admin_secret().await;
     other.create_admin_secret().await;
-    let _op = a
-        .start_operator_watching(sa, &[&a.ns, &b.ns], Duration::ZERO)
-        .await;
+    // instances in both namespaces before the operator starts: found by each namespace's first
+    // list (how lists of several namespaces are merged is tested in src/controller/namespaces.rs)
     let t0 = Instant::now();
     other
         .create_instance("nb", spec(&fake_a.url))
@@ -319,6 +318,9 @@ async fn several_watched_namespaces_delete_policy_and_a_late_secret() {
         .await
         .unwrap();
     b.create_instance("nb", spec(&fake_b.url)).await.unwrap();
+    let _op = a
+        .start_operator_watching(sa, &[&a.ns, &b.ns], Duration::ZERO)
+        .await;
 
     let n = bootstrapped(&a, "nb").await;
     assert!(has_finalizer(&n), "Delete: the finalizer is added");
