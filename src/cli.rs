@@ -40,9 +40,10 @@ pub enum Command {
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (repeat the flag, or separate them with commas; the
+    /// environment variable takes a comma-separated list). Default: all namespaces.
+    #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
@@ -121,7 +122,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
     let settings = Settings {
-        namespace: args.namespace.clone(),
+        namespaces: watched_namespaces(&args.namespaces),
         concurrency: args.concurrency.max(1),
         netbird: ClientOptions {
             connect_timeout: Duration::from_secs(args.netbird_connect_timeout.max(1)),
@@ -133,6 +134,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         finalizer_timeout: Duration::from_secs(args.finalizer_timeout),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
+    let settings_namespaces = settings.namespaces.clone();
     let ctx = Arc::new(Context::new(
         client,
         metrics.clone(),
@@ -166,7 +168,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
 
     info!(
         version = env!("CARGO_PKG_VERSION"),
-        namespace = args.namespace.as_deref().unwrap_or("(all)"),
+        namespaces = %describe_namespaces(&settings_namespaces),
         http = %args.http_addr,
         "netbird-operator starting"
     );
@@ -257,6 +259,27 @@ async fn run_as_leader(
     result
 }
 
+/// The namespaces to watch from the flag's values: trimmed, without empty entries (the chart
+/// passes an empty `WATCH_NAMESPACE` for all namespaces), sorted, each once. Empty: all.
+pub fn watched_namespaces(values: &[String]) -> Vec<String> {
+    let mut namespaces: Vec<String> = values
+        .iter()
+        .map(|ns| ns.trim().to_string())
+        .filter(|ns| !ns.is_empty())
+        .collect();
+    namespaces.sort();
+    namespaces.dedup();
+    namespaces
+}
+
+fn describe_namespaces(namespaces: &[String]) -> String {
+    if namespaces.is_empty() {
+        "(all)".into()
+    } else {
+        namespaces.join(",")
+    }
+}
+
 async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -276,4 +299,50 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespaces(args: &[&str]) -> Vec<String> {
+        let cli = Cli::try_parse_from(["netbird-operator", "run"].iter().chain(args))
+            .expect("valid arguments");
+        let Command::Run(run) = cli.command else {
+            panic!("not run");
+        };
+        watched_namespaces(&run.namespaces)
+    }
+
+    #[test]
+    fn namespace_flag_is_repeatable_and_takes_commas() {
+        // WATCH_NAMESPACE is read by the same argument (the chart sets it; the as_installed suite
+        // runs the binary with a comma-separated value)
+        if std::env::var_os("WATCH_NAMESPACE").is_some() {
+            return;
+        }
+        assert!(namespaces(&[]).is_empty(), "default: all namespaces");
+        assert_eq!(namespaces(&["--namespace", "a"]), ["a"]);
+        assert_eq!(
+            namespaces(&["--namespace", "b", "--namespace", "a"]),
+            ["a", "b"]
+        );
+        assert_eq!(namespaces(&["--namespace", "b,a,b"]), ["a", "b"]);
+        assert_eq!(
+            namespaces(&["--namespace=c", "--namespace", "a,b"]),
+            ["a", "b", "c"]
+        );
+    }
+
+    #[test]
+    fn empty_and_blank_entries_mean_nothing() {
+        let v =
+            |s: &[&str]| watched_namespaces(&s.iter().map(|x| x.to_string()).collect::<Vec<_>>());
+        assert!(
+            v(&[""]).is_empty(),
+            "the chart's empty WATCH_NAMESPACE: all namespaces"
+        );
+        assert!(v(&["", " "]).is_empty());
+        assert_eq!(v(&[" a", "b ", "", "a"]), ["a", "b"]);
+    }
 }

@@ -4,50 +4,19 @@
 
 mod support;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
-use kube::api::PostParams;
 use serde_json::json;
+use support::chart::{CHART, Release, ok, run};
 use support::fake_netbird::FakeNetbird;
 use support::{ControlPlane, TestEnv, condition, ready_is};
 
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/netbird-operator");
 const CRD_NAME: &str = "netbirdinstances.bootstrap.netbird.io";
-
-fn run(cp: &ControlPlane, program: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env("KUBECONFIG", &cp.kubeconfig)
-        .env("HELM_CACHE_HOME", cp.dir.join("helm/cache"))
-        .env("HELM_CONFIG_HOME", cp.dir.join("helm/config"))
-        .env("HELM_DATA_HOME", cp.dir.join("helm/data"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input).unwrap();
-    }
-    drop(child.stdin.take());
-    child.wait_with_output().expect("wait")
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 #[tokio::test]
 async fn chart_lints_renders_and_passes_a_server_side_dry_run() {
@@ -63,6 +32,11 @@ async fn chart_lints_renders_and_passes_a_server_side_dry_run() {
         vec![],
         vec!["replicaCount=2".into()],
         vec![format!("watchNamespace={}", env.ns)],
+        vec![
+            format!("watchNamespaces={{{}}}", env.ns),
+            format!("watchNamespace={}", env.ns),
+            "replicaCount=2".into(),
+        ],
         vec![
             "networkPolicy.enabled=true".into(),
             "metrics.service.enabled=false".into(),
@@ -122,6 +96,9 @@ async fn chart_lints_renders_and_passes_a_server_side_dry_run() {
         "metrics.serviceMonitor.bogus=1",
         "instance.bogus=1",
         "logFormat=xml",
+        "watchNamespaces={Not_A_Namespace}",
+        "watchNamespaces={a,a}",
+        "watchNamespace=Bad",
     ] {
         let out = run(
             cp,
@@ -342,33 +319,13 @@ async fn install_upgrade_and_the_chart_rbac_is_enough_and_no_more() {
     );
 
     // the operator with a token of the chart's ServiceAccount (TokenRequest API)
-    let sas: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
-    let tr = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
+    let release = Release {
+        name: "nbop".into(),
+        namespace: env.ns.clone(),
+        service_account: "nbop-netbird-operator".into(),
+        rendered: String::new(),
     };
-    let token = sas
-        .create_token_request("nbop-netbird-operator", &PostParams::default(), &tr)
-        .await
-        .expect("token request")
-        .status
-        .unwrap()
-        .token
-        .expect("a token");
-    let kubeconfig = cp.dir.join(format!("kubeconfig-sa-{}", env.ns));
-    let admin = std::fs::read_to_string(&cp.kubeconfig).unwrap();
-    let user_start = admin.find("users:").unwrap();
-    let ctx_start = admin.find("contexts:").unwrap();
-    let sa_config = format!(
-        "{}users:\n- name: admin\n  user:\n    token: {token}\n{}",
-        &admin[..user_start],
-        &admin[ctx_start..]
-    );
-    std::fs::write(&kubeconfig, sa_config).unwrap();
-    let sa_client = cp.client_from(&kubeconfig).await;
+    let sa_client = release.client(cp).await;
 
     let fake = FakeNetbird::start().await;
     env.create_admin_secret().await;

@@ -6,6 +6,7 @@
 
 pub mod cleanup;
 pub mod decide;
+mod namespaces;
 pub mod report;
 mod secrets;
 mod steps;
@@ -49,8 +50,8 @@ pub enum Error {
 /// Settings of the controller.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Watch one namespace, or all when None.
-    pub namespace: Option<String>,
+    /// Watch these namespaces (one namespaced watch each), or all when empty.
+    pub namespaces: Vec<String>,
     /// Reconciles run at once.
     pub concurrency: u16,
     /// Connect and request timeouts for NetBird.
@@ -70,7 +71,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            namespace: None,
+            namespaces: Vec::new(),
             concurrency: 32,
             netbird: ClientOptions::default(),
             instance_id: None,
@@ -300,25 +301,13 @@ pub async fn run(
     on_synced: impl FnOnce() + Send + 'static,
 ) {
     let client = ctx.client.clone();
-    let (instances, secrets): (Api<NetbirdInstance>, Api<PartialObjectMeta<Secret>>) =
-        match &ctx.settings.namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
-
-    // The cache holds what the passes read and nothing more: managedFields and kubectl's copy of
-    // the last applied spec are dropped before an instance is stored.
     let (store, writer) = reflector::store();
     // every way an instance goes away forgets it: a deletion the watch reports (whatever state the
     // instance was in: Stalled and suspended ones have no pass left to notice), and one a relist
     // reveals by its absence
     let forget_ctx = ctx.clone();
     let mut listed = std::collections::HashSet::new();
-    let instance_events = watcher(instances, watcher::Config::default().any_semantic())
-        .default_backoff()
+    let instance_events = watch_each::<NetbirdInstance>(&client, &ctx.settings.namespaces)
         .inspect(move |event| match event {
             Ok(watcher::Event::Delete(nbi)) => {
                 if let Some(uid) = nbi.uid() {
@@ -333,6 +322,8 @@ pub async fn run(
             _ => {}
         })
         .modify(|nbi: &mut NetbirdInstance| {
+            // The cache holds what the passes read and nothing more: managedFields and kubectl's
+            // copy of the last applied spec are dropped before an instance is stored.
             nbi.managed_fields_mut().clear();
             if let Some(a) = nbi.metadata.annotations.as_mut() {
                 a.remove("kubectl.kubernetes.io/last-applied-configuration");
@@ -347,8 +338,7 @@ pub async fn run(
     // The watch keeps the cache of the Secrets passes use current (see `secrets`), and an event for
     // a Secret that a NetbirdInstance references triggers its pass.
     let cache_ctx = ctx.clone();
-    let secret_events = watcher(secrets, watcher::Config::default().any_semantic())
-        .default_backoff()
+    let secret_events = watch_each::<PartialObjectMeta<Secret>>(&client, &ctx.settings.namespaces)
         .inspect(move |event| {
             if let Ok(event) = event {
                 cache_ctx.secret_cache.observe(event);
@@ -400,6 +390,35 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The watch events of `K` in `namespaces` (all when empty), with backoff: one watch for all
+/// namespaces or a single one, one namespaced watch per namespace merged otherwise (what a Role per
+/// namespace allows).
+fn watch_each<K>(
+    client: &Client,
+    namespaces: &[String],
+) -> futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+    K: Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    K: Send + Sync + 'static,
+{
+    let watch = |api: Api<K>| {
+        watcher(api, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .boxed()
+    };
+    match namespaces {
+        [] => watch(Api::all(client.clone())),
+        [ns] => watch(Api::namespaced(client.clone(), ns)),
+        many => namespaces::merge(
+            many.iter()
+                .map(|ns| (ns.clone(), watch(Api::namespaced(client.clone(), ns))))
+                .collect(),
+        )
+        .boxed(),
+    }
 }
 
 /// NetbirdInstances whose credentials, token or CA Secret is `secret`.

@@ -6,6 +6,7 @@
 //! failure; set NBOP_SKIP_E2E=1 to skip the tests that need them (loudly).
 #![allow(dead_code)]
 
+pub mod chart;
 pub mod consumer;
 pub mod fake_netbird;
 pub mod kube_faults;
@@ -546,42 +547,27 @@ impl TestEnv {
             .await
     }
 
+    /// Runs the operator in-process with this client's identity, watching `namespaces` (all when
+    /// empty), with its clock `ahead` of the real one.
+    pub async fn start_operator_watching(
+        &self,
+        client: Client,
+        namespaces: &[&str],
+        ahead: Duration,
+    ) -> Operator {
+        let clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync> = Arc::new(move || {
+            jiff::Timestamp::now() + jiff::SignedDuration::try_from(ahead).unwrap()
+        });
+        let namespaces = namespaces.iter().map(|ns| ns.to_string()).collect();
+        start_operator_in(client, namespaces, clock).await
+    }
+
     async fn start_operator_full(
         &self,
         client: Client,
         clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
     ) -> Operator {
-        capture_logs();
-        let shutdown = CancellationToken::new();
-        let metrics = Arc::new(Metrics::default());
-        let settings = Settings {
-            namespace: Some(self.ns.clone()),
-            max_backoff: Duration::from_secs(5),
-            // the finalizer lets go after 10 s here (15 min by default)
-            finalizer_timeout: Duration::from_secs(10),
-            shutdown_timeout: Duration::from_secs(5),
-            netbird: netbird_operator::netbird::ClientOptions {
-                request_timeout: Duration::from_secs(3),
-                ..Default::default()
-            },
-            ..Settings::default()
-        };
-        let mut ctx = Context::new(client, metrics.clone(), settings, shutdown.clone());
-        ctx.clock = clock;
-        let ctx = Arc::new(ctx);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(controller::run(ctx.clone(), Arc::default(), move || {
-            let _ = tx.send(());
-        }));
-        tokio::time::timeout(Duration::from_secs(30), rx)
-            .await
-            .expect("watches sync")
-            .expect("synced");
-        Operator {
-            shutdown,
-            task: Some(task),
-            metrics,
-        }
+        start_operator_in(client, vec![self.ns.clone()], clock).await
     }
 
     /// The NetbirdInstance once `pred` holds for it.
@@ -642,6 +628,45 @@ impl TestEnv {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// Runs the operator in-process with the test timeouts.
+async fn start_operator_in(
+    client: Client,
+    namespaces: Vec<String>,
+    clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
+) -> Operator {
+    capture_logs();
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    let settings = Settings {
+        namespaces,
+        max_backoff: Duration::from_secs(5),
+        // the finalizer lets go after 10 s here (15 min by default)
+        finalizer_timeout: Duration::from_secs(10),
+        shutdown_timeout: Duration::from_secs(5),
+        netbird: netbird_operator::netbird::ClientOptions {
+            request_timeout: Duration::from_secs(3),
+            ..Default::default()
+        },
+        ..Settings::default()
+    };
+    let mut ctx = Context::new(client, metrics.clone(), settings, shutdown.clone());
+    ctx.clock = clock;
+    let ctx = Arc::new(ctx);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(controller::run(ctx.clone(), Arc::default(), move || {
+        let _ = tx.send(());
+    }));
+    tokio::time::timeout(Duration::from_secs(30), rx)
+        .await
+        .expect("watches sync")
+        .expect("synced");
+    Operator {
+        shutdown,
+        task: Some(task),
+        metrics,
     }
 }
 

@@ -18,3 +18,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "nbop.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}{{ default (include "nbop.fullname" .) .Values.serviceAccount.name }}{{- else -}}{{ default "default" .Values.serviceAccount.name }}{{- end -}}
 {{- end -}}
+{{/* The watched namespaces, comma-separated: watchNamespaces and watchNamespace together, each once, sorted. Empty: all. */}}
+{{- define "nbop.watchNamespaces" -}}
+{{- $nss := concat (.Values.watchNamespaces | default list) (ternary (list .Values.watchNamespace) list (ne .Values.watchNamespace "")) -}}
+{{- $nss | uniq | sortAlpha | join "," -}}
+{{- end -}}
