@@ -128,6 +128,8 @@ async fn cluster_wide_bootstrap_service_user_rotation_and_delete_on_the_real_ser
     let mut s = delete_spec(&nb.url);
     s["token"]["expiresInDays"] = json!(1);
     s["token"]["serviceUser"] = json!({"name": "netbird-operator"});
+    // the hand-over is followed step by step: no grace period (tests/day2.rs has it)
+    s["token"]["rotation"] = json!({"gracePeriod": "0s"});
     env.create_instance("nb", s).await.unwrap();
     let n = env
         .wait_instance("nb", "Ready", Duration::from_secs(60), |n| {
