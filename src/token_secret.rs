@@ -432,28 +432,55 @@ pub fn parse_malformed(value: &str) -> Option<(i64, &str, &str)> {
     Some((generation, parts.next()?, parts.next().unwrap_or("")))
 }
 
+/// A token just created on the server, as a rotation or a service-user exchange stores it.
+pub struct NewToken<'a> {
+    pub token: &'a SecretString,
+    pub id: &'a str,
+    pub expires_at: &'a str,
+    pub issued_at: &'a str,
+    /// The id of the token it replaces, and when that one is deleted at the latest.
+    pub previous: Option<(&'a str, &'a str)>,
+}
+
+/// A service-user exchange: whose the new token is, and the owner's token it replaces.
+pub struct Exchange<'a> {
+    pub service_user_id: &'a str,
+    pub service_user: &'a str,
+    /// The user of the replaced token.
+    pub previous_user: &'a str,
+    /// The replaced token: only it may delete itself (a service user may not delete the owner's
+    /// tokens), so it is kept until it is gone and a failed deletion or a crash is retried.
+    pub previous_token: &'a SecretString,
+}
+
 /// Writes a rotated token: the new token and its facts, and the id of the token it replaces (to be
-/// deleted once the new one is verified).
+/// deleted once the new one is verified). An exchange also records the service user, and the
+/// replaced token's user and the token itself when there is one.
 pub fn rotated_patch(
     nbi: &NetbirdInstance,
-    token: &SecretString,
-    token_id: &str,
-    previous: Option<(&str, &str)>,
-    expires_at: &str,
-    issued_at: &str,
+    new: &NewToken<'_>,
+    exchange: Option<&Exchange<'_>>,
 ) -> Value {
-    let mut patch = store_patch(nbi, token, "", expires_at, issued_at);
+    let mut patch = store_patch(nbi, new.token, "", new.expires_at, new.issued_at);
     let ann = &mut patch["metadata"]["annotations"];
     if let Some(map) = ann.as_object_mut() {
         map.remove(ANN_USER_ID);
         map.remove(ANN_SETUP_COMPLETED_AT);
         map.remove(ANN_SETUP_STARTED_AT);
     }
-    ann[ANN_TOKEN_ID] = json!(token_id);
-    ann[ANN_ROTATED_AT] = json!(issued_at);
+    ann[ANN_TOKEN_ID] = json!(new.id);
+    ann[ANN_ROTATED_AT] = json!(new.issued_at);
     ann[ANN_ROTATION_STARTED_AT] = Value::Null;
-    ann[ANN_PREVIOUS_TOKEN_ID] = previous.map_or(Value::Null, |(id, _)| json!(id));
-    ann[ANN_PREVIOUS_DELETE_AT] = previous.map_or(Value::Null, |(_, at)| json!(at));
+    ann[ANN_PREVIOUS_TOKEN_ID] = new.previous.map_or(Value::Null, |(id, _)| json!(id));
+    ann[ANN_PREVIOUS_DELETE_AT] = new.previous.map_or(Value::Null, |(_, at)| json!(at));
+    if let Some(x) = exchange {
+        ann[ANN_USER_ID] = json!(x.service_user_id);
+        ann[ANN_SERVICE_USER] = json!(x.service_user);
+        if new.previous.is_some() {
+            ann[ANN_PREVIOUS_USER_ID] = json!(x.previous_user);
+            patch["data"][PREVIOUS_TOKEN_KEY] = data_value(x.previous_token);
+        }
+    }
     patch
 }
 
