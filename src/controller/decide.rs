@@ -1,5 +1,7 @@
 //! The decision: from what is known about one NetbirdInstance, the next step. Pure: no I/O, no
-//! clock. The reconcile calls it again after each step until it returns `Step::Finish`.
+//! clock. The reconcile calls it again after each step until it returns a verdict.
+
+use std::ops::ControlFlow::{self, Break, Continue};
 
 use crate::credentials::Credentials;
 use crate::netbird::{InstanceStatus, NetbirdError, PersonalAccessToken, User, VersionInfo};
@@ -166,6 +168,9 @@ pub enum Verdict {
     Stalled { reason: Stall, message: String },
 }
 
+/// What the decision says: the next step of a pass, or the verdict that ends it.
+pub type Decision = ControlFlow<Verdict, Step>;
+
 /// The next step of a pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -194,17 +199,16 @@ pub enum Step {
     RotateToken,
     /// Find or create the service user, store and verify its token, delete the old token.
     ExchangeForServiceUser,
-    Finish(Verdict),
 }
 
-fn stalled(reason: Stall, message: String) -> Step {
-    Step::Finish(Verdict::Stalled { reason, message })
+fn stalled(reason: Stall, message: String) -> Decision {
+    Break(Verdict::Stalled { reason, message })
 }
 
-fn unreachable_or_stalled(e: &NetbirdError, what: &str) -> Step {
+fn unreachable_or_stalled(e: &NetbirdError, what: &str) -> Decision {
     match e {
         NetbirdError::Redirect { .. } => stalled(Stall::InvalidSpec, e.to_string()),
-        _ => Step::Finish(Verdict::Waiting {
+        _ => Break(Verdict::Waiting {
             reason: Waiting::ManagementUnreachable,
             message: format!("{what}: {e}; retrying with backoff"),
             retry: true,
@@ -213,17 +217,17 @@ fn unreachable_or_stalled(e: &NetbirdError, what: &str) -> Step {
 }
 
 /// The next step for one NetbirdInstance.
-pub fn decide(f: &Facts<'_>) -> Step {
+pub fn decide(f: &Facts<'_>) -> Decision {
     let p = f.probes;
     if f.suspended {
-        return Step::Finish(Verdict::Suspended);
+        return Break(Verdict::Suspended);
     }
     if let Some(problem) = f.spec_problem {
         return stalled(Stall::InvalidSpec, problem.to_string());
     }
     match f.credentials {
         Input::Missing(m) => {
-            return Step::Finish(Verdict::Waiting {
+            return Break(Verdict::Waiting {
                 reason: Waiting::WaitingForCredentials,
                 message: m.clone(),
                 retry: false,
@@ -243,7 +247,7 @@ pub fn decide(f: &Facts<'_>) -> Step {
     }
     match f.ca {
         Input::Missing(m) => {
-            return Step::Finish(Verdict::Waiting {
+            return Break(Verdict::Waiting {
                 reason: Waiting::WaitingForCredentials,
                 message: m.clone(),
                 retry: false,
@@ -270,7 +274,7 @@ pub fn decide(f: &Facts<'_>) -> Step {
 
     if let Some(s) = owned {
         if !f.secret_metadata_in_sync && !p.metadata_synced {
-            return Step::SyncSecretMetadata;
+            return Continue(Step::SyncSecretMetadata);
         }
         match &s.token {
             TokenValue::Present(_) if !s.may_send_token_to(f.management_url) => {
@@ -281,7 +285,7 @@ pub fn decide(f: &Facts<'_>) -> Step {
             }
             TokenValue::Present(_) => {
                 return match &p.verify {
-                    None => Step::VerifyToken,
+                    None => Continue(Step::VerifyToken),
                     Some(Err(e)) if e.is_token_rejected() => stalled(
                         Stall::TokenRejected,
                         format!(
@@ -293,9 +297,9 @@ pub fn decide(f: &Facts<'_>) -> Step {
                     Some(Err(e)) => unreachable_or_stalled(e, "could not verify the stored token"),
                     Some(Ok(_)) => token_upkeep(f, s).unwrap_or_else(|| {
                         if f.version_due && p.version.is_none() {
-                            Step::CheckVersion
+                            Continue(Step::CheckVersion)
                         } else {
-                            Step::Finish(Verdict::Ready)
+                            Break(Verdict::Ready)
                         }
                     }),
                 };
@@ -348,7 +352,7 @@ pub fn decide(f: &Facts<'_>) -> Step {
         }
         Some(SetupOutcome::TokenStored { .. }) => {
             // the world now holds the token; reaching here means it could not be read back
-            return Step::Finish(Verdict::Waiting {
+            return Break(Verdict::Waiting {
                 reason: Waiting::ManagementUnreachable,
                 message: "setup succeeded and the token was stored; verifying it".into(),
                 retry: true,
@@ -362,7 +366,7 @@ pub fn decide(f: &Facts<'_>) -> Step {
             }
             let definitive = matches!(e.status(), Some(400 | 412 | 422));
             if definitive && owned.is_some_and(|s| s.setup_started()) && !p.claim_released {
-                return Step::ReleaseClaim;
+                return Continue(Step::ReleaseClaim);
             }
             return match e.status() {
                 Some(412) => stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true)),
@@ -388,7 +392,7 @@ pub fn decide(f: &Facts<'_>) -> Step {
     }
 
     let instance = match &p.instance {
-        None => return Step::CheckInstance,
+        None => return Continue(Step::CheckInstance),
         Some(Err(e)) => return unreachable_or_stalled(e, "could not read the instance status"),
         Some(Ok(i)) => i,
     };
@@ -400,17 +404,17 @@ pub fn decide(f: &Facts<'_>) -> Step {
         return stalled(Stall::SetupUnavailable, setup_unavailable_message(f, false));
     }
     if !started && !p.claimed {
-        return Step::ClaimSecret;
+        return Continue(Step::ClaimSecret);
     }
-    Step::Setup
+    Continue(Step::Setup)
 }
 
 /// The work a verified token may need: cleanup after a crash, identification, rotation.
-fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<Step> {
+fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<Decision> {
     let p = f.probes;
     let listing_failed = matches!(p.token_list, Some(Err(_)));
     if s.annotation(ANN_ROTATION_STARTED_AT).is_some() && !p.orphans_cleaned && !listing_failed {
-        return Some(Step::CleanOrphans);
+        return Some(Continue(Step::CleanOrphans));
     }
     let renewal_due = f.rotation_enabled && s.renew_at().is_some_and(|at| f.now >= at);
     // the replaced token is deleted when its grace period ends (the pass is scheduled for then),
@@ -419,7 +423,7 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
         && p.previous_deleted.is_none()
         && (renewal_due || s.previous_delete_at().is_none_or(|at| f.now >= at))
     {
-        return Some(Step::DeletePreviousToken);
+        return Some(Continue(Step::DeletePreviousToken));
     }
     // a token creation this spec asked for answered with a malformed token: not asked again until
     // the spec changes
@@ -436,7 +440,7 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
     // right after setup too: the pass that reports Ready reports the whole token (one status write
     // and no second pass, where identifying it later cost a pass, a status write and its Event)
     if s.annotation(ANN_TOKEN_ID).is_none() && p.token_list.is_none() {
-        return Some(Step::IdentifyToken);
+        return Some(Continue(Step::IdentifyToken));
     }
     // the Secret records whose token it holds: a server that describes users unexpectedly can never
     // make the exchange run again
@@ -447,20 +451,20 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
         && !p.exchanged
         && p.exchange_error.is_none()
     {
-        return Some(Step::ExchangeForServiceUser);
+        return Some(Continue(Step::ExchangeForServiceUser));
     }
     if f.rotation_enabled
         && !p.rotated
         && p.rotation_error.is_none()
         && s.renew_at().is_some_and(|at| f.now >= at)
     {
-        return Some(Step::RotateToken);
+        return Some(Continue(Step::RotateToken));
     }
     None
 }
 
 /// NetBird refused the setup request (400/422): a spec or credentials problem, never retried as is.
-fn rejected(status: u16, message: &str) -> Step {
+fn rejected(status: u16, message: &str) -> Decision {
     if message.contains("pat_expire_in") {
         return stalled(
             Stall::InvalidSpec,
@@ -632,7 +636,7 @@ mod tests {
                 allowed_servers: None,
             }
         }
-        fn decide(&self) -> Step {
+        fn decide(&self) -> Decision {
             decide(&Facts {
                 generation: 1,
                 credentials_unchanged: self.credentials_unchanged,
@@ -684,10 +688,10 @@ mod tests {
         }
     }
 
-    fn reason(step: Step) -> String {
+    fn reason(step: Decision) -> String {
         match step {
-            Step::Finish(Verdict::Stalled { reason, .. }) => reason.as_str().to_string(),
-            Step::Finish(Verdict::Waiting { reason, .. }) => reason.as_str().to_string(),
+            Break(Verdict::Stalled { reason, .. }) => reason.as_str().to_string(),
+            Break(Verdict::Waiting { reason, .. }) => reason.as_str().to_string(),
             other => format!("{other:?}"),
         }
     }
@@ -695,14 +699,14 @@ mod tests {
     #[test]
     fn fresh_instance_walks_check_claim_setup() {
         let mut w = World::new(TokenSecret::Absent);
-        assert_eq!(w.decide(), Step::CheckInstance);
+        assert_eq!(w.decide(), Continue(Step::CheckInstance));
         w.probes.instance = Some(Ok(InstanceStatus {
             setup_required: true,
         }));
-        assert_eq!(w.decide(), Step::ClaimSecret);
+        assert_eq!(w.decide(), Continue(Step::ClaimSecret));
         w.probes.claimed = true;
         w.secret = owned(None, true);
-        assert_eq!(w.decide(), Step::Setup);
+        assert_eq!(w.decide(), Continue(Step::Setup));
         // setup stored the token: the world now has it, and it gets verified, then versions read
         w.probes.setup = Some(SetupOutcome::TokenStored {
             user_id: "u1".into(),
@@ -712,18 +716,22 @@ mod tests {
         if let TokenSecret::Ours(s) = &mut w.secret {
             s.annotations.remove(ANN_TOKEN_ID);
         }
-        assert_eq!(w.decide(), Step::VerifyToken);
+        assert_eq!(w.decide(), Continue(Step::VerifyToken));
         w.probes.verify = Some(Ok(Verified {
             user: user(),
             at: jiff::Timestamp::UNIX_EPOCH,
         }));
-        assert_eq!(w.decide(), Step::IdentifyToken, "in the same pass");
+        assert_eq!(
+            w.decide(),
+            Continue(Step::IdentifyToken),
+            "in the same pass"
+        );
         w.probes.token_list = Some(Ok(Vec::new()));
-        assert_eq!(w.decide(), Step::CheckVersion);
+        assert_eq!(w.decide(), Continue(Step::CheckVersion));
         w.probes.version = Some(Err(transport()));
         assert_eq!(
             w.decide(),
-            Step::Finish(Verdict::Ready),
+            Break(Verdict::Ready),
             "a failed version check never un-Readies"
         );
     }
@@ -732,7 +740,7 @@ mod tests {
     fn suspend_and_invalid_spec_come_first() {
         let mut w = World::new(TokenSecret::Absent);
         w.suspended = true;
-        assert_eq!(w.decide(), Step::Finish(Verdict::Suspended));
+        assert_eq!(w.decide(), Break(Verdict::Suspended));
         w.suspended = false;
         w.spec_problem = Some("bad");
         assert_eq!(reason(w.decide()), "InvalidSpec");
@@ -743,7 +751,7 @@ mod tests {
         let mut w = World::new(TokenSecret::Absent);
         w.credentials = Input::Missing("waiting for Secret admin".into());
         match w.decide() {
-            Step::Finish(Verdict::Waiting {
+            Break(Verdict::Waiting {
                 reason: Waiting::WaitingForCredentials,
                 retry: false,
                 ..
@@ -768,13 +776,13 @@ mod tests {
     #[test]
     fn stored_token_is_verified_and_adopted_without_setup() {
         let mut w = World::new(owned(Some("nbp_x"), false));
-        assert_eq!(w.decide(), Step::VerifyToken);
+        assert_eq!(w.decide(), Continue(Step::VerifyToken));
         w.probes.verify = Some(Ok(Verified {
             user: user(),
             at: jiff::Timestamp::UNIX_EPOCH,
         }));
         w.version_due = false;
-        assert_eq!(w.decide(), Step::Finish(Verdict::Ready));
+        assert_eq!(w.decide(), Break(Verdict::Ready));
     }
 
     #[test]
@@ -820,7 +828,7 @@ mod tests {
         w.probes.instance = Some(Ok(InstanceStatus {
             setup_required: true,
         }));
-        assert_eq!(w.decide(), Step::Setup);
+        assert_eq!(w.decide(), Continue(Step::Setup));
     }
 
     #[test]
@@ -848,12 +856,12 @@ mod tests {
             let definitive = matches!(err.status(), Some(400 | 412 | 422));
             w.probes.setup = Some(SetupOutcome::Failed(err));
             if definitive {
-                assert_eq!(w.decide(), Step::ReleaseClaim, "{want}");
+                assert_eq!(w.decide(), Continue(Step::ReleaseClaim), "{want}");
                 w.probes.claim_released = true;
                 w.secret = owned(None, false);
             }
             let step = w.decide();
-            assert_ne!(step, Step::Setup);
+            assert_ne!(step, Continue(Step::Setup));
             assert_eq!(reason(step), want);
         }
     }
@@ -906,7 +914,7 @@ mod tests {
         assert_eq!(reason(w.decide()), "CredentialsRejected");
         // new credentials: a new attempt (claim first)
         w.credentials_unchanged = false;
-        assert_eq!(w.decide(), Step::ClaimSecret);
+        assert_eq!(w.decide(), Continue(Step::ClaimSecret));
     }
 
     #[test]
@@ -924,9 +932,9 @@ mod tests {
     fn secret_metadata_is_synced_once() {
         let mut w = World::new(owned(Some("nbp_x"), false));
         w.in_sync = false;
-        assert_eq!(w.decide(), Step::SyncSecretMetadata);
+        assert_eq!(w.decide(), Continue(Step::SyncSecretMetadata));
         w.probes.metadata_synced = true;
-        assert_eq!(w.decide(), Step::VerifyToken);
+        assert_eq!(w.decide(), Continue(Step::VerifyToken));
     }
 
     #[test]
@@ -940,7 +948,7 @@ mod tests {
         }
         let w = World::new(secret);
         match w.decide() {
-            Step::Finish(Verdict::Stalled { reason, message }) => {
+            Break(Verdict::Stalled { reason, message }) => {
                 assert_eq!(reason, Stall::ServerNotAllowed);
                 assert!(message.contains("https://home.example.com"), "{message}");
                 assert!(message.contains("https://nb.example.com"), "{message}");
@@ -956,11 +964,11 @@ mod tests {
                 "https://NB.example.com:443/".into(),
             );
         }
-        assert_eq!(World::new(secret).decide(), Step::VerifyToken);
+        assert_eq!(World::new(secret).decide(), Continue(Step::VerifyToken));
         // no record yet (a Secret written before the operator recorded it): verified, then recorded
         assert_eq!(
             World::new(owned(Some("nbp_x"), false)).decide(),
-            Step::VerifyToken
+            Continue(Step::VerifyToken)
         );
     }
 
@@ -970,7 +978,7 @@ mod tests {
         w.allowed_servers = Some("https://other.example.com, https://third.example.com");
         assert_eq!(reason(w.decide()), "ServerNotAllowed");
         w.allowed_servers = Some("https://other.example.com https://nb.example.com/");
-        assert_eq!(w.decide(), Step::CheckInstance);
+        assert_eq!(w.decide(), Continue(Step::CheckInstance));
     }
 
     #[test]
@@ -1008,7 +1016,7 @@ mod tests {
                 .insert(ANN_MALFORMED_TOKEN.into(), "0 rotation x".into());
         }
         w.secret = secret;
-        assert_eq!(w.decide(), Step::Finish(Verdict::Ready));
+        assert_eq!(w.decide(), Break(Verdict::Ready));
     }
 
     #[test]
@@ -1025,7 +1033,7 @@ mod tests {
         w.probes.claimed = true;
         w.probes.setup = Some(SetupOutcome::Failed(api(412, "setup already completed")));
         match w.decide() {
-            Step::Finish(Verdict::Stalled { reason, message }) => {
+            Break(Verdict::Stalled { reason, message }) => {
                 assert_eq!(reason, Stall::TokenLost);
                 assert!(message.contains("someone else"), "{message}");
             }
@@ -1034,6 +1042,6 @@ mod tests {
         // without an unanswered call, a 412 is someone else's setup: the claim is released
         let mut w = World::new(owned(None, true));
         w.probes.setup = Some(SetupOutcome::Failed(api(412, "setup already completed")));
-        assert_eq!(w.decide(), Step::ReleaseClaim);
+        assert_eq!(w.decide(), Continue(Step::ReleaseClaim));
     }
 }

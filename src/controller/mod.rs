@@ -12,6 +12,7 @@ mod secrets;
 mod steps;
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
 use crate::metrics::{InstanceLabels, Metrics, ReasonLabels, ResultLabels};
 use crate::netbird::ClientOptions;
-use decide::{Facts, Probes, Step, Verdict, Verified};
+use decide::{Facts, Probes, Verdict, Verified};
 
 /// Errors that end a pass early (the Kubernetes API failed); retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -576,10 +577,13 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             management_url: &nbi.spec.management_url,
         });
         tracing::debug!(?step, "decided");
-        if let Step::Finish(v) = step {
-            verdict = Some(v);
-            break;
-        }
+        let step = match step {
+            ControlFlow::Break(v) => {
+                verdict = Some(v);
+                break;
+            }
+            ControlFlow::Continue(step) => step,
+        };
         if let Err(v) = steps::run(step, nbi, ctx, &secrets, &mut world, &mut probes).await {
             verdict = Some(v);
             break;

@@ -273,7 +273,6 @@ pub async fn run(
         probes,
     };
     match step {
-        Step::Finish(v) => Err(v),
         Step::SyncSecretMetadata => s.sync_secret_metadata().await,
         Step::VerifyToken => s.verify_token().await,
         Step::CheckInstance => {
