@@ -334,19 +334,65 @@ pub fn new_claimed(nbi: &NetbirdInstance, started_at: &str, fingerprint: &str) -
     }
 }
 
+/// A new token Secret claimed for setup, with the comparison of the credentials the claim made
+/// (see [`ANN_CREDENTIALS_CHECKED`]) when there is one.
+pub fn new_claimed_checked(
+    nbi: &NetbirdInstance,
+    started_at: &str,
+    fingerprint: &str,
+    check: Option<&str>,
+) -> Secret {
+    let mut fresh = new_claimed(nbi, started_at, fingerprint);
+    if let (Some(a), Some(check)) = (fresh.metadata.annotations.as_mut(), check) {
+        a.insert(ANN_CREDENTIALS_CHECKED.into(), check.into());
+    }
+    fresh
+}
+
+/// The token Secret created again from `patch` when it vanished under a token write: the Secret's
+/// name, labels and owner references, and what the patch writes.
+pub fn recreated(nbi: &NetbirdInstance, patch: &Value) -> Secret {
+    let mut fresh = new_claimed(nbi, "", "");
+    if let Some(a) = fresh.metadata.annotations.as_mut() {
+        a.clear();
+    }
+    let mut obj = serde_json::to_value(&fresh).unwrap_or_default();
+    merge(&mut obj, patch);
+    serde_json::from_value(obj).unwrap_or(fresh)
+}
+
+/// JSON merge patch semantics (RFC 7386), for creating a Secret from a patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
 /// Claims an existing owned Secret for setup. `resource_version` makes the write fail on a
-/// concurrent change, so the claim is known to hold before the one-time call.
+/// concurrent change, so the claim is known to hold before the one-time call. `check` is the
+/// comparison of the credentials the claim made (see [`ANN_CREDENTIALS_CHECKED`]).
 pub fn claim_patch(
     nbi: &NetbirdInstance,
     s: &OwnedSecret,
     resource_version: &str,
     started_at: &str,
     fingerprint: &str,
+    check: Option<&str>,
 ) -> Value {
     let mut patch = metadata_patch(nbi, s);
     patch["metadata"]["resourceVersion"] = json!(resource_version);
     patch["metadata"]["annotations"][ANN_SETUP_STARTED_AT] = json!(started_at);
     patch["metadata"]["annotations"][ANN_FINGERPRINT] = json!(fingerprint);
+    patch["metadata"]["annotations"][ANN_CREDENTIALS_CHECKED] = json!(check);
     patch["metadata"]["annotations"][ANN_SETUP_OUTCOME] = Value::Null;
     patch["metadata"]["annotations"][ANN_SETUP_REJECTED] = Value::Null;
     patch["metadata"]["annotations"][ANN_SETUP_UNANSWERED] = Value::Null;
@@ -401,6 +447,16 @@ pub fn previous_deleted_patch() -> Value {
         }},
         "data": {PREVIOUS_TOKEN_KEY: Value::Null},
     })
+}
+
+/// Ends the in-flight marker of a token creation once the tokens it may have left are cleaned up.
+pub fn rotation_ended_patch() -> Value {
+    json!({"metadata": {"annotations": {ANN_ROTATION_STARTED_AT: Value::Null}}})
+}
+
+/// Records a comparison of the credentials (see [`credentials_check`]).
+pub fn credentials_checked_patch(check: &str) -> Value {
+    json!({"metadata": {"annotations": {ANN_CREDENTIALS_CHECKED: check}}})
 }
 
 /// Marks a token creation in flight (rotation, exchange): a crash before the new token is stored
@@ -672,5 +728,12 @@ mod tests {
         assert_eq!(recorded_check(&same, "41", "$argon2id$fp"), Some(true));
         assert_eq!(recorded_check("41 same", "41", "$argon2id$fp"), None);
         assert_eq!(recorded_check("garbage", "41", "$argon2id$fp"), None);
+    }
+
+    #[test]
+    fn merge_patch_semantics() {
+        let mut t = json!({"a": {"b": 1, "c": 2}, "d": 1});
+        merge(&mut t, &json!({"a": {"b": null, "e": 3}, "d": 2}));
+        assert_eq!(t, json!({"a": {"c": 2, "e": 3}, "d": 2}));
     }
 }

@@ -402,16 +402,11 @@ impl Stepper<'_, '_> {
         let secret_name = nbi.token_secret_name();
         let result = match (&self.world.token_secret, &self.world.token_secret_rv) {
             (TokenSecret::Ours(s), Some(rv)) => {
-                let mut patch = token_secret::claim_patch(nbi, s, rv, &started, &fp);
-                patch["metadata"]["annotations"][token_secret::ANN_CREDENTIALS_CHECKED] =
-                    serde_json::json!(check);
+                let patch = token_secret::claim_patch(nbi, s, rv, &started, &fp, check.as_deref());
                 secrets.patch(&secret_name, &patch).await
             }
             _ => {
-                let mut fresh = token_secret::new_claimed(nbi, &started, &fp);
-                if let (Some(a), Some(check)) = (fresh.metadata.annotations.as_mut(), check) {
-                    a.insert(token_secret::ANN_CREDENTIALS_CHECKED.into(), check);
-                }
+                let fresh = token_secret::new_claimed_checked(nbi, &started, &fp, check.as_deref());
                 secrets.create(&fresh).await
             }
         };
@@ -480,8 +475,7 @@ impl Stepper<'_, '_> {
             }
         }
         if list.is_ok() {
-            let patch = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_ROTATION_STARTED_AT: null}}});
-            self.patch(&patch).await?;
+            self.patch(&token_secret::rotation_ended_patch()).await?;
         }
         self.probes.token_list = Some(list.map(|()| Vec::new()));
         self.probes.orphans_cleaned = true;
@@ -969,14 +963,7 @@ async fn write_until_stored(
         match secrets.patch(&name, patch).await {
             Ok(s) => Ok(s),
             Err(kube::Error::Api(s)) if s.code == 404 => {
-                let mut fresh = token_secret::new_claimed(nbi, "", "");
-                if let Some(a) = fresh.metadata.annotations.as_mut() {
-                    a.clear();
-                }
-                let mut obj = serde_json::to_value(&fresh).unwrap_or_default();
-                merge(&mut obj, patch);
-                let fresh: Secret = serde_json::from_value(obj).unwrap_or(fresh);
-                secrets.create(&fresh).await
+                secrets.create(&token_secret::recreated(nbi, patch)).await
             }
             Err(e) => Err(e),
         }
@@ -1050,22 +1037,6 @@ async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str
     }
 }
 
-/// JSON merge patch semantics (RFC 7386), for creating a Secret from a patch.
-fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
-    match (target, patch) {
-        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
-}
-
 /// What the in-memory cache of fingerprint comparisons is keyed by (never stored anywhere).
 fn fingerprint_key(fp: &str, input: &SecretString) -> [u8; 32] {
     let mut h = Sha256::new();
@@ -1134,24 +1105,11 @@ pub async fn record_credentials_check(
     if recorded != Some(false) {
         return;
     }
-    let patch = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_CREDENTIALS_CHECKED: check}}});
+    let patch = token_secret::credentials_checked_patch(&check);
     match secrets.patch(&nbi.token_secret_name(), &patch).await {
         Ok(written) => world.set_token_secret(nbi, Some(written)),
         Err(e) => {
             warn!(error = %e, "failed to record the credentials comparison on the token Secret")
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::merge;
-    use serde_json::json;
-
-    #[test]
-    fn merge_patch_semantics() {
-        let mut t = json!({"a": {"b": 1, "c": 2}, "d": 1});
-        merge(&mut t, &json!({"a": {"b": null, "e": 3}, "d": 2}));
-        assert_eq!(t, json!({"a": {"c": 2, "e": 3}, "d": 2}));
     }
 }
