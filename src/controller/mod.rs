@@ -998,8 +998,8 @@ pub fn instance_gauges(store: &Store<NetbirdInstance>) -> (i64, i64, i64, i64) {
     let (mut ready, mut not_ready, mut unknown, mut update) = (0, 0, 0, 0);
     for nbi in store.state() {
         match report::ready_of(nbi.status.as_ref()).map(|(s, _)| s) {
-            Some(s) if s == "True" => ready += 1,
-            Some(s) if s == "False" => not_ready += 1,
+            Some(s) if s == report::ConditionStatus::True.as_str() => ready += 1,
+            Some(s) if s == report::ConditionStatus::False.as_str() => not_ready += 1,
             _ => unknown += 1,
         }
         if nbi
