@@ -110,15 +110,40 @@ pub async fn main(cli: Cli) -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> Result<(), String> {
+/// Why `netbird-operator run` stopped with an error. Each message names what failed and its cause
+/// once (the cause is not also a `source`).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("failed to connect to Kubernetes (in-cluster or $KUBECONFIG): {0}")]
+    Connect(kube::Error),
+    #[error("failed to listen on {addr}: {error}")]
+    Listen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("failed to set up leader election (Lease {lease}): {error}")]
+    LeaderElection {
+        lease: String,
+        error: kube_lease_manager::LeaseManagerError,
+    },
+    #[error("leader election stopped")]
+    LeaderElectionStopped,
+    #[error("lost the leader Lease")]
+    LostLease,
+}
+
+async fn run(args: RunArgs) -> Result<(), RunError> {
     telemetry::init(args.log_format, &args.log_level);
     crate::tls::install_crypto_provider();
     let client = kube::Client::try_default()
         .await
-        .map_err(|e| format!("failed to connect to Kubernetes (in-cluster or $KUBECONFIG): {e}"))?;
+        .map_err(RunError::Connect)?;
     let listener = http::bind(args.http_addr)
         .await
-        .map_err(|e| format!("failed to listen on {}: {e}", args.http_addr))?;
+        .map_err(|error| RunError::Listen {
+            addr: args.http_addr,
+            error,
+        })?;
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
     let settings = Settings {
@@ -196,7 +221,7 @@ async fn run_as_leader(
     ctx: Arc<Context>,
     store_slot: Arc<OnceLock<kube::runtime::reflector::Store<crate::crd::NetbirdInstance>>>,
     health: Arc<Health>,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     let namespace = args
         .leader_election_namespace
         .clone()
@@ -205,19 +230,18 @@ async fn run_as_leader(
         .pod_name
         .clone()
         .unwrap_or_else(|| format!("netbird-operator-{}", std::process::id()));
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(
-        ctx.client.clone(),
-        "netbird-operator-leader",
-    )
-    .with_namespace(&namespace)
-    .with_identity(&identity)
-    .with_duration(15)
-    .with_grace(5)
-    .build()
-    .await
-    .map_err(|e| {
-        format!("failed to set up leader election (Lease {namespace}/netbird-operator-leader): {e}")
-    })?;
+    let manager =
+        kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), "netbird-operator-leader")
+            .with_namespace(&namespace)
+            .with_identity(&identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .map_err(|error| RunError::LeaderElection {
+                lease: format!("{namespace}/netbird-operator-leader"),
+                error,
+            })?;
     let (mut leader, lease_task) = manager.watch().await;
     // a follower is ready: it serves health and waits
     health.set_ready();
@@ -228,7 +252,7 @@ async fn run_as_leader(
             break;
         }
         tokio::select! {
-            changed = leader.changed() => if changed.is_err() { return Err("leader election stopped".into()) },
+            changed = leader.changed() => if changed.is_err() { return Err(RunError::LeaderElectionStopped) },
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
@@ -251,7 +275,7 @@ async fn run_as_leader(
             // the Lease's grace period
             stop.cancel();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(4), &mut controller).await;
-            Err("lost the leader Lease".to_string())
+            Err(RunError::LostLease)
         }
     };
     stop.cancel();

@@ -78,7 +78,7 @@ impl Default for Metrics {
         let reconcile_errors = Family::default();
         registry.register(
             "reconcile_errors",
-            "Passes that ended not Ready, by condition reason (or KubernetesError)",
+            "Passes that ended not Ready, by condition reason (or the Kubernetes failure)",
             reconcile_errors.clone(),
         );
         let netbird_requests = Family::default();

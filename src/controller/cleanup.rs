@@ -161,13 +161,25 @@ async fn remove_finalizer(
     Ok(Action::await_change())
 }
 
+/// Why the finalizer could not delete the token on the server (retried until its timeout).
+#[derive(Debug, thiserror::Error)]
+enum DeleteTokenError {
+    #[error("no NetBird client for this spec")]
+    NoClient,
+    #[error("the token's id is unknown (the user has several tokens)")]
+    UnknownId,
+    /// NetBird's error says which call failed.
+    #[error(transparent)]
+    Netbird(#[from] crate::netbird::NetbirdError),
+}
+
 /// Deletes the stored token on the server. Ok(description) when there is nothing (more) to do.
-async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, String> {
+async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, DeleteTokenError> {
     let Some(token) = world.token() else {
         return Ok("no token in the Secret".into());
     };
     let Some(client) = world.client() else {
-        return Err("no NetBird client for this spec".into());
+        return Err(DeleteTokenError::NoClient);
     };
     let secret = world.token_secret.owned();
     // a service user's token is verified the way every pass verifies it (NetBird answers 403 to
@@ -186,13 +198,13 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, St
         match client.delete_token(old, old_user, old_id).await {
             Ok(()) => info!(token_id = %old_id, "deleted the replaced token"),
             Err(e) if e.is_token_rejected() || e.status() == Some(404) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
     let user = match verify(client, token, service_user_id).await {
         Ok(u) => u,
         Err(e) if e.is_token_rejected() => return Ok("the token was already invalid".into()),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
     let id = match world
         .token_secret
@@ -203,20 +215,17 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, St
         Some(id) => id,
         None => {
             // identify it: the only token of the user
-            let tokens = client
-                .list_tokens(token, &user.id)
-                .await
-                .map_err(|e| e.to_string())?;
+            let tokens = client.list_tokens(token, &user.id).await?;
             match tokens.as_slice() {
                 [t] => t.id.clone(),
-                _ => return Err("the token's id is unknown (the user has several tokens)".into()),
+                _ => return Err(DeleteTokenError::UnknownId),
             }
         }
     };
     match client.delete_token(token, &user.id, &id).await {
         Ok(()) => Ok(format!("deleted token {id} of {}", nbi.name_any())),
         Err(e) if e.is_token_rejected() => Ok("the token was already deleted".into()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 

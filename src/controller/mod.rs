@@ -35,17 +35,30 @@ use crate::metrics::{InstanceLabels, Metrics, ReasonLabels, ResultLabels};
 use crate::netbird::ClientOptions;
 use decide::{Facts, Probes, Verdict, Verified};
 
-/// Errors that end a pass early (the Kubernetes API failed); retried with backoff.
+/// Errors that end a pass early (the Kubernetes API failed); retried with backoff. Each message
+/// names what failed and the Kubernetes error once (the error is not also a `source`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to read Secret {name}: {source}")]
-    ReadSecret { name: String, source: kube::Error },
+    #[error("failed to read Secret {name}: {error}")]
+    ReadSecret { name: String, error: kube::Error },
     #[error("failed to write the status: {0}")]
-    WriteStatus(#[source] kube::Error),
+    WriteStatus(kube::Error),
     #[error("failed to update the finalizers: {0}")]
-    WriteFinalizer(#[source] kube::Error),
+    WriteFinalizer(kube::Error),
     #[error("the NetbirdInstance has no namespace")]
     NoNamespace,
+}
+
+impl Error {
+    /// A bounded label for metrics and logs: one per kind of failure, never the error text.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::ReadSecret { .. } => "ReadSecretFailed",
+            Error::WriteStatus(_) => "WriteStatusFailed",
+            Error::WriteFinalizer(_) => "WriteFinalizerFailed",
+            Error::NoNamespace => "NoNamespace",
+        }
+    }
 }
 
 /// Settings of the controller.
@@ -456,11 +469,11 @@ fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Ac
     ctx.metrics
         .reconcile_errors
         .get_or_create(&ReasonLabels {
-            reason: "KubernetesError",
+            reason: err.reason(),
         })
         .inc();
     let delay = ctx.backoff(nbi.uid().as_deref().unwrap_or_default());
-    warn!(namespace = nbi.namespace().unwrap_or_default(), name = %nbi.name_any(), error = %err, retry_in = ?delay, "pass failed");
+    warn!(namespace = nbi.namespace().unwrap_or_default(), name = %nbi.name_any(), reason = err.reason(), error = %err, retry_in = ?delay, "pass failed");
     Action::requeue(delay)
 }
 
@@ -1099,5 +1112,23 @@ mod tests {
             detail: String::new(),
         });
         assert_eq!(counts_as_failure(&Verdict::Ready, &probes), Some(true));
+    }
+
+    #[test]
+    fn each_error_has_its_own_reason() {
+        let kube = || kube::Error::LinesCodecMaxLineLengthExceeded;
+        let reasons: std::collections::HashSet<_> = [
+            Error::ReadSecret {
+                name: "s".into(),
+                error: kube(),
+            },
+            Error::WriteStatus(kube()),
+            Error::WriteFinalizer(kube()),
+            Error::NoNamespace,
+        ]
+        .iter()
+        .map(Error::reason)
+        .collect();
+        assert_eq!(reasons.len(), 4);
     }
 }

@@ -47,7 +47,7 @@ impl World {
             secrets
                 .get(&name)
                 .await
-                .map_err(|source| Error::ReadSecret { name, source })
+                .map_err(|error| Error::ReadSecret { name, error })
         };
         let cref = &nbi.spec.credentials_secret_ref;
         let ca_ref = nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref());

@@ -115,7 +115,13 @@ pub enum NetbirdError {
     TooLarge { endpoint: Endpoint, limit: usize },
     /// The token is not a NetBird personal access token (checked before sending it).
     #[error("the stored token is not a NetBird personal access token: {0}")]
-    MalformedToken(#[from] super::pat::PatFormatError),
+    MalformedToken(super::pat::PatFormatError),
+}
+
+impl From<super::pat::PatFormatError> for NetbirdError {
+    fn from(e: super::pat::PatFormatError) -> Self {
+        NetbirdError::MalformedToken(e)
+    }
 }
 
 impl NetbirdError {
