@@ -19,7 +19,8 @@ use crate::telemetry::{self, LogFormat};
 #[command(
     name = "netbird-operator",
     version,
-    about = "Bootstraps self-hosted NetBird management servers and keeps their API token in a Secret"
+    about = "Bootstraps self-hosted NetBird management servers and keeps their API token in a \
+        Secret"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -32,7 +33,8 @@ pub enum Command {
     Run(RunArgs),
     /// Print the NetbirdInstance CustomResourceDefinition as YAML.
     Crd {
-        /// Print it as the Helm chart's template (installed and upgraded with the chart, kept on uninstall).
+        /// Print it as the Helm chart's template (installed and upgraded with the chart, kept on
+        /// uninstall).
         #[arg(long)]
         helm: bool,
     },
@@ -78,7 +80,8 @@ pub struct RunArgs {
     /// Name of this replica in Events and in the leader Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
-    /// Reconcile only while holding the Lease `netbird-operator-leader` (for more than one replica).
+    /// Reconcile only while holding the Lease `netbird-operator-leader` (for more than one
+    /// replica).
     #[arg(long, env = "LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub leader_election: bool,
     /// Namespace of the leader Lease (default: the pod's namespace, else "default").
@@ -214,7 +217,8 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
 }
 
 /// Reconciles only while this replica holds the Lease. Losing it stops the process: the controller
-/// stops taking work at once, and the pod restarts as a follower (the controller-runtime convention),
+/// stops taking work at once, and the pod restarts as a follower (the controller-runtime
+/// convention),
 /// so two replicas never reconcile together for longer than the Lease's grace period.
 async fn run_as_leader(
     args: &RunArgs,
@@ -245,14 +249,19 @@ async fn run_as_leader(
     let (mut leader, lease_task) = manager.watch().await;
     // a follower is ready: it serves health and waits
     health.set_ready();
-    info!(lease = %format!("{namespace}/netbird-operator-leader"), identity = %identity, "waiting to become leader");
+    info!(lease = %format!("{namespace}/netbird-operator-leader"), identity = %identity, "waiting \
+        to become leader");
     let shutdown = ctx.shutdown.clone();
     loop {
         if *leader.borrow_and_update() {
             break;
         }
         tokio::select! {
-            changed = leader.changed() => if changed.is_err() { return Err(RunError::LeaderElectionStopped) },
+            changed = leader.changed() => {
+                if changed.is_err() {
+                    return Err(RunError::LeaderElectionStopped);
+                }
+            }
             _ = shutdown.cancelled() => return Ok(()),
         }
     }

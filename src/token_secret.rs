@@ -552,7 +552,8 @@ pub fn no_token_patch(user_id: &str, completed_at: &str, outcome: &str) -> Value
 }
 
 /// Ends a claim after setup definitively failed (4xx), so the next attempt is not mistaken for a
-/// lost token. A refusal of the request (400/412/422) is recorded with the generation it answered, so
+/// lost token. A refusal of the request (400/412/422) is recorded with the generation it answered,
+/// so
 /// the same spec and credentials are never sent again.
 pub fn release_patch(rejection: Option<(i64, u16, &str)>) -> Value {
     let rejected = rejection.map_or(Value::Null, |(generation, status, message)| {
@@ -563,7 +564,10 @@ pub fn release_patch(rejection: Option<(i64, u16, &str)>) -> Value {
             .collect();
         json!(format!("{generation} {status} {message}"))
     });
-    json!({"metadata": {"annotations": {ANN_SETUP_STARTED_AT: Value::Null, ANN_SETUP_REJECTED: rejected}}})
+    json!({"metadata": {"annotations": {
+        ANN_SETUP_STARTED_AT: Value::Null,
+        ANN_SETUP_REJECTED: rejected,
+    }}})
 }
 
 /// A recorded refusal: (generation, status, message).
@@ -598,7 +602,12 @@ mod tests {
     fn nbi(policy: DeletionPolicy) -> NetbirdInstance {
         let mut spec: NetbirdInstanceSpec = serde_json::from_value(json!({
             "managementURL": "https://nb.example.com",
-            "credentialsSecretRef": {"name": "admin", "emailKey": "email", "passwordKey": "password", "nameKey": "name"},
+            "credentialsSecretRef": {
+                "name": "admin",
+                "emailKey": "email",
+                "passwordKey": "password",
+                "nameKey": "name",
+            },
         }))
         .unwrap();
         spec.token.deletion_policy = policy;

@@ -83,7 +83,8 @@ pub async fn on_delete(
     {
         // the token belongs to another server than the spec names now: it is not sent anywhere
         let note = format!(
-            "the token in Secret {} belongs to the NetBird server at {home}, and spec.managementURL is {}: \
+            "the token in Secret {} belongs to the NetBird server at {home}, and \
+                spec.managementURL is {}: \
              it was not sent there to be deleted. Delete it in the dashboard of {home}",
             nbi.token_secret_name(),
             nbi.spec.management_url
@@ -110,8 +111,10 @@ pub async fn on_delete(
             if elapsed >= timeout {
                 warn!(error = %e, attempt, "could not delete the token on the server; letting go");
                 let note = format!(
-                    "could not delete the token on the NetBird server in {} ({attempt} attempts; last: {e}); \
-                     the NetbirdInstance is deleted anyway. Delete the token in the NetBird dashboard",
+                    "could not delete the token on the NetBird server in {} ({attempt} attempts; \
+                        last: {e}); \
+                     the NetbirdInstance is deleted anyway. Delete the token in the NetBird \
+                         dashboard",
                     crate::duration::format(timeout)
                 );
                 publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
@@ -120,10 +123,13 @@ pub async fn on_delete(
                 let retry_in = super::backoff_delay(attempt, ctx.settings.max_backoff)
                     .max(Duration::from_millis(500))
                     .min(timeout - elapsed);
-                warn!(error = %e, attempt, ?retry_in, "could not delete the token on the server; retrying");
+                warn!(error = %e, attempt, ?retry_in, "could not delete the token on the server; \
+                    retrying");
                 let note = format!(
-                    "attempt {attempt} to delete the token on the NetBird server failed ({e}); retrying \
-                     in {}s, for at most {} after the deletion request, then the NetbirdInstance is \
+                    "attempt {attempt} to delete the token on the NetBird server failed ({e}); \
+                        retrying \
+                     in {}s, for at most {} after the deletion request, then the NetbirdInstance \
+                         is \
                      deleted anyway",
                     retry_in.as_secs().max(1),
                     crate::duration::format(timeout)

@@ -75,7 +75,8 @@ pub struct Probes {
 #[derive(Debug)]
 pub struct Facts<'a> {
     pub generation: i64,
-    /// The credentials Secret still holds the credentials of the last setup attempt (or there was none).
+    /// The credentials Secret still holds the credentials of the last setup attempt (or there was
+    /// none).
     pub credentials_unchanged: bool,
     pub suspended: bool,
     /// A spec error the schema could not catch.
@@ -95,7 +96,8 @@ pub struct Facts<'a> {
     pub service_user: Option<&'a str>,
     pub now: jiff::Timestamp,
     pub probes: &'a Probes,
-    /// The credentials Secret's allow-list (`bootstrap.netbird.io/management-urls`), when it has one.
+    /// The credentials Secret's allow-list (`bootstrap.netbird.io/management-urls`), when it has
+    /// one.
     pub allowed_servers: Option<&'a str>,
     /// For messages.
     pub secret_name: &'a str,
@@ -262,7 +264,8 @@ pub fn decide(f: &Facts<'_>) -> Decision {
             return stalled(
                 Stall::SecretConflict,
                 format!(
-                    "Secret {} exists but is not managed by this operator ({why}); it is left untouched. \
+                    "Secret {} exists but is not managed by this operator ({why}); it is left \
+                        untouched. \
                      Delete or rename it, or set spec.token.secretName to another name",
                     f.secret_name
                 ),
@@ -289,8 +292,10 @@ pub fn decide(f: &Facts<'_>) -> Decision {
                     Some(Err(e)) if e.is_token_rejected() => stalled(
                         Stall::TokenRejected,
                         format!(
-                            "the token in key {} of Secret {} was rejected: {e}. Create a personal access \
-                             token in the NetBird dashboard and put it under that key; the operator adopts it",
+                            "the token in key {} of Secret {} was rejected: {e}. Create a personal \
+                                access \
+                             token in the NetBird dashboard and put it under that key; the \
+                                 operator adopts it",
                             f.secret_key, f.secret_name
                         ),
                     ),
@@ -308,7 +313,8 @@ pub fn decide(f: &Facts<'_>) -> Decision {
                 return stalled(
                     Stall::TokenRejected,
                     format!(
-                        "key {} of Secret {} holds binary data, not a token. Put a personal access token \
+                        "key {} of Secret {} holds binary data, not a token. Put a personal access \
+                            token \
                          (nbp_...) there; the operator adopts it",
                         f.secret_key, f.secret_name
                     ),
@@ -382,7 +388,8 @@ pub fn decide(f: &Facts<'_>) -> Decision {
                 Some(400 | 422) => stalled(
                     Stall::CredentialsRejected,
                     format!(
-                        "NetBird refused the credentials: {e}. Fix the credentials Secret; the operator retries when it changes"
+                        "NetBird refused the credentials: {e}. Fix the credentials Secret; the \
+                            operator retries when it changes"
                     ),
                 ),
                 _ => unreachable_or_stalled(e, "setup failed"),
@@ -469,22 +476,26 @@ fn rejected(status: u16, message: &str) -> Decision {
         return stalled(
             Stall::InvalidSpec,
             format!(
-                "NetBird refused spec.token.expiresInDays ({status}: {message}); setup is tried again when the spec changes"
+                "NetBird refused spec.token.expiresInDays ({status}: {message}); setup is tried \
+                    again when the spec changes"
             ),
         );
     }
     stalled(
         Stall::CredentialsRejected,
         format!(
-            "NetBird refused the credentials ({status}: {message}). Fix the credentials Secret; setup is tried again when it changes"
+            "NetBird refused the credentials ({status}: {message}). Fix the credentials Secret; \
+                setup is tried again when it changes"
         ),
     )
 }
 
 fn token_not_issued_message(f: &Facts<'_>) -> String {
     format!(
-        "setup succeeded but NetBird returned no token: the server runs without NB_SETUP_PAT_ENABLED=true. \
-         Log in to the dashboard as the owner, create a personal access token and put it under key {} of \
+        "setup succeeded but NetBird returned no token: the server runs without \
+            NB_SETUP_PAT_ENABLED=true. \
+         Log in to the dashboard as the owner, create a personal access token and put it under key \
+             {} of \
          Secret {}; the operator adopts it",
         f.secret_key, f.secret_name
     )
@@ -493,8 +504,10 @@ fn token_not_issued_message(f: &Facts<'_>) -> String {
 fn token_not_allowed_message(f: &Facts<'_>, home: &str) -> String {
     format!(
         "the token in Secret {} belongs to the NetBird server at {home} (annotation {}), but \
-         spec.managementURL is {}: the token is not sent there. If {} is the same server under a new \
-         address, whoever may write Secret {} sets that annotation to the new URL; for another server, \
+         spec.managementURL is {}: the token is not sent there. If {} is the same server under a \
+             new \
+         address, whoever may write Secret {} sets that annotation to the new URL; for another \
+             server, \
          set spec.token.secretName to another Secret",
         f.secret_name,
         crate::binding::ANN_MANAGEMENT_URL,
@@ -507,8 +520,10 @@ fn token_not_allowed_message(f: &Facts<'_>, home: &str) -> String {
 fn password_not_allowed_message(f: &Facts<'_>, list: &str) -> String {
     let list: Vec<String> = crate::binding::allow_list(list);
     format!(
-        "the credentials Secret allows its password to be sent only to {} (annotation {}), not to {}: \
-         nothing was sent. Whoever may write the credentials Secret adds the URL to that annotation, \
+        "the credentials Secret allows its password to be sent only to {} (annotation {}), not to \
+            {}: \
+         nothing was sent. Whoever may write the credentials Secret adds the URL to that \
+             annotation, \
          or the NetbirdInstance names another credentials Secret",
         list.join(", "),
         crate::binding::ANN_ALLOWED_URLS,
@@ -519,7 +534,8 @@ fn password_not_allowed_message(f: &Facts<'_>, list: &str) -> String {
 fn malformed_token_message(f: &Facts<'_>, what: &str, why: &str) -> String {
     let then = if what == "setup" {
         format!(
-            "Setup is done and is never called again: log in to the dashboard as the owner, create a \
+            "Setup is done and is never called again: log in to the dashboard as the owner, create \
+                a \
              personal access token and put it under key {} of Secret {}; the operator adopts it",
             f.secret_key, f.secret_name
         )
@@ -538,18 +554,25 @@ fn malformed_token_message(f: &Facts<'_>, what: &str, why: &str) -> String {
 fn token_lost_message(f: &Facts<'_>, started: bool) -> String {
     if !started {
         return format!(
-            "NetBird at {} is set up and the token this operator stored is gone from the Secret; NetBird \
-             shows a token only once. Log in to the dashboard as the owner, create a personal access token \
+            "NetBird at {} is set up and the token this operator stored is gone from the Secret; \
+                NetBird \
+             shows a token only once. Log in to the dashboard as the owner, create a personal \
+                 access token \
              and put it under key {} of Secret {}; the operator adopts it",
             f.management_url, f.secret_key, f.secret_name
         );
     }
     format!(
-        "NetBird at {} is set up, and this operator's setup call may have done it: its answer never \
-         arrived (a timeout, a reset connection or a restart) and its token was never stored. The owner \
-         may also have been created by someone else at the same moment. NetBird shows a token only once: \
-         if the owner is the account in the credentials Secret, log in to the dashboard with it, create a \
-         personal access token and put it under key {} of Secret {}; if someone else set the server up, \
+        "NetBird at {} is set up, and this operator's setup call may have done it: its answer \
+            never \
+         arrived (a timeout, a reset connection or a restart) and its token was never stored. The \
+             owner \
+         may also have been created by someone else at the same moment. NetBird shows a token only \
+             once: \
+         if the owner is the account in the credentials Secret, log in to the dashboard with it, \
+             create a \
+         personal access token and put it under key {} of Secret {}; if someone else set the \
+             server up, \
          ask them for a personal access token and put it there. The operator adopts it",
         f.management_url, f.secret_key, f.secret_name
     )
@@ -562,8 +585,10 @@ fn setup_unavailable_message(f: &Facts<'_>, raced: bool) -> String {
         "is already set up (or uses an external identity provider)"
     };
     format!(
-        "NetBird at {} {why}, and Secret {} holds no token. Create a personal access token in the NetBird \
-         dashboard and put it under key {} of that Secret (with labels {}={} and {}=<instance name>); the \
+        "NetBird at {} {why}, and Secret {} holds no token. Create a personal access token in the \
+            NetBird \
+         dashboard and put it under key {} of that Secret (with labels {}={} and {}=<instance \
+             name>); the \
          operator adopts it",
         f.management_url,
         f.secret_name,

@@ -1,6 +1,7 @@
 //! The NetbirdInstance controller: watches, the reconcile pass, requeue and backoff.
 //!
-//! A pass reads the world (the instance and its Secrets), asks [`decide::decide`] for the next step,
+//! A pass reads the world (the instance and its Secrets), asks [`decide::decide`] for the next
+//! step,
 //! does that one step, and asks again until the decision is a verdict; then it writes the status
 //! (only when it changed) and Events for transitions.
 
@@ -370,7 +371,10 @@ pub async fn run(
         // (kube-runtime's DelayedInit), so each wait is bounded and retried.
         loop {
             tokio::select! {
-                res = tokio::time::timeout(Duration::from_millis(100), sync_store.wait_until_ready()) => match res {
+                res = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    sync_store.wait_until_ready(),
+                ) => match res {
                     Ok(Ok(())) => { on_synced(); return; }
                     Ok(Err(_)) => return,
                     Err(_) => continue,
@@ -473,7 +477,14 @@ fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Ac
         })
         .inc();
     let delay = ctx.backoff(nbi.uid().as_deref().unwrap_or_default());
-    warn!(namespace = nbi.namespace().unwrap_or_default(), name = %nbi.name_any(), reason = err.reason(), error = %err, retry_in = ?delay, "pass failed");
+    warn!(
+        namespace = nbi.namespace().unwrap_or_default(),
+        name = %nbi.name_any(),
+        reason = err.reason(),
+        error = %err,
+        retry_in = ?delay,
+        "pass failed"
+    );
     Action::requeue(delay)
 }
 
@@ -481,7 +492,8 @@ fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Ac
 pub async fn reconcile(nbi: Arc<NetbirdInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = nbi.namespace().ok_or(Error::NoNamespace)?;
     let name = nbi.name_any();
-    let span = info_span!("reconcile", namespace = %ns, name = %name, generation = nbi.metadata.generation);
+    let generation = nbi.metadata.generation;
+    let span = info_span!("reconcile", namespace = %ns, name = %name, generation);
     async move {
         let action = pass(&nbi, &ctx, &ns).await?;
         ctx.metrics
@@ -965,7 +977,8 @@ async fn publish_events(
         // the usual case: the same pass made the instance Ready, and one Event tells both
         let note = match verdict {
             Verdict::Ready => {
-                "the one-time setup succeeded; its token is stored and verified, and the instance is Ready"
+                "the one-time setup succeeded; its token is stored and verified, and the instance \
+                    is Ready"
             }
             _ => "the one-time setup succeeded and its token is stored",
         };

@@ -35,7 +35,8 @@ pub struct ReportInput<'a> {
     pub now: Timestamp,
 }
 
-/// A timestamp as the apiserver stores it (whole seconds), so that an unchanged status compares equal.
+/// A timestamp as the apiserver stores it (whole seconds), so that an unchanged status compares
+/// equal.
 pub fn to_time(t: Timestamp) -> Time {
     Time(Timestamp::from_second(t.as_second()).unwrap_or(t))
 }
@@ -315,8 +316,10 @@ fn ready_condition(r: &ReportInput<'_>) -> Cond {
             );
             if r.credentials_changed {
                 m.push_str(
-                    "; note: the credentials Secret no longer matches the credentials NetBird was set up with. \
-                     The operator never changes the owner's password: change it in the NetBird dashboard",
+                    "; note: the credentials Secret no longer matches the credentials NetBird was \
+                        set up with. \
+                     The operator never changes the owner's password: change it in the NetBird \
+                         dashboard",
                 );
             }
             c(READY, ConditionStatus::True, "Bootstrapped", &m)
@@ -383,7 +386,8 @@ fn token_available_condition(r: &ReportInput<'_>, seen: &Seen<'_>, ready: &Cond)
         (
             "TokenExpiringSoon",
             format!(
-                "less than a third of the token's lifetime is left (it expires at {}) and rotation is off: put a new token in the Secret or set spec.token.rotation.enabled",
+                "less than a third of the token's lifetime is left (it expires at {}) and rotation \
+                    is off: put a new token in the Secret or set spec.token.rotation.enabled",
                 seen.ann(ANN_EXPIRES_AT).unwrap_or("?")
             ),
         )

@@ -28,7 +28,8 @@ pub struct World {
     /// resourceVersions of the credentials and CA Secrets as read.
     input_rvs: [Option<String>; 2],
     client: Option<NetbirdClient>,
-    /// A comparison of the credentials with the fingerprint made by this pass, to be recorded on the
+    /// A comparison of the credentials with the fingerprint made by this pass, to be recorded on
+    /// the
     /// token Secret (see `token_secret::ANN_CREDENTIALS_CHECKED`).
     unrecorded_check: Option<String>,
     /// The credentials Secret's allow-list of servers for its password, when it has one.
@@ -70,7 +71,8 @@ impl World {
             .cloned();
         let credentials = match credentials_secret {
             None => Input::Missing(format!(
-                "waiting for the credentials Secret {} (keys {}, {} and optionally {}); the operator continues as soon as it exists",
+                "waiting for the credentials Secret {} (keys {}, {} and optionally {}); the \
+                    operator continues as soon as it exists",
                 cref.name, cref.email_key, cref.password_key, cref.name_key
             )),
             Some(s) => match credentials::parse(&cref.name, &s.data.unwrap_or_default(), cref) {
@@ -120,7 +122,8 @@ impl World {
         h.finalize().into()
     }
 
-    /// Builds the NetBird client once the CA (if any) is known; a bad CA bundle becomes InvalidSpec.
+    /// Builds the NetBird client once the CA (if any) is known; a bad CA bundle becomes
+    /// InvalidSpec.
     fn build_client(&mut self, nbi: &NetbirdInstance, ctx: &Context) {
         let base = &ctx.settings.netbird;
         let extra_ca_pem = match &self.ca {
@@ -501,10 +504,12 @@ impl Stepper<'_, '_> {
         {
             match self.client.delete_token(token, owner, &t.id).await {
                 Ok(()) => {
-                    info!(token_id = %t.id, "deleted a token left on the server by an interrupted rotation")
+                    info!(token_id = %t.id, "deleted a token left on the server by an interrupted \
+                        rotation")
                 }
                 Err(e) => {
-                    warn!(token_id = %t.id, error = %e.with_request_id(), "failed to delete a leftover token")
+                    warn!(token_id = %t.id, error = %e.with_request_id(), "failed to delete a \
+                        leftover token")
                 }
             }
         }
@@ -562,7 +567,8 @@ impl Stepper<'_, '_> {
             // another user's token this one may not delete (a service user's token cannot delete
             // the owner's): it is left to expire
             Err(e) if e.status() == Some(403) => {
-                warn!(token_id = %previous, error = %e.with_request_id(), "the replaced token cannot be deleted with the new one; it is left to expire");
+                warn!(token_id = %previous, error = %e.with_request_id(), "the replaced token \
+                    cannot be deleted with the new one; it is left to expire");
                 Ok(())
             }
             other => other,
@@ -573,7 +579,8 @@ impl Stepper<'_, '_> {
                 self.patch(&token_secret::previous_deleted_patch()).await?;
             }
             Err(e) => {
-                warn!(token_id = %previous, error = %e.with_request_id(), "failed to delete the replaced token; retrying later")
+                warn!(token_id = %previous, error = %e.with_request_id(), "failed to delete the \
+                    replaced token; retrying later")
             }
         }
         self.probes.previous_deleted = Some(result);
@@ -591,7 +598,8 @@ impl Stepper<'_, '_> {
             }
             Minted::Malformed => {}
             Minted::Failed(e) => {
-                warn!(error = %e.with_request_id(), "failed to create a new token; the current one stays");
+                warn!(error = %e.with_request_id(), "failed to create a new token; the current one \
+                    stays");
                 self.probes.rotation_error = Some(e);
             }
         }
@@ -616,7 +624,8 @@ impl Stepper<'_, '_> {
             }
             Minted::Malformed => Ok(()),
             Minted::Failed(e) => {
-                warn!(error = %e.with_request_id(), service_user = %name, "the service-user exchange failed; the current token stays");
+                warn!(error = %e.with_request_id(), service_user = %name, "the service-user \
+                    exchange failed; the current token stays");
                 self.probes.exchange_error = Some(e);
                 self.written(None).await
             }
@@ -639,7 +648,8 @@ impl Stepper<'_, '_> {
     }
 
     /// Marks a token creation in flight, creates a token for `user` (or for the service user
-    /// `svc`, id and name, trading the current token of `user` for it) named for this instance, and stores it
+    /// `svc`, id and name, trading the current token of `user` for it) named for this instance, and
+    /// stores it
     /// with the id of the token it replaces. A malformed answer is refused and recorded.
     async fn mint_and_store(
         &mut self,
@@ -741,7 +751,8 @@ impl Stepper<'_, '_> {
                 Ok(()) => info!(token_id = %old_id, "deleted the setup token"),
                 Err(e) if e.status() == Some(404) => {}
                 Err(e) => {
-                    warn!(token_id = %old_id, error = %e.with_request_id(), "failed to delete the old token; retrying later");
+                    warn!(token_id = %old_id, error = %e.with_request_id(), "failed to delete the \
+                        old token; retrying later");
                     return Ok(Minted::Stored { written, replaced });
                 }
             }
@@ -867,10 +878,12 @@ async fn setup(
         Some(token) if malformed.is_none() => token,
         _ => {
             let outcome = if malformed.is_some() {
-                warn!(user_id = %resp.user_id, "setup succeeded but returned a malformed token; not stored");
+                warn!(user_id = %resp.user_id, "setup succeeded but returned a malformed token; \
+                    not stored");
                 token_secret::OUTCOME_TOKEN_MALFORMED
             } else {
-                warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
+                warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks \
+                    NB_SETUP_PAT_ENABLED=true)");
                 token_secret::OUTCOME_TOKEN_NOT_ISSUED
             };
             let patch =
@@ -896,7 +909,8 @@ async fn setup(
         &completed.to_string(),
     );
     let written = write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await;
-    info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token stored");
+    info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token \
+        stored");
     let outcome = SetupOutcome::TokenStored {
         user_id: resp.user_id,
         email: resp.email,
@@ -929,11 +943,13 @@ async fn refuse_malformed(
     why: PatFormatError,
 ) {
     let id = &created.personal_access_token.id;
-    warn!(token_id = %id, error = %why, "the server answered the token creation with a malformed token; not stored");
+    warn!(token_id = %id, error = %why, "the server answered the token creation with a malformed \
+        token; not stored");
     if !id.is_empty()
         && let Err(e) = client.delete_token(token, user, id).await
     {
-        warn!(token_id = %id, error = %e.with_request_id(), "failed to delete the malformed token's record on the server");
+        warn!(token_id = %id, error = %e.with_request_id(), "failed to delete the malformed \
+            token's record on the server");
     }
 }
 
@@ -976,7 +992,8 @@ async fn write_until_stored(
             Ok(s) => return Some(s),
             Err(e) => e,
         };
-        warn!(error = %e, retry_in = ?delay, secret = %name, held_token = token.is_some(), "failed to write the token Secret; retrying");
+        warn!(error = %e, retry_in = ?delay, secret = %name, held_token = token.is_some(), "failed \
+            to write the token Secret; retrying");
         if token.is_some() && !reported && looks_permanent(&e) {
             reported = true;
             report_storing_token(ctx, nbi, &name, &e).await;
@@ -990,7 +1007,9 @@ async fn write_until_stored(
                     instance = %nbi.name_any(),
                     secret = %name,
                     error = %e,
-                    "shutting down with the token not stored: the token NetBird issued is LOST (NetBird shows a token only once). Log in to the dashboard as the owner, create a personal access token and put it under the token Secret's key"
+                    "shutting down with the token not stored: the token NetBird issued is LOST \
+                        (NetBird shows a token only once). Log in to the dashboard as the owner, \
+                            create a personal access token and put it under the token Secret's key"
                 );
                 return None;
             }
@@ -1017,8 +1036,10 @@ fn looks_permanent(e: &kube::Error) -> bool {
 /// Puts a failing token write in the status at once (Ready False, Reconciling/StoringToken).
 async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str, e: &kube::Error) {
     let message = format!(
-        "the token NetBird returned is held in memory only: writing Secret {secret} failed ({e}). The \
-         operator needs get, create and patch on secrets in namespace {}; it keeps retrying with backoff, \
+        "the token NetBird returned is held in memory only: writing Secret {secret} failed ({e}). \
+            The \
+         operator needs get, create and patch on secrets in namespace {}; it keeps retrying with \
+             backoff, \
          and the token is lost if the process ends first",
         nbi.metadata.namespace.as_deref().unwrap_or_default()
     );

@@ -244,7 +244,12 @@ impl NetbirdClient {
         token: &SecretString,
         name: &str,
     ) -> Result<User, NetbirdError> {
-        let body = serde_json::json!({"name": name, "role": "admin", "auto_groups": [], "is_service_user": true});
+        let body = serde_json::json!({
+            "name": name,
+            "role": "admin",
+            "auto_groups": [],
+            "is_service_user": true,
+        });
         self.call(
             Endpoint::CreateUser,
             Method::POST,

@@ -95,7 +95,8 @@ pub enum NetbirdError {
     /// be sent to another host). `location` is the target's origin only: its path and query (an SSO
     /// gateway's `state=`) change from answer to answer.
     #[error(
-        "{endpoint} answered {status} redirecting to {location}: managementURL must point at the server itself, not at a redirect"
+        "{endpoint} answered {status} redirecting to {location}: managementURL must point at the \
+            server itself, not at a redirect"
     )]
     Redirect {
         endpoint: Endpoint,
