@@ -8,7 +8,7 @@ use crate::netbird::{InstanceStatus, NetbirdError, PersonalAccessToken, User, Ve
 use crate::token_secret::{
     ANN_MALFORMED_TOKEN, ANN_PREVIOUS_TOKEN_ID, ANN_ROTATION_STARTED_AT, ANN_SETUP_OUTCOME,
     ANN_SETUP_REJECTED, ANN_TOKEN_ID, OUTCOME_TOKEN_MALFORMED, OUTCOME_TOKEN_NOT_ISSUED,
-    TokenSecret, TokenValue, parse_rejection,
+    OwnedSecret, TokenSecret, TokenValue, parse_rejection,
 };
 
 /// An input the reconcile reads from a Secret.
@@ -220,45 +220,9 @@ fn unreachable_or_stalled(e: &NetbirdError, what: &str) -> Decision {
 
 /// The next step for one NetbirdInstance.
 pub fn decide(f: &Facts<'_>) -> Decision {
-    let p = f.probes;
-    if f.suspended {
-        return Break(Verdict::Suspended);
+    if let Some(d) = check_inputs(f) {
+        return d;
     }
-    if let Some(problem) = f.spec_problem {
-        return stalled(Stall::InvalidSpec, problem.to_string());
-    }
-    match f.credentials {
-        Input::Missing(m) => {
-            return Break(Verdict::Waiting {
-                reason: Waiting::WaitingForCredentials,
-                message: m.clone(),
-                retry: false,
-            });
-        }
-        Input::Invalid(m) => return stalled(Stall::InvalidSpec, m.clone()),
-        Input::NotNeeded | Input::Ready(_) => {}
-    }
-    // the credentials Secret's owner decides where its password may go: checked before any call
-    if let Some(list) = f.allowed_servers
-        && !crate::binding::allowed(list, f.management_url)
-    {
-        return stalled(
-            Stall::ServerNotAllowed,
-            password_not_allowed_message(f, list),
-        );
-    }
-    match f.ca {
-        Input::Missing(m) => {
-            return Break(Verdict::Waiting {
-                reason: Waiting::WaitingForCredentials,
-                message: m.clone(),
-                retry: false,
-            });
-        }
-        Input::Invalid(m) => return stalled(Stall::InvalidSpec, m.clone()),
-        Input::NotNeeded | Input::Ready(_) => {}
-    }
-
     let owned = match f.token_secret {
         TokenSecret::Foreign(why) => {
             return stalled(
@@ -274,107 +238,164 @@ pub fn decide(f: &Facts<'_>) -> Decision {
         TokenSecret::Ours(s) => Some(s),
         TokenSecret::Absent => None,
     };
+    if let Some(d) = owned.and_then(|s| from_token_secret(f, s)) {
+        return d;
+    }
+    if let Some(d) = after_setup_call(f, owned) {
+        return d;
+    }
+    towards_setup(f, owned)
+}
 
-    if let Some(s) = owned {
-        if !f.secret_metadata_in_sync && !p.metadata_synced {
-            return Continue(Step::SyncSecretMetadata);
+/// Suspension, the spec, and the inputs read from Secrets: checked before any call.
+fn check_inputs(f: &Facts<'_>) -> Option<Decision> {
+    if f.suspended {
+        return Some(Break(Verdict::Suspended));
+    }
+    if let Some(problem) = f.spec_problem {
+        return Some(stalled(Stall::InvalidSpec, problem.to_string()));
+    }
+    match f.credentials {
+        Input::Missing(m) => {
+            return Some(Break(Verdict::Waiting {
+                reason: Waiting::WaitingForCredentials,
+                message: m.clone(),
+                retry: false,
+            }));
         }
-        match &s.token {
-            TokenValue::Present(_) if !s.may_send_token_to(f.management_url) => {
-                return stalled(
-                    Stall::ServerNotAllowed,
-                    token_not_allowed_message(f, s.home_server().unwrap_or_default()),
-                );
-            }
-            TokenValue::Present(_) => {
-                return match &p.verify {
-                    None => Continue(Step::VerifyToken),
-                    Some(Err(e)) if e.is_token_rejected() => stalled(
-                        Stall::TokenRejected,
-                        format!(
-                            "the token in key {} of Secret {} was rejected: {e}. Create a personal \
-                                access \
-                             token in the NetBird dashboard and put it under that key; the \
-                                 operator adopts it",
-                            f.secret_key, f.secret_name
-                        ),
-                    ),
-                    Some(Err(e)) => unreachable_or_stalled(e, "could not verify the stored token"),
-                    Some(Ok(_)) => token_upkeep(f, s).unwrap_or_else(|| {
-                        if f.version_due && p.version.is_none() {
-                            Continue(Step::CheckVersion)
-                        } else {
-                            Break(Verdict::Ready)
-                        }
-                    }),
-                };
-            }
-            TokenValue::NotText => {
-                return stalled(
+        Input::Invalid(m) => return Some(stalled(Stall::InvalidSpec, m.clone())),
+        Input::NotNeeded | Input::Ready(_) => {}
+    }
+    // the credentials Secret's owner decides where its password may go: checked before any call
+    if let Some(list) = f.allowed_servers
+        && !crate::binding::allowed(list, f.management_url)
+    {
+        return Some(stalled(
+            Stall::ServerNotAllowed,
+            password_not_allowed_message(f, list),
+        ));
+    }
+    match f.ca {
+        Input::Missing(m) => {
+            return Some(Break(Verdict::Waiting {
+                reason: Waiting::WaitingForCredentials,
+                message: m.clone(),
+                retry: false,
+            }));
+        }
+        Input::Invalid(m) => return Some(stalled(Stall::InvalidSpec, m.clone())),
+        Input::NotNeeded | Input::Ready(_) => {}
+    }
+    None
+}
+
+/// What the operator's own token Secret decides: its metadata, the stored token (verified, kept
+/// up), or a recorded setup outcome.
+fn from_token_secret(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
+    let p = f.probes;
+    if !f.secret_metadata_in_sync && !p.metadata_synced {
+        return Some(Continue(Step::SyncSecretMetadata));
+    }
+    match &s.token {
+        TokenValue::Present(_) if !s.may_send_token_to(f.management_url) => {
+            return Some(stalled(
+                Stall::ServerNotAllowed,
+                token_not_allowed_message(f, s.home_server().unwrap_or_default()),
+            ));
+        }
+        TokenValue::Present(_) => {
+            return Some(match &p.verify {
+                None => Continue(Step::VerifyToken),
+                Some(Err(e)) if e.is_token_rejected() => stalled(
                     Stall::TokenRejected,
                     format!(
-                        "key {} of Secret {} holds binary data, not a token. Put a personal access \
-                            token \
-                         (nbp_...) there; the operator adopts it",
+                        "the token in key {} of Secret {} was rejected: {e}. Create a personal \
+                            access \
+                         token in the NetBird dashboard and put it under that key; the \
+                             operator adopts it",
                         f.secret_key, f.secret_name
                     ),
-                );
-            }
-            TokenValue::Missing => {}
+                ),
+                Some(Err(e)) => unreachable_or_stalled(e, "could not verify the stored token"),
+                Some(Ok(_)) => token_upkeep(f, s).unwrap_or_else(|| {
+                    if f.version_due && p.version.is_none() {
+                        Continue(Step::CheckVersion)
+                    } else {
+                        Break(Verdict::Ready)
+                    }
+                }),
+            });
         }
-        if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_NOT_ISSUED) {
-            return stalled(Stall::TokenNotIssued, token_not_issued_message(f));
+        TokenValue::NotText => {
+            return Some(stalled(
+                Stall::TokenRejected,
+                format!(
+                    "key {} of Secret {} holds binary data, not a token. Put a personal access \
+                        token \
+                     (nbp_...) there; the operator adopts it",
+                    f.secret_key, f.secret_name
+                ),
+            ));
         }
-        if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_MALFORMED) {
-            return stalled(
-                Stall::TokenNotIssued,
-                malformed_token_message(f, "setup", "it is not a NetBird token"),
-            );
-        }
-        // a refusal answered this very spec and these credentials: not sent again
-        if p.setup.is_none()
-            && let Some((generation, status, message)) =
-                s.annotation(ANN_SETUP_REJECTED).and_then(parse_rejection)
-            && generation == f.generation
-            && f.credentials_unchanged
-        {
-            return if status == 412 {
-                stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true))
-            } else {
-                rejected(status, message)
-            };
-        }
+        TokenValue::Missing => {}
     }
+    if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_NOT_ISSUED) {
+        return Some(stalled(Stall::TokenNotIssued, token_not_issued_message(f)));
+    }
+    if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_MALFORMED) {
+        return Some(stalled(
+            Stall::TokenNotIssued,
+            malformed_token_message(f, "setup", "it is not a NetBird token"),
+        ));
+    }
+    // a refusal answered this very spec and these credentials: not sent again
+    if p.setup.is_none()
+        && let Some((generation, status, message)) =
+            s.annotation(ANN_SETUP_REJECTED).and_then(parse_rejection)
+        && generation == f.generation
+        && f.credentials_unchanged
+    {
+        return Some(if status == 412 {
+            stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true))
+        } else {
+            rejected(status, message)
+        });
+    }
+    None
+}
 
+/// What a setup call of this pass (or a malformed token it or a rotation returned) decides.
+fn after_setup_call(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Option<Decision> {
+    let p = f.probes;
     if let Some((what, why)) = &p.malformed_token {
-        return stalled(
+        return Some(stalled(
             Stall::TokenNotIssued,
             malformed_token_message(f, what, &why.to_string()),
-        );
+        ));
     }
     match &p.setup {
         Some(SetupOutcome::NoToken { .. }) => {
-            return stalled(Stall::TokenNotIssued, token_not_issued_message(f));
+            return Some(stalled(Stall::TokenNotIssued, token_not_issued_message(f)));
         }
         Some(SetupOutcome::TokenStored { .. }) => {
             // the world now holds the token; reaching here means it could not be read back
-            return Break(Verdict::Waiting {
+            return Some(Break(Verdict::Waiting {
                 reason: Waiting::ManagementUnreachable,
                 message: "setup succeeded and the token was stored; verifying it".into(),
                 retry: true,
-            });
+            }));
         }
         Some(SetupOutcome::Failed(e)) => {
             // "already set up" after an unanswered call of this claim: that call may have been the
             // one that set it up, and its token is lost; the claim is kept as the evidence
             if e.status() == Some(412) && owned.is_some_and(|s| s.setup_unanswered()) {
-                return stalled(Stall::TokenLost, token_lost_message(f, true));
+                return Some(stalled(Stall::TokenLost, token_lost_message(f, true)));
             }
             let definitive = matches!(e.status(), Some(400 | 412 | 422));
             if definitive && owned.is_some_and(|s| s.setup_started()) && !p.claim_released {
-                return Continue(Step::ReleaseClaim);
+                return Some(Continue(Step::ReleaseClaim));
             }
-            return match e.status() {
+            return Some(match e.status() {
                 Some(412) => stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true)),
                 Some(422)
                     if e.server_message()
@@ -393,11 +414,16 @@ pub fn decide(f: &Facts<'_>) -> Decision {
                     ),
                 ),
                 _ => unreachable_or_stalled(e, "setup failed"),
-            };
+            });
         }
         None => {}
     }
+    None
+}
 
+/// The way to the one-time setup: the instance status, the claim, the call.
+fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
+    let p = f.probes;
     let instance = match &p.instance {
         None => return Continue(Step::CheckInstance),
         Some(Err(e)) => return unreachable_or_stalled(e, "could not read the instance status"),
