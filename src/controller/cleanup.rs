@@ -94,52 +94,14 @@ pub async fn on_delete(
         return remove_finalizer(nbi, api).await;
     }
     let outcome = delete_token(nbi, &world).await;
-    let let_go = match &outcome {
-        Ok(what) => {
-            info!(what = %what, "token cleanup done");
-            true
-        }
+    match &outcome {
+        Ok(what) => info!(what = %what, "token cleanup done"),
         Err(e) => {
-            // the time counts from the deletion request, so a restart does not start it again
-            let requested = nbi
-                .metadata
-                .deletion_timestamp
-                .as_ref()
-                .map_or(ctx.now(), |t| t.0);
-            let elapsed = ctx.now().duration_since(requested).unsigned_abs();
-            let timeout = ctx.settings.finalizer_timeout;
-            if elapsed >= timeout {
-                warn!(error = %e, attempt, "could not delete the token on the server; letting go");
-                let note = format!(
-                    "could not delete the token on the NetBird server in {} ({attempt} attempts; \
-                        last: {e}); \
-                     the NetbirdInstance is deleted anyway. Delete the token in the NetBird \
-                         dashboard",
-                    crate::duration::format(timeout)
-                );
-                publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
-                true
-            } else {
-                let retry_in = super::backoff_delay(attempt, ctx.settings.max_backoff)
-                    .max(Duration::from_millis(500))
-                    .min(timeout - elapsed);
-                warn!(error = %e, attempt, ?retry_in, "could not delete the token on the server; \
-                    retrying");
-                let note = format!(
-                    "attempt {attempt} to delete the token on the NetBird server failed ({e}); \
-                        retrying \
-                     in {}s, for at most {} after the deletion request, then the NetbirdInstance \
-                         is \
-                     deleted anyway",
-                    retry_in.as_secs().max(1),
-                    crate::duration::format(timeout)
-                );
-                publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+            if let Some(retry_in) = deletion_failed(nbi, ctx, attempt, e).await {
                 return Ok(Action::requeue(retry_in));
             }
         }
-    };
-    debug_assert!(let_go);
+    }
     if outcome.is_ok() {
         publish(
             ctx,
@@ -151,6 +113,46 @@ pub async fn on_delete(
         .await;
     }
     remove_finalizer(nbi, api).await
+}
+
+/// A failed deletion of the token: retried with backoff until `finalizerTimeout` after the deletion
+/// request (Some(delay)), then let go (None). Each attempt is reported in an Event.
+async fn deletion_failed(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    attempt: u32,
+    e: &DeleteTokenError,
+) -> Option<Duration> {
+    // the time counts from the deletion request, so a restart does not start it again
+    let requested = nbi
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map_or(ctx.now(), |t| t.0);
+    let elapsed = ctx.now().duration_since(requested).unsigned_abs();
+    let timeout = ctx.settings.finalizer_timeout;
+    if elapsed >= timeout {
+        warn!(error = %e, attempt, "could not delete the token on the server; letting go");
+        let note = format!(
+            "could not delete the token on the NetBird server in {} ({attempt} attempts; last: \
+             {e}); the NetbirdInstance is deleted anyway. Delete the token in the NetBird dashboard",
+            crate::duration::format(timeout)
+        );
+        publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+        return None;
+    }
+    let retry_in = super::backoff_delay(attempt, ctx.settings.max_backoff)
+        .max(Duration::from_millis(500))
+        .min(timeout - elapsed);
+    warn!(error = %e, attempt, ?retry_in, "could not delete the token on the server; retrying");
+    let note = format!(
+        "attempt {attempt} to delete the token on the NetBird server failed ({e}); retrying in \
+         {}s, for at most {} after the deletion request, then the NetbirdInstance is deleted anyway",
+        retry_in.as_secs().max(1),
+        crate::duration::format(timeout)
+    );
+    publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+    Some(retry_in)
 }
 
 async fn remove_finalizer(

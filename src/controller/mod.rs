@@ -317,35 +317,7 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let (store, writer) = reflector::store();
-    // every way an instance goes away forgets it: a deletion the watch reports (whatever state the
-    // instance was in: Stalled and suspended ones have no pass left to notice), and one a relist
-    // reveals by its absence
-    let forget_ctx = ctx.clone();
-    let mut listed = std::collections::HashSet::new();
-    let instance_events = watch_each::<NetbirdInstance>(&client, &ctx.settings.namespaces)
-        .inspect(move |event| match event {
-            Ok(watcher::Event::Delete(nbi)) => {
-                if let Some(uid) = nbi.uid() {
-                    forget_ctx.forget(&uid);
-                }
-            }
-            Ok(watcher::Event::Init) => listed.clear(),
-            Ok(watcher::Event::InitApply(nbi)) => {
-                listed.extend(nbi.uid());
-            }
-            Ok(watcher::Event::InitDone) => forget_ctx.forget_all_but(&listed),
-            _ => {}
-        })
-        .modify(|nbi: &mut NetbirdInstance| {
-            // The cache holds what the passes read and nothing more: managedFields and kubectl's
-            // copy of the last applied spec are dropped before an instance is stored.
-            nbi.managed_fields_mut().clear();
-            if let Some(a) = nbi.metadata.annotations.as_mut() {
-                a.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-        })
-        .reflect(writer)
-        .applied_objects();
+    let instance_events = instance_events(&ctx, writer);
     let controller = Controller::for_stream(instance_events, store.clone());
     let _ = store_slot.set(store.clone());
 
@@ -364,25 +336,11 @@ pub async fn run(
     let mapper =
         move |secret: PartialObjectMeta<Secret>| referencing(&mapper_store, &secret.metadata);
 
-    let sync_store = store.clone();
-    let shutdown = ctx.shutdown.clone();
-    tokio::spawn(async move {
-        // The controller's own runner waits on the same store; a second waiter is not always woken
-        // (kube-runtime's DelayedInit), so each wait is bounded and retried.
-        loop {
-            tokio::select! {
-                res = tokio::time::timeout(
-                    Duration::from_millis(100),
-                    sync_store.wait_until_ready(),
-                ) => match res {
-                    Ok(Ok(())) => { on_synced(); return; }
-                    Ok(Err(_)) => return,
-                    Err(_) => continue,
-                },
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    });
+    tokio::spawn(notify_when_synced(
+        store.clone(),
+        ctx.shutdown.clone(),
+        on_synced,
+    ));
 
     let shutdown = ctx.shutdown.clone();
     controller
@@ -408,6 +366,64 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The NetbirdInstance watch, stored in the reflector `writer`. Every way an instance goes away
+/// forgets it: a deletion the watch reports (whatever state the instance was in: Stalled and
+/// suspended ones have no pass left to notice), and one a relist reveals by its absence.
+fn instance_events(
+    ctx: &Arc<Context>,
+    writer: reflector::store::Writer<NetbirdInstance>,
+) -> impl futures::Stream<Item = Result<NetbirdInstance, watcher::Error>> + Send + 'static {
+    let forget_ctx = ctx.clone();
+    let mut listed = std::collections::HashSet::new();
+    watch_each::<NetbirdInstance>(&ctx.client, &ctx.settings.namespaces)
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(nbi)) => {
+                if let Some(uid) = nbi.uid() {
+                    forget_ctx.forget(&uid);
+                }
+            }
+            Ok(watcher::Event::Init) => listed.clear(),
+            Ok(watcher::Event::InitApply(nbi)) => {
+                listed.extend(nbi.uid());
+            }
+            Ok(watcher::Event::InitDone) => forget_ctx.forget_all_but(&listed),
+            _ => {}
+        })
+        .modify(|nbi: &mut NetbirdInstance| {
+            // The cache holds what the passes read and nothing more: managedFields and kubectl's
+            // copy of the last applied spec are dropped before an instance is stored.
+            nbi.managed_fields_mut().clear();
+            if let Some(a) = nbi.metadata.annotations.as_mut() {
+                a.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        })
+        .reflect(writer)
+        .applied_objects()
+}
+
+/// Calls `on_synced` once the instance store has listed everything.
+async fn notify_when_synced(
+    store: Store<NetbirdInstance>,
+    shutdown: CancellationToken,
+    on_synced: impl FnOnce() + Send + 'static,
+) {
+    // The controller's own runner waits on the same store; a second waiter is not always woken
+    // (kube-runtime's DelayedInit), so each wait is bounded and retried.
+    loop {
+        tokio::select! {
+            res = tokio::time::timeout(
+                Duration::from_millis(100),
+                store.wait_until_ready(),
+            ) => match res {
+                Ok(Ok(())) => { on_synced(); return; }
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            },
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// The watch events of `K` in `namespaces` (all when empty), with backoff: one watch for all
