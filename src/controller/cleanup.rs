@@ -135,7 +135,8 @@ async fn deletion_failed(
         warn!(error = %e, attempt, "could not delete the token on the server; letting go");
         let note = format!(
             "could not delete the token on the NetBird server in {} ({attempt} attempts; last: \
-             {e}); the NetbirdInstance is deleted anyway. Delete the token in the NetBird dashboard",
+             {e}); the NetbirdInstance is deleted anyway. Delete the token in the NetBird \
+             dashboard",
             crate::duration::format(timeout)
         );
         publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
@@ -147,7 +148,8 @@ async fn deletion_failed(
     warn!(error = %e, attempt, ?retry_in, "could not delete the token on the server; retrying");
     let note = format!(
         "attempt {attempt} to delete the token on the NetBird server failed ({e}); retrying in \
-         {}s, for at most {} after the deletion request, then the NetbirdInstance is deleted anyway",
+         {}s, for at most {} after the deletion request, then the NetbirdInstance is deleted \
+         anyway",
         retry_in.as_secs().max(1),
         crate::duration::format(timeout)
     );
