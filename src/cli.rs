@@ -19,7 +19,8 @@ use crate::telemetry::{self, LogFormat};
 #[command(
     name = "netbird-operator",
     version,
-    about = "Bootstraps self-hosted NetBird management servers and keeps their API token in a Secret"
+    about = "Bootstraps self-hosted NetBird management servers and keeps their API token in a \
+        Secret"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -32,7 +33,8 @@ pub enum Command {
     Run(RunArgs),
     /// Print the NetbirdInstance CustomResourceDefinition as YAML.
     Crd {
-        /// Print it as the Helm chart's template (installed and upgraded with the chart, kept on uninstall).
+        /// Print it as the Helm chart's template (installed and upgraded with the chart, kept on
+        /// uninstall).
         #[arg(long)]
         helm: bool,
     },
@@ -78,7 +80,8 @@ pub struct RunArgs {
     /// Name of this replica in Events and in the leader Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
-    /// Reconcile only while holding the Lease `netbird-operator-leader` (for more than one replica).
+    /// Reconcile only while holding the Lease `netbird-operator-leader` (for more than one
+    /// replica).
     #[arg(long, env = "LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub leader_election: bool,
     /// Namespace of the leader Lease (default: the pod's namespace, else "default").
@@ -110,15 +113,40 @@ pub async fn main(cli: Cli) -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> Result<(), String> {
+/// Why `netbird-operator run` stopped with an error. Each message names what failed and its cause
+/// once (the cause is not also a `source`).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("failed to connect to Kubernetes (in-cluster or $KUBECONFIG): {0}")]
+    Connect(kube::Error),
+    #[error("failed to listen on {addr}: {error}")]
+    Listen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("failed to set up leader election (Lease {lease}): {error}")]
+    LeaderElection {
+        lease: String,
+        error: kube_lease_manager::LeaseManagerError,
+    },
+    #[error("leader election stopped")]
+    LeaderElectionStopped,
+    #[error("lost the leader Lease")]
+    LostLease,
+}
+
+async fn run(args: RunArgs) -> Result<(), RunError> {
     telemetry::init(args.log_format, &args.log_level);
     crate::tls::install_crypto_provider();
     let client = kube::Client::try_default()
         .await
-        .map_err(|e| format!("failed to connect to Kubernetes (in-cluster or $KUBECONFIG): {e}"))?;
+        .map_err(RunError::Connect)?;
     let listener = http::bind(args.http_addr)
         .await
-        .map_err(|e| format!("failed to listen on {}: {e}", args.http_addr))?;
+        .map_err(|error| RunError::Listen {
+            addr: args.http_addr,
+            error,
+        })?;
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
     let settings = Settings {
@@ -189,14 +217,15 @@ async fn run(args: RunArgs) -> Result<(), String> {
 }
 
 /// Reconciles only while this replica holds the Lease. Losing it stops the process: the controller
-/// stops taking work at once, and the pod restarts as a follower (the controller-runtime convention),
+/// stops taking work at once, and the pod restarts as a follower (the controller-runtime
+/// convention),
 /// so two replicas never reconcile together for longer than the Lease's grace period.
 async fn run_as_leader(
     args: &RunArgs,
     ctx: Arc<Context>,
     store_slot: Arc<OnceLock<kube::runtime::reflector::Store<crate::crd::NetbirdInstance>>>,
     health: Arc<Health>,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     let namespace = args
         .leader_election_namespace
         .clone()
@@ -205,30 +234,34 @@ async fn run_as_leader(
         .pod_name
         .clone()
         .unwrap_or_else(|| format!("netbird-operator-{}", std::process::id()));
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(
-        ctx.client.clone(),
-        "netbird-operator-leader",
-    )
-    .with_namespace(&namespace)
-    .with_identity(&identity)
-    .with_duration(15)
-    .with_grace(5)
-    .build()
-    .await
-    .map_err(|e| {
-        format!("failed to set up leader election (Lease {namespace}/netbird-operator-leader): {e}")
-    })?;
+    let manager =
+        kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), "netbird-operator-leader")
+            .with_namespace(&namespace)
+            .with_identity(&identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .map_err(|error| RunError::LeaderElection {
+                lease: format!("{namespace}/netbird-operator-leader"),
+                error,
+            })?;
     let (mut leader, lease_task) = manager.watch().await;
     // a follower is ready: it serves health and waits
     health.set_ready();
-    info!(lease = %format!("{namespace}/netbird-operator-leader"), identity = %identity, "waiting to become leader");
+    info!(lease = %format!("{namespace}/netbird-operator-leader"), identity = %identity, "waiting \
+        to become leader");
     let shutdown = ctx.shutdown.clone();
     loop {
         if *leader.borrow_and_update() {
             break;
         }
         tokio::select! {
-            changed = leader.changed() => if changed.is_err() { return Err("leader election stopped".into()) },
+            changed = leader.changed() => {
+                if changed.is_err() {
+                    return Err(RunError::LeaderElectionStopped);
+                }
+            }
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
@@ -251,7 +284,7 @@ async fn run_as_leader(
             // the Lease's grace period
             stop.cancel();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(4), &mut controller).await;
-            Err("lost the leader Lease".to_string())
+            Err(RunError::LostLease)
         }
     };
     stop.cancel();

@@ -25,7 +25,8 @@ pub const GROUP: &str = "bootstrap.netbird.io";
     category = "netbird",
     namespaced,
     status = "NetbirdInstanceStatus",
-    doc = "A NetBird management server that the operator sets up once (owner account from a credentials Secret) and whose API token it stores in a Secret.",
+    doc = "A NetBird management server that the operator sets up once (owner account from a \
+        credentials Secret) and whose API token it stores in a Secret.",
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -52,8 +53,12 @@ pub const GROUP: &str = "bootstrap.netbird.io";
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[kube(validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name must be at most 63 characters: it becomes the value of the token Secret's bootstrap.netbird.io/instance label"))]
-#[x_kube(validation = Rule::new("self.allowInsecureHTTP || !self.managementURL.startsWith('http://')").message("managementURL uses http://, which would send the admin password unencrypted: use https:// or set allowInsecureHTTP: true"))]
+#[kube(validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name must be at \
+    most 63 characters: it becomes the value of the token Secret's bootstrap.netbird.io/instance \
+        label"))]
+#[x_kube(validation = Rule::new("self.allowInsecureHTTP || \
+    !self.managementURL.startsWith('http://')").message("managementURL uses http://, which would \
+        send the admin password unencrypted: use https:// or set allowInsecureHTTP: true"))]
 #[serde(rename_all = "camelCase")]
 pub struct NetbirdInstanceSpec {
     /// Base URL of the NetBird management server, for example https://netbird.example.com.
@@ -62,10 +67,17 @@ pub struct NetbirdInstanceSpec {
     #[serde(rename = "managementURL")]
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(
-        validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("managementURL must start with https:// (or http:// together with allowInsecureHTTP: true)"),
-        validation = Rule::new("!self.contains('?') && !self.contains('#')").message("managementURL must not have a query (?...) or fragment (#...): it is a base URL, the operator appends /api/... itself"),
-        validation = Rule::new("!self.matches('^[a-zA-Z]+://[^/]*@')").message("managementURL must not carry user:password@: the admin credentials come from credentialsSecretRef"),
-        validation = Rule::new("isURL(self) && url(self).getHostname() != ''").message("managementURL must be an absolute URL with a host name, for example https://netbird.example.com"),
+        validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')")
+            .message("managementURL must start with https:// (or http:// together with \
+                allowInsecureHTTP: true)"),
+        validation = Rule::new("!self.contains('?') && !self.contains('#')")
+            .message("managementURL must not have a query (?...) or fragment (#...): it is a \
+                base URL, the operator appends /api/... itself"),
+        validation = Rule::new("!self.matches('^[a-zA-Z]+://[^/]*@')").message("managementURL must \
+            not carry user:password@: the admin credentials come from credentialsSecretRef"),
+        validation = Rule::new("isURL(self) && url(self).getHostname() != ''")
+            .message("managementURL must be an absolute URL with a host name, for example \
+                https://netbird.example.com"),
     )]
     pub management_url: String,
 
@@ -171,7 +183,11 @@ pub struct TokenSpec {
     /// "<metadata.name>-token".
     #[serde(default)]
     #[schemars(length(max = 253))]
-    #[x_kube(validation = Rule::new("self == '' || self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("secretName must be a valid Secret name (lower-case letters, digits, '-' and '.')"))]
+    #[x_kube(
+        validation = Rule::new("self == '' || self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')")
+            .message("secretName must be a valid Secret name (lower-case letters, digits, '-' \
+                and '.')")
+    )]
     pub secret_name: String,
 
     /// Key of the token in the Secret. NB_API_KEY is what the official NetBird operator reads.
@@ -186,14 +202,21 @@ pub struct TokenSpec {
 
     /// Labels added to the token Secret.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[x_kube(validation = Rule::new("!('app.kubernetes.io/managed-by' in self) && !('bootstrap.netbird.io/instance' in self)").message("secretLabels must not set app.kubernetes.io/managed-by or bootstrap.netbird.io/instance: the operator sets them"))]
+    #[x_kube(validation = Rule::new("!('app.kubernetes.io/managed-by' in self) && \
+        !('bootstrap.netbird.io/instance' in self)").message("secretLabels must not set \
+            app.kubernetes.io/managed-by or bootstrap.netbird.io/instance: the operator sets \
+            them"))]
     pub secret_labels: BTreeMap<String, String>,
 
     /// Annotations added to the token Secret. Keys under bootstrap.netbird.io/ are refused: they
     /// are the operator's own records (which server the token belongs to, when it expires, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
-    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('bootstrap.netbird.io/'))").message("secretAnnotations must not set keys under bootstrap.netbird.io/: they are the operator's own records"))]
+    #[x_kube(
+        validation = Rule::new("self.all(k, !k.startsWith('bootstrap.netbird.io/'))")
+            .message("secretAnnotations must not set keys under bootstrap.netbird.io/: they are \
+                the operator's own records")
+    )]
     pub secret_annotations: BTreeMap<String, String>,
 
     /// What happens to the token Secret when this NetbirdInstance is deleted: Retain (default)
@@ -290,7 +313,10 @@ pub struct VersionCheckSpec {
         length(min = 2, max = 32),
         regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1m')").message("versionCheck.interval must be at least 1m"))]
+    #[x_kube(
+        validation = Rule::new("duration(self) >= duration('1m')")
+            .message("versionCheck.interval must be at least 1m")
+    )]
     pub interval: String,
 }
 
@@ -492,7 +518,8 @@ impl NetbirdInstanceSpec {
             "http" if self.allow_insecure_http => {}
             "http" => {
                 return Some(
-                    "managementURL uses http://, which would send the admin password unencrypted: use https:// or set allowInsecureHTTP: true"
+                    "managementURL uses http://, which would send the admin password unencrypted: \
+                        use https:// or set allowInsecureHTTP: true"
                         .into(),
                 );
             }
@@ -506,7 +533,11 @@ impl NetbirdInstanceSpec {
             return Some("managementURL must name a host".into());
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Some("managementURL must not carry user:password@; the credentials come from credentialsSecretRef".into());
+            return Some(
+                "managementURL must not carry user:password@; the credentials come from \
+                credentialsSecretRef"
+                    .into(),
+            );
         }
         if url.query().is_some() || url.fragment().is_some() {
             return Some("managementURL must not have a query or fragment".into());
@@ -551,6 +582,7 @@ pub fn crd_helm_template() -> String {
     let body =
         serde_norway::to_string(&crd).unwrap_or_else(|e| format!("# cannot render the CRD: {e}\n"));
     format!(
-        "# Generated by `netbird-operator crd --helm`; do not edit by hand.\n{{{{- if .Values.crds.install }}}}\n{body}{{{{- end }}}}\n"
+        "# Generated by `netbird-operator crd --helm`; do not edit by hand.\n{{{{- if \
+            .Values.crds.install }}}}\n{body}{{{{- end }}}}\n"
     )
 }

@@ -47,7 +47,8 @@ pub enum CredentialsError {
         why: &'static str,
     },
     #[error(
-        "the password in key {key:?} of credentials Secret {secret} is {len} bytes; NetBird needs 8 to 72"
+        "the password in key {key:?} of credentials Secret {secret} is {len} bytes; NetBird needs \
+            8 to 72"
     )]
     PasswordLength {
         secret: String,
@@ -55,7 +56,8 @@ pub enum CredentialsError {
         len: usize,
     },
     #[error(
-        "the name in key {key:?} of credentials Secret {secret} is over 255 characters or holds control characters"
+        "the name in key {key:?} of credentials Secret {secret} is over 255 characters or holds \
+            control characters"
     )]
     InvalidName { secret: String, key: String },
 }
@@ -123,7 +125,14 @@ pub fn parse(
 
 /// Zero-width and bidirectional-control characters: they make two different strings look alike.
 fn invisible(c: char) -> bool {
-    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+    matches!(
+        c,
+        '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
+    )
 }
 
 /// A plain check of `local@domain` that matches what NetBird accepts for common mistakes.

@@ -2,9 +2,14 @@
 
 use std::time::Duration;
 
+/// A string that is not a duration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a duration such as 30m, 1h or 1h30m")]
+pub struct ParseError(String);
+
 /// Parses a duration such as `1h30m`. Units: ns, us, µs, ms, s, m, h.
-pub fn parse(s: &str) -> Result<Duration, String> {
-    let err = || format!("{s:?} is not a duration such as 30m, 1h or 1h30m");
+pub fn parse(s: &str) -> Result<Duration, ParseError> {
+    let err = || ParseError(s.to_string());
     if s.is_empty() {
         return Err(err());
     }

@@ -27,7 +27,8 @@ pub struct CallLabels {
     pub class: &'static str,
 }
 
-/// One NetbirdInstance. Bounded by the number of NetbirdInstances (what users alert on per instance).
+/// One NetbirdInstance. Bounded by the number of NetbirdInstances (what users alert on per
+/// instance).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InstanceLabels {
     pub namespace: String,
@@ -78,7 +79,7 @@ impl Default for Metrics {
         let reconcile_errors = Family::default();
         registry.register(
             "reconcile_errors",
-            "Passes that ended not Ready, by condition reason (or KubernetesError)",
+            "Passes that ended not Ready, by condition reason (or the Kubernetes failure)",
             reconcile_errors.clone(),
         );
         let netbird_requests = Family::default();
@@ -108,19 +109,22 @@ impl Default for Metrics {
         let token_expiry = Family::default();
         registry.register(
             "token_expiry_seconds",
-            "Seconds until the stored token expires, per NetbirdInstance (when the expiry is known)",
+            "Seconds until the stored token expires, per NetbirdInstance (when the expiry is \
+             known)",
             token_expiry.clone(),
         );
         let remembered_instances = Gauge::default();
         registry.register(
             "remembered_instances",
-            "NetbirdInstances the operator keeps per-instance memory about (a debugging figure: it follows the number of instances)",
+            "NetbirdInstances the operator keeps per-instance memory about (a debugging figure: it \
+                follows the number of instances)",
             remembered_instances.clone(),
         );
         let instance_condition = Family::default();
         registry.register(
             "instance_condition",
-            "1 when the condition (Ready, Stalled, UpdateAvailable) of a NetbirdInstance is True, 0 when False or absent",
+            "1 when the condition (Ready, Stalled, UpdateAvailable) of a NetbirdInstance is True, \
+                0 when False or absent",
             instance_condition.clone(),
         );
         Self {
@@ -234,12 +238,13 @@ mod tests {
             &[condition("Ready", "False"), condition("Stalled", "True")],
         );
         let text = m.encode();
+        let series = r#"netbird_operator_instance_condition{namespace="netbird",name="nb","#;
         for line in [
-            r#"netbird_operator_instance_condition{namespace="netbird",name="nb",condition="Ready"} 0"#,
-            r#"netbird_operator_instance_condition{namespace="netbird",name="nb",condition="Stalled"} 1"#,
-            r#"netbird_operator_instance_condition{namespace="netbird",name="nb",condition="UpdateAvailable"} 0"#,
+            format!(r#"{series}condition="Ready"}} 0"#),
+            format!(r#"{series}condition="Stalled"}} 1"#),
+            format!(r#"{series}condition="UpdateAvailable"}} 0"#),
         ] {
-            assert!(text.contains(line), "{line} missing from\n{text}");
+            assert!(text.contains(&line), "{line} missing from\n{text}");
         }
         // Stalled is removed when false: the gauge follows
         m.set_conditions(

@@ -334,19 +334,65 @@ pub fn new_claimed(nbi: &NetbirdInstance, started_at: &str, fingerprint: &str) -
     }
 }
 
+/// A new token Secret claimed for setup, with the comparison of the credentials the claim made
+/// (see [`ANN_CREDENTIALS_CHECKED`]) when there is one.
+pub fn new_claimed_checked(
+    nbi: &NetbirdInstance,
+    started_at: &str,
+    fingerprint: &str,
+    check: Option<&str>,
+) -> Secret {
+    let mut fresh = new_claimed(nbi, started_at, fingerprint);
+    if let (Some(a), Some(check)) = (fresh.metadata.annotations.as_mut(), check) {
+        a.insert(ANN_CREDENTIALS_CHECKED.into(), check.into());
+    }
+    fresh
+}
+
+/// The token Secret created again from `patch` when it vanished under a token write: the Secret's
+/// name, labels and owner references, and what the patch writes.
+pub fn recreated(nbi: &NetbirdInstance, patch: &Value) -> Secret {
+    let mut fresh = new_claimed(nbi, "", "");
+    if let Some(a) = fresh.metadata.annotations.as_mut() {
+        a.clear();
+    }
+    let mut obj = serde_json::to_value(&fresh).unwrap_or_default();
+    merge(&mut obj, patch);
+    serde_json::from_value(obj).unwrap_or(fresh)
+}
+
+/// JSON merge patch semantics (RFC 7386), for creating a Secret from a patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
 /// Claims an existing owned Secret for setup. `resource_version` makes the write fail on a
-/// concurrent change, so the claim is known to hold before the one-time call.
+/// concurrent change, so the claim is known to hold before the one-time call. `check` is the
+/// comparison of the credentials the claim made (see [`ANN_CREDENTIALS_CHECKED`]).
 pub fn claim_patch(
     nbi: &NetbirdInstance,
     s: &OwnedSecret,
     resource_version: &str,
     started_at: &str,
     fingerprint: &str,
+    check: Option<&str>,
 ) -> Value {
     let mut patch = metadata_patch(nbi, s);
     patch["metadata"]["resourceVersion"] = json!(resource_version);
     patch["metadata"]["annotations"][ANN_SETUP_STARTED_AT] = json!(started_at);
     patch["metadata"]["annotations"][ANN_FINGERPRINT] = json!(fingerprint);
+    patch["metadata"]["annotations"][ANN_CREDENTIALS_CHECKED] = json!(check);
     patch["metadata"]["annotations"][ANN_SETUP_OUTCOME] = Value::Null;
     patch["metadata"]["annotations"][ANN_SETUP_REJECTED] = Value::Null;
     patch["metadata"]["annotations"][ANN_SETUP_UNANSWERED] = Value::Null;
@@ -403,6 +449,16 @@ pub fn previous_deleted_patch() -> Value {
     })
 }
 
+/// Ends the in-flight marker of a token creation once the tokens it may have left are cleaned up.
+pub fn rotation_ended_patch() -> Value {
+    json!({"metadata": {"annotations": {ANN_ROTATION_STARTED_AT: Value::Null}}})
+}
+
+/// Records a comparison of the credentials (see [`credentials_check`]).
+pub fn credentials_checked_patch(check: &str) -> Value {
+    json!({"metadata": {"annotations": {ANN_CREDENTIALS_CHECKED: check}}})
+}
+
 /// Marks a token creation in flight (rotation, exchange): a crash before the new token is stored
 /// leaves an extra token on the server, found by its name and deleted on the next pass.
 pub fn rotation_marker_patch(started_at: &str) -> Value {
@@ -432,28 +488,55 @@ pub fn parse_malformed(value: &str) -> Option<(i64, &str, &str)> {
     Some((generation, parts.next()?, parts.next().unwrap_or("")))
 }
 
+/// A token just created on the server, as a rotation or a service-user exchange stores it.
+pub struct NewToken<'a> {
+    pub token: &'a SecretString,
+    pub id: &'a str,
+    pub expires_at: &'a str,
+    pub issued_at: &'a str,
+    /// The id of the token it replaces, and when that one is deleted at the latest.
+    pub previous: Option<(&'a str, &'a str)>,
+}
+
+/// A service-user exchange: whose the new token is, and the owner's token it replaces.
+pub struct Exchange<'a> {
+    pub service_user_id: &'a str,
+    pub service_user: &'a str,
+    /// The user of the replaced token.
+    pub previous_user: &'a str,
+    /// The replaced token: only it may delete itself (a service user may not delete the owner's
+    /// tokens), so it is kept until it is gone and a failed deletion or a crash is retried.
+    pub previous_token: &'a SecretString,
+}
+
 /// Writes a rotated token: the new token and its facts, and the id of the token it replaces (to be
-/// deleted once the new one is verified).
+/// deleted once the new one is verified). An exchange also records the service user, and the
+/// replaced token's user and the token itself when there is one.
 pub fn rotated_patch(
     nbi: &NetbirdInstance,
-    token: &SecretString,
-    token_id: &str,
-    previous: Option<(&str, &str)>,
-    expires_at: &str,
-    issued_at: &str,
+    new: &NewToken<'_>,
+    exchange: Option<&Exchange<'_>>,
 ) -> Value {
-    let mut patch = store_patch(nbi, token, "", expires_at, issued_at);
+    let mut patch = store_patch(nbi, new.token, "", new.expires_at, new.issued_at);
     let ann = &mut patch["metadata"]["annotations"];
     if let Some(map) = ann.as_object_mut() {
         map.remove(ANN_USER_ID);
         map.remove(ANN_SETUP_COMPLETED_AT);
         map.remove(ANN_SETUP_STARTED_AT);
     }
-    ann[ANN_TOKEN_ID] = json!(token_id);
-    ann[ANN_ROTATED_AT] = json!(issued_at);
+    ann[ANN_TOKEN_ID] = json!(new.id);
+    ann[ANN_ROTATED_AT] = json!(new.issued_at);
     ann[ANN_ROTATION_STARTED_AT] = Value::Null;
-    ann[ANN_PREVIOUS_TOKEN_ID] = previous.map_or(Value::Null, |(id, _)| json!(id));
-    ann[ANN_PREVIOUS_DELETE_AT] = previous.map_or(Value::Null, |(_, at)| json!(at));
+    ann[ANN_PREVIOUS_TOKEN_ID] = new.previous.map_or(Value::Null, |(id, _)| json!(id));
+    ann[ANN_PREVIOUS_DELETE_AT] = new.previous.map_or(Value::Null, |(_, at)| json!(at));
+    if let Some(x) = exchange {
+        ann[ANN_USER_ID] = json!(x.service_user_id);
+        ann[ANN_SERVICE_USER] = json!(x.service_user);
+        if new.previous.is_some() {
+            ann[ANN_PREVIOUS_USER_ID] = json!(x.previous_user);
+            patch["data"][PREVIOUS_TOKEN_KEY] = data_value(x.previous_token);
+        }
+    }
     patch
 }
 
@@ -469,7 +552,8 @@ pub fn no_token_patch(user_id: &str, completed_at: &str, outcome: &str) -> Value
 }
 
 /// Ends a claim after setup definitively failed (4xx), so the next attempt is not mistaken for a
-/// lost token. A refusal of the request (400/412/422) is recorded with the generation it answered, so
+/// lost token. A refusal of the request (400/412/422) is recorded with the generation it answered,
+/// so
 /// the same spec and credentials are never sent again.
 pub fn release_patch(rejection: Option<(i64, u16, &str)>) -> Value {
     let rejected = rejection.map_or(Value::Null, |(generation, status, message)| {
@@ -480,7 +564,10 @@ pub fn release_patch(rejection: Option<(i64, u16, &str)>) -> Value {
             .collect();
         json!(format!("{generation} {status} {message}"))
     });
-    json!({"metadata": {"annotations": {ANN_SETUP_STARTED_AT: Value::Null, ANN_SETUP_REJECTED: rejected}}})
+    json!({"metadata": {"annotations": {
+        ANN_SETUP_STARTED_AT: Value::Null,
+        ANN_SETUP_REJECTED: rejected,
+    }}})
 }
 
 /// A recorded refusal: (generation, status, message).
@@ -515,7 +602,12 @@ mod tests {
     fn nbi(policy: DeletionPolicy) -> NetbirdInstance {
         let mut spec: NetbirdInstanceSpec = serde_json::from_value(json!({
             "managementURL": "https://nb.example.com",
-            "credentialsSecretRef": {"name": "admin", "emailKey": "email", "passwordKey": "password", "nameKey": "name"},
+            "credentialsSecretRef": {
+                "name": "admin",
+                "emailKey": "email",
+                "passwordKey": "password",
+                "nameKey": "name",
+            },
         }))
         .unwrap();
         spec.token.deletion_policy = policy;
@@ -645,5 +737,12 @@ mod tests {
         assert_eq!(recorded_check(&same, "41", "$argon2id$fp"), Some(true));
         assert_eq!(recorded_check("41 same", "41", "$argon2id$fp"), None);
         assert_eq!(recorded_check("garbage", "41", "$argon2id$fp"), None);
+    }
+
+    #[test]
+    fn merge_patch_semantics() {
+        let mut t = json!({"a": {"b": 1, "c": 2}, "d": 1});
+        merge(&mut t, &json!({"a": {"b": null, "e": 3}, "d": 2}));
+        assert_eq!(t, json!({"a": {"c": 2, "e": 3}, "d": 2}));
     }
 }

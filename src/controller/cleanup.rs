@@ -83,7 +83,8 @@ pub async fn on_delete(
     {
         // the token belongs to another server than the spec names now: it is not sent anywhere
         let note = format!(
-            "the token in Secret {} belongs to the NetBird server at {home}, and spec.managementURL is {}: \
+            "the token in Secret {} belongs to the NetBird server at {home}, and \
+                spec.managementURL is {}: \
              it was not sent there to be deleted. Delete it in the dashboard of {home}",
             nbi.token_secret_name(),
             nbi.spec.management_url
@@ -93,47 +94,14 @@ pub async fn on_delete(
         return remove_finalizer(nbi, api).await;
     }
     let outcome = delete_token(nbi, &world).await;
-    let let_go = match &outcome {
-        Ok(what) => {
-            info!(what = %what, "token cleanup done");
-            true
-        }
+    match &outcome {
+        Ok(what) => info!(what = %what, "token cleanup done"),
         Err(e) => {
-            // the time counts from the deletion request, so a restart does not start it again
-            let requested = nbi
-                .metadata
-                .deletion_timestamp
-                .as_ref()
-                .map_or(ctx.now(), |t| t.0);
-            let elapsed = ctx.now().duration_since(requested).unsigned_abs();
-            let timeout = ctx.settings.finalizer_timeout;
-            if elapsed >= timeout {
-                warn!(error = %e, attempt, "could not delete the token on the server; letting go");
-                let note = format!(
-                    "could not delete the token on the NetBird server in {} ({attempt} attempts; last: {e}); \
-                     the NetbirdInstance is deleted anyway. Delete the token in the NetBird dashboard",
-                    crate::duration::format(timeout)
-                );
-                publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
-                true
-            } else {
-                let retry_in = super::backoff_delay(attempt, ctx.settings.max_backoff)
-                    .max(Duration::from_millis(500))
-                    .min(timeout - elapsed);
-                warn!(error = %e, attempt, ?retry_in, "could not delete the token on the server; retrying");
-                let note = format!(
-                    "attempt {attempt} to delete the token on the NetBird server failed ({e}); retrying \
-                     in {}s, for at most {} after the deletion request, then the NetbirdInstance is \
-                     deleted anyway",
-                    retry_in.as_secs().max(1),
-                    crate::duration::format(timeout)
-                );
-                publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+            if let Some(retry_in) = deletion_failed(nbi, ctx, attempt, e).await {
                 return Ok(Action::requeue(retry_in));
             }
         }
-    };
-    debug_assert!(let_go);
+    }
     if outcome.is_ok() {
         publish(
             ctx,
@@ -145,6 +113,48 @@ pub async fn on_delete(
         .await;
     }
     remove_finalizer(nbi, api).await
+}
+
+/// A failed deletion of the token: retried with backoff until `finalizerTimeout` after the deletion
+/// request (Some(delay)), then let go (None). Each attempt is reported in an Event.
+async fn deletion_failed(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    attempt: u32,
+    e: &DeleteTokenError,
+) -> Option<Duration> {
+    // the time counts from the deletion request, so a restart does not start it again
+    let requested = nbi
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map_or(ctx.now(), |t| t.0);
+    let elapsed = ctx.now().duration_since(requested).unsigned_abs();
+    let timeout = ctx.settings.finalizer_timeout;
+    if elapsed >= timeout {
+        warn!(error = %e, attempt, "could not delete the token on the server; letting go");
+        let note = format!(
+            "could not delete the token on the NetBird server in {} ({attempt} attempts; last: \
+             {e}); the NetbirdInstance is deleted anyway. Delete the token in the NetBird \
+             dashboard",
+            crate::duration::format(timeout)
+        );
+        publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+        return None;
+    }
+    let retry_in = super::backoff_delay(attempt, ctx.settings.max_backoff)
+        .max(Duration::from_millis(500))
+        .min(timeout - elapsed);
+    warn!(error = %e, attempt, ?retry_in, "could not delete the token on the server; retrying");
+    let note = format!(
+        "attempt {attempt} to delete the token on the NetBird server failed ({e}); retrying in \
+         {}s, for at most {} after the deletion request, then the NetbirdInstance is deleted \
+         anyway",
+        retry_in.as_secs().max(1),
+        crate::duration::format(timeout)
+    );
+    publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+    Some(retry_in)
 }
 
 async fn remove_finalizer(
@@ -161,13 +171,25 @@ async fn remove_finalizer(
     Ok(Action::await_change())
 }
 
+/// Why the finalizer could not delete the token on the server (retried until its timeout).
+#[derive(Debug, thiserror::Error)]
+enum DeleteTokenError {
+    #[error("no NetBird client for this spec")]
+    NoClient,
+    #[error("the token's id is unknown (the user has several tokens)")]
+    UnknownId,
+    /// NetBird's error says which call failed.
+    #[error(transparent)]
+    Netbird(#[from] crate::netbird::NetbirdError),
+}
+
 /// Deletes the stored token on the server. Ok(description) when there is nothing (more) to do.
-async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, String> {
+async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, DeleteTokenError> {
     let Some(token) = world.token() else {
         return Ok("no token in the Secret".into());
     };
     let Some(client) = world.client() else {
-        return Err("no NetBird client for this spec".into());
+        return Err(DeleteTokenError::NoClient);
     };
     let secret = world.token_secret.owned();
     // a service user's token is verified the way every pass verifies it (NetBird answers 403 to
@@ -186,13 +208,13 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, St
         match client.delete_token(old, old_user, old_id).await {
             Ok(()) => info!(token_id = %old_id, "deleted the replaced token"),
             Err(e) if e.is_token_rejected() || e.status() == Some(404) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
     let user = match verify(client, token, service_user_id).await {
         Ok(u) => u,
         Err(e) if e.is_token_rejected() => return Ok("the token was already invalid".into()),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
     let id = match world
         .token_secret
@@ -203,20 +225,17 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, St
         Some(id) => id,
         None => {
             // identify it: the only token of the user
-            let tokens = client
-                .list_tokens(token, &user.id)
-                .await
-                .map_err(|e| e.to_string())?;
+            let tokens = client.list_tokens(token, &user.id).await?;
             match tokens.as_slice() {
                 [t] => t.id.clone(),
-                _ => return Err("the token's id is unknown (the user has several tokens)".into()),
+                _ => return Err(DeleteTokenError::UnknownId),
             }
         }
     };
     match client.delete_token(token, &user.id, &id).await {
         Ok(()) => Ok(format!("deleted token {id} of {}", nbi.name_any())),
         Err(e) if e.is_token_rejected() => Ok("the token was already deleted".into()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 

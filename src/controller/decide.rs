@@ -1,12 +1,14 @@
 //! The decision: from what is known about one NetbirdInstance, the next step. Pure: no I/O, no
-//! clock. The reconcile calls it again after each step until it returns `Step::Finish`.
+//! clock. The reconcile calls it again after each step until it returns a verdict.
+
+use std::ops::ControlFlow::{self, Break, Continue};
 
 use crate::credentials::Credentials;
 use crate::netbird::{InstanceStatus, NetbirdError, PersonalAccessToken, User, VersionInfo};
 use crate::token_secret::{
     ANN_MALFORMED_TOKEN, ANN_PREVIOUS_TOKEN_ID, ANN_ROTATION_STARTED_AT, ANN_SETUP_OUTCOME,
     ANN_SETUP_REJECTED, ANN_TOKEN_ID, OUTCOME_TOKEN_MALFORMED, OUTCOME_TOKEN_NOT_ISSUED,
-    TokenSecret, TokenValue, parse_rejection,
+    OwnedSecret, TokenSecret, TokenValue, parse_rejection,
 };
 
 /// An input the reconcile reads from a Secret.
@@ -73,7 +75,8 @@ pub struct Probes {
 #[derive(Debug)]
 pub struct Facts<'a> {
     pub generation: i64,
-    /// The credentials Secret still holds the credentials of the last setup attempt (or there was none).
+    /// The credentials Secret still holds the credentials of the last setup attempt (or there was
+    /// none).
     pub credentials_unchanged: bool,
     pub suspended: bool,
     /// A spec error the schema could not catch.
@@ -93,7 +96,8 @@ pub struct Facts<'a> {
     pub service_user: Option<&'a str>,
     pub now: jiff::Timestamp,
     pub probes: &'a Probes,
-    /// The credentials Secret's allow-list (`bootstrap.netbird.io/management-urls`), when it has one.
+    /// The credentials Secret's allow-list (`bootstrap.netbird.io/management-urls`), when it has
+    /// one.
     pub allowed_servers: Option<&'a str>,
     /// For messages.
     pub secret_name: &'a str,
@@ -166,6 +170,9 @@ pub enum Verdict {
     Stalled { reason: Stall, message: String },
 }
 
+/// What the decision says: the next step of a pass, or the verdict that ends it.
+pub type Decision = ControlFlow<Verdict, Step>;
+
 /// The next step of a pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -194,17 +201,16 @@ pub enum Step {
     RotateToken,
     /// Find or create the service user, store and verify its token, delete the old token.
     ExchangeForServiceUser,
-    Finish(Verdict),
 }
 
-fn stalled(reason: Stall, message: String) -> Step {
-    Step::Finish(Verdict::Stalled { reason, message })
+fn stalled(reason: Stall, message: String) -> Decision {
+    Break(Verdict::Stalled { reason, message })
 }
 
-fn unreachable_or_stalled(e: &NetbirdError, what: &str) -> Step {
+fn unreachable_or_stalled(e: &NetbirdError, what: &str) -> Decision {
     match e {
         NetbirdError::Redirect { .. } => stalled(Stall::InvalidSpec, e.to_string()),
-        _ => Step::Finish(Verdict::Waiting {
+        _ => Break(Verdict::Waiting {
             reason: Waiting::ManagementUnreachable,
             message: format!("{what}: {e}; retrying with backoff"),
             retry: true,
@@ -213,52 +219,17 @@ fn unreachable_or_stalled(e: &NetbirdError, what: &str) -> Step {
 }
 
 /// The next step for one NetbirdInstance.
-pub fn decide(f: &Facts<'_>) -> Step {
-    let p = f.probes;
-    if f.suspended {
-        return Step::Finish(Verdict::Suspended);
+pub fn decide(f: &Facts<'_>) -> Decision {
+    if let Some(d) = check_inputs(f) {
+        return d;
     }
-    if let Some(problem) = f.spec_problem {
-        return stalled(Stall::InvalidSpec, problem.to_string());
-    }
-    match f.credentials {
-        Input::Missing(m) => {
-            return Step::Finish(Verdict::Waiting {
-                reason: Waiting::WaitingForCredentials,
-                message: m.clone(),
-                retry: false,
-            });
-        }
-        Input::Invalid(m) => return stalled(Stall::InvalidSpec, m.clone()),
-        Input::NotNeeded | Input::Ready(_) => {}
-    }
-    // the credentials Secret's owner decides where its password may go: checked before any call
-    if let Some(list) = f.allowed_servers
-        && !crate::binding::allowed(list, f.management_url)
-    {
-        return stalled(
-            Stall::ServerNotAllowed,
-            password_not_allowed_message(f, list),
-        );
-    }
-    match f.ca {
-        Input::Missing(m) => {
-            return Step::Finish(Verdict::Waiting {
-                reason: Waiting::WaitingForCredentials,
-                message: m.clone(),
-                retry: false,
-            });
-        }
-        Input::Invalid(m) => return stalled(Stall::InvalidSpec, m.clone()),
-        Input::NotNeeded | Input::Ready(_) => {}
-    }
-
     let owned = match f.token_secret {
         TokenSecret::Foreign(why) => {
             return stalled(
                 Stall::SecretConflict,
                 format!(
-                    "Secret {} exists but is not managed by this operator ({why}); it is left untouched. \
+                    "Secret {} exists but is not managed by this operator ({why}); it is left \
+                        untouched. \
                      Delete or rename it, or set spec.token.secretName to another name",
                     f.secret_name
                 ),
@@ -267,104 +238,164 @@ pub fn decide(f: &Facts<'_>) -> Step {
         TokenSecret::Ours(s) => Some(s),
         TokenSecret::Absent => None,
     };
+    if let Some(d) = owned.and_then(|s| from_token_secret(f, s)) {
+        return d;
+    }
+    if let Some(d) = after_setup_call(f, owned) {
+        return d;
+    }
+    towards_setup(f, owned)
+}
 
-    if let Some(s) = owned {
-        if !f.secret_metadata_in_sync && !p.metadata_synced {
-            return Step::SyncSecretMetadata;
+/// Suspension, the spec, and the inputs read from Secrets: checked before any call.
+fn check_inputs(f: &Facts<'_>) -> Option<Decision> {
+    if f.suspended {
+        return Some(Break(Verdict::Suspended));
+    }
+    if let Some(problem) = f.spec_problem {
+        return Some(stalled(Stall::InvalidSpec, problem.to_string()));
+    }
+    match f.credentials {
+        Input::Missing(m) => {
+            return Some(Break(Verdict::Waiting {
+                reason: Waiting::WaitingForCredentials,
+                message: m.clone(),
+                retry: false,
+            }));
         }
-        match &s.token {
-            TokenValue::Present(_) if !s.may_send_token_to(f.management_url) => {
-                return stalled(
-                    Stall::ServerNotAllowed,
-                    token_not_allowed_message(f, s.home_server().unwrap_or_default()),
-                );
-            }
-            TokenValue::Present(_) => {
-                return match &p.verify {
-                    None => Step::VerifyToken,
-                    Some(Err(e)) if e.is_token_rejected() => stalled(
-                        Stall::TokenRejected,
-                        format!(
-                            "the token in key {} of Secret {} was rejected: {e}. Create a personal access \
-                             token in the NetBird dashboard and put it under that key; the operator adopts it",
-                            f.secret_key, f.secret_name
-                        ),
-                    ),
-                    Some(Err(e)) => unreachable_or_stalled(e, "could not verify the stored token"),
-                    Some(Ok(_)) => token_upkeep(f, s).unwrap_or_else(|| {
-                        if f.version_due && p.version.is_none() {
-                            Step::CheckVersion
-                        } else {
-                            Step::Finish(Verdict::Ready)
-                        }
-                    }),
-                };
-            }
-            TokenValue::NotText => {
-                return stalled(
+        Input::Invalid(m) => return Some(stalled(Stall::InvalidSpec, m.clone())),
+        Input::NotNeeded | Input::Ready(_) => {}
+    }
+    // the credentials Secret's owner decides where its password may go: checked before any call
+    if let Some(list) = f.allowed_servers
+        && !crate::binding::allowed(list, f.management_url)
+    {
+        return Some(stalled(
+            Stall::ServerNotAllowed,
+            password_not_allowed_message(f, list),
+        ));
+    }
+    match f.ca {
+        Input::Missing(m) => {
+            return Some(Break(Verdict::Waiting {
+                reason: Waiting::WaitingForCredentials,
+                message: m.clone(),
+                retry: false,
+            }));
+        }
+        Input::Invalid(m) => return Some(stalled(Stall::InvalidSpec, m.clone())),
+        Input::NotNeeded | Input::Ready(_) => {}
+    }
+    None
+}
+
+/// What the operator's own token Secret decides: its metadata, the stored token (verified, kept
+/// up), or a recorded setup outcome.
+fn from_token_secret(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
+    let p = f.probes;
+    if !f.secret_metadata_in_sync && !p.metadata_synced {
+        return Some(Continue(Step::SyncSecretMetadata));
+    }
+    match &s.token {
+        TokenValue::Present(_) if !s.may_send_token_to(f.management_url) => {
+            return Some(stalled(
+                Stall::ServerNotAllowed,
+                token_not_allowed_message(f, s.home_server().unwrap_or_default()),
+            ));
+        }
+        TokenValue::Present(_) => {
+            return Some(match &p.verify {
+                None => Continue(Step::VerifyToken),
+                Some(Err(e)) if e.is_token_rejected() => stalled(
                     Stall::TokenRejected,
                     format!(
-                        "key {} of Secret {} holds binary data, not a token. Put a personal access token \
-                         (nbp_...) there; the operator adopts it",
+                        "the token in key {} of Secret {} was rejected: {e}. Create a personal \
+                            access \
+                         token in the NetBird dashboard and put it under that key; the \
+                             operator adopts it",
                         f.secret_key, f.secret_name
                     ),
-                );
-            }
-            TokenValue::Missing => {}
+                ),
+                Some(Err(e)) => unreachable_or_stalled(e, "could not verify the stored token"),
+                Some(Ok(_)) => token_upkeep(f, s).unwrap_or_else(|| {
+                    if f.version_due && p.version.is_none() {
+                        Continue(Step::CheckVersion)
+                    } else {
+                        Break(Verdict::Ready)
+                    }
+                }),
+            });
         }
-        if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_NOT_ISSUED) {
-            return stalled(Stall::TokenNotIssued, token_not_issued_message(f));
+        TokenValue::NotText => {
+            return Some(stalled(
+                Stall::TokenRejected,
+                format!(
+                    "key {} of Secret {} holds binary data, not a token. Put a personal access \
+                        token \
+                     (nbp_...) there; the operator adopts it",
+                    f.secret_key, f.secret_name
+                ),
+            ));
         }
-        if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_MALFORMED) {
-            return stalled(
-                Stall::TokenNotIssued,
-                malformed_token_message(f, "setup", "it is not a NetBird token"),
-            );
-        }
-        // a refusal answered this very spec and these credentials: not sent again
-        if p.setup.is_none()
-            && let Some((generation, status, message)) =
-                s.annotation(ANN_SETUP_REJECTED).and_then(parse_rejection)
-            && generation == f.generation
-            && f.credentials_unchanged
-        {
-            return if status == 412 {
-                stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true))
-            } else {
-                rejected(status, message)
-            };
-        }
+        TokenValue::Missing => {}
     }
+    if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_NOT_ISSUED) {
+        return Some(stalled(Stall::TokenNotIssued, token_not_issued_message(f)));
+    }
+    if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_MALFORMED) {
+        return Some(stalled(
+            Stall::TokenNotIssued,
+            malformed_token_message(f, "setup", "it is not a NetBird token"),
+        ));
+    }
+    // a refusal answered this very spec and these credentials: not sent again
+    if p.setup.is_none()
+        && let Some((generation, status, message)) =
+            s.annotation(ANN_SETUP_REJECTED).and_then(parse_rejection)
+        && generation == f.generation
+        && f.credentials_unchanged
+    {
+        return Some(if status == 412 {
+            stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true))
+        } else {
+            rejected(status, message)
+        });
+    }
+    None
+}
 
+/// What a setup call of this pass (or a malformed token it or a rotation returned) decides.
+fn after_setup_call(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Option<Decision> {
+    let p = f.probes;
     if let Some((what, why)) = &p.malformed_token {
-        return stalled(
+        return Some(stalled(
             Stall::TokenNotIssued,
             malformed_token_message(f, what, &why.to_string()),
-        );
+        ));
     }
     match &p.setup {
         Some(SetupOutcome::NoToken { .. }) => {
-            return stalled(Stall::TokenNotIssued, token_not_issued_message(f));
+            return Some(stalled(Stall::TokenNotIssued, token_not_issued_message(f)));
         }
         Some(SetupOutcome::TokenStored { .. }) => {
             // the world now holds the token; reaching here means it could not be read back
-            return Step::Finish(Verdict::Waiting {
+            return Some(Break(Verdict::Waiting {
                 reason: Waiting::ManagementUnreachable,
                 message: "setup succeeded and the token was stored; verifying it".into(),
                 retry: true,
-            });
+            }));
         }
         Some(SetupOutcome::Failed(e)) => {
             // "already set up" after an unanswered call of this claim: that call may have been the
             // one that set it up, and its token is lost; the claim is kept as the evidence
             if e.status() == Some(412) && owned.is_some_and(|s| s.setup_unanswered()) {
-                return stalled(Stall::TokenLost, token_lost_message(f, true));
+                return Some(stalled(Stall::TokenLost, token_lost_message(f, true)));
             }
             let definitive = matches!(e.status(), Some(400 | 412 | 422));
             if definitive && owned.is_some_and(|s| s.setup_started()) && !p.claim_released {
-                return Step::ReleaseClaim;
+                return Some(Continue(Step::ReleaseClaim));
             }
-            return match e.status() {
+            return Some(match e.status() {
                 Some(412) => stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true)),
                 Some(422)
                     if e.server_message()
@@ -378,17 +409,23 @@ pub fn decide(f: &Facts<'_>) -> Step {
                 Some(400 | 422) => stalled(
                     Stall::CredentialsRejected,
                     format!(
-                        "NetBird refused the credentials: {e}. Fix the credentials Secret; the operator retries when it changes"
+                        "NetBird refused the credentials: {e}. Fix the credentials Secret; the \
+                            operator retries when it changes"
                     ),
                 ),
                 _ => unreachable_or_stalled(e, "setup failed"),
-            };
+            });
         }
         None => {}
     }
+    None
+}
 
+/// The way to the one-time setup: the instance status, the claim, the call.
+fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
+    let p = f.probes;
     let instance = match &p.instance {
-        None => return Step::CheckInstance,
+        None => return Continue(Step::CheckInstance),
         Some(Err(e)) => return unreachable_or_stalled(e, "could not read the instance status"),
         Some(Ok(i)) => i,
     };
@@ -400,17 +437,17 @@ pub fn decide(f: &Facts<'_>) -> Step {
         return stalled(Stall::SetupUnavailable, setup_unavailable_message(f, false));
     }
     if !started && !p.claimed {
-        return Step::ClaimSecret;
+        return Continue(Step::ClaimSecret);
     }
-    Step::Setup
+    Continue(Step::Setup)
 }
 
 /// The work a verified token may need: cleanup after a crash, identification, rotation.
-fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<Step> {
+fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<Decision> {
     let p = f.probes;
     let listing_failed = matches!(p.token_list, Some(Err(_)));
     if s.annotation(ANN_ROTATION_STARTED_AT).is_some() && !p.orphans_cleaned && !listing_failed {
-        return Some(Step::CleanOrphans);
+        return Some(Continue(Step::CleanOrphans));
     }
     let renewal_due = f.rotation_enabled && s.renew_at().is_some_and(|at| f.now >= at);
     // the replaced token is deleted when its grace period ends (the pass is scheduled for then),
@@ -419,7 +456,7 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
         && p.previous_deleted.is_none()
         && (renewal_due || s.previous_delete_at().is_none_or(|at| f.now >= at))
     {
-        return Some(Step::DeletePreviousToken);
+        return Some(Continue(Step::DeletePreviousToken));
     }
     // a token creation this spec asked for answered with a malformed token: not asked again until
     // the spec changes
@@ -436,7 +473,7 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
     // right after setup too: the pass that reports Ready reports the whole token (one status write
     // and no second pass, where identifying it later cost a pass, a status write and its Event)
     if s.annotation(ANN_TOKEN_ID).is_none() && p.token_list.is_none() {
-        return Some(Step::IdentifyToken);
+        return Some(Continue(Step::IdentifyToken));
     }
     // the Secret records whose token it holds: a server that describes users unexpectedly can never
     // make the exchange run again
@@ -447,40 +484,44 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<S
         && !p.exchanged
         && p.exchange_error.is_none()
     {
-        return Some(Step::ExchangeForServiceUser);
+        return Some(Continue(Step::ExchangeForServiceUser));
     }
     if f.rotation_enabled
         && !p.rotated
         && p.rotation_error.is_none()
         && s.renew_at().is_some_and(|at| f.now >= at)
     {
-        return Some(Step::RotateToken);
+        return Some(Continue(Step::RotateToken));
     }
     None
 }
 
 /// NetBird refused the setup request (400/422): a spec or credentials problem, never retried as is.
-fn rejected(status: u16, message: &str) -> Step {
+fn rejected(status: u16, message: &str) -> Decision {
     if message.contains("pat_expire_in") {
         return stalled(
             Stall::InvalidSpec,
             format!(
-                "NetBird refused spec.token.expiresInDays ({status}: {message}); setup is tried again when the spec changes"
+                "NetBird refused spec.token.expiresInDays ({status}: {message}); setup is tried \
+                    again when the spec changes"
             ),
         );
     }
     stalled(
         Stall::CredentialsRejected,
         format!(
-            "NetBird refused the credentials ({status}: {message}). Fix the credentials Secret; setup is tried again when it changes"
+            "NetBird refused the credentials ({status}: {message}). Fix the credentials Secret; \
+                setup is tried again when it changes"
         ),
     )
 }
 
 fn token_not_issued_message(f: &Facts<'_>) -> String {
     format!(
-        "setup succeeded but NetBird returned no token: the server runs without NB_SETUP_PAT_ENABLED=true. \
-         Log in to the dashboard as the owner, create a personal access token and put it under key {} of \
+        "setup succeeded but NetBird returned no token: the server runs without \
+            NB_SETUP_PAT_ENABLED=true. \
+         Log in to the dashboard as the owner, create a personal access token and put it under key \
+             {} of \
          Secret {}; the operator adopts it",
         f.secret_key, f.secret_name
     )
@@ -489,8 +530,10 @@ fn token_not_issued_message(f: &Facts<'_>) -> String {
 fn token_not_allowed_message(f: &Facts<'_>, home: &str) -> String {
     format!(
         "the token in Secret {} belongs to the NetBird server at {home} (annotation {}), but \
-         spec.managementURL is {}: the token is not sent there. If {} is the same server under a new \
-         address, whoever may write Secret {} sets that annotation to the new URL; for another server, \
+         spec.managementURL is {}: the token is not sent there. If {} is the same server under a \
+             new \
+         address, whoever may write Secret {} sets that annotation to the new URL; for another \
+             server, \
          set spec.token.secretName to another Secret",
         f.secret_name,
         crate::binding::ANN_MANAGEMENT_URL,
@@ -503,8 +546,10 @@ fn token_not_allowed_message(f: &Facts<'_>, home: &str) -> String {
 fn password_not_allowed_message(f: &Facts<'_>, list: &str) -> String {
     let list: Vec<String> = crate::binding::allow_list(list);
     format!(
-        "the credentials Secret allows its password to be sent only to {} (annotation {}), not to {}: \
-         nothing was sent. Whoever may write the credentials Secret adds the URL to that annotation, \
+        "the credentials Secret allows its password to be sent only to {} (annotation {}), not to \
+            {}: \
+         nothing was sent. Whoever may write the credentials Secret adds the URL to that \
+             annotation, \
          or the NetbirdInstance names another credentials Secret",
         list.join(", "),
         crate::binding::ANN_ALLOWED_URLS,
@@ -515,7 +560,8 @@ fn password_not_allowed_message(f: &Facts<'_>, list: &str) -> String {
 fn malformed_token_message(f: &Facts<'_>, what: &str, why: &str) -> String {
     let then = if what == "setup" {
         format!(
-            "Setup is done and is never called again: log in to the dashboard as the owner, create a \
+            "Setup is done and is never called again: log in to the dashboard as the owner, create \
+                a \
              personal access token and put it under key {} of Secret {}; the operator adopts it",
             f.secret_key, f.secret_name
         )
@@ -534,18 +580,25 @@ fn malformed_token_message(f: &Facts<'_>, what: &str, why: &str) -> String {
 fn token_lost_message(f: &Facts<'_>, started: bool) -> String {
     if !started {
         return format!(
-            "NetBird at {} is set up and the token this operator stored is gone from the Secret; NetBird \
-             shows a token only once. Log in to the dashboard as the owner, create a personal access token \
+            "NetBird at {} is set up and the token this operator stored is gone from the Secret; \
+                NetBird \
+             shows a token only once. Log in to the dashboard as the owner, create a personal \
+                 access token \
              and put it under key {} of Secret {}; the operator adopts it",
             f.management_url, f.secret_key, f.secret_name
         );
     }
     format!(
-        "NetBird at {} is set up, and this operator's setup call may have done it: its answer never \
-         arrived (a timeout, a reset connection or a restart) and its token was never stored. The owner \
-         may also have been created by someone else at the same moment. NetBird shows a token only once: \
-         if the owner is the account in the credentials Secret, log in to the dashboard with it, create a \
-         personal access token and put it under key {} of Secret {}; if someone else set the server up, \
+        "NetBird at {} is set up, and this operator's setup call may have done it: its answer \
+            never \
+         arrived (a timeout, a reset connection or a restart) and its token was never stored. The \
+             owner \
+         may also have been created by someone else at the same moment. NetBird shows a token only \
+             once: \
+         if the owner is the account in the credentials Secret, log in to the dashboard with it, \
+             create a \
+         personal access token and put it under key {} of Secret {}; if someone else set the \
+             server up, \
          ask them for a personal access token and put it there. The operator adopts it",
         f.management_url, f.secret_key, f.secret_name
     )
@@ -558,8 +611,10 @@ fn setup_unavailable_message(f: &Facts<'_>, raced: bool) -> String {
         "is already set up (or uses an external identity provider)"
     };
     format!(
-        "NetBird at {} {why}, and Secret {} holds no token. Create a personal access token in the NetBird \
-         dashboard and put it under key {} of that Secret (with labels {}={} and {}=<instance name>); the \
+        "NetBird at {} {why}, and Secret {} holds no token. Create a personal access token in the \
+            NetBird \
+         dashboard and put it under key {} of that Secret (with labels {}={} and {}=<instance \
+             name>); the \
          operator adopts it",
         f.management_url,
         f.secret_name,
@@ -632,7 +687,7 @@ mod tests {
                 allowed_servers: None,
             }
         }
-        fn decide(&self) -> Step {
+        fn decide(&self) -> Decision {
             decide(&Facts {
                 generation: 1,
                 credentials_unchanged: self.credentials_unchanged,
@@ -684,10 +739,10 @@ mod tests {
         }
     }
 
-    fn reason(step: Step) -> String {
+    fn reason(step: Decision) -> String {
         match step {
-            Step::Finish(Verdict::Stalled { reason, .. }) => reason.as_str().to_string(),
-            Step::Finish(Verdict::Waiting { reason, .. }) => reason.as_str().to_string(),
+            Break(Verdict::Stalled { reason, .. }) => reason.as_str().to_string(),
+            Break(Verdict::Waiting { reason, .. }) => reason.as_str().to_string(),
             other => format!("{other:?}"),
         }
     }
@@ -695,14 +750,14 @@ mod tests {
     #[test]
     fn fresh_instance_walks_check_claim_setup() {
         let mut w = World::new(TokenSecret::Absent);
-        assert_eq!(w.decide(), Step::CheckInstance);
+        assert_eq!(w.decide(), Continue(Step::CheckInstance));
         w.probes.instance = Some(Ok(InstanceStatus {
             setup_required: true,
         }));
-        assert_eq!(w.decide(), Step::ClaimSecret);
+        assert_eq!(w.decide(), Continue(Step::ClaimSecret));
         w.probes.claimed = true;
         w.secret = owned(None, true);
-        assert_eq!(w.decide(), Step::Setup);
+        assert_eq!(w.decide(), Continue(Step::Setup));
         // setup stored the token: the world now has it, and it gets verified, then versions read
         w.probes.setup = Some(SetupOutcome::TokenStored {
             user_id: "u1".into(),
@@ -712,18 +767,22 @@ mod tests {
         if let TokenSecret::Ours(s) = &mut w.secret {
             s.annotations.remove(ANN_TOKEN_ID);
         }
-        assert_eq!(w.decide(), Step::VerifyToken);
+        assert_eq!(w.decide(), Continue(Step::VerifyToken));
         w.probes.verify = Some(Ok(Verified {
             user: user(),
             at: jiff::Timestamp::UNIX_EPOCH,
         }));
-        assert_eq!(w.decide(), Step::IdentifyToken, "in the same pass");
+        assert_eq!(
+            w.decide(),
+            Continue(Step::IdentifyToken),
+            "in the same pass"
+        );
         w.probes.token_list = Some(Ok(Vec::new()));
-        assert_eq!(w.decide(), Step::CheckVersion);
+        assert_eq!(w.decide(), Continue(Step::CheckVersion));
         w.probes.version = Some(Err(transport()));
         assert_eq!(
             w.decide(),
-            Step::Finish(Verdict::Ready),
+            Break(Verdict::Ready),
             "a failed version check never un-Readies"
         );
     }
@@ -732,7 +791,7 @@ mod tests {
     fn suspend_and_invalid_spec_come_first() {
         let mut w = World::new(TokenSecret::Absent);
         w.suspended = true;
-        assert_eq!(w.decide(), Step::Finish(Verdict::Suspended));
+        assert_eq!(w.decide(), Break(Verdict::Suspended));
         w.suspended = false;
         w.spec_problem = Some("bad");
         assert_eq!(reason(w.decide()), "InvalidSpec");
@@ -743,7 +802,7 @@ mod tests {
         let mut w = World::new(TokenSecret::Absent);
         w.credentials = Input::Missing("waiting for Secret admin".into());
         match w.decide() {
-            Step::Finish(Verdict::Waiting {
+            Break(Verdict::Waiting {
                 reason: Waiting::WaitingForCredentials,
                 retry: false,
                 ..
@@ -768,13 +827,13 @@ mod tests {
     #[test]
     fn stored_token_is_verified_and_adopted_without_setup() {
         let mut w = World::new(owned(Some("nbp_x"), false));
-        assert_eq!(w.decide(), Step::VerifyToken);
+        assert_eq!(w.decide(), Continue(Step::VerifyToken));
         w.probes.verify = Some(Ok(Verified {
             user: user(),
             at: jiff::Timestamp::UNIX_EPOCH,
         }));
         w.version_due = false;
-        assert_eq!(w.decide(), Step::Finish(Verdict::Ready));
+        assert_eq!(w.decide(), Break(Verdict::Ready));
     }
 
     #[test]
@@ -820,7 +879,7 @@ mod tests {
         w.probes.instance = Some(Ok(InstanceStatus {
             setup_required: true,
         }));
-        assert_eq!(w.decide(), Step::Setup);
+        assert_eq!(w.decide(), Continue(Step::Setup));
     }
 
     #[test]
@@ -848,12 +907,12 @@ mod tests {
             let definitive = matches!(err.status(), Some(400 | 412 | 422));
             w.probes.setup = Some(SetupOutcome::Failed(err));
             if definitive {
-                assert_eq!(w.decide(), Step::ReleaseClaim, "{want}");
+                assert_eq!(w.decide(), Continue(Step::ReleaseClaim), "{want}");
                 w.probes.claim_released = true;
                 w.secret = owned(None, false);
             }
             let step = w.decide();
-            assert_ne!(step, Step::Setup);
+            assert_ne!(step, Continue(Step::Setup));
             assert_eq!(reason(step), want);
         }
     }
@@ -906,7 +965,7 @@ mod tests {
         assert_eq!(reason(w.decide()), "CredentialsRejected");
         // new credentials: a new attempt (claim first)
         w.credentials_unchanged = false;
-        assert_eq!(w.decide(), Step::ClaimSecret);
+        assert_eq!(w.decide(), Continue(Step::ClaimSecret));
     }
 
     #[test]
@@ -924,9 +983,9 @@ mod tests {
     fn secret_metadata_is_synced_once() {
         let mut w = World::new(owned(Some("nbp_x"), false));
         w.in_sync = false;
-        assert_eq!(w.decide(), Step::SyncSecretMetadata);
+        assert_eq!(w.decide(), Continue(Step::SyncSecretMetadata));
         w.probes.metadata_synced = true;
-        assert_eq!(w.decide(), Step::VerifyToken);
+        assert_eq!(w.decide(), Continue(Step::VerifyToken));
     }
 
     #[test]
@@ -940,7 +999,7 @@ mod tests {
         }
         let w = World::new(secret);
         match w.decide() {
-            Step::Finish(Verdict::Stalled { reason, message }) => {
+            Break(Verdict::Stalled { reason, message }) => {
                 assert_eq!(reason, Stall::ServerNotAllowed);
                 assert!(message.contains("https://home.example.com"), "{message}");
                 assert!(message.contains("https://nb.example.com"), "{message}");
@@ -956,11 +1015,11 @@ mod tests {
                 "https://NB.example.com:443/".into(),
             );
         }
-        assert_eq!(World::new(secret).decide(), Step::VerifyToken);
+        assert_eq!(World::new(secret).decide(), Continue(Step::VerifyToken));
         // no record yet (a Secret written before the operator recorded it): verified, then recorded
         assert_eq!(
             World::new(owned(Some("nbp_x"), false)).decide(),
-            Step::VerifyToken
+            Continue(Step::VerifyToken)
         );
     }
 
@@ -970,7 +1029,7 @@ mod tests {
         w.allowed_servers = Some("https://other.example.com, https://third.example.com");
         assert_eq!(reason(w.decide()), "ServerNotAllowed");
         w.allowed_servers = Some("https://other.example.com https://nb.example.com/");
-        assert_eq!(w.decide(), Step::CheckInstance);
+        assert_eq!(w.decide(), Continue(Step::CheckInstance));
     }
 
     #[test]
@@ -1008,7 +1067,7 @@ mod tests {
                 .insert(ANN_MALFORMED_TOKEN.into(), "0 rotation x".into());
         }
         w.secret = secret;
-        assert_eq!(w.decide(), Step::Finish(Verdict::Ready));
+        assert_eq!(w.decide(), Break(Verdict::Ready));
     }
 
     #[test]
@@ -1025,7 +1084,7 @@ mod tests {
         w.probes.claimed = true;
         w.probes.setup = Some(SetupOutcome::Failed(api(412, "setup already completed")));
         match w.decide() {
-            Step::Finish(Verdict::Stalled { reason, message }) => {
+            Break(Verdict::Stalled { reason, message }) => {
                 assert_eq!(reason, Stall::TokenLost);
                 assert!(message.contains("someone else"), "{message}");
             }
@@ -1034,6 +1093,6 @@ mod tests {
         // without an unanswered call, a 412 is someone else's setup: the claim is released
         let mut w = World::new(owned(None, true));
         w.probes.setup = Some(SetupOutcome::Failed(api(412, "setup already completed")));
-        assert_eq!(w.decide(), Step::ReleaseClaim);
+        assert_eq!(w.decide(), Continue(Step::ReleaseClaim));
     }
 }

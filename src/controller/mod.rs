@@ -1,6 +1,7 @@
 //! The NetbirdInstance controller: watches, the reconcile pass, requeue and backoff.
 //!
-//! A pass reads the world (the instance and its Secrets), asks [`decide::decide`] for the next step,
+//! A pass reads the world (the instance and its Secrets), asks [`decide::decide`] for the next
+//! step,
 //! does that one step, and asks again until the decision is a verdict; then it writes the status
 //! (only when it changed) and Events for transitions.
 
@@ -12,6 +13,7 @@ mod secrets;
 mod steps;
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,19 +34,32 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
 use crate::metrics::{InstanceLabels, Metrics, ReasonLabels, ResultLabels};
 use crate::netbird::ClientOptions;
-use decide::{Facts, Probes, Step, Verdict, Verified};
+use decide::{Facts, Probes, Verdict, Verified};
 
-/// Errors that end a pass early (the Kubernetes API failed); retried with backoff.
+/// Errors that end a pass early (the Kubernetes API failed); retried with backoff. Each message
+/// names what failed and the Kubernetes error once (the error is not also a `source`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to read Secret {name}: {source}")]
-    ReadSecret { name: String, source: kube::Error },
+    #[error("failed to read Secret {name}: {error}")]
+    ReadSecret { name: String, error: kube::Error },
     #[error("failed to write the status: {0}")]
-    WriteStatus(#[source] kube::Error),
+    WriteStatus(kube::Error),
     #[error("failed to update the finalizers: {0}")]
-    WriteFinalizer(#[source] kube::Error),
+    WriteFinalizer(kube::Error),
     #[error("the NetbirdInstance has no namespace")]
     NoNamespace,
+}
+
+impl Error {
+    /// A bounded label for metrics and logs: one per kind of failure, never the error text.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::ReadSecret { .. } => "ReadSecretFailed",
+            Error::WriteStatus(_) => "WriteStatusFailed",
+            Error::WriteFinalizer(_) => "WriteFinalizerFailed",
+            Error::NoNamespace => "NoNamespace",
+        }
+    }
 }
 
 /// Settings of the controller.
@@ -302,35 +317,7 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let (store, writer) = reflector::store();
-    // every way an instance goes away forgets it: a deletion the watch reports (whatever state the
-    // instance was in: Stalled and suspended ones have no pass left to notice), and one a relist
-    // reveals by its absence
-    let forget_ctx = ctx.clone();
-    let mut listed = std::collections::HashSet::new();
-    let instance_events = watch_each::<NetbirdInstance>(&client, &ctx.settings.namespaces)
-        .inspect(move |event| match event {
-            Ok(watcher::Event::Delete(nbi)) => {
-                if let Some(uid) = nbi.uid() {
-                    forget_ctx.forget(&uid);
-                }
-            }
-            Ok(watcher::Event::Init) => listed.clear(),
-            Ok(watcher::Event::InitApply(nbi)) => {
-                listed.extend(nbi.uid());
-            }
-            Ok(watcher::Event::InitDone) => forget_ctx.forget_all_but(&listed),
-            _ => {}
-        })
-        .modify(|nbi: &mut NetbirdInstance| {
-            // The cache holds what the passes read and nothing more: managedFields and kubectl's
-            // copy of the last applied spec are dropped before an instance is stored.
-            nbi.managed_fields_mut().clear();
-            if let Some(a) = nbi.metadata.annotations.as_mut() {
-                a.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-        })
-        .reflect(writer)
-        .applied_objects();
+    let instance_events = instance_events(&ctx, writer);
     let controller = Controller::for_stream(instance_events, store.clone());
     let _ = store_slot.set(store.clone());
 
@@ -349,22 +336,11 @@ pub async fn run(
     let mapper =
         move |secret: PartialObjectMeta<Secret>| referencing(&mapper_store, &secret.metadata);
 
-    let sync_store = store.clone();
-    let shutdown = ctx.shutdown.clone();
-    tokio::spawn(async move {
-        // The controller's own runner waits on the same store; a second waiter is not always woken
-        // (kube-runtime's DelayedInit), so each wait is bounded and retried.
-        loop {
-            tokio::select! {
-                res = tokio::time::timeout(Duration::from_millis(100), sync_store.wait_until_ready()) => match res {
-                    Ok(Ok(())) => { on_synced(); return; }
-                    Ok(Err(_)) => return,
-                    Err(_) => continue,
-                },
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    });
+    tokio::spawn(notify_when_synced(
+        store.clone(),
+        ctx.shutdown.clone(),
+        on_synced,
+    ));
 
     let shutdown = ctx.shutdown.clone();
     controller
@@ -390,6 +366,64 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The NetbirdInstance watch, stored in the reflector `writer`. Every way an instance goes away
+/// forgets it: a deletion the watch reports (whatever state the instance was in: Stalled and
+/// suspended ones have no pass left to notice), and one a relist reveals by its absence.
+fn instance_events(
+    ctx: &Arc<Context>,
+    writer: reflector::store::Writer<NetbirdInstance>,
+) -> impl futures::Stream<Item = Result<NetbirdInstance, watcher::Error>> + Send + 'static {
+    let forget_ctx = ctx.clone();
+    let mut listed = std::collections::HashSet::new();
+    watch_each::<NetbirdInstance>(&ctx.client, &ctx.settings.namespaces)
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(nbi)) => {
+                if let Some(uid) = nbi.uid() {
+                    forget_ctx.forget(&uid);
+                }
+            }
+            Ok(watcher::Event::Init) => listed.clear(),
+            Ok(watcher::Event::InitApply(nbi)) => {
+                listed.extend(nbi.uid());
+            }
+            Ok(watcher::Event::InitDone) => forget_ctx.forget_all_but(&listed),
+            _ => {}
+        })
+        .modify(|nbi: &mut NetbirdInstance| {
+            // The cache holds what the passes read and nothing more: managedFields and kubectl's
+            // copy of the last applied spec are dropped before an instance is stored.
+            nbi.managed_fields_mut().clear();
+            if let Some(a) = nbi.metadata.annotations.as_mut() {
+                a.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        })
+        .reflect(writer)
+        .applied_objects()
+}
+
+/// Calls `on_synced` once the instance store has listed everything.
+async fn notify_when_synced(
+    store: Store<NetbirdInstance>,
+    shutdown: CancellationToken,
+    on_synced: impl FnOnce() + Send + 'static,
+) {
+    // The controller's own runner waits on the same store; a second waiter is not always woken
+    // (kube-runtime's DelayedInit), so each wait is bounded and retried.
+    loop {
+        tokio::select! {
+            res = tokio::time::timeout(
+                Duration::from_millis(100),
+                store.wait_until_ready(),
+            ) => match res {
+                Ok(Ok(())) => { on_synced(); return; }
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            },
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// The watch events of `K` in `namespaces` (all when empty), with backoff: one watch for all
@@ -455,11 +489,18 @@ fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Ac
     ctx.metrics
         .reconcile_errors
         .get_or_create(&ReasonLabels {
-            reason: "KubernetesError",
+            reason: err.reason(),
         })
         .inc();
     let delay = ctx.backoff(nbi.uid().as_deref().unwrap_or_default());
-    warn!(namespace = nbi.namespace().unwrap_or_default(), name = %nbi.name_any(), error = %err, retry_in = ?delay, "pass failed");
+    warn!(
+        namespace = nbi.namespace().unwrap_or_default(),
+        name = %nbi.name_any(),
+        reason = err.reason(),
+        error = %err,
+        retry_in = ?delay,
+        "pass failed"
+    );
     Action::requeue(delay)
 }
 
@@ -467,7 +508,8 @@ fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Ac
 pub async fn reconcile(nbi: Arc<NetbirdInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = nbi.namespace().ok_or(Error::NoNamespace)?;
     let name = nbi.name_any();
-    let span = info_span!("reconcile", namespace = %ns, name = %name, generation = nbi.metadata.generation);
+    let generation = nbi.metadata.generation;
+    let span = info_span!("reconcile", namespace = %ns, name = %name, generation);
     async move {
         let action = pass(&nbi, &ctx, &ns).await?;
         ctx.metrics
@@ -495,24 +537,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     }
     // the pass goes on after adding the finalizer: what it reads next does not depend on it
     cleanup::ensure_finalizer(nbi, &api).await?;
-
-    // kstatus: observedGeneration and Ready from the very first pass (written while the Secrets
-    // are read: neither depends on the other)
-    let first = nbi
-        .status
-        .as_ref()
-        .and_then(|s| s.observed_generation)
-        .is_none()
-        && !nbi.spec.suspend;
-    let initial_status = async {
-        if first {
-            write_status(&api, &name, &report::initial(generation, started)).await
-        } else {
-            Ok(())
-        }
-    };
-    let ((), mut world) =
-        futures::try_join!(initial_status, steps::World::read(nbi, &secrets, ctx))?;
+    let mut world = read_world(nbi, ctx, &api, &secrets, started).await?;
     if let Some(left) = ctx.retry_pending(&uid, &world.inputs(generation)) {
         // woken by an event that changed nothing this pass depends on (typically its own status
         // write): the retry stays at its time, so a failing server is not called in a loop
@@ -522,95 +547,17 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         }
         return Ok(Action::requeue(left));
     }
-    let interval = nbi.version_interval();
-    let version_due = nbi.spec.version_check.enabled && version_due(nbi, started, interval);
-    let mut probes = Probes::default();
-    // a verification holds for this token, this spec and this server only
-    let cache_key = |token: &secrecy::SecretString| {
-        digest(&format!(
-            "{}\n{}\n{}",
-            generation.unwrap_or_default(),
-            crate::binding::normalize(&nbi.spec.management_url),
-            token.expose_secret()
-        ))
-    };
-    if let Some(token) = world.token()
-        && let Some(v) = ctx.cached_verification(&uid, &cache_key(token), interval, started)
-    {
-        probes.verify = Some(Ok(v));
-    }
-    let setup_done_before = nbi
-        .status
-        .as_ref()
-        .and_then(|s| s.setup.as_ref())
-        .is_some_and(|s| s.state == crate::crd::SetupState::Completed);
-    let secret_name = nbi.token_secret_name();
-    let spec_problem = nbi.spec.problem();
-
-    let mut credentials_changed = steps::credentials_changed(nbi, ctx, &mut world).await;
-    let mut verdict = None;
-    for _ in 0..16 {
-        let step = decide::decide(&Facts {
-            generation: generation.unwrap_or_default(),
-            credentials_unchanged: !credentials_changed,
-            suspended: nbi.spec.suspend,
-            spec_problem: spec_problem.as_deref(),
-            credentials: &world.credentials,
-            ca: &world.ca,
-            token_secret: &world.token_secret,
-            secret_metadata_in_sync: world.metadata_in_sync(nbi),
-            setup_done_before,
-            version_due,
-            rotation_enabled: nbi.spec.token.rotation.enabled,
-            service_user: nbi
-                .spec
-                .token
-                .service_user
-                .as_ref()
-                .map(|s| s.name.as_str()),
-            now: ctx.now(),
-            probes: &probes,
-            allowed_servers: world.allowed_servers.as_deref(),
-            secret_name: &secret_name,
-            secret_key: &nbi.spec.token.secret_key,
-            management_url: &nbi.spec.management_url,
-        });
-        tracing::debug!(?step, "decided");
-        if let Step::Finish(v) = step {
-            verdict = Some(v);
-            break;
-        }
-        if let Err(v) = steps::run(step, nbi, ctx, &secrets, &mut world, &mut probes).await {
-            verdict = Some(v);
-            break;
-        }
-        if let Some(Ok(v)) = &probes.verify
-            && let Some(token) = world.token()
-        {
-            ctx.remember_verification(&uid, cache_key(token), v);
-        }
-    }
-    let verdict = verdict.unwrap_or(Verdict::Waiting {
-        reason: decide::Waiting::Progressing,
-        message: "the pass took more steps than expected; continuing in the next pass".into(),
-        retry: true,
-    });
-    if matches!(&probes.verify, Some(Err(_))) {
-        ctx.forget_verification(&uid);
-    }
-
-    if probes.claimed {
-        // the claim recorded the fingerprint of the credentials in use
-        credentials_changed = steps::credentials_changed(nbi, ctx, &mut world).await;
-    }
+    let known = Known::new(nbi, started);
+    let driven = drive(nbi, ctx, &secrets, &mut world, &known).await;
+    let (verdict, probes) = (&driven.verdict, &driven.probes);
     let status = report::status(&report::ReportInput {
         generation,
         previous: nbi.status.as_ref(),
-        verdict: &verdict,
-        probes: &probes,
+        verdict,
+        probes,
         token_secret: &world.token_secret,
-        secret_name: &secret_name,
-        credentials_changed,
+        secret_name: &known.secret_name,
+        credentials_changed: driven.credentials_changed,
         version_check_enabled: nbi.spec.version_check.enabled,
         rotation_enabled: nbi.spec.token.rotation.enabled,
         now: ctx.now(),
@@ -619,14 +566,242 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     if previous.as_ref() != Some(&status) {
         write_status(&api, &name, &status).await?;
     }
-    publish_events(nbi, ctx, previous.as_ref(), &status, &verdict, &probes).await;
+    publish_events(nbi, ctx, previous.as_ref(), &status, verdict, probes).await;
     steps::record_credentials_check(nbi, &secrets, &mut world).await;
+    observe(nbi, ctx, ns, &status, &world, verdict);
 
+    Ok(schedule(nbi, ctx, &known, &driven, &status, &world))
+}
+
+/// Schedules the next pass: counts or resets the backoff, keeps the retry for the retry gate with
+/// what this pass read (after its own writes: see `retry_pending`), and logs the verdict.
+fn schedule(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    known: &Known,
+    driven: &Driven,
+    status: &NetbirdInstanceStatus,
+    world: &steps::World,
+) -> Action {
+    let (verdict, uid) = (&driven.verdict, &known.uid);
+    let backoff = match counts_as_failure(verdict, &driven.probes) {
+        Some(true) => Some(ctx.backoff(uid)),
+        Some(false) => {
+            ctx.reset_backoff(uid);
+            None
+        }
+        None => None,
+    };
+    let next = requeue(&RequeueInput {
+        verdict,
+        status,
+        token_secret: world.token_secret.owned(),
+        rotation_enabled: nbi.spec.token.rotation.enabled,
+        started: known.started,
+        now: ctx.now(),
+        interval: known.interval,
+        backoff,
+        max_backoff: ctx.settings.max_backoff,
+    });
+    if let Some(log) = next.log {
+        info!(reason = report::verdict_reason(verdict), requeue_in = ?next.after, "{log}");
+    }
+    ctx.schedule_retry(uid, next.retry, world.inputs(known.generation));
+    ctx.metrics
+        .remembered_instances
+        .set(ctx.remembered() as i64);
+    next.after
+        .map_or_else(Action::await_change, Action::requeue)
+}
+
+/// Reads the world, and on the very first pass writes the initial status at the same time
+/// (kstatus: observedGeneration and Ready from the first pass; neither depends on the other).
+async fn read_world(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    api: &Api<NetbirdInstance>,
+    secrets: &secrets::Secrets<'_>,
+    started: jiff::Timestamp,
+) -> Result<steps::World, Error> {
+    let first = nbi
+        .status
+        .as_ref()
+        .and_then(|s| s.observed_generation)
+        .is_none()
+        && !nbi.spec.suspend;
+    let initial_status = async {
+        if first {
+            let status = report::initial(nbi.metadata.generation, started);
+            write_status(api, &nbi.name_any(), &status).await
+        } else {
+            Ok(())
+        }
+    };
+    let ((), world) = futures::try_join!(initial_status, steps::World::read(nbi, secrets, ctx))?;
+    Ok(world)
+}
+
+/// What a pass knows before its first step and keeps for all of them.
+struct Known {
+    started: jiff::Timestamp,
+    generation: Option<i64>,
+    uid: String,
+    interval: Duration,
+    version_due: bool,
+    setup_done_before: bool,
+    secret_name: String,
+    spec_problem: Option<String>,
+}
+
+impl Known {
+    fn new(nbi: &NetbirdInstance, started: jiff::Timestamp) -> Self {
+        let interval = nbi.version_interval();
+        Known {
+            started,
+            generation: nbi.metadata.generation,
+            uid: nbi.uid().unwrap_or_default(),
+            interval,
+            version_due: nbi.spec.version_check.enabled && version_due(nbi, started, interval),
+            setup_done_before: nbi
+                .status
+                .as_ref()
+                .and_then(|s| s.setup.as_ref())
+                .is_some_and(|s| s.state == crate::crd::SetupState::Completed),
+            secret_name: nbi.token_secret_name(),
+            spec_problem: nbi.spec.problem(),
+        }
+    }
+
+    /// The facts the decision reads, as they stand.
+    fn facts<'a>(
+        &'a self,
+        nbi: &'a NetbirdInstance,
+        world: &'a steps::World,
+        probes: &'a Probes,
+        credentials_changed: bool,
+        now: jiff::Timestamp,
+    ) -> Facts<'a> {
+        Facts {
+            generation: self.generation.unwrap_or_default(),
+            credentials_unchanged: !credentials_changed,
+            suspended: nbi.spec.suspend,
+            spec_problem: self.spec_problem.as_deref(),
+            credentials: &world.credentials,
+            ca: &world.ca,
+            token_secret: &world.token_secret,
+            secret_metadata_in_sync: world.metadata_in_sync(nbi),
+            setup_done_before: self.setup_done_before,
+            version_due: self.version_due,
+            rotation_enabled: nbi.spec.token.rotation.enabled,
+            service_user: nbi
+                .spec
+                .token
+                .service_user
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            now,
+            probes,
+            allowed_servers: world.allowed_servers.as_deref(),
+            secret_name: &self.secret_name,
+            secret_key: &nbi.spec.token.secret_key,
+            management_url: &nbi.spec.management_url,
+        }
+    }
+
+    /// The key of a cached verification: it holds for this token, this spec and this server only.
+    fn verification_key(&self, nbi: &NetbirdInstance, token: &secrecy::SecretString) -> [u8; 32] {
+        digest(&format!(
+            "{}\n{}\n{}",
+            self.generation.unwrap_or_default(),
+            crate::binding::normalize(&nbi.spec.management_url),
+            token.expose_secret()
+        ))
+    }
+}
+
+/// What the steps of a pass came to.
+struct Driven {
+    verdict: Verdict,
+    probes: Probes,
+    credentials_changed: bool,
+}
+
+/// Asks the decision for the next step and does it, until the decision is a verdict.
+async fn drive(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    secrets: &secrets::Secrets<'_>,
+    world: &mut steps::World,
+    known: &Known,
+) -> Driven {
+    let uid = &known.uid;
+    let mut probes = Probes::default();
+    if let Some(token) = world.token()
+        && let Some(v) = ctx.cached_verification(
+            uid,
+            &known.verification_key(nbi, token),
+            known.interval,
+            known.started,
+        )
+    {
+        probes.verify = Some(Ok(v));
+    }
+    let mut credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
+    let mut verdict = None;
+    for _ in 0..16 {
+        let now = ctx.now();
+        let step = decide::decide(&known.facts(nbi, world, &probes, credentials_changed, now));
+        tracing::debug!(?step, "decided");
+        let step = match step {
+            ControlFlow::Break(v) => {
+                verdict = Some(v);
+                break;
+            }
+            ControlFlow::Continue(step) => step,
+        };
+        if let Err(v) = steps::run(step, nbi, ctx, secrets, world, &mut probes).await {
+            verdict = Some(v);
+            break;
+        }
+        if let Some(Ok(v)) = &probes.verify
+            && let Some(token) = world.token()
+        {
+            ctx.remember_verification(uid, known.verification_key(nbi, token), v);
+        }
+    }
+    let verdict = verdict.unwrap_or(Verdict::Waiting {
+        reason: decide::Waiting::Progressing,
+        message: "the pass took more steps than expected; continuing in the next pass".into(),
+        retry: true,
+    });
+    if matches!(&probes.verify, Some(Err(_))) {
+        ctx.forget_verification(uid);
+    }
+    if probes.claimed {
+        // the claim recorded the fingerprint of the credentials in use
+        credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
+    }
+    Driven {
+        verdict,
+        probes,
+        credentials_changed,
+    }
+}
+
+/// Per-instance gauges (the chart's alerts) from the status this pass wrote, and the count of
+/// passes that did not end Ready.
+fn observe(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    ns: &str,
+    status: &NetbirdInstanceStatus,
+    world: &steps::World,
+    verdict: &Verdict,
+) {
     let labels = InstanceLabels {
         namespace: ns.to_string(),
-        name: name.clone(),
+        name: nbi.name_any(),
     };
-    // per-instance condition gauges (the chart's alerts), from the status this pass wrote
     ctx.metrics.set_conditions(&labels, &status.conditions);
     match world.token_secret.owned().and_then(|s| s.lifetime()) {
         Some((_, expires)) => {
@@ -639,84 +814,122 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             ctx.metrics.token_expiry.remove(&labels);
         }
     }
-    let reason = report::verdict_reason(&verdict);
     if !matches!(verdict, Verdict::Ready | Verdict::Suspended) {
+        let reason = report::verdict_reason(verdict);
         ctx.metrics
             .reconcile_errors
             .get_or_create(&ReasonLabels { reason })
             .inc();
     }
-    // a retry is kept with what this pass read (after its own writes): see `retry_pending`
-    let mut retry = None;
-    let action = match &verdict {
-        Verdict::Ready => {
-            let failed = matches!(probes.version, Some(Err(_)))
+}
+
+/// Whether a pass counts as a failure for the backoff (Some(true)), resets it (Some(false)), or
+/// leaves it (None: suspended).
+fn counts_as_failure(verdict: &Verdict, probes: &Probes) -> Option<bool> {
+    match verdict {
+        Verdict::Ready => Some(
+            matches!(probes.version, Some(Err(_)))
                 || probes.rotation_error.is_some()
                 || probes.exchange_error.is_some()
-                || matches!(probes.token_list, Some(Err(_)));
-            let mut next = if failed {
-                // a failed check or upkeep is retried after a minute at the earliest (or the
-                // configured maximum backoff, if shorter), never later than the interval
-                let floor = Duration::from_secs(60).min(ctx.settings.max_backoff);
-                let d = ctx.backoff(&uid).max(floor).min(interval);
-                retry = Some(d);
-                d
-            } else {
-                ctx.reset_backoff(&uid);
-                next_check(&status, started, interval)
+                || matches!(probes.token_list, Some(Err(_))),
+        ),
+        Verdict::Suspended => None,
+        Verdict::Waiting { retry, .. } => Some(*retry),
+        Verdict::Stalled { .. } => Some(false),
+    }
+}
+
+/// What the schedule of the next pass depends on.
+struct RequeueInput<'a> {
+    verdict: &'a Verdict,
+    status: &'a NetbirdInstanceStatus,
+    token_secret: Option<&'a crate::token_secret::OwnedSecret>,
+    rotation_enabled: bool,
+    /// When the pass started, and now.
+    started: jiff::Timestamp,
+    now: jiff::Timestamp,
+    /// The version check and verification interval.
+    interval: Duration,
+    /// The backoff after this pass's failure ([`counts_as_failure`]).
+    backoff: Option<Duration>,
+    max_backoff: Duration,
+}
+
+/// When the next pass runs.
+#[derive(Debug, PartialEq)]
+struct Requeue {
+    /// After this long; None: when something changes.
+    after: Option<Duration>,
+    /// The retry kept through the retry gate ([`Context::retry_pending`]).
+    retry: Option<Duration>,
+    /// What the log says.
+    log: Option<&'static str>,
+}
+
+/// The schedule of the next pass, from the verdict, the status, the token Secret and the clock.
+fn requeue(r: &RequeueInput<'_>) -> Requeue {
+    match r.verdict {
+        Verdict::Ready => {
+            // a failed check or upkeep is retried after a minute at the earliest (or the
+            // configured maximum backoff, if shorter), never later than the interval
+            let retry = r.backoff.map(|backoff| {
+                let floor = Duration::from_secs(60).min(r.max_backoff);
+                backoff.max(floor).min(r.interval)
+            });
+            let mut next = retry.unwrap_or_else(|| next_check(r.status, r.started, r.interval));
+            let wake = |at: jiff::Timestamp| {
+                r.now
+                    .duration_until(at)
+                    .unsigned_abs()
+                    .max(Duration::from_secs(1))
             };
             // the renewal is scheduled for its time, not found by polling
-            if nbi.spec.token.rotation.enabled
-                && let Some(at) = world.token_secret.owned().and_then(|s| s.renew_at())
+            if r.rotation_enabled
+                && let Some(at) = r.token_secret.and_then(|s| s.renew_at())
             {
-                let until = ctx.now().duration_until(at).unsigned_abs();
-                next = next.min(until.max(Duration::from_secs(1)));
+                next = next.min(wake(at));
             }
             // and so is the end of the replaced token's grace period
-            if let Some(at) = world
+            if let Some(at) = r
                 .token_secret
-                .owned()
                 .filter(|s| {
                     s.annotation(crate::token_secret::ANN_PREVIOUS_TOKEN_ID)
                         .is_some()
                 })
                 .and_then(|s| s.previous_delete_at())
             {
-                let until = ctx.now().duration_until(at).unsigned_abs();
-                next = next.min(until.max(Duration::from_secs(1)));
+                next = next.min(wake(at));
             }
-            info!(reason, requeue_in = ?next, "ready");
-            Action::requeue(next)
+            Requeue {
+                after: Some(next),
+                retry,
+                log: Some("ready"),
+            }
         }
-        Verdict::Suspended => Action::await_change(),
-        Verdict::Waiting { retry: true, .. } => {
-            let d = ctx.backoff(&uid);
-            retry = Some(d);
-            info!(reason, retry_in = ?d, "not ready, retrying");
-            Action::requeue(d)
-        }
-        Verdict::Waiting { retry: false, .. } => {
-            ctx.reset_backoff(&uid);
-            info!(reason, "waiting for a Secret");
-            // a watch event normally wakes the pass; this is a safety net
-            let d = Duration::from_secs(600);
-            retry = Some(d);
-            Action::requeue(d)
-        }
-        Verdict::Stalled { .. } => {
-            ctx.reset_backoff(&uid);
-            info!(reason, "stalled: needs a person");
-            // through the retry gate like every verdict: the pass its own status write wakes
-            // changes nothing and calls nobody, until the spec or a Secret changes
-            retry = Some(STALLED_UNTIL_CHANGED);
-            Action::await_change()
-        }
-    };
-    ctx.schedule_retry(&uid, retry, world.inputs(generation));
-    ctx.metrics
-        .remembered_instances
-        .set(ctx.remembered() as i64);
-    Ok(action)
+        Verdict::Suspended => Requeue {
+            after: None,
+            retry: None,
+            log: None,
+        },
+        Verdict::Waiting { retry: true, .. } => Requeue {
+            after: Some(r.backoff.unwrap_or_default()),
+            retry: Some(r.backoff.unwrap_or_default()),
+            log: Some("not ready, retrying"),
+        },
+        // a watch event normally wakes the pass; this is a safety net
+        Verdict::Waiting { retry: false, .. } => Requeue {
+            after: Some(Duration::from_secs(600)),
+            retry: Some(Duration::from_secs(600)),
+            log: Some("waiting for a Secret"),
+        },
+        // through the retry gate like every verdict: the pass its own status write wakes changes
+        // nothing and calls nobody, until the spec or a Secret changes
+        Verdict::Stalled { .. } => Requeue {
+            after: None,
+            retry: Some(STALLED_UNTIL_CHANGED),
+            log: Some("stalled: needs a person"),
+        },
+    }
 }
 
 /// How long a Stalled verdict holds while nothing it depends on changes (in effect: until then).
@@ -780,7 +993,8 @@ async fn publish_events(
         // the usual case: the same pass made the instance Ready, and one Event tells both
         let note = match verdict {
             Verdict::Ready => {
-                "the one-time setup succeeded; its token is stored and verified, and the instance is Ready"
+                "the one-time setup succeeded; its token is stored and verified, and the instance \
+                    is Ready"
             }
             _ => "the one-time setup succeeded and its token is stored",
         };
@@ -826,8 +1040,8 @@ pub fn instance_gauges(store: &Store<NetbirdInstance>) -> (i64, i64, i64, i64) {
     let (mut ready, mut not_ready, mut unknown, mut update) = (0, 0, 0, 0);
     for nbi in store.state() {
         match report::ready_of(nbi.status.as_ref()).map(|(s, _)| s) {
-            Some(s) if s == "True" => ready += 1,
-            Some(s) if s == "False" => not_ready += 1,
+            Some(s) if s == report::ConditionStatus::True.as_str() => ready += 1,
+            Some(s) if s == report::ConditionStatus::False.as_str() => not_ready += 1,
             _ => unknown += 1,
         }
         if nbi
@@ -859,5 +1073,91 @@ mod tests {
         let samples: std::collections::HashSet<_> =
             (0..20).map(|_| backoff_delay(10, max)).collect();
         assert!(samples.len() > 1, "jitter varies the delay");
+    }
+
+    fn requeue_of(verdict: &Verdict, backoff: Option<Duration>) -> Requeue {
+        let now = jiff::Timestamp::UNIX_EPOCH;
+        requeue(&RequeueInput {
+            verdict,
+            status: &NetbirdInstanceStatus::default(),
+            token_secret: None,
+            rotation_enabled: true,
+            started: now,
+            now,
+            interval: Duration::from_secs(3600),
+            backoff,
+            max_backoff: Duration::from_secs(300),
+        })
+    }
+
+    fn waiting(retry: bool) -> Verdict {
+        Verdict::Waiting {
+            reason: decide::Waiting::Progressing,
+            message: String::new(),
+            retry,
+        }
+    }
+
+    #[test]
+    fn requeue_follows_the_verdict() {
+        let s = Duration::from_secs;
+        let ready = requeue_of(&Verdict::Ready, None);
+        assert_eq!((ready.after, ready.retry), (Some(s(3600)), None));
+        // a failed upkeep: a minute at the earliest, kept through the retry gate
+        let failed = requeue_of(&Verdict::Ready, Some(s(5)));
+        assert_eq!((failed.after, failed.retry), (Some(s(60)), Some(s(60))));
+        let retrying = requeue_of(&waiting(true), Some(s(8)));
+        assert_eq!((retrying.after, retrying.retry), (Some(s(8)), Some(s(8))));
+        let waiting = requeue_of(&waiting(false), None);
+        assert_eq!((waiting.after, waiting.retry), (Some(s(600)), Some(s(600))));
+        let stalled = requeue_of(
+            &Verdict::Stalled {
+                reason: decide::Stall::InvalidSpec,
+                message: String::new(),
+            },
+            None,
+        );
+        assert_eq!(
+            (stalled.after, stalled.retry),
+            (None, Some(STALLED_UNTIL_CHANGED))
+        );
+        let suspended = requeue_of(&Verdict::Suspended, None);
+        assert_eq!(
+            (suspended.after, suspended.retry, suspended.log),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn what_counts_as_a_failure() {
+        let mut probes = Probes::default();
+        assert_eq!(counts_as_failure(&Verdict::Ready, &probes), Some(false));
+        assert_eq!(counts_as_failure(&waiting(true), &probes), Some(true));
+        assert_eq!(counts_as_failure(&waiting(false), &probes), Some(false));
+        assert_eq!(counts_as_failure(&Verdict::Suspended, &probes), None);
+        probes.rotation_error = Some(crate::netbird::NetbirdError::Transport {
+            endpoint: crate::netbird::Endpoint::Instance,
+            kind: crate::netbird::TransportKind::Connect,
+            detail: String::new(),
+        });
+        assert_eq!(counts_as_failure(&Verdict::Ready, &probes), Some(true));
+    }
+
+    #[test]
+    fn each_error_has_its_own_reason() {
+        let kube = || kube::Error::LinesCodecMaxLineLengthExceeded;
+        let reasons: std::collections::HashSet<_> = [
+            Error::ReadSecret {
+                name: "s".into(),
+                error: kube(),
+            },
+            Error::WriteStatus(kube()),
+            Error::WriteFinalizer(kube()),
+            Error::NoNamespace,
+        ]
+        .iter()
+        .map(Error::reason)
+        .collect();
+        assert_eq!(reasons.len(), 4);
     }
 }

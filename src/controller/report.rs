@@ -3,11 +3,12 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use super::decide::{Probes, SetupOutcome, Stall, Verdict};
+use super::decide::{Probes, SetupOutcome, Stall, Verdict, Verified};
 use crate::crd::{NetbirdInstanceStatus, SetupState, SetupStatus, TokenStatus, VersionStatus};
 use crate::token_secret::{
     ANN_EXPIRES_AT, ANN_PREVIOUS_DELETE_AT, ANN_PREVIOUS_TOKEN_ID, ANN_ROTATED_AT,
-    ANN_SETUP_COMPLETED_AT, ANN_SETUP_OUTCOME, ANN_SETUP_STARTED_AT, ANN_USER_ID, TokenSecret,
+    ANN_SETUP_COMPLETED_AT, ANN_SETUP_OUTCOME, ANN_SETUP_STARTED_AT, ANN_USER_ID, OwnedSecret,
+    TokenSecret,
 };
 
 pub const READY: &str = "Ready";
@@ -34,7 +35,8 @@ pub struct ReportInput<'a> {
     pub now: Timestamp,
 }
 
-/// A timestamp as the apiserver stores it (whole seconds), so that an unchanged status compares equal.
+/// A timestamp as the apiserver stores it (whole seconds), so that an unchanged status compares
+/// equal.
 pub fn to_time(t: Timestamp) -> Time {
     Time(Timestamp::from_second(t.as_second()).unwrap_or(t))
 }
@@ -50,7 +52,7 @@ pub fn initial(generation: Option<i64>, now: Timestamp) -> NetbirdInstanceStatus
         &mut conditions,
         cond(
             READY,
-            "Unknown",
+            ConditionStatus::Unknown,
             "Progressing",
             "reconciling for the first time",
             generation,
@@ -61,7 +63,7 @@ pub fn initial(generation: Option<i64>, now: Timestamp) -> NetbirdInstanceStatus
         &mut conditions,
         cond(
             RECONCILING,
-            "True",
+            ConditionStatus::True,
             "Progressing",
             "reconciling for the first time",
             generation,
@@ -82,6 +84,79 @@ pub fn initial(generation: Option<i64>, now: Timestamp) -> NetbirdInstanceStatus
     }
 }
 
+/// The status of a condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl ConditionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionStatus::True => "True",
+            ConditionStatus::False => "False",
+            ConditionStatus::Unknown => "Unknown",
+        }
+    }
+}
+
+/// One condition as a pass sees it: its type and what it says (the generation and the transition
+/// time are added where the conditions are merged, see [`merge`]).
+struct Cond {
+    type_: &'static str,
+    status: ConditionStatus,
+    reason: String,
+    message: String,
+}
+
+fn c(type_: &'static str, status: ConditionStatus, reason: &str, message: &str) -> Cond {
+    Cond {
+        type_,
+        status,
+        reason: reason.into(),
+        message: message.into(),
+    }
+}
+
+/// What the report reads from the token Secret and the probes, once.
+struct Seen<'a> {
+    owned: Option<&'a OwnedSecret>,
+    verified: Option<&'a Verified>,
+    /// (user id, email) of the setup this pass performed.
+    setup_result: Option<(String, String)>,
+    /// The operator performed the setup (this pass or before).
+    performed_by_us: bool,
+}
+
+impl<'a> Seen<'a> {
+    fn new(r: &ReportInput<'a>) -> Self {
+        let owned = r.token_secret.owned();
+        let setup_result = match &r.probes.setup {
+            Some(SetupOutcome::TokenStored { user_id, email })
+            | Some(SetupOutcome::NoToken { user_id, email }) => {
+                Some((user_id.clone(), email.clone()))
+            }
+            _ => None,
+        };
+        let performed_by_us = owned
+            .and_then(|s| s.annotation(ANN_SETUP_COMPLETED_AT))
+            .is_some()
+            || setup_result.is_some();
+        Seen {
+            owned,
+            verified: r.probes.verify.as_ref().and_then(|v| v.as_ref().ok()),
+            setup_result,
+            performed_by_us,
+        }
+    }
+
+    fn ann(&self, key: &str) -> Option<&'a str> {
+        self.owned.and_then(|s| s.annotation(key))
+    }
+}
+
 /// The status a pass writes.
 pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
     let prev = r.previous.cloned().unwrap_or_default();
@@ -91,26 +166,69 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             ..prev
         };
     }
-    let owned = r.token_secret.owned();
-    let ann = |k: &str| owned.and_then(|s| s.annotation(k));
-    let verified = r.probes.verify.as_ref().and_then(|v| v.as_ref().ok());
-    let setup_result = match &r.probes.setup {
-        Some(SetupOutcome::TokenStored { user_id, email })
-        | Some(SetupOutcome::NoToken { user_id, email }) => Some((user_id.clone(), email.clone())),
-        _ => None,
-    };
-    let performed_by_us = ann(ANN_SETUP_COMPLETED_AT).is_some() || setup_result.is_some();
+    let seen = Seen::new(r);
+    let setup = setup_status(r, &seen, prev.setup.as_ref());
+    let token = seen
+        .owned
+        .map(|_| token_status(r, &seen, prev.token.clone()));
+    let version = version_status(r, prev.version.clone());
+    let ready = ready_condition(r);
+    let (reconciling, stalled) = progress_conditions(r.verdict);
+    let setup_complete = setup_complete_condition(&setup, &ready);
+    let token_available = token_available_condition(r, &seen, &ready);
+    let update_available = update_available_condition(r, version.as_ref());
+    let conditions = merge(
+        prev.conditions,
+        [
+            (READY, Some(ready)),
+            (RECONCILING, reconciling),
+            (STALLED, stalled),
+            (SETUP_COMPLETE, Some(setup_complete)),
+            (TOKEN_AVAILABLE, Some(token_available)),
+            (UPDATE_AVAILABLE, Some(update_available)),
+        ],
+        r.generation,
+        r.now,
+    );
+    NetbirdInstanceStatus {
+        observed_generation: r.generation,
+        conditions,
+        setup: Some(setup),
+        token,
+        version,
+    }
+}
 
-    // setup
-    let prev_setup = prev.setup.clone();
-    let state = match r.verdict {
-        Verdict::Ready => {
-            if performed_by_us {
-                SetupState::Completed
-            } else {
-                SetupState::AlreadySetUp
-            }
+/// A condition not met, for the reason (and in the words) Ready is not.
+fn not_met(ready: &Cond, type_: &'static str) -> Cond {
+    c(type_, ConditionStatus::False, &ready.reason, &ready.message)
+}
+
+/// Sets the conditions that are present and removes those that are absent, in that order. The one
+/// place that handles transition times: a condition keeps its lastTransitionTime when its status
+/// did not change.
+fn merge<const N: usize>(
+    mut conditions: Vec<Condition>,
+    updates: [(&str, Option<Cond>); N],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    for (type_, update) in updates {
+        match update {
+            Some(u) => set(
+                &mut conditions,
+                cond(u.type_, u.status, &u.reason, &u.message, generation, now),
+            ),
+            None => remove(&mut conditions, type_),
         }
+    }
+    conditions
+}
+
+fn setup_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<&SetupStatus>) -> SetupStatus {
+    let state = match r.verdict {
+        Verdict::Ready if seen.performed_by_us => SetupState::Completed,
+        Verdict::Ready => SetupState::AlreadySetUp,
         Verdict::Stalled {
             reason: Stall::TokenLost,
             ..
@@ -120,62 +238,63 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
         Verdict::Stalled {
             reason: Stall::TokenNotIssued,
             ..
-        } if ann(ANN_SETUP_OUTCOME).is_some() || setup_result.is_some() => SetupState::Completed,
+        } if seen.ann(ANN_SETUP_OUTCOME).is_some() || seen.setup_result.is_some() => {
+            SetupState::Completed
+        }
         Verdict::Stalled {
             reason: Stall::SetupUnavailable,
             ..
         } => SetupState::Unavailable,
-        _ if owned.is_some_and(|s| s.setup_started()) => SetupState::InProgress,
-        _ => prev_setup.as_ref().map_or(SetupState::Pending, |s| s.state),
+        _ if seen.owned.is_some_and(|s| s.setup_started()) => SetupState::InProgress,
+        _ => prev.map_or(SetupState::Pending, |s| s.state),
     };
-    let owner_from_verify = verified.filter(|v| v.user.role == "owner");
-    let setup = SetupStatus {
+    let owner_from_verify = seen.verified.filter(|v| v.user.role == "owner");
+    let result = seen.setup_result.as_ref();
+    SetupStatus {
         state,
-        owner_user_id: setup_result
-            .as_ref()
+        owner_user_id: result
             .map(|(id, _)| id.clone())
             .or_else(|| owner_from_verify.map(|v| v.user.id.clone()))
-            .or_else(|| prev_setup.as_ref().and_then(|s| s.owner_user_id.clone())),
-        owner_email: setup_result
-            .as_ref()
+            .or_else(|| prev.and_then(|s| s.owner_user_id.clone())),
+        owner_email: result
             .map(|(_, e)| e.clone())
             .filter(|e| !e.is_empty())
             .or_else(|| owner_from_verify.map(|v| v.user.email.clone()))
-            .or_else(|| prev_setup.as_ref().and_then(|s| s.owner_email.clone())),
-        started_at: parse_time(ann(ANN_SETUP_STARTED_AT))
-            .or_else(|| prev_setup.as_ref().and_then(|s| s.started_at.clone())),
-        completed_at: parse_time(ann(ANN_SETUP_COMPLETED_AT))
-            .or_else(|| prev_setup.as_ref().and_then(|s| s.completed_at.clone())),
-    };
+            .or_else(|| prev.and_then(|s| s.owner_email.clone())),
+        started_at: parse_time(seen.ann(ANN_SETUP_STARTED_AT))
+            .or_else(|| prev.and_then(|s| s.started_at.clone())),
+        completed_at: parse_time(seen.ann(ANN_SETUP_COMPLETED_AT))
+            .or_else(|| prev.and_then(|s| s.completed_at.clone())),
+    }
+}
 
-    // token
-    let token = match (owned, r.verdict) {
-        (Some(_), _) => {
-            let p = prev.token.clone().unwrap_or_default();
-            Some(TokenStatus {
-                secret_name: r.secret_name.to_string(),
-                user_id: verified
-                    .map(|v| v.user.id.clone())
-                    .or_else(|| ann(ANN_USER_ID).map(str::to_string))
-                    .or(p.user_id),
-                token_id: owned
-                    .and_then(|s| s.token_id())
-                    .map(str::to_string)
-                    .or(p.token_id),
-                expires_at: parse_time(ann(ANN_EXPIRES_AT)).or(p.expires_at),
-                last_verified_at: verified.map(|v| to_time(v.at)).or(p.last_verified_at),
-                last_rotated_at: parse_time(ann(ANN_ROTATED_AT)).or(p.last_rotated_at),
-                // what is pending: the replaced token until it is deleted
-                previous_token_id: ann(ANN_PREVIOUS_TOKEN_ID).map(str::to_string),
-                previous_token_deletion_at: ann(ANN_PREVIOUS_TOKEN_ID)
-                    .and(parse_time(ann(ANN_PREVIOUS_DELETE_AT))),
-            })
-        }
-        (None, _) => None,
-    };
+fn token_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<TokenStatus>) -> TokenStatus {
+    let p = prev.unwrap_or_default();
+    TokenStatus {
+        secret_name: r.secret_name.to_string(),
+        user_id: seen
+            .verified
+            .map(|v| v.user.id.clone())
+            .or_else(|| seen.ann(ANN_USER_ID).map(str::to_string))
+            .or(p.user_id),
+        token_id: seen
+            .owned
+            .and_then(|s| s.token_id())
+            .map(str::to_string)
+            .or(p.token_id),
+        expires_at: parse_time(seen.ann(ANN_EXPIRES_AT)).or(p.expires_at),
+        last_verified_at: seen.verified.map(|v| to_time(v.at)).or(p.last_verified_at),
+        last_rotated_at: parse_time(seen.ann(ANN_ROTATED_AT)).or(p.last_rotated_at),
+        // what is pending: the replaced token until it is deleted
+        previous_token_id: seen.ann(ANN_PREVIOUS_TOKEN_ID).map(str::to_string),
+        previous_token_deletion_at: seen
+            .ann(ANN_PREVIOUS_TOKEN_ID)
+            .and(parse_time(seen.ann(ANN_PREVIOUS_DELETE_AT))),
+    }
+}
 
-    // version
-    let version = match &r.probes.version {
+fn version_status(r: &ReportInput<'_>, prev: Option<VersionStatus>) -> Option<VersionStatus> {
+    match &r.probes.version {
         Some(Ok(v)) => Some(VersionStatus {
             management: Some(v.management_current_version.clone()),
             management_available: v.management_available_version.clone(),
@@ -183,14 +302,13 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             update_available: v.management_update_available,
             checked_at: Some(to_time(r.now)),
         }),
-        _ => prev.version.clone(),
-    };
+        _ => prev,
+    }
+}
 
-    // conditions
-    let g = r.generation;
-    let now = r.now;
-    let mut conditions = prev.conditions.clone();
-    let (ready_status, ready_reason, ready_message) = match r.verdict {
+fn ready_condition(r: &ReportInput<'_>) -> Cond {
+    use ConditionStatus::{False, Unknown};
+    match r.verdict {
         Verdict::Ready => {
             let mut m = format!(
                 "NetBird is set up and a verified token is in Secret {}",
@@ -198,149 +316,126 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             );
             if r.credentials_changed {
                 m.push_str(
-                    "; note: the credentials Secret no longer matches the credentials NetBird was set up with. \
-                     The operator never changes the owner's password: change it in the NetBird dashboard",
+                    "; note: the credentials Secret no longer matches the credentials NetBird was \
+                        set up with. \
+                     The operator never changes the owner's password: change it in the NetBird \
+                         dashboard",
                 );
             }
-            ("True", "Bootstrapped".to_string(), m)
+            c(READY, ConditionStatus::True, "Bootstrapped", &m)
         }
         Verdict::Waiting {
             reason, message, ..
-        } => ("False", reason.as_str().to_string(), message.clone()),
-        Verdict::Stalled { reason, message } => {
-            ("False", reason.as_str().to_string(), message.clone())
-        }
-        // handled above: a suspended pass keeps the previous status
-        Verdict::Suspended => (
-            "Unknown",
-            "Suspended".to_string(),
-            "reconciling is suspended".to_string(),
-        ),
-    };
-    set(
-        &mut conditions,
-        cond(READY, ready_status, &ready_reason, &ready_message, g, now),
-    );
-    match r.verdict {
-        Verdict::Waiting {
-            reason, message, ..
-        } => {
-            set(
-                &mut conditions,
-                cond(RECONCILING, "True", reason.as_str(), message, g, now),
-            );
-            remove(&mut conditions, STALLED);
-        }
-        Verdict::Stalled { reason, message } => {
-            set(
-                &mut conditions,
-                cond(STALLED, "True", reason.as_str(), message, g, now),
-            );
-            remove(&mut conditions, RECONCILING);
-        }
-        _ => {
-            remove(&mut conditions, RECONCILING);
-            remove(&mut conditions, STALLED);
-        }
+        } => c(READY, False, reason.as_str(), message),
+        Verdict::Stalled { reason, message } => c(READY, False, reason.as_str(), message),
+        // handled by the caller: a suspended pass keeps the previous status
+        Verdict::Suspended => c(READY, Unknown, "Suspended", "reconciling is suspended"),
     }
-    if matches!(
-        setup.state,
-        SetupState::Completed | SetupState::AlreadySetUp | SetupState::Unavailable
-    ) {
-        let (reason, message) = if setup.state == SetupState::Completed {
-            ("SetupPerformed", "this operator ran the one-time setup")
-        } else {
-            (
-                "AlreadySetUp",
-                "NetBird was set up before this operator looked at it",
-            )
-        };
-        set(
-            &mut conditions,
-            cond(SETUP_COMPLETE, "True", reason, message, g, now),
-        );
+}
+
+/// Reconciling while the operator works on it, Stalled when it needs a person (never both).
+fn progress_conditions(verdict: &Verdict) -> (Option<Cond>, Option<Cond>) {
+    match verdict {
+        Verdict::Waiting {
+            reason, message, ..
+        } => (
+            Some(c(
+                RECONCILING,
+                ConditionStatus::True,
+                reason.as_str(),
+                message,
+            )),
+            None,
+        ),
+        Verdict::Stalled { reason, message } => (
+            None,
+            Some(c(STALLED, ConditionStatus::True, reason.as_str(), message)),
+        ),
+        _ => (None, None),
+    }
+}
+
+fn setup_complete_condition(setup: &SetupStatus, ready: &Cond) -> Cond {
+    match setup.state {
+        SetupState::Completed => c(
+            SETUP_COMPLETE,
+            ConditionStatus::True,
+            "SetupPerformed",
+            "this operator ran the one-time setup",
+        ),
+        SetupState::AlreadySetUp | SetupState::Unavailable => c(
+            SETUP_COMPLETE,
+            ConditionStatus::True,
+            "AlreadySetUp",
+            "NetBird was set up before this operator looked at it",
+        ),
+        _ => not_met(ready, SETUP_COMPLETE),
+    }
+}
+
+fn token_available_condition(r: &ReportInput<'_>, seen: &Seen<'_>, ready: &Cond) -> Cond {
+    if *r.verdict != Verdict::Ready {
+        return not_met(ready, TOKEN_AVAILABLE);
+    }
+    let expiring = !r.rotation_enabled
+        && seen
+            .owned
+            .and_then(|s| s.renew_at())
+            .is_some_and(|at| r.now >= at);
+    let (reason, message) = if expiring {
+        (
+            "TokenExpiringSoon",
+            format!(
+                "less than a third of the token's lifetime is left (it expires at {}) and rotation \
+                    is off: put a new token in the Secret or set spec.token.rotation.enabled",
+                seen.ann(ANN_EXPIRES_AT).unwrap_or("?")
+            ),
+        )
+    } else if seen.ann(ANN_ROTATED_AT).is_some() {
+        (
+            "TokenRotated",
+            "the token was renewed before it expired; the new one is stored and verified"
+                .to_string(),
+        )
+    } else if seen.performed_by_us
+        && seen
+            .ann(ANN_USER_ID)
+            .is_some_and(|u| seen.verified.is_none_or(|v| v.user.id == u))
+    {
+        (
+            "TokenStored",
+            "the token from setup is stored and verified".to_string(),
+        )
     } else {
-        set(
-            &mut conditions,
-            cond(
-                SETUP_COMPLETE,
-                "False",
-                &ready_reason,
-                &ready_message,
-                g,
-                now,
-            ),
-        );
-    }
-    match r.verdict {
-        Verdict::Ready => {
-            let expiring = !r.rotation_enabled
-                && owned
-                    .and_then(|s| s.renew_at())
-                    .is_some_and(|at| r.now >= at);
-            let rotation_failed = r
-                .probes
-                .rotation_error
-                .as_ref()
-                .map(|e| format!("; renewing it failed ({e}), retrying"));
-            let (reason, message) = if expiring {
-                (
-                    "TokenExpiringSoon",
-                    format!(
-                        "less than a third of the token's lifetime is left (it expires at {}) and rotation is off: put a new token in the Secret or set spec.token.rotation.enabled",
-                        ann(ANN_EXPIRES_AT).unwrap_or("?")
-                    ),
-                )
-            } else if ann(ANN_ROTATED_AT).is_some() {
-                (
-                    "TokenRotated",
-                    "the token was renewed before it expired; the new one is stored and verified"
-                        .to_string(),
-                )
-            } else if performed_by_us
-                && ann(ANN_USER_ID).is_some_and(|u| verified.is_none_or(|v| v.user.id == u))
-            {
-                (
-                    "TokenStored",
-                    "the token from setup is stored and verified".to_string(),
-                )
-            } else {
-                (
-                    "TokenAdopted",
-                    "a token put into the Secret was verified and adopted".to_string(),
-                )
-            };
-            let message = format!("{message}{}", rotation_failed.unwrap_or_default());
-            set(
-                &mut conditions,
-                cond(TOKEN_AVAILABLE, "True", reason, &message, g, now),
-            );
-        }
-        _ => set(
-            &mut conditions,
-            cond(
-                TOKEN_AVAILABLE,
-                "False",
-                &ready_reason,
-                &ready_message,
-                g,
-                now,
-            ),
-        ),
-    }
-    let (status, reason, message) = match (&version, &r.probes.version) {
+        (
+            "TokenAdopted",
+            "a token put into the Secret was verified and adopted".to_string(),
+        )
+    };
+    let rotation_failed = r
+        .probes
+        .rotation_error
+        .as_ref()
+        .map(|e| format!("; renewing it failed ({e}), retrying"));
+    let message = format!("{message}{}", rotation_failed.unwrap_or_default());
+    c(TOKEN_AVAILABLE, ConditionStatus::True, reason, &message)
+}
+
+fn update_available_condition(r: &ReportInput<'_>, version: Option<&VersionStatus>) -> Cond {
+    use ConditionStatus::{False, True, Unknown};
+    let (status, reason, message) = match (version, &r.probes.version) {
         _ if !r.version_check_enabled => (
-            "Unknown",
+            Unknown,
             "Unknown",
             "the version check is disabled".to_string(),
         ),
         (_, Some(Err(e))) => (
-            "Unknown",
+            Unknown,
             "Unknown",
             format!("the last version check failed: {e}"),
         ),
         (Some(v), _) if v.update_available => (
-            "True",
+            True,
             "UpdateAvailable",
             format!(
                 "management {} is available (running {})",
@@ -349,7 +444,7 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             ),
         ),
         (Some(v), _) if v.management_available.is_some() => (
-            "False",
+            False,
             "UpToDate",
             format!(
                 "running the latest management release {}",
@@ -357,30 +452,19 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             ),
         ),
         (Some(_), _) => (
-            "Unknown",
+            Unknown,
             "Unknown",
             "the server could not tell the latest release (it may have no internet access)"
                 .to_string(),
         ),
-        (None, _) => ("Unknown", "Unknown", "versions not checked yet".to_string()),
+        (None, _) => (Unknown, "Unknown", "versions not checked yet".to_string()),
     };
-    set(
-        &mut conditions,
-        cond(UPDATE_AVAILABLE, status, reason, &message, g, now),
-    );
-
-    NetbirdInstanceStatus {
-        observed_generation: g,
-        conditions,
-        setup: Some(setup),
-        token,
-        version,
-    }
+    c(UPDATE_AVAILABLE, status, reason, &message)
 }
 
 fn cond(
     type_: &str,
-    status: &str,
+    status: ConditionStatus,
     reason: &str,
     message: &str,
     generation: Option<i64>,
@@ -388,7 +472,7 @@ fn cond(
 ) -> Condition {
     Condition {
         type_: type_.into(),
-        status: status.into(),
+        status: status.as_str().into(),
         reason: reason.into(),
         message: message.chars().take(32768).collect(),
         observed_generation: generation,
@@ -424,13 +508,20 @@ pub fn storing_token(
     let mut status = previous.cloned().unwrap_or_default();
     set(
         &mut status.conditions,
-        cond(READY, "False", "StoringToken", message, generation, now),
+        cond(
+            READY,
+            ConditionStatus::False,
+            "StoringToken",
+            message,
+            generation,
+            now,
+        ),
     );
     set(
         &mut status.conditions,
         cond(
             RECONCILING,
-            "True",
+            ConditionStatus::True,
             "StoringToken",
             message,
             generation,

@@ -4,10 +4,12 @@
 //! Secret a pass has read or written is kept whole (without managedFields) and used again while the
 //! metadata watch reports that very resourceVersion; a pass woken by the operator's own writes then
 //! reads nothing from the apiserver. Anything else is a GET: a version the watch has not reported
-//! yet (the operator's own write included: a write response is kept, but only trusted once the watch
+//! yet (the operator's own write included: a write response is kept, but only trusted once the
+//! watch
 //! confirms it), a moved version, a deletion, a relist of the watch, an absent Secret.
 //!
-//! Written here rather than with a kube reflector: a reflector caches every Secret it watches (all of
+//! Written here rather than with a kube reflector: a reflector caches every Secret it watches (all
+//! of
 //! the cluster's, or a label selector's, which the user's credentials Secret does not carry), while
 //! this keeps only the Secrets that instances reference.
 
@@ -123,7 +125,8 @@ impl SecretCache {
     }
 }
 
-/// The Secrets of one namespace as a pass sees them: reads through the cache, writes recorded in it.
+/// The Secrets of one namespace as a pass sees them: reads through the cache, writes recorded in
+/// it.
 pub struct Secrets<'a> {
     api: Api<Secret>,
     ns: String,

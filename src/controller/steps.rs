@@ -28,7 +28,8 @@ pub struct World {
     /// resourceVersions of the credentials and CA Secrets as read.
     input_rvs: [Option<String>; 2],
     client: Option<NetbirdClient>,
-    /// A comparison of the credentials with the fingerprint made by this pass, to be recorded on the
+    /// A comparison of the credentials with the fingerprint made by this pass, to be recorded on
+    /// the
     /// token Secret (see `token_secret::ANN_CREDENTIALS_CHECKED`).
     unrecorded_check: Option<String>,
     /// The credentials Secret's allow-list of servers for its password, when it has one.
@@ -47,7 +48,7 @@ impl World {
             secrets
                 .get(&name)
                 .await
-                .map_err(|source| Error::ReadSecret { name, source })
+                .map_err(|error| Error::ReadSecret { name, error })
         };
         let cref = &nbi.spec.credentials_secret_ref;
         let ca_ref = nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref());
@@ -70,7 +71,8 @@ impl World {
             .cloned();
         let credentials = match credentials_secret {
             None => Input::Missing(format!(
-                "waiting for the credentials Secret {} (keys {}, {} and optionally {}); the operator continues as soon as it exists",
+                "waiting for the credentials Secret {} (keys {}, {} and optionally {}); the \
+                    operator continues as soon as it exists",
                 cref.name, cref.email_key, cref.password_key, cref.name_key
             )),
             Some(s) => match credentials::parse(&cref.name, &s.data.unwrap_or_default(), cref) {
@@ -120,7 +122,8 @@ impl World {
         h.finalize().into()
     }
 
-    /// Builds the NetBird client once the CA (if any) is known; a bad CA bundle becomes InvalidSpec.
+    /// Builds the NetBird client once the CA (if any) is known; a bad CA bundle becomes
+    /// InvalidSpec.
     fn build_client(&mut self, nbi: &NetbirdInstance, ctx: &Context) {
         let base = &ctx.settings.netbird;
         let extra_ca_pem = match &self.ca {
@@ -253,7 +256,6 @@ pub async fn run(
     world: &mut World,
     probes: &mut Probes,
 ) -> Result<(), Verdict> {
-    let secret_name = nbi.token_secret_name();
     let Some(client) = world
         .client
         .clone()
@@ -265,472 +267,518 @@ pub async fn run(
             retry: true,
         });
     };
+    let mut s = Stepper {
+        nbi,
+        ctx,
+        secrets,
+        client,
+        world,
+        probes,
+    };
     match step {
-        Step::Finish(v) => return Err(v),
-        Step::SyncSecretMetadata => {
-            if let Some(s) = world.token_secret.owned() {
-                let patch = token_secret::metadata_patch(nbi, s);
-                world.patch(nbi, secrets, &patch).await?;
-            }
-            probes.metadata_synced = true;
+        Step::SyncSecretMetadata => s.sync_secret_metadata().await,
+        Step::VerifyToken => s.verify_token().await,
+        Step::CheckInstance => {
+            s.probes.instance = Some(s.client.instance_status().await);
+            Ok(())
         }
-        Step::VerifyToken => {
-            let token = world
-                .token()
-                .cloned()
-                .unwrap_or_else(|| SecretString::from(""));
-            let service_user_id = world
+        Step::CheckVersion => {
+            s.probes.version = Some(s.client.version(&s.stored_token()).await);
+            Ok(())
+        }
+        Step::ClaimSecret => s.claim_secret().await,
+        Step::Setup => s.setup().await,
+        Step::CleanOrphans => s.clean_orphans().await,
+        Step::IdentifyToken => s.identify_token().await,
+        Step::DeletePreviousToken => s.delete_previous_token().await,
+        Step::RotateToken => s.rotate_token().await,
+        Step::ExchangeForServiceUser => s.exchange_for_service_user().await,
+        Step::ReleaseClaim => s.release_claim().await,
+    }
+}
+
+/// What one step borrows: the instance, the shared context, the Secrets, the NetBird client, and
+/// what the pass read and found so far. One method per step.
+struct Stepper<'a, 's> {
+    nbi: &'a NetbirdInstance,
+    ctx: &'a Context,
+    secrets: &'a Secrets<'s>,
+    client: NetbirdClient,
+    world: &'a mut World,
+    probes: &'a mut Probes,
+}
+
+/// What became of a token creation (rotation, service-user exchange).
+enum Minted {
+    /// Stored: the Secret as written (None when the write gave up at shutdown), and the id of the
+    /// token it replaces.
+    Stored {
+        written: Option<Box<Secret>>,
+        replaced: Option<String>,
+    },
+    /// The server answered with a malformed token: refused, and recorded on the Secret.
+    Malformed,
+    /// NetBird refused or did not answer.
+    Failed(crate::netbird::NetbirdError),
+}
+
+impl Stepper<'_, '_> {
+    /// Patches the token Secret and takes the result as the new state.
+    async fn patch(&mut self, patch: &serde_json::Value) -> Result<(), Verdict> {
+        self.world.patch(self.nbi, self.secrets, patch).await
+    }
+
+    /// Takes the Secret as a write returned it, or reads it again.
+    async fn written(&mut self, written: Option<Secret>) -> Result<(), Verdict> {
+        self.world.written(self.nbi, self.secrets, written).await
+    }
+
+    /// The stored token, or an empty one (calls that work without a token).
+    fn stored_token(&self) -> SecretString {
+        self.world
+            .token()
+            .cloned()
+            .unwrap_or_else(|| SecretString::from(""))
+    }
+
+    async fn sync_secret_metadata(&mut self) -> Result<(), Verdict> {
+        if let Some(s) = self.world.token_secret.owned() {
+            let patch = token_secret::metadata_patch(self.nbi, s);
+            self.patch(&patch).await?;
+        }
+        self.probes.metadata_synced = true;
+        Ok(())
+    }
+
+    async fn verify_token(&mut self) -> Result<(), Verdict> {
+        let token = self.stored_token();
+        let service_user_id = self
+            .world
+            .token_secret
+            .owned()
+            .filter(|s| s.annotation(token_secret::ANN_SERVICE_USER).is_some())
+            .and_then(|s| s.annotation(token_secret::ANN_USER_ID))
+            .map(str::to_string);
+        let verified = verify(&self.client, &token, service_user_id.as_deref()).await;
+        let ctx = self.ctx;
+        self.probes.verify = Some(verified.map(|user| Verified {
+            user,
+            at: ctx.now(),
+        }));
+        // the first verification binds the token to this server (Secrets written before the
+        // operator recorded it, and tokens put in by hand)
+        if matches!(self.probes.verify, Some(Ok(_)))
+            && self
+                .world
                 .token_secret
                 .owned()
-                .filter(|s| s.annotation(token_secret::ANN_SERVICE_USER).is_some())
-                .and_then(|s| s.annotation(token_secret::ANN_USER_ID))
-                .map(str::to_string);
-            probes.verify = Some(
-                verify(&client, &token, service_user_id.as_deref())
-                    .await
-                    .map(|user| Verified {
-                        user,
-                        at: ctx.now(),
-                    }),
-            );
-            // the first verification binds the token to this server (Secrets written before the
-            // operator recorded it, and tokens put in by hand)
-            if matches!(probes.verify, Some(Ok(_)))
-                && world
-                    .token_secret
-                    .owned()
-                    .is_some_and(|s| s.home_server().is_none())
-            {
-                world
-                    .patch(nbi, secrets, &token_secret::home_server_patch(nbi))
+                .is_some_and(|s| s.home_server().is_none())
+        {
+            self.patch(&token_secret::home_server_patch(self.nbi))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn claim_secret(&mut self) -> Result<(), Verdict> {
+        let (nbi, ctx, secrets) = (self.nbi, self.ctx, self.secrets);
+        let Input::Ready(creds) = &self.world.credentials else {
+            return Ok(());
+        };
+        let fp = fingerprint::hash(creds.fingerprint_input())
+            .await
+            .map_err(|e| Verdict::Waiting {
+                reason: Waiting::Progressing,
+                message: e.to_string(),
+                retry: true,
+            })?;
+        // the fingerprint was just made from these credentials: no need to compare them again
+        ctx.remember_fingerprint_check(
+            &nbi.uid().unwrap_or_default(),
+            fingerprint_key(&fp, &creds.fingerprint_input()),
+            true,
+        );
+        let started = ctx.now().to_string();
+        let check = self.world.input_rvs[0]
+            .as_deref()
+            .map(|rv| token_secret::credentials_check(rv, &fp, true));
+        let secret_name = nbi.token_secret_name();
+        let result = match (&self.world.token_secret, &self.world.token_secret_rv) {
+            (TokenSecret::Ours(s), Some(rv)) => {
+                let patch = token_secret::claim_patch(nbi, s, rv, &started, &fp, check.as_deref());
+                secrets.patch(&secret_name, &patch).await
+            }
+            _ => {
+                let fresh = token_secret::new_claimed_checked(nbi, &started, &fp, check.as_deref());
+                secrets.create(&fresh).await
+            }
+        };
+        let claimed = result.map_err(|e| {
+            progressing(
+                &format!("failed to claim Secret {secret_name} before setup"),
+                &e,
+            )
+        })?;
+        info!(secret = %secret_name, "claimed the token Secret for setup");
+        self.world.set_token_secret(nbi, Some(claimed));
+        self.probes.claimed = true;
+        Ok(())
+    }
+
+    async fn setup(&mut self) -> Result<(), Verdict> {
+        let Input::Ready(creds) = &self.world.credentials else {
+            return Ok(());
+        };
+        let (outcome, written, malformed) =
+            setup(self.nbi, self.ctx, &self.client, creds, self.secrets).await;
+        match &outcome {
+            // no answer: the server may have done it; a later "already set up" is then not taken
+            // for someone else's setup
+            SetupOutcome::Failed(e) if e.status().is_none() => {
+                let at = self.ctx.now().to_string();
+                self.patch(&token_secret::setup_unanswered_patch(&at))
                     .await?;
             }
+            SetupOutcome::Failed(_) => {}
+            _ => self.written(written).await?,
         }
-        Step::CheckInstance => probes.instance = Some(client.instance_status().await),
-        Step::CheckVersion => {
-            let token = world
-                .token()
-                .cloned()
-                .unwrap_or_else(|| SecretString::from(""));
-            probes.version = Some(client.version(&token).await);
+        self.probes.setup = Some(outcome);
+        self.probes.malformed_token = malformed.map(|why| ("setup", why));
+        Ok(())
+    }
+
+    async fn clean_orphans(&mut self) -> Result<(), Verdict> {
+        let (token, user) = token_and_user(self.world, self.probes)?;
+        // the interrupted step minted for the token's own user (rotation) or for the service user
+        // of the spec (exchange)
+        let mut users = vec![user.clone()];
+        if let Some(name) = self
+            .nbi
+            .spec
+            .token
+            .service_user
+            .as_ref()
+            .map(|s| s.name.as_str())
+            && let Ok(svcs) = self.client.list_service_users(&token).await
+            && let Some(svc) = svcs.into_iter().find(|u| u.name == name && u.id != user)
+        {
+            users.push(svc.id);
         }
-        Step::ClaimSecret => {
-            let Input::Ready(creds) = &world.credentials else {
-                return Ok(());
-            };
-            let fp = fingerprint::hash(creds.fingerprint_input())
-                .await
-                .map_err(|e| Verdict::Waiting {
-                    reason: Waiting::Progressing,
-                    message: e.to_string(),
-                    retry: true,
-                })?;
-            // the fingerprint was just made from these credentials: no need to compare them again
-            ctx.remember_fingerprint_check(
-                &nbi.uid().unwrap_or_default(),
-                fingerprint_key(&fp, &creds.fingerprint_input()),
-                true,
-            );
-            let started = ctx.now().to_string();
-            let check = world.input_rvs[0]
-                .as_deref()
-                .map(|rv| token_secret::credentials_check(rv, &fp, true));
-            let result = match (&world.token_secret, &world.token_secret_rv) {
-                (TokenSecret::Ours(s), Some(rv)) => {
-                    let mut patch = token_secret::claim_patch(nbi, s, rv, &started, &fp);
-                    patch["metadata"]["annotations"][token_secret::ANN_CREDENTIALS_CHECKED] =
-                        serde_json::json!(check);
-                    secrets.patch(&secret_name, &patch).await
-                }
-                _ => {
-                    let mut fresh = token_secret::new_claimed(nbi, &started, &fp);
-                    if let (Some(a), Some(check)) = (fresh.metadata.annotations.as_mut(), check) {
-                        a.insert(token_secret::ANN_CREDENTIALS_CHECKED.into(), check);
-                    }
-                    secrets.create(&fresh).await
-                }
-            };
-            let claimed = result.map_err(|e| {
-                progressing(
-                    &format!("failed to claim Secret {secret_name} before setup"),
-                    &e,
-                )
-            })?;
-            info!(secret = %secret_name, "claimed the token Secret for setup");
-            world.set_token_secret(nbi, Some(claimed));
-            probes.claimed = true;
-        }
-        Step::Setup => {
-            let Input::Ready(creds) = &world.credentials else {
-                return Ok(());
-            };
-            let (outcome, written, malformed) = setup(nbi, ctx, &client, creds, secrets).await;
-            match &outcome {
-                // no answer: the server may have done it; a later "already set up" is then not
-                // taken for someone else's setup
-                SetupOutcome::Failed(e) if e.status().is_none() => {
-                    let at = ctx.now().to_string();
-                    world
-                        .patch(nbi, secrets, &token_secret::setup_unanswered_patch(&at))
-                        .await?;
-                }
-                SetupOutcome::Failed(_) => {}
-                _ => world.written(nbi, secrets, written).await?,
+        let keep = self
+            .world
+            .token_secret
+            .owned()
+            .and_then(|s| s.token_id())
+            .map(str::to_string);
+        let mut list = Ok(());
+        for owner in &users {
+            list = self.delete_own_tokens(&token, owner, keep.as_deref()).await;
+            if list.is_err() {
+                break;
             }
-            probes.setup = Some(outcome);
-            probes.malformed_token = malformed.map(|why| ("setup", why));
         }
-        Step::CleanOrphans => {
-            let (token, user) = token_and_user(world, probes)?;
-            let ns = nbi.namespace().unwrap_or_default();
-            // the interrupted step minted for the token's own user (rotation) or for the service
-            // user of the spec (exchange)
-            let mut users = vec![user.clone()];
-            if let Some(name) = nbi
-                .spec
-                .token
-                .service_user
-                .as_ref()
-                .map(|s| s.name.as_str())
-                && let Ok(svcs) = client.list_service_users(&token).await
-                && let Some(svc) = svcs.into_iter().find(|u| u.name == name && u.id != user)
-            {
-                users.push(svc.id);
-            }
-            let keep = world
-                .token_secret
-                .owned()
-                .and_then(|s| s.token_id())
-                .map(str::to_string);
-            let mut list = Ok(Vec::new());
-            for owner in &users {
-                let tokens = match client.list_tokens(&token, owner).await {
-                    Ok(t) => t,
-                    Err(e) => {
-                        list = Err(e);
-                        break;
-                    }
-                };
-                // only tokens this instance created: another NetbirdInstance on the same server, or
-                // sharing the service user, keeps its own
-                for t in tokens
-                    .iter()
-                    .filter(|t| crate::binding::is_own_token(&t.name, &ns, &nbi.name_any()))
-                {
-                    if Some(&t.id) == keep.as_ref() {
-                        continue;
-                    }
-                    match client.delete_token(&token, owner, &t.id).await {
-                        Ok(()) => {
-                            info!(token_id = %t.id, "deleted a token left on the server by an interrupted rotation")
-                        }
-                        Err(e) => {
-                            warn!(token_id = %t.id, error = %e.with_request_id(), "failed to delete a leftover token")
-                        }
-                    }
-                }
-            }
-            if list.is_ok() {
-                let patch = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_ROTATION_STARTED_AT: null}}});
-                world.patch(nbi, secrets, &patch).await?;
-            }
-            probes.token_list = Some(list);
-            probes.orphans_cleaned = true;
+        if list.is_ok() {
+            self.patch(&token_secret::rotation_ended_patch()).await?;
         }
-        Step::IdentifyToken => {
-            let (token, user) = token_and_user(world, probes)?;
-            let list = client.list_tokens(&token, &user).await;
-            if let (Ok(tokens), Some(s)) = (&list, world.token_secret.owned()) {
-                let from_setup = s.annotation(token_secret::ANN_SETUP_COMPLETED_AT).is_some()
-                    && s.annotation(token_secret::ANN_ROTATED_AT).is_none();
-                let candidates: Vec<_> = tokens
-                    .iter()
-                    .filter(|t| !from_setup || t.name == token_secret::SETUP_TOKEN_NAME)
-                    .collect();
-                let patch = match candidates.as_slice() {
-                    [t] => token_secret::identified_patch(
-                        &t.id,
-                        Some(&seconds(t.created_at)),
-                        Some(&seconds(t.expiration_date)),
-                    ),
-                    _ => token_secret::identified_patch("unknown", None, None),
-                };
-                world.patch(nbi, secrets, &patch).await?;
-            }
-            probes.token_list = Some(list);
-        }
-        Step::DeletePreviousToken => {
-            let (token, user) = token_and_user(world, probes)?;
-            let previous = world
-                .token_secret
-                .owned()
-                .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_TOKEN_ID))
-                .unwrap_or_default()
-                .to_string();
-            let owner_of_previous = world
-                .token_secret
-                .owned()
-                .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_USER_ID))
-                .unwrap_or(&user)
-                .to_string();
-            // a token the exchange replaced is deleted with itself (kept in the Secret until then);
-            // a rotated one with the current token of the same user
-            let result = match world.previous_token() {
-                Some(old) => match client
-                    .delete_token(old, &owner_of_previous, &previous)
-                    .await
-                {
-                    // it no longer works: expired, or deleted already
-                    Err(e) if e.is_token_rejected() => Ok(()),
-                    other => other,
-                },
-                None => {
-                    client
-                        .delete_token(&token, &owner_of_previous, &previous)
-                        .await
-                }
-            };
-            let result = match result {
-                // the stored token was just verified: a 404 is about the old one, already gone
-                Err(e) if e.status() == Some(404) => Ok(()),
-                // another user's token this one may not delete (a service user's token cannot
-                // delete the owner's): it is left to expire
-                Err(e) if e.status() == Some(403) => {
-                    warn!(token_id = %previous, error = %e.with_request_id(), "the replaced token cannot be deleted with the new one; it is left to expire");
-                    Ok(())
-                }
-                other => other,
-            };
-            match &result {
+        self.probes.token_list = Some(list.map(|()| Vec::new()));
+        self.probes.orphans_cleaned = true;
+        Ok(())
+    }
+
+    /// Deletes the tokens of `owner` this instance created, but `keep` (best effort: a failed
+    /// deletion is logged). Only a failure to list them is returned.
+    async fn delete_own_tokens(
+        &self,
+        token: &SecretString,
+        owner: &str,
+        keep: Option<&str>,
+    ) -> Result<(), crate::netbird::NetbirdError> {
+        let tokens = self.client.list_tokens(token, owner).await?;
+        let ns = self.nbi.namespace().unwrap_or_default();
+        // only tokens this instance created: another NetbirdInstance on the same server, or
+        // sharing the service user, keeps its own
+        for t in tokens
+            .iter()
+            .filter(|t| crate::binding::is_own_token(&t.name, &ns, &self.nbi.name_any()))
+            .filter(|t| Some(t.id.as_str()) != keep)
+        {
+            match self.client.delete_token(token, owner, &t.id).await {
                 Ok(()) => {
-                    info!(token_id = %previous, "deleted the replaced token");
-                    world
-                        .patch(nbi, secrets, &token_secret::previous_deleted_patch())
-                        .await?;
+                    info!(token_id = %t.id, "deleted a token left on the server by an interrupted \
+                        rotation")
                 }
                 Err(e) => {
-                    warn!(token_id = %previous, error = %e.with_request_id(), "failed to delete the replaced token; retrying later")
-                }
-            }
-            probes.previous_deleted = Some(result);
-        }
-        Step::RotateToken => {
-            let (token, user) = token_and_user(world, probes)?;
-            let now = ctx.now();
-            let marker = token_secret::rotation_marker_patch(&now.to_string());
-            // the write's result is the new state: the retry gate then recognises the pass this
-            // write wakes, and a failed creation is not tried again at once
-            world.patch(nbi, secrets, &marker).await?;
-            let req = crate::netbird::CreateTokenRequest {
-                name: own_token_name(nbi, now),
-                expires_in: nbi.spec.token.expires_in_days,
-            };
-            let created = client.create_token(&token, &user, &req).await.map(|c| {
-                let checked = well_formed(&c);
-                (c, checked)
-            });
-            match created {
-                Ok((created, Err(why))) => {
-                    refuse_malformed(&client, &token, &user, &created, why).await;
-                    probes.malformed_token = Some(("rotation", why));
-                    world
-                        .patch(nbi, secrets, &malformed_patch(nbi, "rotation", why))
-                        .await?;
-                }
-                Ok((created, Ok(()))) => {
-                    let previous = world
-                        .token_secret
-                        .owned()
-                        .and_then(|s| s.token_id())
-                        .map(str::to_string);
-                    let pat = &created.personal_access_token;
-                    let delete_at = previous_delete_at(nbi, world, now);
-                    let patch = token_secret::rotated_patch(
-                        nbi,
-                        &created.plain_token,
-                        &pat.id,
-                        previous.as_deref().map(|id| (id, delete_at.as_str())),
-                        &seconds(pat.expiration_date),
-                        &now.to_string(),
-                    );
-                    let written =
-                        write_until_stored(ctx, secrets, nbi, &patch, Some(&created.plain_token))
-                            .await;
-                    info!(token_id = %pat.id, expires_at = %pat.expiration_date, "rotated the token");
-                    world.written(nbi, secrets, written).await?;
-                    probes.rotated = true;
-                    // the new token is verified before the old one is deleted
-                    probes.verify = None;
-                }
-                Err(e) => {
-                    warn!(error = %e.with_request_id(), "failed to create a new token; the current one stays");
-                    probes.rotation_error = Some(e);
+                    warn!(token_id = %t.id, error = %e.with_request_id(), "failed to delete a \
+                        leftover token")
                 }
             }
         }
-        Step::ExchangeForServiceUser => {
-            let (token, user) = token_and_user(world, probes)?;
-            let name = nbi
-                .spec
-                .token
-                .service_user
-                .as_ref()
-                .map(|s| s.name.clone())
-                .unwrap_or_default();
-            let written = match exchange(nbi, ctx, &client, secrets, world, &token, &user, &name)
-                .await
-            {
-                Ok(written) => {
-                    probes.exchanged = true;
-                    probes.verify = None;
-                    written
-                }
-                Err(ExchangeError::Netbird(e)) => {
-                    warn!(error = %e.with_request_id(), service_user = %name, "the service-user exchange failed; the current token stays");
-                    probes.exchange_error = Some(e);
-                    None
-                }
-                Err(ExchangeError::Malformed(why, written)) => {
-                    probes.malformed_token = Some(("service-user exchange", why));
-                    Some(*written)
-                }
-                Err(ExchangeError::Kube(v)) => return Err(v),
+        Ok(())
+    }
+
+    async fn identify_token(&mut self) -> Result<(), Verdict> {
+        let (token, user) = token_and_user(self.world, self.probes)?;
+        let list = self.client.list_tokens(&token, &user).await;
+        if let (Ok(tokens), Some(s)) = (&list, self.world.token_secret.owned()) {
+            let from_setup = s.annotation(token_secret::ANN_SETUP_COMPLETED_AT).is_some()
+                && s.annotation(token_secret::ANN_ROTATED_AT).is_none();
+            let candidates: Vec<_> = tokens
+                .iter()
+                .filter(|t| !from_setup || t.name == token_secret::SETUP_TOKEN_NAME)
+                .collect();
+            let patch = match candidates.as_slice() {
+                [t] => token_secret::identified_patch(
+                    &t.id,
+                    Some(&seconds(t.created_at)),
+                    Some(&seconds(t.expiration_date)),
+                ),
+                _ => token_secret::identified_patch("unknown", None, None),
             };
-            world.written(nbi, secrets, written).await?;
+            self.patch(&patch).await?;
         }
-        Step::ReleaseClaim => {
-            let rejection = match &probes.setup {
-                Some(SetupOutcome::Failed(e)) if matches!(e.status(), Some(400 | 412 | 422)) => {
-                    Some((
-                        nbi.metadata.generation.unwrap_or_default(),
-                        e.status().unwrap_or_default(),
-                        e.server_message().unwrap_or_default(),
-                    ))
-                }
-                _ => None,
-            };
-            world
-                .patch(nbi, secrets, &token_secret::release_patch(rejection))
-                .await?;
-            probes.claim_released = true;
-        }
+        self.probes.token_list = Some(list);
+        Ok(())
     }
-    Ok(())
-}
 
-enum ExchangeError {
-    Netbird(crate::netbird::NetbirdError),
-    Kube(Verdict),
-    /// The server answered the token creation with a malformed token; recorded on the Secret (as
-    /// written).
-    Malformed(crate::netbird::pat::PatFormatError, Box<Secret>),
-}
-
-impl From<crate::netbird::NetbirdError> for ExchangeError {
-    fn from(e: crate::netbird::NetbirdError) -> Self {
-        ExchangeError::Netbird(e)
-    }
-}
-
-/// Trades the current token for a token of the service user `name` (created when missing): the new
-/// token is stored and verified before the old one is deleted, with the old token itself (a service
-/// user may not delete the owner's tokens). A crash after the store leaves `previous-token-id` for a
-/// later pass.
-#[allow(clippy::too_many_arguments)]
-async fn exchange(
-    nbi: &NetbirdInstance,
-    ctx: &Context,
-    client: &NetbirdClient,
-    secrets: &Secrets<'_>,
-    world: &World,
-    token: &SecretString,
-    user: &str,
-    name: &str,
-) -> Result<Option<Secret>, ExchangeError> {
-    let secret_name = nbi.token_secret_name();
-    let svc = match client
-        .list_service_users(token)
-        .await?
-        .into_iter()
-        .find(|u| u.name == name)
-    {
-        Some(u) => u,
-        None => {
-            let u = client.create_service_user(token, name).await?;
-            info!(service_user = %name, user_id = %u.id, "created the service user");
-            u
-        }
-    };
-    let now = ctx.now();
-    let marker = token_secret::rotation_marker_patch(&now.to_string());
-    patch_token_secret(secrets, &secret_name, &marker)
-        .await
-        .map_err(ExchangeError::Kube)?;
-    let req = crate::netbird::CreateTokenRequest {
-        name: own_token_name(nbi, now),
-        expires_in: nbi.spec.token.expires_in_days,
-    };
-    let created = client.create_token(token, &svc.id, &req).await?;
-    if let Err(why) = well_formed(&created) {
-        refuse_malformed(client, token, &svc.id, &created, why).await;
-        let written = patch_token_secret(
-            secrets,
-            &secret_name,
-            &malformed_patch(nbi, "service-user exchange", why),
-        )
-        .await
-        .map_err(ExchangeError::Kube)?;
-        return Err(ExchangeError::Malformed(why, Box::new(written)));
-    }
-    let old_id = world
-        .token_secret
-        .owned()
-        .and_then(|s| s.token_id())
-        .map(str::to_string);
-    let pat = &created.personal_access_token;
-    let delete_at = previous_delete_at(nbi, world, now);
-    let mut patch = token_secret::rotated_patch(
-        nbi,
-        &created.plain_token,
-        &pat.id,
-        old_id.as_deref().map(|id| (id, delete_at.as_str())),
-        &seconds(pat.expiration_date),
-        &now.to_string(),
-    );
-    patch["metadata"]["annotations"][token_secret::ANN_USER_ID] = serde_json::json!(svc.id);
-    patch["metadata"]["annotations"][token_secret::ANN_SERVICE_USER] = serde_json::json!(name);
-    if old_id.is_some() {
-        patch["metadata"]["annotations"][token_secret::ANN_PREVIOUS_USER_ID] =
-            serde_json::json!(user);
-        // only the old token itself may delete it (a service user may not delete the owner's
-        // tokens): it is kept until it is gone, so a failed deletion or a crash is retried
-        patch["data"][token_secret::PREVIOUS_TOKEN_KEY] = token_secret::data_value(token);
-    }
-    let mut written =
-        write_until_stored(ctx, secrets, nbi, &patch, Some(&created.plain_token)).await;
-    info!(service_user = %name, token_id = %pat.id, "stored the service user's token");
-    // with a grace period the setup token stays valid until then (a later pass deletes it, with
-    // itself, kept in the Secret); without one it goes now
-    if let Some(old_id) = old_id.filter(|_| nbi.spec.token.rotation.grace().is_zero()) {
-        match client.delete_token(token, user, &old_id).await {
-            Ok(()) => info!(token_id = %old_id, "deleted the setup token"),
-            Err(e) if e.status() == Some(404) => {}
+    async fn delete_previous_token(&mut self) -> Result<(), Verdict> {
+        let (token, user) = token_and_user(self.world, self.probes)?;
+        let annotation = |key| {
+            self.world
+                .token_secret
+                .owned()
+                .and_then(|s| s.annotation(key))
+                .map(str::to_string)
+        };
+        let previous = annotation(token_secret::ANN_PREVIOUS_TOKEN_ID).unwrap_or_default();
+        let owner = annotation(token_secret::ANN_PREVIOUS_USER_ID).unwrap_or(user);
+        // a token the exchange replaced is deleted with itself (kept in the Secret until then); a
+        // rotated one with the current token of the same user
+        let result = match self.world.previous_token() {
+            Some(old) => match self.client.delete_token(old, &owner, &previous).await {
+                // it no longer works: expired, or deleted already
+                Err(e) if e.is_token_rejected() => Ok(()),
+                other => other,
+            },
+            None => self.client.delete_token(&token, &owner, &previous).await,
+        };
+        let result = match result {
+            // the stored token was just verified: a 404 is about the old one, already gone
+            Err(e) if e.status() == Some(404) => Ok(()),
+            // another user's token this one may not delete (a service user's token cannot delete
+            // the owner's): it is left to expire
+            Err(e) if e.status() == Some(403) => {
+                warn!(token_id = %previous, error = %e.with_request_id(), "the replaced token \
+                    cannot be deleted with the new one; it is left to expire");
+                Ok(())
+            }
+            other => other,
+        };
+        match &result {
+            Ok(()) => {
+                info!(token_id = %previous, "deleted the replaced token");
+                self.patch(&token_secret::previous_deleted_patch()).await?;
+            }
             Err(e) => {
-                warn!(token_id = %old_id, error = %e.with_request_id(), "failed to delete the old token; retrying later");
-                return Ok(written);
+                warn!(token_id = %previous, error = %e.with_request_id(), "failed to delete the \
+                    replaced token; retrying later")
             }
         }
-        written = Some(
-            patch_token_secret(
-                secrets,
-                &secret_name,
-                &token_secret::previous_deleted_patch(),
-            )
-            .await
-            .map_err(ExchangeError::Kube)?,
-        );
+        self.probes.previous_deleted = Some(result);
+        Ok(())
     }
-    Ok(written)
+
+    async fn rotate_token(&mut self) -> Result<(), Verdict> {
+        let (token, user) = token_and_user(self.world, self.probes)?;
+        match self.mint_and_store(&token, &user, None).await? {
+            Minted::Stored { written, .. } => {
+                self.written(written.map(|s| *s)).await?;
+                self.probes.rotated = true;
+                // the new token is verified before the old one is deleted
+                self.probes.verify = None;
+            }
+            Minted::Malformed => {}
+            Minted::Failed(e) => {
+                warn!(error = %e.with_request_id(), "failed to create a new token; the current one \
+                    stays");
+                self.probes.rotation_error = Some(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn exchange_for_service_user(&mut self) -> Result<(), Verdict> {
+        let (token, user) = token_and_user(self.world, self.probes)?;
+        let name = self
+            .nbi
+            .spec
+            .token
+            .service_user
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        match self.exchange(&token, &user, &name).await? {
+            Minted::Stored { written, .. } => {
+                self.probes.exchanged = true;
+                self.probes.verify = None;
+                self.written(written.map(|s| *s)).await
+            }
+            Minted::Malformed => Ok(()),
+            Minted::Failed(e) => {
+                warn!(error = %e.with_request_id(), service_user = %name, "the service-user \
+                    exchange failed; the current token stays");
+                self.probes.exchange_error = Some(e);
+                self.written(None).await
+            }
+        }
+    }
+
+    async fn release_claim(&mut self) -> Result<(), Verdict> {
+        let rejection = match &self.probes.setup {
+            Some(SetupOutcome::Failed(e)) if matches!(e.status(), Some(400 | 412 | 422)) => Some((
+                self.nbi.metadata.generation.unwrap_or_default(),
+                e.status().unwrap_or_default(),
+                e.server_message().unwrap_or_default(),
+            )),
+            _ => None,
+        };
+        let patch = token_secret::release_patch(rejection);
+        self.patch(&patch).await?;
+        self.probes.claim_released = true;
+        Ok(())
+    }
+
+    /// Marks a token creation in flight, creates a token for `user` (or for the service user
+    /// `svc`, id and name, trading the current token of `user` for it) named for this instance, and
+    /// stores it
+    /// with the id of the token it replaces. A malformed answer is refused and recorded.
+    async fn mint_and_store(
+        &mut self,
+        token: &SecretString,
+        user: &str,
+        svc: Option<(&str, &str)>,
+    ) -> Result<Minted, Verdict> {
+        let (nbi, ctx) = (self.nbi, self.ctx);
+        let now = ctx.now();
+        // the write's result is the new state: the retry gate then recognises the pass this write
+        // wakes, and a failed creation is not tried again at once
+        self.patch(&token_secret::rotation_marker_patch(&now.to_string()))
+            .await?;
+        let owner = svc.map_or(user, |(id, _)| id);
+        let req = crate::netbird::CreateTokenRequest {
+            name: own_token_name(nbi, now),
+            expires_in: nbi.spec.token.expires_in_days,
+        };
+        let created = match self.client.create_token(token, owner, &req).await {
+            Ok(c) => c,
+            Err(e) => return Ok(Minted::Failed(e)),
+        };
+        if let Err(why) = well_formed(&created) {
+            let what = if svc.is_some() {
+                "service-user exchange"
+            } else {
+                "rotation"
+            };
+            refuse_malformed(&self.client, token, owner, &created, why).await;
+            self.probes.malformed_token = Some((what, why));
+            self.patch(&malformed_patch(nbi, what, why)).await?;
+            return Ok(Minted::Malformed);
+        }
+        let replaced = self
+            .world
+            .token_secret
+            .owned()
+            .and_then(|s| s.token_id())
+            .map(str::to_string);
+        let pat = &created.personal_access_token;
+        let delete_at = previous_delete_at(nbi, self.world, now);
+        let new = token_secret::NewToken {
+            token: &created.plain_token,
+            id: &pat.id,
+            expires_at: &seconds(pat.expiration_date),
+            issued_at: &now.to_string(),
+            previous: replaced.as_deref().map(|id| (id, delete_at.as_str())),
+        };
+        let exchange = svc.map(|(id, name)| token_secret::Exchange {
+            service_user_id: id,
+            service_user: name,
+            previous_user: user,
+            previous_token: token,
+        });
+        let patch = token_secret::rotated_patch(nbi, &new, exchange.as_ref());
+        let written =
+            write_until_stored(ctx, self.secrets, nbi, &patch, Some(&created.plain_token))
+                .await
+                .map(Box::new);
+        match svc {
+            Some((_, name)) => {
+                info!(service_user = %name, token_id = %pat.id, "stored the service user's token")
+            }
+            None => {
+                info!(token_id = %pat.id, expires_at = %pat.expiration_date, "rotated the token")
+            }
+        }
+        Ok(Minted::Stored { written, replaced })
+    }
+
+    /// Trades the current token for a token of the service user `name` (created when missing):
+    /// the new token is stored and verified before the old one is deleted, with the old token
+    /// itself (a service user may not delete the owner's tokens). A crash after the store leaves
+    /// `previous-token-id` for a later pass.
+    async fn exchange(
+        &mut self,
+        token: &SecretString,
+        user: &str,
+        name: &str,
+    ) -> Result<Minted, Verdict> {
+        let svc = match self.service_user(token, name).await {
+            Ok(u) => u,
+            Err(e) => return Ok(Minted::Failed(e)),
+        };
+        let (mut written, replaced) = match self
+            .mint_and_store(token, user, Some((&svc.id, name)))
+            .await?
+        {
+            Minted::Stored { written, replaced } => (written, replaced),
+            other => return Ok(other),
+        };
+        // with a grace period the setup token stays valid until then (a later pass deletes it,
+        // with itself, kept in the Secret); without one it goes now
+        if let Some(old_id) = replaced
+            .as_deref()
+            .filter(|_| self.nbi.spec.token.rotation.grace().is_zero())
+        {
+            match self.client.delete_token(token, user, old_id).await {
+                Ok(()) => info!(token_id = %old_id, "deleted the setup token"),
+                Err(e) if e.status() == Some(404) => {}
+                Err(e) => {
+                    warn!(token_id = %old_id, error = %e.with_request_id(), "failed to delete the \
+                        old token; retrying later");
+                    return Ok(Minted::Stored { written, replaced });
+                }
+            }
+            let name = self.nbi.token_secret_name();
+            let patch = token_secret::previous_deleted_patch();
+            written = Some(Box::new(
+                patch_token_secret(self.secrets, &name, &patch).await?,
+            ));
+        }
+        Ok(Minted::Stored { written, replaced })
+    }
+
+    /// The service user `name`, created when missing.
+    async fn service_user(
+        &self,
+        token: &SecretString,
+        name: &str,
+    ) -> Result<crate::netbird::User, crate::netbird::NetbirdError> {
+        let found = self.client.list_service_users(token).await?;
+        if let Some(u) = found.into_iter().find(|u| u.name == name) {
+            return Ok(u);
+        }
+        let u = self.client.create_service_user(token, name).await?;
+        info!(service_user = %name, user_id = %u.id, "created the service user");
+        Ok(u)
+    }
 }
 
 /// When the token being replaced is deleted: after the grace period, and never after its own
@@ -830,10 +878,12 @@ async fn setup(
         Some(token) if malformed.is_none() => token,
         _ => {
             let outcome = if malformed.is_some() {
-                warn!(user_id = %resp.user_id, "setup succeeded but returned a malformed token; not stored");
+                warn!(user_id = %resp.user_id, "setup succeeded but returned a malformed token; \
+                    not stored");
                 token_secret::OUTCOME_TOKEN_MALFORMED
             } else {
-                warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
+                warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks \
+                    NB_SETUP_PAT_ENABLED=true)");
                 token_secret::OUTCOME_TOKEN_NOT_ISSUED
             };
             let patch =
@@ -859,7 +909,8 @@ async fn setup(
         &completed.to_string(),
     );
     let written = write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await;
-    info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token stored");
+    info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token \
+        stored");
     let outcome = SetupOutcome::TokenStored {
         user_id: resp.user_id,
         email: resp.email,
@@ -892,11 +943,13 @@ async fn refuse_malformed(
     why: PatFormatError,
 ) {
     let id = &created.personal_access_token.id;
-    warn!(token_id = %id, error = %why, "the server answered the token creation with a malformed token; not stored");
+    warn!(token_id = %id, error = %why, "the server answered the token creation with a malformed \
+        token; not stored");
     if !id.is_empty()
         && let Err(e) = client.delete_token(token, user, id).await
     {
-        warn!(token_id = %id, error = %e.with_request_id(), "failed to delete the malformed token's record on the server");
+        warn!(token_id = %id, error = %e.with_request_id(), "failed to delete the malformed \
+            token's record on the server");
     }
 }
 
@@ -926,14 +979,7 @@ async fn write_until_stored(
         match secrets.patch(&name, patch).await {
             Ok(s) => Ok(s),
             Err(kube::Error::Api(s)) if s.code == 404 => {
-                let mut fresh = token_secret::new_claimed(nbi, "", "");
-                if let Some(a) = fresh.metadata.annotations.as_mut() {
-                    a.clear();
-                }
-                let mut obj = serde_json::to_value(&fresh).unwrap_or_default();
-                merge(&mut obj, patch);
-                let fresh: Secret = serde_json::from_value(obj).unwrap_or(fresh);
-                secrets.create(&fresh).await
+                secrets.create(&token_secret::recreated(nbi, patch)).await
             }
             Err(e) => Err(e),
         }
@@ -946,7 +992,8 @@ async fn write_until_stored(
             Ok(s) => return Some(s),
             Err(e) => e,
         };
-        warn!(error = %e, retry_in = ?delay, secret = %name, held_token = token.is_some(), "failed to write the token Secret; retrying");
+        warn!(error = %e, retry_in = ?delay, secret = %name, held_token = token.is_some(), "failed \
+            to write the token Secret; retrying");
         if token.is_some() && !reported && looks_permanent(&e) {
             reported = true;
             report_storing_token(ctx, nbi, &name, &e).await;
@@ -960,7 +1007,9 @@ async fn write_until_stored(
                     instance = %nbi.name_any(),
                     secret = %name,
                     error = %e,
-                    "shutting down with the token not stored: the token NetBird issued is LOST (NetBird shows a token only once). Log in to the dashboard as the owner, create a personal access token and put it under the token Secret's key"
+                    "shutting down with the token not stored: the token NetBird issued is LOST \
+                        (NetBird shows a token only once). Log in to the dashboard as the owner, \
+                            create a personal access token and put it under the token Secret's key"
                 );
                 return None;
             }
@@ -987,8 +1036,10 @@ fn looks_permanent(e: &kube::Error) -> bool {
 /// Puts a failing token write in the status at once (Ready False, Reconciling/StoringToken).
 async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str, e: &kube::Error) {
     let message = format!(
-        "the token NetBird returned is held in memory only: writing Secret {secret} failed ({e}). The \
-         operator needs get, create and patch on secrets in namespace {}; it keeps retrying with backoff, \
+        "the token NetBird returned is held in memory only: writing Secret {secret} failed ({e}). \
+            The \
+         operator needs get, create and patch on secrets in namespace {}; it keeps retrying with \
+             backoff, \
          and the token is lost if the process ends first",
         nbi.metadata.namespace.as_deref().unwrap_or_default()
     );
@@ -1004,22 +1055,6 @@ async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str
     );
     if let Err(e) = super::write_status(&api, &nbi.name_any(), &status).await {
         warn!(error = %e, "failed to report the failing token write in the status");
-    }
-}
-
-/// JSON merge patch semantics (RFC 7386), for creating a Secret from a patch.
-fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
-    match (target, patch) {
-        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
     }
 }
 
@@ -1091,24 +1126,11 @@ pub async fn record_credentials_check(
     if recorded != Some(false) {
         return;
     }
-    let patch = serde_json::json!({"metadata": {"annotations": {token_secret::ANN_CREDENTIALS_CHECKED: check}}});
+    let patch = token_secret::credentials_checked_patch(&check);
     match secrets.patch(&nbi.token_secret_name(), &patch).await {
         Ok(written) => world.set_token_secret(nbi, Some(written)),
         Err(e) => {
             warn!(error = %e, "failed to record the credentials comparison on the token Secret")
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::merge;
-    use serde_json::json;
-
-    #[test]
-    fn merge_patch_semantics() {
-        let mut t = json!({"a": {"b": 1, "c": 2}, "d": 1});
-        merge(&mut t, &json!({"a": {"b": null, "e": 3}, "d": 2}));
-        assert_eq!(t, json!({"a": {"c": 2, "e": 3}, "d": 2}));
     }
 }

@@ -42,11 +42,17 @@ pub trait CallObserver: Send + Sync {
     fn observe(&self, endpoint: Endpoint, status: Option<u16>);
 }
 
+impl From<url::ParseError> for ClientBuildError {
+    fn from(e: url::ParseError) -> Self {
+        ClientBuildError::Url(e)
+    }
+}
+
 /// Why a client could not be built from the spec.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBuildError {
     #[error("managementURL is not a valid URL: {0}")]
-    Url(#[from] url::ParseError),
+    Url(url::ParseError),
     #[error("managementURL must use http or https, not {0}")]
     Scheme(String),
     #[error("the CA bundle is not valid PEM: {0}")]
@@ -238,7 +244,12 @@ impl NetbirdClient {
         token: &SecretString,
         name: &str,
     ) -> Result<User, NetbirdError> {
-        let body = serde_json::json!({"name": name, "role": "admin", "auto_groups": [], "is_service_user": true});
+        let body = serde_json::json!({
+            "name": name,
+            "role": "admin",
+            "auto_groups": [],
+            "is_service_user": true,
+        });
         self.call(
             Endpoint::CreateUser,
             Method::POST,

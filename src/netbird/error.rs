@@ -95,7 +95,8 @@ pub enum NetbirdError {
     /// be sent to another host). `location` is the target's origin only: its path and query (an SSO
     /// gateway's `state=`) change from answer to answer.
     #[error(
-        "{endpoint} answered {status} redirecting to {location}: managementURL must point at the server itself, not at a redirect"
+        "{endpoint} answered {status} redirecting to {location}: managementURL must point at the \
+            server itself, not at a redirect"
     )]
     Redirect {
         endpoint: Endpoint,
@@ -115,7 +116,13 @@ pub enum NetbirdError {
     TooLarge { endpoint: Endpoint, limit: usize },
     /// The token is not a NetBird personal access token (checked before sending it).
     #[error("the stored token is not a NetBird personal access token: {0}")]
-    MalformedToken(#[from] super::pat::PatFormatError),
+    MalformedToken(super::pat::PatFormatError),
+}
+
+impl From<super::pat::PatFormatError> for NetbirdError {
+    fn from(e: super::pat::PatFormatError) -> Self {
+        NetbirdError::MalformedToken(e)
+    }
 }
 
 impl NetbirdError {
