@@ -558,6 +558,10 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         });
         tracing::debug!(?step, "decided");
         if let Step::Finish(v) = step {
+            if world.confirm(nbi, &secrets, ctx).await? {
+                credentials_changed = steps::credentials_changed(nbi, ctx, &mut world).await;
+                continue;
+            }
             verdict = Some(v);
             break;
         }
