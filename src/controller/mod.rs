@@ -356,8 +356,11 @@ pub async fn run(
         })
         .touched_objects();
     let mapper_store = store.clone();
-    let mapper =
-        move |secret: PartialObjectMeta<Secret>| referencing(&mapper_store, &secret.metadata);
+    let mapper_ctx = ctx.clone();
+    let mapper = move |secret: PartialObjectMeta<Secret>| {
+        let own = mapper_ctx.secret_cache.own_write(&secret.metadata);
+        referencing(&mapper_store, &secret.metadata, own)
+    };
 
     let sync_store = store.clone();
     let shutdown = ctx.shutdown.clone();
@@ -402,10 +405,14 @@ pub async fn run(
         .await;
 }
 
-/// NetbirdInstances whose credentials, token or CA Secret is `secret`.
+/// NetbirdInstances whose credentials, token or CA Secret is `secret`. The echo of an own write to
+/// a token Secret (`own_write`) wakes no instance for being its token Secret: the pass that wrote
+/// it went on with what it wrote (a stale copy of the instance would only repeat its status write
+/// and Event).
 fn referencing(
     store: &Store<NetbirdInstance>,
     secret: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    own_write: bool,
 ) -> Vec<ObjectRef<NetbirdInstance>> {
     let (Some(name), Some(ns)) = (secret.name.as_deref(), secret.namespace.as_deref()) else {
         return Vec::new();
@@ -416,7 +423,7 @@ fn referencing(
         .filter(|nbi| nbi.namespace().as_deref() == Some(ns))
         .filter(|nbi| {
             nbi.spec.credentials_secret_ref.name == name
-                || nbi.token_secret_name() == name
+                || (!own_write && nbi.token_secret_name() == name)
                 || nbi
                     .spec
                     .tls

@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
@@ -38,6 +39,8 @@ struct Entry {
     seen: Option<String>,
     /// The Secret as last read or written.
     secret: Option<Secret>,
+    /// `secret` is this operator's own write.
+    written: bool,
 }
 
 impl Entry {
@@ -179,6 +182,7 @@ impl SecretCache {
                 e.seen = got.and_then(|s| s.metadata.resource_version.clone());
             }
             e.secret = got.cloned().map(slim);
+            e.written = false;
         }
     }
 
@@ -188,7 +192,26 @@ impl SecretCache {
         if entries.len() >= MAX_ENTRIES {
             entries.clear();
         }
-        entries.entry(key(ns, name)).or_default().secret = Some(slim(written.clone()));
+        let e = entries.entry(key(ns, name)).or_default();
+        e.secret = Some(slim(written.clone()));
+        e.written = true;
+    }
+
+    /// The watch reports a version this operator wrote itself: the pass that wrote it went on with
+    /// it, so the event brings that instance nothing new.
+    pub fn own_write(&self, meta: &ObjectMeta) -> bool {
+        let (Some(ns), Some(name), Some(rv)) =
+            (&meta.namespace, &meta.name, &meta.resource_version)
+        else {
+            return false;
+        };
+        lock(&self.entries).get(&key(ns, name)).is_some_and(|e| {
+            e.written
+                && e.secret
+                    .as_ref()
+                    .and_then(|s| s.metadata.resource_version.as_ref())
+                    == Some(rv)
+        })
     }
 
     #[cfg(test)]
@@ -415,6 +438,17 @@ mod tests {
         c.wrote("ns", "s", &secret("6"));
         c.observe(&watcher::Event::InitDone);
         assert!(!unseen(&c));
+    }
+
+    #[test]
+    fn only_the_version_of_an_own_write_is_its_echo() {
+        let c = SecretCache::default();
+        c.wrote("ns", "s", &secret("5"));
+        assert!(c.own_write(&secret("5").metadata));
+        assert!(!c.own_write(&secret("6").metadata), "someone else's write");
+        c.expect("ns", "s");
+        c.read("ns", "s", Some(&secret("6")));
+        assert!(!c.own_write(&secret("6").metadata), "a read is no write");
     }
 
     #[test]
