@@ -101,6 +101,10 @@ struct InstanceMemory {
     /// The last fingerprint comparison: digest of (fingerprint, credentials), and whether they
     /// matched.
     fingerprint_check: Option<([u8; 32], bool)>,
+    /// The status the last pass wrote, and the resourceVersions that write superseded: a pass that
+    /// gets the instance at one of those (the watch has not delivered the write yet) takes this
+    /// status as the instance's, instead of writing the same status and Event again.
+    own_status: Option<(Vec<String>, NetbirdInstanceStatus)>,
 }
 
 /// Shared state of all passes.
@@ -221,6 +225,22 @@ impl Context {
 
     pub(crate) fn remember_fingerprint_check(&self, uid: &str, key: [u8; 32], same: bool) {
         self.remember(uid, |m| m.fingerprint_check = Some((key, same)));
+    }
+
+    /// The instance with the status this process wrote last, when `nbi` is a copy from before that
+    /// write (see [`InstanceMemory::own_status`]).
+    fn newer_own_status(&self, nbi: &NetbirdInstance) -> Option<NetbirdInstance> {
+        let rv = nbi.metadata.resource_version.as_ref()?;
+        let status = self.recall(&nbi.uid()?, |m| {
+            m.own_status
+                .as_ref()
+                .filter(|(superseded, _)| superseded.contains(rv))
+                .map(|(_, s)| s.clone())
+        })?;
+        Some(NetbirdInstance {
+            status: Some(status),
+            ..nbi.clone()
+        })
     }
 
     /// Counts a failed attempt of the finalizer's token deletion; returns the count.
@@ -469,6 +489,8 @@ pub async fn reconcile(nbi: Arc<NetbirdInstance>, ctx: Arc<Context>) -> Result<A
 }
 
 async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, Error> {
+    let newer = ctx.newer_own_status(nbi);
+    let nbi = newer.as_ref().unwrap_or(nbi);
     let name = nbi.name_any();
     let uid = nbi.uid().unwrap_or_default();
     let api: Api<NetbirdInstance> = Api::namespaced(ctx.client.clone(), ns);
@@ -496,10 +518,10 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         if first {
             write_status(&api, &name, &report::initial(generation, started)).await
         } else {
-            Ok(())
+            Ok(None)
         }
     };
-    let ((), mut world) =
+    let (initial_rv, mut world) =
         futures::try_join!(initial_status, steps::World::read(nbi, &secrets, ctx))?;
     if let Some(left) = ctx.retry_pending(&uid, &world.inputs(generation)) {
         // woken by an event that changed nothing this pass depends on (typically its own status
@@ -609,7 +631,12 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     });
     let previous = nbi.status.clone();
     if previous.as_ref() != Some(&status) {
+        let superseded = [nbi.metadata.resource_version.clone(), initial_rv]
+            .into_iter()
+            .flatten()
+            .collect();
         write_status(&api, &name, &status).await?;
+        ctx.remember(&uid, |m| m.own_status = Some((superseded, status.clone())));
     }
     publish_events(nbi, ctx, previous.as_ref(), &status, &verdict, &probes).await;
     steps::record_credentials_check(nbi, &secrets, &mut world).await;
@@ -747,11 +774,11 @@ async fn write_status(
     api: &Api<NetbirdInstance>,
     name: &str,
     status: &NetbirdInstanceStatus,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let patch = serde_json::json!({ "status": status });
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map(|_| ())
+        .map(|written| written.metadata.resource_version)
         .map_err(Error::WriteStatus)
 }
 
