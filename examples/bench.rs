@@ -3,7 +3,10 @@
 //! same NetBird calls and Kubernetes writes with no controller machinery. Writes
 //! docs/performance.md. Sizes: NBOP_BENCH_FLEET (1000), NBOP_BENCH_LATENCY (40),
 //! NBOP_BENCH_NOISE (10000), NBOP_BENCH_QUIET seconds (120), NBOP_BENCH_FAULTS (200 instances whose
-//! server fails) and NBOP_BENCH_FAULT_SECS (60). NBOP_BENCH_WRAP runs the operator under a
+//! server fails), NBOP_BENCH_FAULT_SECS (60), NBOP_BENCH_SIZES of the scale phase (100,1000,10000)
+//! and NBOP_BENCH_SETTLE seconds before its memory figures (30). Also writes docs/scale.svg (the
+//! plot) and appends the memory figure to docs/bench-runs.tsv. NBOP_BENCH_SCALE_ONLY runs the scale
+//! phase alone and prints it (docs untouched). NBOP_BENCH_WRAP runs the operator under a
 //! profiler, e.g. `NBOP_BENCH_WRAP="heaptrack -o /tmp/op"` (its RSS figures are then the profiler's).
 
 #[path = "../tests/support/mod.rs"]
@@ -240,10 +243,14 @@ async fn metric(url: &str, name: &str) -> f64 {
 }
 
 fn start_operator(kubeconfig: &std::path::Path, port: u16) -> std::process::Child {
-    let bin = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/target/release/netbird-operator"
-    );
+    start_operator_in(kubeconfig, port, "bench-op")
+}
+
+fn start_operator_in(kubeconfig: &std::path::Path, port: u16, ns: &str) -> std::process::Child {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").to_string());
+    let bin = format!("{target}/release/netbird-operator");
+    let bin = bin.as_str();
     let wrap = std::env::var("NBOP_BENCH_WRAP").unwrap_or_default();
     let mut argv: Vec<&str> = wrap.split_whitespace().collect();
     argv.push(bin);
@@ -252,7 +259,7 @@ fn start_operator(kubeconfig: &std::path::Path, port: u16) -> std::process::Chil
         .args([
             "run",
             "--namespace",
-            "bench-op",
+            ns,
             "--http-addr",
             &format!("127.0.0.1:{port}"),
             "--log-level",
@@ -268,6 +275,386 @@ fn start_operator(kubeconfig: &std::path::Path, port: u16) -> std::process::Chil
         .expect("build it first: cargo build --release")
 }
 
+/// A start of the operator with everything present: process start to /readyz and to the first
+/// reconcile, then the CPU of the work a restart brings (each instance's credentials compared with
+/// their argon2 fingerprint at most once) until two seconds in a row use under 2% of a core (at
+/// most 120 s), and how long that took.
+struct Restart {
+    op: std::process::Child,
+    readyz: Option<Duration>,
+    first_reconcile: Option<Duration>,
+    cpu: f64,
+    busy: Duration,
+}
+
+async fn restart(kubeconfig: &std::path::Path, port: u16, ns: &str) -> Restart {
+    let t0 = Instant::now();
+    let op = start_operator_in(kubeconfig, port, ns);
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let mut first_reconcile = None;
+    let mut readyz = None;
+    while first_reconcile.is_none() || readyz.is_none() {
+        if readyz.is_none() && http_ok(&format!("http://127.0.0.1:{port}/readyz")).await {
+            readyz = Some(t0.elapsed());
+        }
+        if first_reconcile.is_none()
+            && metric(&metrics_url, "netbird_operator_reconciles_total").await > 0.0
+        {
+            first_reconcile = Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if t0.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+    }
+    let (cpu, busy) = until_idle(op.id(), t0, Duration::from_secs(120)).await;
+    Restart {
+        op,
+        readyz,
+        first_reconcile,
+        cpu,
+        busy,
+    }
+}
+
+/// CPU seconds the process has used when two seconds in a row used under 2% of a core, and the
+/// time from `t0` to the start of those two seconds (or when `limit` passed).
+async fn until_idle(pid: u32, t0: Instant, limit: Duration) -> (f64, Duration) {
+    let mut quiet_secs = 0;
+    let mut last = cpu_secs(pid);
+    while quiet_secs < 2 && t0.elapsed() < limit {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = cpu_secs(pid);
+        quiet_secs = if now - last < 0.02 { quiet_secs + 1 } else { 0 };
+        last = now;
+    }
+    (last, t0.elapsed().saturating_sub(Duration::from_secs(2)))
+}
+
+/// What one fleet size of the scale phase measured.
+struct ScaleRow {
+    size: usize,
+    fleet: Duration,
+    cpu: f64,
+    rss_idle_kib: u64,
+    rss_kib: u64,
+    requests: f64,
+    requests_text: String,
+    readyz: Option<Duration>,
+    restart_cpu: f64,
+    restart_busy: Duration,
+}
+
+/// A fleet of `size` instances in a namespace of its own, watched by an operator of its own (a fresh
+/// process: its memory holds this fleet only): created at once (16 writers) until all Ready; its
+/// apiserver requests; memory once the operator is idle and `settle` more seconds passed; then a
+/// restart with the fleet present. The fleet is deleted afterwards.
+async fn scale(
+    cp: &support::ControlPlane,
+    client: &kube::Client,
+    size: usize,
+    settle: u64,
+) -> ScaleRow {
+    let ns = format!("bench-scale-{size}");
+    namespace(client, &ns).await;
+    let fleet = FakeFleet::start(size).await;
+    let api: Api<NetbirdInstance> = Api::namespaced(client.clone(), &ns);
+    let port = support::free_port();
+    let mut op = start_operator_in(&cp.kubeconfig, port, &ns);
+    while !http_ok(&format!("http://127.0.0.1:{port}/readyz")).await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ready = ready_names(api.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle_kib = rss_kib(op.id());
+    let api0 = apiserver_requests(client).await;
+    let cpu0 = cpu_secs(op.id());
+    let t0 = Instant::now();
+    stream::iter(0..size)
+        .for_each_concurrent(16, |i| {
+            let api = api.clone();
+            let url = fleet.url(i);
+            async move {
+                api.create(&PostParams::default(), &instance(&format!("s{i}"), &url))
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    let _ = ready.wait_for(|names| names.len() >= size).await;
+    let fleet_time = t0.elapsed();
+    let cpu = cpu_secs(op.id()) - cpu0;
+    // the passes that follow the last writes end before counting
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let api1 = apiserver_requests(client).await;
+    let (requests, requests_text) = per_instance(&api0, &api1, size);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let mut reasons = std::collections::BTreeMap::<String, usize>::new();
+    for e in events
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+    {
+        *reasons.entry(e.reason.unwrap_or_default()).or_default() += 1;
+    }
+    eprintln!("scale {size}: Events by reason {reasons:?}");
+    let _ = until_idle(op.id(), Instant::now(), Duration::from_secs(300)).await;
+    tokio::time::sleep(Duration::from_secs(settle)).await;
+    let rss = rss_kib(op.id());
+    eprintln!(
+        "scale {size}: all Ready in {fleet_time:?}, {cpu:.1} s CPU, RSS {rss_idle_kib} -> {rss} KiB, {requests:.2} requests per instance ({requests_text})"
+    );
+    let _ = op.kill();
+    let _ = op.wait();
+    let r = restart(&cp.kubeconfig, support::free_port(), &ns).await;
+    op = r.op;
+    eprintln!(
+        "scale {size}: restart /readyz {:?}, {:.1} s CPU over {:?}",
+        r.readyz, r.cpu, r.busy
+    );
+    let _ = op.kill();
+    let _ = op.wait();
+    let dp = kube::api::DeleteParams::default();
+    let lp = ListParams::default();
+    let _ = api.delete_collection(&dp, &lp).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let _ = secrets.delete_collection(&dp, &lp).await;
+    ScaleRow {
+        size,
+        fleet: fleet_time,
+        cpu,
+        rss_idle_kib,
+        rss_kib: rss,
+        requests,
+        requests_text,
+        readyz: r.readyz,
+        restart_cpu: r.cpu,
+        restart_busy: r.busy,
+    }
+}
+
+/// The fleet sizes of the scale phase (NBOP_BENCH_SIZES, e.g. `100,1000`).
+fn sizes() -> Vec<usize> {
+    std::env::var("NBOP_BENCH_SIZES")
+        .unwrap_or_else(|_| "100,1000,10000".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .collect()
+}
+
+/// The plot of the scale phase: time until all Ready and resident memory against fleet size (log
+/// scale), as a small hand-written SVG.
+fn scale_svg(rows: &[ScaleRow]) -> String {
+    let (w, h, pad) = (320.0, 240.0, 48.0);
+    let sizes: Vec<f64> = rows.iter().map(|r| (r.size as f64).log10()).collect();
+    let (x0, x1) = (
+        sizes.iter().copied().fold(f64::MAX, f64::min) - 0.2,
+        sizes.iter().copied().fold(f64::MIN, f64::max) + 0.2,
+    );
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        2.0 * w
+    );
+    let panels: [(&str, &str, Vec<f64>); 2] = [
+        (
+            "time until all Ready (s)",
+            "#1f6feb",
+            rows.iter().map(|r| r.fleet.as_secs_f64()).collect(),
+        ),
+        (
+            "resident memory after settling (MiB)",
+            "#d1242f",
+            rows.iter().map(|r| r.rss_kib as f64 / 1024.0).collect(),
+        ),
+    ];
+    for (p, (title, color, ys)) in panels.iter().enumerate() {
+        let left = p as f64 * w;
+        let ymax = ys.iter().copied().fold(0.0, f64::max).max(1e-9) * 1.15;
+        let x = |v: f64| left + pad + (v - x0) / (x1 - x0).max(1e-9) * (w - 1.5 * pad);
+        let y = |v: f64| h - pad + -(v / ymax) * (h - 2.0 * pad);
+        out += &format!(
+            "<text x=\"{}\" y=\"20\" text-anchor=\"middle\">{title}</text>\n",
+            left + w / 2.0
+        );
+        out += &format!(
+            "<line x1=\"{a}\" y1=\"{b}\" x2=\"{c}\" y2=\"{b}\" stroke=\"black\"/>\n<line x1=\"{a}\" y1=\"{b}\" x2=\"{a}\" y2=\"{d}\" stroke=\"black\"/>\n",
+            a = left + pad,
+            b = h - pad,
+            c = left + w - pad / 2.0,
+            d = pad
+        );
+        for i in 0..=4 {
+            let v = ymax * f64::from(i) / 4.0;
+            out += &format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0}</text>\n",
+                left + pad - 4.0,
+                y(v) + 4.0,
+                v
+            );
+        }
+        for (r, sx) in rows.iter().zip(&sizes) {
+            out += &format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+                x(*sx),
+                h - pad + 16.0,
+                r.size
+            );
+        }
+        out += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">instances (log scale)</text>\n",
+            left + w / 2.0,
+            h - 8.0
+        );
+        let points: Vec<String> = sizes
+            .iter()
+            .zip(ys)
+            .map(|(sx, v)| format!("{:.1},{:.1}", x(*sx), y(*v)))
+            .collect();
+        out += &format!(
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
+            points.join(" ")
+        );
+        for (sx, v) in sizes.iter().zip(ys) {
+            out += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{v:.1}</text>\n",
+                x(*sx),
+                y(*v),
+                x(*sx),
+                y(*v) - 8.0
+            );
+        }
+    }
+    out + "</svg>\n"
+}
+
+/// The scale section of docs/performance.md.
+fn scale_report(rows: &[ScaleRow]) -> String {
+    let mut t = String::from(
+        "| instances | until all Ready | per instance | operator CPU per instance | resident memory after settling (idle before) | slope since the previous size | apiserver requests per instance (watches excluded) | restart: to /readyz | restart: CPU until idle (over) |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut prev: Option<&ScaleRow> = None;
+    for r in rows {
+        let n = r.size as f64;
+        let slope = prev
+            .map(|p| {
+                format!(
+                    "{:+.1} KiB per instance",
+                    (r.rss_kib as f64 - p.rss_kib as f64) / (n - p.size as f64)
+                )
+            })
+            .unwrap_or_default();
+        t += &format!(
+            "| {} | {:.1} s | {:.2} ms | {:.2} ms | {:.1} MiB ({:.1}) | {slope} | {:.2}: {} | {} | {:.1} s ({:.0} s) |\n",
+            r.size,
+            r.fleet.as_secs_f64(),
+            r.fleet.as_secs_f64() * 1000.0 / n,
+            r.cpu * 1000.0 / n,
+            r.rss_kib as f64 / 1024.0,
+            r.rss_idle_kib as f64 / 1024.0,
+            r.requests,
+            r.requests_text,
+            r.readyz
+                .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
+                .unwrap_or("> 120 s".into()),
+            r.restart_cpu,
+            r.restart_busy.as_secs_f64(),
+        );
+        prev = Some(r);
+    }
+    let by = |n: usize| rows.iter().find(|r| r.size == n);
+    let not_run = "not run (size not in NBOP_BENCH_SIZES)".to_string();
+    let (ratio, slope) = match (by(1000), by(10000)) {
+        (Some(a), Some(b)) => (
+            format!(
+                "{:.2}x",
+                (b.fleet.as_secs_f64() / 10000.0) / (a.fleet.as_secs_f64() / 1000.0)
+            ),
+            format!("{:+.1} KiB", (b.rss_kib as f64 - a.rss_kib as f64) / 9000.0),
+        ),
+        _ => (not_run.clone(), not_run.clone()),
+    };
+    let (rz, rcpu) = match by(10000) {
+        Some(b) => (
+            b.readyz
+                .map(|d| format!("{:.2} s", d.as_secs_f64()))
+                .unwrap_or("> 120 s".into()),
+            format!("{:.1} s", b.restart_cpu),
+        ),
+        None => (not_run.clone(), not_run.clone()),
+    };
+    let worst = rows.iter().map(|r| r.requests).fold(0.0, f64::max);
+    t += &format!(
+        "\n| target | result | target |\n|---|---|---|\n\
+| per-instance time until all Ready, 10,000 against 1,000 | {ratio} | <= 1.2x |\n\
+| memory slope per Ready instance, 1,000 to 10,000 | {slope} | <= 16 KiB |\n\
+| restart with 10,000 present: to /readyz | {rz} | <= 2 s |\n\
+| restart with 10,000 present: CPU until idle | {rcpu} | <= 5 s |\n\
+| apiserver requests per bootstrap, the highest of the sizes (the benchmark's create of the instance included; the operator's own are 1.0 fewer) | {worst:.2} | <= 6.0 |\n"
+    );
+    t
+}
+
+/// This code's key for the run history: the tree of src/ and the lock file at HEAD (`+` when they
+/// differ from HEAD), and the allocator settings from the environment.
+fn code_key() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let tree = git(&["rev-parse", "--short", "HEAD:src"]);
+    let lock = git(&["rev-parse", "--short", "HEAD:Cargo.lock"]);
+    let dirty = !git(&[
+        "status",
+        "--porcelain",
+        "--",
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+    ])
+    .is_empty();
+    let conf = std::env::var("_RJEM_MALLOC_CONF").unwrap_or_default();
+    format!(
+        "src {tree}{} lock {lock}{}",
+        if dirty { "+" } else { "" },
+        if conf.is_empty() {
+            String::new()
+        } else {
+            format!(" _RJEM_MALLOC_CONF={conf}")
+        }
+    )
+}
+
+/// Appends this run's memory figure to docs/bench-runs.tsv and returns the figures of the last
+/// three runs of the same code (this one included), oldest first.
+fn memory_runs(total: usize, rss_mib: f64) -> Vec<f64> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/bench-runs.tsv");
+    let key = code_key();
+    let mut text = std::fs::read_to_string(path)
+        .unwrap_or_else(|_| "date\tcode\tReady instances\tresident memory (MiB)\n".into());
+    text += &format!(
+        "{}\t{key}\t{total}\t{rss_mib:.1}\n",
+        jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M")
+    );
+    let _ = std::fs::write(path, &text);
+    let same: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() == 4 && f[1] == key && f[2] == total.to_string())
+                .then(|| f[3].parse().ok())
+                .flatten()
+        })
+        .collect();
+    same[same.len().saturating_sub(3)..].to_vec()
+}
+
 #[tokio::main]
 async fn main() {
     netbird_operator::tls::install_crypto_provider();
@@ -279,6 +666,16 @@ async fn main() {
     let fault_s = env_or("NBOP_BENCH_FAULT_SECS", 60) as u64;
     let cp = support::ControlPlane::shared().expect("tools missing: run tests/tools/install");
     let client = cp.client().await;
+    let settle = env_or("NBOP_BENCH_SETTLE", 30) as u64;
+    if std::env::var("NBOP_BENCH_SCALE_ONLY").is_ok() {
+        // development: the scale phase alone, printed, docs untouched
+        let mut rows = Vec::new();
+        for size in sizes() {
+            rows.push(scale(cp, &client, size, settle).await);
+        }
+        println!("{}", scale_report(&rows));
+        return;
+    }
     // two more servers for the warm-up instances
     let fleet = FakeFleet::start(2 * (fleet_n + lat_n) + faults_n + 2).await;
     namespace(&client, "bench-op").await;
@@ -436,37 +833,10 @@ async fn main() {
     let _ = op.kill();
     let _ = op.wait();
     let port = support::free_port();
-    let t0 = Instant::now();
-    op = start_operator(&cp.kubeconfig, port);
-    let metrics_url2 = format!("http://127.0.0.1:{port}/metrics");
-    let mut first_reconcile = None;
-    let mut readyz = None;
-    while first_reconcile.is_none() || readyz.is_none() {
-        if readyz.is_none() && http_ok(&format!("http://127.0.0.1:{port}/readyz")).await {
-            readyz = Some(t0.elapsed());
-        }
-        if first_reconcile.is_none()
-            && metric(&metrics_url2, "netbird_operator_reconciles_total").await > 0.0
-        {
-            first_reconcile = Some(t0.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        if t0.elapsed() > Duration::from_secs(120) {
-            break;
-        }
-    }
-
-    // the work a restart brings (each instance's credentials compared with their argon2
-    // fingerprint once): CPU until two seconds in a row use under 2% of a core (at most 120 s)
-    let (cpu_start, mut quiet_secs) = (cpu_secs(op.id()), 0);
-    let mut last = cpu_start;
-    while quiet_secs < 2 && t0.elapsed() < Duration::from_secs(120) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = cpu_secs(op.id());
-        quiet_secs = if now - last < 0.02 { quiet_secs + 1 } else { 0 };
-        last = now;
-    }
-    let (restart_cpu, restart_busy) = (last, t0.elapsed().saturating_sub(Duration::from_secs(2)));
+    let restart = restart(&cp.kubeconfig, port, "bench-op").await;
+    op = restart.op;
+    let (readyz, first_reconcile) = (restart.readyz, restart.first_reconcile);
+    let (restart_cpu, restart_busy) = (restart.cpu, restart.busy);
     eprintln!("restart: {restart_cpu:.1} s CPU, busy for {restart_busy:?}");
 
     // 6. memory and calls while NetBird servers fail in every way the fake can (the operator that
@@ -523,6 +893,14 @@ async fn main() {
     let _ = op.wait();
     let _ = metrics_url;
 
+    // 7. scale: fleets of each size, one after another, each with an operator of its own
+    let mut rows = Vec::new();
+    for size in sizes() {
+        let t0 = Instant::now();
+        rows.push(scale(cp, &client, size, settle).await);
+        eprintln!("scale {size}: phase took {:?}", t0.elapsed());
+    }
+
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -544,7 +922,7 @@ servers (one per path prefix) on loopback. Each ratio compares figures from the 
 | apiserver requests per instance during the fleet (apiserver_request_total, watches excluded) | {req_op:.1}: {req_op_text} | {req_line:.1}: {req_line_text} | {rreq:.2}x | |\n\
 | operator CPU during the fleet | {cpu_fleet:.1} s | | | |\n\
 | resident memory idle | {idle:.1} MiB | | | |\n\
-| resident memory with {total} Ready instances (after the quiet window) | {fleet_mem:.1} MiB | | | <= 40 MiB |\n\
+| resident memory with {total} Ready instances (after the quiet window): this run, and the last three runs of the same code (docs/bench-runs.tsv) | {fleet_mem:.1} MiB | | {runs} | <= 32 MiB in each |\n\
 | growth after {noise_n} unrelated 4 KiB Secrets in the watched namespace | {growth:+.1} MiB | | | <= 2 MiB |\n\
 | writes to the apiserver in {quiet_s} s of steady state (resourceVersions of every NetbirdInstance and Secret) | {writes} | | | 0 |\n\
 | NetBird calls in the same {quiet_s} s (counted by the servers) | {quiet_calls} | | | 0 outside scheduled checks |\n\
@@ -570,6 +948,12 @@ servers (one per path prefix) on loopback. Each ratio compares figures from the 
         idle = mib(rss_idle),
         total = fleet_n + lat_n + 1,
         fleet_mem = mib(rss_fleet),
+        runs = memory_runs(fleet_n + lat_n + 1, mib(rss_fleet))
+            .iter()
+            .map(|m| format!("{m:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+            + " MiB",
         growth = mib(rss_noise) - mib(rss_fleet),
         rz = readyz
             .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
@@ -586,10 +970,31 @@ servers (one per path prefix) on loopback. Each ratio compares figures from the 
             .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
             .unwrap_or("> 120 s".into()),
     );
-    std::fs::write(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/docs/performance.md"),
-        &report,
-    )
-    .unwrap();
+    let mut report = report;
+    if !rows.is_empty() {
+        report += &format!(
+            "\n## Scale\n\nFleets created at once (16 writers) in a namespace of their own, each watched by an operator process of its own \
+(concurrency 8), one after another on the same control plane, each deleted before the next; memory read once the operator was idle \
+and {settle} s more had passed; then the operator restarted with the fleet present. Sizes run: {sizes}.\n\n{table}\n![time and memory against fleet size](scale.svg)\n",
+            sizes = rows
+                .iter()
+                .map(|r| r.size.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            table = scale_report(&rows),
+        );
+        std::fs::write(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/docs/scale.svg"),
+            scale_svg(&rows),
+        )
+        .unwrap();
+    }
+    // the hand-written part of the page (what limits each figure) is kept
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/performance.md");
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    if let Some(at) = old.find("\n## What limits") {
+        report += &old[at..];
+    }
+    std::fs::write(path, &report).unwrap();
     println!("{report}");
 }

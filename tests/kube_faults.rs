@@ -234,6 +234,28 @@ async fn secrets_are_read_again_only_when_the_watch_reports_a_change() {
     assert_eq!(fake.calls("setup"), 1);
 }
 
+#[tokio::test]
+async fn the_token_secret_is_not_read_before_it_exists() {
+    let Some(env) = TestEnv::new("absent-token").await else {
+        return;
+    };
+    let (faults, _op) = operator_behind_faults(&env).await;
+    // the Secret metadata watch has listed every Secret: from now on it knows which do not exist
+    support::wait_for("the Secrets listed", T, || async {
+        let log = faults.read_log.lock().unwrap().clone();
+        log.iter().any(|p| p.ends_with("/secrets")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let fake = FakeNetbird::start().await;
+    env.create_instance("nb", spec(&fake.url)).await.unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    // absent by the watch's word, then known from the operator's own writes
+    assert_eq!(faults.reads_of("/secrets/nb-token"), 0);
+    assert_eq!(fake.calls("setup"), 1);
+}
+
 /// The annotation recording the last credentials comparison, and the token Secret's version.
 async fn credentials_checked(env: &TestEnv) -> (String, String) {
     let s = env.secrets().get("nb-token").await.unwrap();

@@ -117,6 +117,10 @@ struct InstanceMemory {
     /// The last fingerprint comparison: digest of (fingerprint, credentials), and whether they
     /// matched.
     fingerprint_check: Option<([u8; 32], bool)>,
+    /// The status the last pass wrote, and the resourceVersions that write superseded: a pass that
+    /// gets the instance at one of those (the watch has not delivered the write yet) takes this
+    /// status as the instance's, instead of writing the same status and Event again.
+    own_status: Option<(Vec<String>, NetbirdInstanceStatus)>,
 }
 
 /// Shared state of all passes.
@@ -239,6 +243,22 @@ impl Context {
         self.remember(uid, |m| m.fingerprint_check = Some((key, same)));
     }
 
+    /// The instance with the status this process wrote last, when `nbi` is a copy from before that
+    /// write (see [`InstanceMemory::own_status`]).
+    fn newer_own_status(&self, nbi: &NetbirdInstance) -> Option<NetbirdInstance> {
+        let rv = nbi.metadata.resource_version.as_ref()?;
+        let status = self.recall(&nbi.uid()?, |m| {
+            m.own_status
+                .as_ref()
+                .filter(|(superseded, _)| superseded.contains(rv))
+                .map(|(_, s)| s.clone())
+        })?;
+        Some(NetbirdInstance {
+            status: Some(status),
+            ..nbi.clone()
+        })
+    }
+
     /// Counts a failed attempt of the finalizer's token deletion; returns the count.
     fn delete_attempt(&self, uid: &str) -> u32 {
         self.remember(uid, |m| {
@@ -333,8 +353,11 @@ pub async fn run(
         })
         .touched_objects();
     let mapper_store = store.clone();
-    let mapper =
-        move |secret: PartialObjectMeta<Secret>| referencing(&mapper_store, &secret.metadata);
+    let mapper_ctx = ctx.clone();
+    let mapper = move |secret: PartialObjectMeta<Secret>| {
+        let own = mapper_ctx.secret_cache.own_write(&secret.metadata);
+        referencing(&mapper_store, &secret.metadata, own)
+    };
 
     tokio::spawn(notify_when_synced(
         store.clone(),
@@ -459,6 +482,7 @@ where
 fn referencing(
     store: &Store<NetbirdInstance>,
     secret: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    own_write: bool,
 ) -> Vec<ObjectRef<NetbirdInstance>> {
     let (Some(name), Some(ns)) = (secret.name.as_deref(), secret.namespace.as_deref()) else {
         return Vec::new();
@@ -469,7 +493,7 @@ fn referencing(
         .filter(|nbi| nbi.namespace().as_deref() == Some(ns))
         .filter(|nbi| {
             nbi.spec.credentials_secret_ref.name == name
-                || nbi.token_secret_name() == name
+                || (!own_write && nbi.token_secret_name() == name)
                 || nbi
                     .spec
                     .tls
@@ -523,6 +547,8 @@ pub async fn reconcile(nbi: Arc<NetbirdInstance>, ctx: Arc<Context>) -> Result<A
 }
 
 async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, Error> {
+    let newer = ctx.newer_own_status(nbi);
+    let nbi = newer.as_ref().unwrap_or(nbi);
     let name = nbi.name_any();
     let uid = nbi.uid().unwrap_or_default();
     let api: Api<NetbirdInstance> = Api::namespaced(ctx.client.clone(), ns);
@@ -537,7 +563,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     }
     // the pass goes on after adding the finalizer: what it reads next does not depend on it
     cleanup::ensure_finalizer(nbi, &api).await?;
-    let mut world = read_world(nbi, ctx, &api, &secrets, started).await?;
+    let (initial_rv, mut world) = read_world(nbi, ctx, &api, &secrets, started).await?;
     if let Some(left) = ctx.retry_pending(&uid, &world.inputs(generation)) {
         // woken by an event that changed nothing this pass depends on (typically its own status
         // write): the retry stays at its time, so a failing server is not called in a loop
@@ -548,7 +574,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         return Ok(Action::requeue(left));
     }
     let known = Known::new(nbi, started);
-    let driven = drive(nbi, ctx, &secrets, &mut world, &known).await;
+    let driven = drive(nbi, ctx, &secrets, &mut world, &known).await?;
     let (verdict, probes) = (&driven.verdict, &driven.probes);
     let status = report::status(&report::ReportInput {
         generation,
@@ -564,7 +590,12 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     });
     let previous = nbi.status.clone();
     if previous.as_ref() != Some(&status) {
+        let superseded = [nbi.metadata.resource_version.clone(), initial_rv]
+            .into_iter()
+            .flatten()
+            .collect();
         write_status(&api, &name, &status).await?;
+        ctx.remember(&uid, |m| m.own_status = Some((superseded, status.clone())));
     }
     publish_events(nbi, ctx, previous.as_ref(), &status, verdict, probes).await;
     steps::record_credentials_check(nbi, &secrets, &mut world).await;
@@ -622,7 +653,7 @@ async fn read_world(
     api: &Api<NetbirdInstance>,
     secrets: &secrets::Secrets<'_>,
     started: jiff::Timestamp,
-) -> Result<steps::World, Error> {
+) -> Result<(Option<String>, steps::World), Error> {
     let first = nbi
         .status
         .as_ref()
@@ -634,11 +665,11 @@ async fn read_world(
             let status = report::initial(nbi.metadata.generation, started);
             write_status(api, &nbi.name_any(), &status).await
         } else {
-            Ok(())
+            Ok(None)
         }
     };
-    let ((), world) = futures::try_join!(initial_status, steps::World::read(nbi, secrets, ctx))?;
-    Ok(world)
+    // the resourceVersion of the initial status write, if any (see `InstanceMemory::own_status`)
+    futures::try_join!(initial_status, steps::World::read(nbi, secrets, ctx))
 }
 
 /// What a pass knows before its first step and keeps for all of them.
@@ -733,7 +764,7 @@ async fn drive(
     secrets: &secrets::Secrets<'_>,
     world: &mut steps::World,
     known: &Known,
-) -> Driven {
+) -> Result<Driven, Error> {
     let uid = &known.uid;
     let mut probes = Probes::default();
     if let Some(token) = world.token()
@@ -754,6 +785,11 @@ async fn drive(
         tracing::debug!(?step, "decided");
         let step = match step {
             ControlFlow::Break(v) => {
+                // a verdict never rests on an absence only the watch reported: read again first
+                if world.confirm(nbi, secrets, ctx).await? {
+                    credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
+                    continue;
+                }
                 verdict = Some(v);
                 break;
             }
@@ -781,11 +817,11 @@ async fn drive(
         // the claim recorded the fingerprint of the credentials in use
         credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
     }
-    Driven {
+    Ok(Driven {
         verdict,
         probes,
         credentials_changed,
-    }
+    })
 }
 
 /// Per-instance gauges (the chart's alerts) from the status this pass wrote, and the count of
@@ -968,11 +1004,11 @@ async fn write_status(
     api: &Api<NetbirdInstance>,
     name: &str,
     status: &NetbirdInstanceStatus,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let patch = serde_json::json!({ "status": status });
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map(|_| ())
+        .map(|written| written.metadata.resource_version)
         .map_err(Error::WriteStatus)
 }
 

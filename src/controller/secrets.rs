@@ -5,18 +5,24 @@
 //! metadata watch reports that very resourceVersion; a pass woken by the operator's own writes then
 //! reads nothing from the apiserver. Anything else is a GET: a version the watch has not reported
 //! yet (the operator's own write included: a write response is kept, but only trusted once the
-//! watch
-//! confirms it), a moved version, a deletion, a relist of the watch, an absent Secret.
+//! watch confirms it), a moved version, a deletion, a relist of the watch, an absent Secret.
+//!
+//! Absence is known from the watch too: once it has listed every Secret, a Secret it never
+//! reported does not exist (as of the watch), and [`Secrets::lookup`] says so without a GET. The
+//! watch may lag a creation by someone else; a caller takes such an absence for what it is (see
+//! [`Lookup::Unseen`]). The names of the Secrets the watch reports are kept for that (about 50
+//! bytes a Secret).
 //!
 //! Written here rather than with a kube reflector: a reflector caches every Secret it watches (all
 //! of
 //! the cluster's, or a label selector's, which the user's credentials Secret does not carry), while
 //! this keeps only the Secrets that instances reference.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
@@ -35,6 +41,8 @@ struct Entry {
     seen: Option<String>,
     /// The Secret as last read or written.
     secret: Option<Secret>,
+    /// `secret` is this operator's own write.
+    written: bool,
 }
 
 impl Entry {
@@ -44,10 +52,52 @@ impl Entry {
     }
 }
 
-/// Referenced Secrets by namespace and name.
+/// Referenced Secrets by namespace and name, and the names of all Secrets the watch reported.
 #[derive(Default)]
 pub struct SecretCache {
     entries: Mutex<HashMap<(String, String), Entry>>,
+    names: Mutex<Names>,
+}
+
+/// The names of the Secrets that exist as far as the watch knows, by namespace.
+#[derive(Default)]
+struct Names {
+    /// Complete once the watch has listed everything (false before the first list and during a
+    /// relist: absence is then unknown).
+    synced: bool,
+    current: HashMap<String, HashSet<Box<str>>>,
+    /// A relist in progress: replaces `current` when it is done.
+    listing: Option<HashMap<String, HashSet<Box<str>>>>,
+}
+
+impl Names {
+    fn insert(&mut self, ns: &str, name: &str) {
+        for map in std::iter::once(&mut self.current).chain(self.listing.as_mut()) {
+            if let Some(names) = map.get_mut(ns) {
+                if !names.contains(name) {
+                    names.insert(name.into());
+                }
+            } else {
+                map.insert(ns.to_string(), HashSet::from([name.into()]));
+            }
+        }
+    }
+
+    fn remove(&mut self, ns: &str, name: &str) {
+        for map in std::iter::once(&mut self.current).chain(self.listing.as_mut()) {
+            if let Some(names) = map.get_mut(ns) {
+                names.remove(name);
+                if names.is_empty() {
+                    map.remove(ns);
+                }
+            }
+        }
+    }
+
+    /// Known not to exist: the listed watch never reported it.
+    fn unseen(&self, ns: &str, name: &str) -> bool {
+        self.synced && !self.current.get(ns).is_some_and(|n| n.contains(name))
+    }
 }
 
 fn key(ns: &str, name: &str) -> (String, String) {
@@ -63,24 +113,51 @@ impl SecretCache {
     /// Takes note of an event of the Secrets' metadata watch.
     pub fn observe(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
         let mut entries = lock(&self.entries);
+        let mut names = lock(&self.names);
         match event {
             watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
                 let (Some(ns), name) = (s.namespace(), s.name_any()) else {
                     return;
                 };
+                names.insert(&ns, &name);
                 if let Some(e) = entries.get_mut(&key(&ns, &name)) {
                     e.seen.clone_from(&s.metadata.resource_version);
                 }
             }
             watcher::Event::Delete(s) => {
                 if let Some(ns) = s.namespace() {
+                    names.remove(&ns, &s.name_any());
                     entries.remove(&key(&ns, &s.name_any()));
                 }
             }
             // a relist: deletions during the gap are not reported one by one
-            watcher::Event::Init => entries.clear(),
-            watcher::Event::InitDone => {}
+            watcher::Event::Init => {
+                entries.clear();
+                names.synced = false;
+                names.listing = Some(HashMap::new());
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = names.listing.take() {
+                    names.current = listed;
+                }
+                names.synced = true;
+            }
         }
+    }
+
+    /// Known not to exist: the watch has listed every Secret and never reported this one, and no
+    /// write of this operator made it.
+    fn unseen(&self, ns: &str, name: &str) -> bool {
+        let written = lock(&self.entries)
+            .get(&key(ns, name))
+            .is_some_and(|e| e.secret.is_some());
+        !written && lock(&self.names).unseen(ns, name)
+    }
+
+    /// The Secret exists though the watch may not have said so yet (an own create, or one that
+    /// failed because the Secret exists).
+    fn exists(&self, ns: &str, name: &str) {
+        lock(&self.names).insert(ns, name);
     }
 
     fn current(&self, ns: &str, name: &str) -> Option<Secret> {
@@ -107,6 +184,7 @@ impl SecretCache {
                 e.seen = got.and_then(|s| s.metadata.resource_version.clone());
             }
             e.secret = got.cloned().map(slim);
+            e.written = false;
         }
     }
 
@@ -116,7 +194,26 @@ impl SecretCache {
         if entries.len() >= MAX_ENTRIES {
             entries.clear();
         }
-        entries.entry(key(ns, name)).or_default().secret = Some(slim(written.clone()));
+        let e = entries.entry(key(ns, name)).or_default();
+        e.secret = Some(slim(written.clone()));
+        e.written = true;
+    }
+
+    /// The watch reports a version this operator wrote itself: the pass that wrote it went on with
+    /// it, so the event brings that instance nothing new.
+    pub fn own_write(&self, meta: &ObjectMeta) -> bool {
+        let (Some(ns), Some(name), Some(rv)) =
+            (&meta.namespace, &meta.name, &meta.resource_version)
+        else {
+            return false;
+        };
+        lock(&self.entries).get(&key(ns, name)).is_some_and(|e| {
+            e.written
+                && e.secret
+                    .as_ref()
+                    .and_then(|s| s.metadata.resource_version.as_ref())
+                    == Some(rv)
+        })
     }
 
     #[cfg(test)]
@@ -140,6 +237,18 @@ impl<'a> Secrets<'a> {
             ns: ns.to_string(),
             cache,
         }
+    }
+
+    /// The Secret, from the cache when the watch confirms it is current; [`Lookup::Unseen`] when
+    /// the watch says it does not exist; else from the apiserver.
+    pub async fn lookup(&self, name: &str) -> Result<Lookup, kube::Error> {
+        if self.cache.current(&self.ns, name).is_none() && self.cache.unseen(&self.ns, name) {
+            return Ok(Lookup::Unseen);
+        }
+        Ok(match self.get(name).await? {
+            Some(s) => Lookup::Found(s),
+            None => Lookup::Gone,
+        })
     }
 
     /// The Secret, from the cache when the watch confirms it is current, else from the apiserver.
@@ -169,9 +278,42 @@ impl<'a> Secrets<'a> {
 
     /// Creates the Secret; returns it as written.
     pub async fn create(&self, secret: &Secret) -> Result<Secret, kube::Error> {
-        let written = self.api.create(&PostParams::default(), secret).await?;
+        let written = match self.api.create(&PostParams::default(), secret).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let kube::Error::Api(s) = &e
+                    && s.code == 409
+                {
+                    // it exists, whatever the watch says yet: the next lookup reads it
+                    self.cache.exists(&self.ns, &secret.name_any());
+                }
+                return Err(e);
+            }
+        };
+        self.cache.exists(&self.ns, &written.name_any());
         self.cache.wrote(&self.ns, &written.name_any(), &written);
         Ok(written)
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    Found(Secret),
+    /// Read from the apiserver: it does not exist.
+    Gone,
+    /// Not read: the watch, which has listed every Secret, never reported it. A Secret created a
+    /// moment ago by someone else may not be reported yet; its watch event follows and wakes the
+    /// instances that reference it. So an absence that decides a verdict is read again first.
+    Unseen,
+}
+
+impl Lookup {
+    pub fn into_option(self) -> Option<Secret> {
+        match self {
+            Lookup::Found(s) => Some(s),
+            Lookup::Gone | Lookup::Unseen => None,
+        }
     }
 }
 
@@ -251,6 +393,65 @@ mod tests {
         c.read("ns", "s", Some(&secret("3")));
         c.observe(&watcher::Event::Init);
         assert_eq!((cached_rv(&c), c.len()), (None, 0));
+    }
+
+    fn unseen(c: &SecretCache) -> bool {
+        c.unseen("ns", "s")
+    }
+
+    #[test]
+    fn absence_is_known_once_the_watch_has_listed_everything() {
+        let c = SecretCache::default();
+        assert!(!unseen(&c), "before the first list: unknown");
+        c.observe(&watcher::Event::Init);
+        assert!(!unseen(&c), "listing: unknown");
+        c.observe(&watcher::Event::InitDone);
+        assert!(unseen(&c), "listed, never reported");
+        c.observe(&watcher::Event::Apply(meta("1")));
+        assert!(!unseen(&c), "reported: it exists");
+        c.observe(&watcher::Event::Delete(meta("2")));
+        assert!(unseen(&c), "deleted");
+    }
+
+    #[test]
+    fn a_relist_replaces_the_names_when_it_is_done() {
+        let c = SecretCache::default();
+        c.observe(&watcher::Event::Init);
+        c.observe(&watcher::Event::InitApply(meta("1")));
+        c.observe(&watcher::Event::InitDone);
+        assert!(!unseen(&c));
+        // deleted while the watch was away: the relist does not list it
+        c.observe(&watcher::Event::Init);
+        assert!(!unseen(&c), "relisting: unknown");
+        c.observe(&watcher::Event::InitDone);
+        assert!(unseen(&c));
+    }
+
+    #[test]
+    fn an_own_create_exists_before_the_watch_reports_it() {
+        let c = SecretCache::default();
+        c.observe(&watcher::Event::Init);
+        c.observe(&watcher::Event::InitDone);
+        assert!(unseen(&c));
+        c.exists("ns", "s");
+        c.wrote("ns", "s", &secret("5"));
+        assert!(!unseen(&c));
+        // an own write is known even when a relist dropped the names it was added to
+        c.observe(&watcher::Event::Init);
+        c.wrote("ns", "s", &secret("6"));
+        c.observe(&watcher::Event::InitDone);
+        assert!(!unseen(&c));
+    }
+
+    #[test]
+    fn only_the_version_of_an_own_write_is_its_echo() {
+        let c = SecretCache::default();
+        c.wrote("ns", "s", &secret("5"));
+        assert!(c.own_write(&secret("5").metadata));
+        assert!(!c.own_write(&secret("6").metadata), "someone else's write");
+        c.expect("ns", "s");
+        c.read("ns", "s", Some(&secret("6")));
+        assert!(!c.own_write(&secret("6").metadata), "a read is no write");
     }
 
     #[test]

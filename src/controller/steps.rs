@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::decide::{Input, Probes, SetupOutcome, Step, Verdict, Verified, Waiting};
-use super::secrets::Secrets;
+use super::secrets::{Lookup, Secrets};
 use super::{Context, Error, lock};
 use crate::crd::NetbirdInstance;
 use crate::credentials::{self, Credentials};
@@ -34,21 +34,55 @@ pub struct World {
     unrecorded_check: Option<String>,
     /// The credentials Secret's allow-list of servers for its password, when it has one.
     pub allowed_servers: Option<String>,
+    /// Absent only by the watch's word (not read): the credentials, CA and token Secrets.
+    unseen: [bool; 3],
     /// spec.managementURL: the only server the client talks to.
     management_url: String,
 }
 
 impl World {
+    /// Reads the Secrets. One the watch says does not exist is not read (before a bootstrap, the
+    /// token Secret): the steps may go on from that absence, since the only write it leads to is
+    /// a create, which fails if the Secret exists; a verdict does not (see [`World::confirm`]).
     pub async fn read(
         nbi: &NetbirdInstance,
         secrets: &Secrets<'_>,
         ctx: &Context,
     ) -> Result<Self, Error> {
+        Self::read_with(nbi, secrets, ctx, true).await
+    }
+
+    /// Whether an absence known only from the watch was read again (the world is then read anew
+    /// and the decision made again): a verdict never rests on a watch that lags a creation.
+    pub async fn confirm(
+        &mut self,
+        nbi: &NetbirdInstance,
+        secrets: &Secrets<'_>,
+        ctx: &Context,
+    ) -> Result<bool, Error> {
+        if !self.unseen.contains(&true) {
+            return Ok(false);
+        }
+        *self = Self::read_with(nbi, secrets, ctx, false).await?;
+        Ok(true)
+    }
+
+    async fn read_with(
+        nbi: &NetbirdInstance,
+        secrets: &Secrets<'_>,
+        ctx: &Context,
+        trust_watch: bool,
+    ) -> Result<Self, Error> {
         let get = |name: String| async move {
-            secrets
-                .get(&name)
-                .await
-                .map_err(|error| Error::ReadSecret { name, error })
+            let found = if trust_watch {
+                secrets.lookup(&name).await
+            } else {
+                secrets.get(&name).await.map(|s| match s {
+                    Some(s) => Lookup::Found(s),
+                    None => Lookup::Gone,
+                })
+            };
+            found.map_err(|error| Error::ReadSecret { name, error })
         };
         let cref = &nbi.spec.credentials_secret_ref;
         let ca_ref = nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref());
@@ -58,11 +92,18 @@ impl World {
             async {
                 match ca_ref {
                     Some(r) => get(r.name.clone()).await,
-                    None => Ok(None),
+                    None => Ok(Lookup::Gone),
                 }
             },
             get(nbi.token_secret_name()),
         )?;
+        let unseen =
+            [&credentials_secret, &ca_secret, &secret].map(|l| matches!(l, Lookup::Unseen));
+        let (credentials_secret, ca_secret, secret) = (
+            credentials_secret.into_option(),
+            ca_secret.into_option(),
+            secret.into_option(),
+        );
         let credentials_rv = resource_version(&credentials_secret);
         let allowed_servers = credentials_secret
             .as_ref()
@@ -104,6 +145,7 @@ impl World {
             client: None,
             unrecorded_check: None,
             allowed_servers,
+            unseen,
             management_url: nbi.spec.management_url.clone(),
         };
         world.build_client(nbi, ctx);
@@ -196,6 +238,7 @@ impl World {
 
     /// The token Secret as a write returned it (saves reading it back).
     fn set_token_secret(&mut self, nbi: &NetbirdInstance, secret: Option<Secret>) {
+        self.unseen[2] = false;
         self.token_secret_rv = resource_version(&secret);
         self.token_secret =
             token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
@@ -413,12 +456,19 @@ impl Stepper<'_, '_> {
                 secrets.create(&fresh).await
             }
         };
-        let claimed = result.map_err(|e| {
-            progressing(
-                &format!("failed to claim Secret {secret_name} before setup"),
-                &e,
-            )
-        })?;
+        let claimed = match result {
+            // created a moment ago by someone else (the watch had not reported it): read it and
+            // decide again
+            Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {
+                return self.world.written(nbi, secrets, None).await;
+            }
+            r => r.map_err(|e| {
+                progressing(
+                    &format!("failed to claim Secret {secret_name} before setup"),
+                    &e,
+                )
+            })?,
+        };
         info!(secret = %secret_name, "claimed the token Secret for setup");
         self.world.set_token_secret(nbi, Some(claimed));
         self.probes.claimed = true;
