@@ -243,7 +243,7 @@ impl<'a> Secrets<'a> {
             return Ok(Lookup::Unseen);
         }
         Ok(match self.get(name).await? {
-            Some(s) => Lookup::Found(s),
+            Some(s) => Lookup::Found(Box::new(s)),
             None => Lookup::Gone,
         })
     }
@@ -296,7 +296,7 @@ impl<'a> Secrets<'a> {
 /// What a lookup found.
 #[derive(Debug)]
 pub enum Lookup {
-    Found(Secret),
+    Found(Box<Secret>),
     /// Read from the apiserver: it does not exist.
     Gone,
     /// Not read: the watch, which has listed every Secret, never reported it. A Secret created a
@@ -308,7 +308,7 @@ pub enum Lookup {
 impl Lookup {
     pub fn into_option(self) -> Option<Secret> {
         match self {
-            Lookup::Found(s) => Some(s),
+            Lookup::Found(s) => Some(*s),
             Lookup::Gone | Lookup::Unseen => None,
         }
     }
