@@ -246,7 +246,7 @@ impl<'a> Secrets<'a> {
             return Ok(Lookup::Unseen);
         }
         Ok(match self.get(name).await? {
-            Some(s) => Lookup::Found(s),
+            Some(s) => Lookup::Found(Box::new(s)),
             None => Lookup::Gone,
         })
     }
@@ -301,7 +301,7 @@ impl<'a> Secrets<'a> {
 // short-lived, returned once per read and matched at once: boxing the Secret buys nothing
 #[allow(clippy::large_enum_variant)]
 pub enum Lookup {
-    Found(Secret),
+    Found(Box<Secret>),
     /// Read from the apiserver: it does not exist.
     Gone,
     /// Not read: the watch, which has listed every Secret, never reported it. A Secret created a
@@ -313,7 +313,7 @@ pub enum Lookup {
 impl Lookup {
     pub fn into_option(self) -> Option<Secret> {
         match self {
-            Lookup::Found(s) => Some(s),
+            Lookup::Found(s) => Some(*s),
             Lookup::Gone | Lookup::Unseen => None,
         }
     }

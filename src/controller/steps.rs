@@ -78,7 +78,7 @@ impl World {
                 secrets.lookup(&name).await
             } else {
                 secrets.get(&name).await.map(|s| match s {
-                    Some(s) => Lookup::Found(s),
+                    Some(s) => Lookup::Found(Box::new(s)),
                     None => Lookup::Gone,
                 })
             };
