@@ -298,8 +298,6 @@ impl<'a> Secrets<'a> {
 
 /// What a lookup found.
 #[derive(Debug)]
-// short-lived, returned once per read and matched at once: boxing the Secret buys nothing
-#[allow(clippy::large_enum_variant)]
 pub enum Lookup {
     Found(Box<Secret>),
     /// Read from the apiserver: it does not exist.
