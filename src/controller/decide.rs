@@ -486,11 +486,7 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<D
     {
         return Some(Continue(Step::ExchangeForServiceUser));
     }
-    if f.rotation_enabled
-        && !p.rotated
-        && p.rotation_error.is_none()
-        && s.renew_at().is_some_and(|at| f.now >= at)
-    {
+    if renewal_due && !p.rotated && p.rotation_error.is_none() {
         return Some(Continue(Step::RotateToken));
     }
     None
