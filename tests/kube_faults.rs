@@ -121,7 +121,8 @@ async fn conflicts_on_status_and_token_writes_lose_nothing() {
     };
     let (faults, _op) = operator_behind_faults(&env).await;
     let fake = FakeNetbird::start().await;
-    fake.fault("setup", Fault::Delay(Duration::from_millis(1500)));
+    // setup answers after 3.5 s: the first pass writes its initial status after 1 s meanwhile
+    fake.fault("setup", Fault::Delay(Duration::from_millis(3500)));
 
     // 1: every status write conflicts for 2 s from the start
     faults.conflict_on(status_write);
@@ -160,6 +161,45 @@ async fn conflicts_on_status_and_token_writes_lose_nothing() {
     );
     assert_eq!(fake.calls("setup"), 1, "setup called once");
     assert_eq!(fake.state().setups_ok, 1);
+}
+
+fn status_writes_of(faults: &KubeFaults, name: &str) -> usize {
+    let suffix = format!("/netbirdinstances/{name}/status");
+    let log = faults.write_log.lock().unwrap();
+    log.iter().filter(|w| w.ends_with(&suffix)).count()
+}
+
+#[tokio::test]
+async fn the_first_status_is_written_once_unless_the_first_pass_is_slow() {
+    let Some(env) = TestEnv::new("first-status").await else {
+        return;
+    };
+    let (faults, _op) = operator_behind_faults(&env).await;
+    // a bootstrap that ends within a second: its outcome is its first status, one write
+    let fake = FakeNetbird::start().await;
+    env.create_instance("quick", spec(&fake.url)).await.unwrap();
+    env.wait_instance("quick", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(status_writes_of(&faults, "quick"), 1);
+
+    // a first pass that waits on its server: kstatus clients get observedGeneration and Ready
+    // Unknown after a second, while the pass goes on
+    let slow = FakeNetbird::start().await;
+    slow.fault("instance", Fault::Delay(Duration::from_secs(5)));
+    env.create_instance("slow", spec(&slow.url)).await.unwrap();
+    let n = env
+        .wait_instance("slow", "Ready Unknown", Duration::from_secs(4), |n| {
+            ready_is(n, "Unknown", "Progressing")
+        })
+        .await;
+    let observed = n.status.as_ref().and_then(|s| s.observed_generation);
+    assert_eq!(observed, n.metadata.generation);
+    assert_eq!(slow.calls("setup"), 0, "written while the pass waits on the server");
+    env.wait_instance("slow", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    assert_eq!(status_writes_of(&faults, "slow"), 2);
+    assert_eq!(slow.calls("setup"), 1);
 }
 
 /// The operator behind the faults and one instance "nb" bootstrapped against a fake server.

@@ -8,6 +8,7 @@
 pub mod cleanup;
 pub mod decide;
 mod namespaces;
+mod refs;
 pub mod report;
 mod secrets;
 mod steps;
@@ -23,7 +24,7 @@ use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use secrecy::ExposeSecret;
@@ -136,6 +137,8 @@ pub struct Context {
     clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
     /// The Secrets passes read and wrote, used again while the watch reports them unchanged.
     secret_cache: secrets::SecretCache,
+    /// Which instances reference which Secret (the Secret watch's mapper asks it).
+    secret_refs: refs::SecretRefs,
     pub shutdown: CancellationToken,
     /// The clock (tests move it forward to reach a token's rotation time).
     pub clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
@@ -165,6 +168,7 @@ impl Context {
             memory: Mutex::default(),
             clients: Mutex::default(),
             secret_cache: secrets::SecretCache::default(),
+            secret_refs: refs::SecretRefs::default(),
             shutdown,
             clock: Arc::new(jiff::Timestamp::now),
         }
@@ -352,11 +356,16 @@ pub async fn run(
             }
         })
         .touched_objects();
-    let mapper_store = store.clone();
     let mapper_ctx = ctx.clone();
     let mapper = move |secret: PartialObjectMeta<Secret>| {
+        let (Some(ns), Some(name)) = (&secret.metadata.namespace, &secret.metadata.name) else {
+            return Vec::new();
+        };
+        // the echo of an own token Secret write brings that instance nothing new
         let own = mapper_ctx.secret_cache.own_write(&secret.metadata);
-        referencing(&mapper_store, &secret.metadata, own)
+        mapper_ctx
+            .secret_refs
+            .referencing(ns, name, own.then_some(refs::Role::Token))
     };
 
     tokio::spawn(notify_when_synced(
@@ -393,14 +402,21 @@ pub async fn run(
 
 /// The NetbirdInstance watch, stored in the reflector `writer`. Every way an instance goes away
 /// forgets it: a deletion the watch reports (whatever state the instance was in: Stalled and
-/// suspended ones have no pass left to notice), and one a relist reveals by its absence.
+/// suspended ones have no pass left to notice), and one a relist reveals by its absence. The events
+/// also keep the index of which instances reference which Secret.
 fn instance_events(
     ctx: &Arc<Context>,
     writer: reflector::store::Writer<NetbirdInstance>,
 ) -> impl futures::Stream<Item = Result<NetbirdInstance, watcher::Error>> + Send + 'static {
     let forget_ctx = ctx.clone();
+    let refs_ctx = ctx.clone();
     let mut listed = std::collections::HashSet::new();
     watch_each::<NetbirdInstance>(&ctx.client, &ctx.settings.namespaces)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                refs_ctx.secret_refs.observe(event);
+            }
+        })
         .inspect(move |event| match event {
             Ok(watcher::Event::Delete(nbi)) => {
                 if let Some(uid) = nbi.uid() {
@@ -478,33 +494,6 @@ where
     }
 }
 
-/// NetbirdInstances whose credentials, token or CA Secret is `secret`.
-fn referencing(
-    store: &Store<NetbirdInstance>,
-    secret: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    own_write: bool,
-) -> Vec<ObjectRef<NetbirdInstance>> {
-    let (Some(name), Some(ns)) = (secret.name.as_deref(), secret.namespace.as_deref()) else {
-        return Vec::new();
-    };
-    store
-        .state()
-        .iter()
-        .filter(|nbi| nbi.namespace().as_deref() == Some(ns))
-        .filter(|nbi| {
-            nbi.spec.credentials_secret_ref.name == name
-                || (!own_write && nbi.token_secret_name() == name)
-                || nbi
-                    .spec
-                    .tls
-                    .as_ref()
-                    .and_then(|t| t.ca_secret_ref.as_ref())
-                    .is_some_and(|c| c.name == name)
-        })
-        .map(|nbi| ObjectRef::from_obj(nbi.as_ref()))
-        .collect()
-}
-
 fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .reconciles
@@ -563,18 +552,18 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     }
     // the pass goes on after adding the finalizer: what it reads next does not depend on it
     cleanup::ensure_finalizer(nbi, &api).await?;
-    let (initial_rv, mut world) = read_world(nbi, ctx, &api, &secrets, started).await?;
-    if let Some(left) = ctx.retry_pending(&uid, &world.inputs(generation)) {
-        // woken by an event that changed nothing this pass depends on (typically its own status
-        // write): the retry stays at its time, so a failing server is not called in a loop
-        tracing::debug!(retry_in = ?left, "retry already scheduled and nothing changed");
-        if left >= STALLED_UNTIL_CHANGED / 2 {
-            return Ok(Action::await_change());
-        }
-        return Ok(Action::requeue(left));
-    }
-    let known = Known::new(nbi, started);
-    let driven = drive(nbi, ctx, &secrets, &mut world, &known).await?;
+    let (work, initial_rv) = first_status_if_slow(
+        nbi,
+        &api,
+        started,
+        read_and_drive(nbi, ctx, &secrets, started),
+    )
+    .await;
+    let initial_rv = initial_rv?;
+    let (mut world, known, driven) = match work? {
+        Ok(done) => done,
+        Err(wait) => return Ok(wait),
+    };
     let (verdict, probes) = (&driven.verdict, &driven.probes);
     let status = report::status(&report::ReportInput {
         generation,
@@ -645,31 +634,70 @@ fn schedule(
         .map_or_else(Action::await_change, Action::requeue)
 }
 
-/// Reads the world, and on the very first pass writes the initial status at the same time
-/// (kstatus: observedGeneration and Ready from the first pass; neither depends on the other).
-async fn read_world(
+/// Reads the world and drives the steps. `Err(action)`: a retry is already scheduled and nothing
+/// this pass depends on changed, so it does nothing.
+async fn read_and_drive(
     nbi: &NetbirdInstance,
     ctx: &Context,
-    api: &Api<NetbirdInstance>,
     secrets: &secrets::Secrets<'_>,
     started: jiff::Timestamp,
-) -> Result<(Option<String>, steps::World), Error> {
+) -> Result<Result<(steps::World, Known, Driven), Action>, Error> {
+    let known = Known::new(nbi, started);
+    let mut world = steps::World::read(nbi, secrets, ctx).await?;
+    if let Some(left) = ctx.retry_pending(&known.uid, &world.inputs(known.generation)) {
+        // woken by an event that changed nothing this pass depends on (typically its own status
+        // write): the retry stays at its time, so a failing server is not called in a loop
+        tracing::debug!(retry_in = ?left, "retry already scheduled and nothing changed");
+        return Ok(Err(if left >= STALLED_UNTIL_CHANGED / 2 {
+            Action::await_change()
+        } else {
+            Action::requeue(left)
+        }));
+    }
+    let driven = drive(nbi, ctx, secrets, &mut world, &known).await?;
+    Ok(Ok((world, known, driven)))
+}
+
+/// How long an instance's first pass may take before it writes the initial status (kstatus:
+/// observedGeneration, and Ready Unknown) while it goes on; a first pass that ends sooner writes
+/// its outcome only, one status write instead of two.
+const INITIAL_STATUS_AFTER: Duration = Duration::from_secs(1);
+
+/// Runs `work`. On an instance's first pass that takes longer than [`INITIAL_STATUS_AFTER`], writes
+/// the initial status meanwhile and waits for that write to end before returning, so the pass's
+/// outcome is written after it, never before. Returns the work's result and the resourceVersion of
+/// the initial write, if any (see `InstanceMemory::own_status`).
+async fn first_status_if_slow<T>(
+    nbi: &NetbirdInstance,
+    api: &Api<NetbirdInstance>,
+    started: jiff::Timestamp,
+    work: impl std::future::Future<Output = T>,
+) -> (T, Result<Option<String>, Error>) {
     let first = nbi
         .status
         .as_ref()
         .and_then(|s| s.observed_generation)
         .is_none()
         && !nbi.spec.suspend;
-    let initial_status = async {
-        if first {
-            let status = report::initial(nbi.metadata.generation, started);
-            write_status(api, &nbi.name_any(), &status).await
-        } else {
-            Ok(None)
+    if !first {
+        return (work.await, Ok(None));
+    }
+    let done = CancellationToken::new();
+    let initial = async {
+        tokio::select! {
+            () = tokio::time::sleep(INITIAL_STATUS_AFTER) => {
+                let status = report::initial(nbi.metadata.generation, started);
+                write_status(api, &nbi.name_any(), &status).await
+            }
+            () = done.cancelled() => Ok(None),
         }
     };
-    // the resourceVersion of the initial status write, if any (see `InstanceMemory::own_status`)
-    futures::try_join!(initial_status, steps::World::read(nbi, secrets, ctx))
+    let work = async {
+        let out = work.await;
+        done.cancel();
+        out
+    };
+    futures::join!(work, initial)
 }
 
 /// What a pass knows before its first step and keeps for all of them.
