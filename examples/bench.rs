@@ -365,6 +365,8 @@ struct ScaleRow {
     readyz: Option<Duration>,
     restart_cpu: f64,
     restart_busy: Duration,
+    /// apiserver requests per instance during the restart, by verb and resource
+    restart_requests: String,
 }
 
 /// A fleet of `size` instances in a namespace of its own, watched by an operator of its own (a fresh
@@ -431,10 +433,13 @@ async fn scale(
     );
     let _ = op.kill();
     let _ = op.wait();
+    let before_restart = apiserver_requests(client).await;
     let r = restart(&cp.kubeconfig, support::free_port(), &ns).await;
     op = r.op;
+    let (_, restart_requests) =
+        per_instance(&before_restart, &apiserver_requests(client).await, size);
     eprintln!(
-        "scale {size}: restart /readyz {:?}, {:.1} s CPU over {:?}",
+        "scale {size}: restart /readyz {:?}, {:.1} s CPU over {:?}, requests per instance: {restart_requests}",
         r.readyz, r.cpu, r.busy
     );
     let _ = op.kill();
@@ -456,6 +461,7 @@ async fn scale(
         readyz: r.readyz,
         restart_cpu: r.cpu,
         restart_busy: r.busy,
+        restart_requests,
     }
 }
 
@@ -557,7 +563,7 @@ fn scale_svg(rows: &[ScaleRow]) -> String {
 /// The scale section of docs/performance.md.
 fn scale_report(rows: &[ScaleRow]) -> String {
     let mut t = String::from(
-        "| instances | until all Ready | per instance | operator CPU per instance | kube-apiserver and etcd CPU per instance | resident memory after settling (idle before) | slope since the previous size | apiserver requests per instance (watches excluded) | restart: to /readyz | restart: CPU until idle (over) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| instances | until all Ready | per instance | operator CPU per instance | kube-apiserver and etcd CPU per instance | resident memory after settling (idle before) | slope since the previous size | apiserver requests per instance (watches excluded) | restart: to /readyz | restart: CPU until idle (over) | restart: apiserver requests per instance |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut prev: Option<&ScaleRow> = None;
     for r in rows {
@@ -571,7 +577,7 @@ fn scale_report(rows: &[ScaleRow]) -> String {
             })
             .unwrap_or_default();
         t += &format!(
-            "| {} | {:.1} s | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MiB ({:.1}) | {slope} | {:.2}: {} | {} | {:.1} s ({:.0} s) |\n",
+            "| {} | {:.1} s | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MiB ({:.1}) | {slope} | {:.2}: {} | {} | {:.1} s ({:.0} s) | {} |\n",
             r.size,
             r.fleet.as_secs_f64(),
             r.fleet.as_secs_f64() * 1000.0 / n,
@@ -586,6 +592,7 @@ fn scale_report(rows: &[ScaleRow]) -> String {
                 .unwrap_or("> 120 s".into()),
             r.restart_cpu,
             r.restart_busy.as_secs_f64(),
+            r.restart_requests,
         );
         prev = Some(r);
     }

@@ -410,7 +410,8 @@ pub struct TokenStatus {
     /// When the token expires, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
-    /// When the server last accepted the token.
+    /// When the server last accepted the token. Moved by the checks every versionCheck.interval
+    /// and when the token changes; the check after an operator restart leaves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verified_at: Option<Time>,
     /// When the token was last replaced by a new one.

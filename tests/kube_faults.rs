@@ -195,7 +195,11 @@ async fn the_first_status_is_written_once_unless_the_first_pass_is_slow() {
         .await;
     let observed = n.status.as_ref().and_then(|s| s.observed_generation);
     assert_eq!(observed, n.metadata.generation);
-    assert_eq!(slow.calls("setup"), 0, "written while the pass waits on the server");
+    assert_eq!(
+        slow.calls("setup"),
+        0,
+        "written while the pass waits on the server"
+    );
     env.wait_instance("slow", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
         .await;
     assert_eq!(status_writes_of(&faults, "slow"), 2);

@@ -576,6 +576,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         version_check_enabled: nbi.spec.version_check.enabled,
         rotation_enabled: nbi.spec.token.rotation.enabled,
         now: ctx.now(),
+        verify_interval: known.interval,
     });
     let previous = nbi.status.clone();
     if previous.as_ref() != Some(&status) {

@@ -79,7 +79,10 @@ impl Index {
 /// The Secrets an instance references, each with its role.
 fn references(nbi: &NetbirdInstance) -> Vec<(String, Role)> {
     let mut refs = vec![
-        (nbi.spec.credentials_secret_ref.name.clone(), Role::Credentials),
+        (
+            nbi.spec.credentials_secret_ref.name.clone(),
+            Role::Credentials,
+        ),
         (nbi.token_secret_name(), Role::Token),
     ];
     if let Some(ca) = nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
@@ -188,7 +191,10 @@ mod tests {
         assert_eq!(names(&r, "admin", None), ["a", "b"]);
         assert_eq!(names(&r, "a-token", None), ["a"]);
         assert!(r.referencing("other", "admin", None).is_empty());
-        assert!(names(&r, "a-token", Some(Role::Token)).is_empty(), "own token write");
+        assert!(
+            names(&r, "a-token", Some(Role::Token)).is_empty(),
+            "own token write"
+        );
         assert_eq!(names(&r, "admin", Some(Role::Token)), ["a", "b"]);
     }
 

@@ -33,6 +33,9 @@ pub struct ReportInput<'a> {
     pub rotation_enabled: bool,
     /// Now, truncated to seconds (what the apiserver keeps).
     pub now: Timestamp,
+    /// How often the token is checked (`versionCheck.interval`): `lastVerifiedAt` moves at most
+    /// this often for one token.
+    pub verify_interval: std::time::Duration,
 }
 
 /// A timestamp as the apiserver stores it (whole seconds), so that an unchanged status compares
@@ -270,6 +273,12 @@ fn setup_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<&SetupStatus>
 
 fn token_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<TokenStatus>) -> TokenStatus {
     let p = prev.unwrap_or_default();
+    let token_id = seen
+        .owned
+        .and_then(|s| s.token_id())
+        .map(str::to_string)
+        .or_else(|| p.token_id.clone());
+    let verified_at = last_verified_at(seen, &p, token_id.as_deref(), r.verify_interval);
     TokenStatus {
         secret_name: r.secret_name.to_string(),
         user_id: seen
@@ -277,19 +286,38 @@ fn token_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<TokenStatus>)
             .map(|v| v.user.id.clone())
             .or_else(|| seen.ann(ANN_USER_ID).map(str::to_string))
             .or(p.user_id),
-        token_id: seen
-            .owned
-            .and_then(|s| s.token_id())
-            .map(str::to_string)
-            .or(p.token_id),
+        last_verified_at: verified_at,
+        token_id,
         expires_at: parse_time(seen.ann(ANN_EXPIRES_AT)).or(p.expires_at),
-        last_verified_at: seen.verified.map(|v| to_time(v.at)).or(p.last_verified_at),
         last_rotated_at: parse_time(seen.ann(ANN_ROTATED_AT)).or(p.last_rotated_at),
         // what is pending: the replaced token until it is deleted
         previous_token_id: seen.ann(ANN_PREVIOUS_TOKEN_ID).map(str::to_string),
         previous_token_deletion_at: seen
             .ann(ANN_PREVIOUS_TOKEN_ID)
             .and(parse_time(seen.ann(ANN_PREVIOUS_DELETE_AT))),
+    }
+}
+
+/// When the server last accepted the token. A check of the same token less than one interval after
+/// the recorded one (the first pass after an operator restart) leaves it where it is: a restart
+/// writes no status for tokens that are as they were; the scheduled checks move it.
+fn last_verified_at(
+    seen: &Seen<'_>,
+    prev: &TokenStatus,
+    token_id: Option<&str>,
+    interval: std::time::Duration,
+) -> Option<Time> {
+    let Some(v) = seen.verified else {
+        return prev.last_verified_at.clone();
+    };
+    match &prev.last_verified_at {
+        Some(last)
+            if token_id == prev.token_id.as_deref()
+                && v.at.duration_since(last.0).as_secs() < interval.as_secs() as i64 =>
+        {
+            Some(last.clone())
+        }
+        _ => Some(to_time(v.at)),
     }
 }
 
@@ -559,6 +587,8 @@ mod tests {
     use secrecy::SecretString;
     use std::collections::BTreeMap;
 
+    const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
     fn t(s: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + s).unwrap()
     }
@@ -623,6 +653,7 @@ mod tests {
             version_check_enabled: true,
             rotation_enabled: true,
             now: t(1),
+            verify_interval: HOUR,
         });
         assert_eq!(s.observed_generation, Some(3));
         assert_eq!(get(&s, READY).unwrap().status, "True");
@@ -666,11 +697,53 @@ mod tests {
             version_check_enabled: true,
             rotation_enabled: true,
             now: t(500),
+            verify_interval: HOUR,
         });
         assert_eq!(
             again, s,
             "an unchanged world gives an identical status, so nothing is written"
         );
+    }
+
+    #[test]
+    fn last_verified_at_moves_once_per_interval_or_with_another_token() {
+        let secret = |id: &str| owned(&[(crate::token_secret::ANN_TOKEN_ID, id)]);
+        let at = |prev: Option<&NetbirdInstanceStatus>, secret: &TokenSecret, when: i64| {
+            let probes = Probes {
+                verify: Some(Ok(verified(t(when)))),
+                ..Default::default()
+            };
+            status(&ReportInput {
+                generation: Some(1),
+                previous: prev,
+                verdict: &Verdict::Ready,
+                probes: &probes,
+                token_secret: secret,
+                secret_name: "nb-token",
+                credentials_changed: false,
+                version_check_enabled: true,
+                rotation_enabled: true,
+                now: t(when),
+                verify_interval: HOUR,
+            })
+        };
+        let verified_at = |s: &NetbirdInstanceStatus| {
+            s.token
+                .as_ref()
+                .and_then(|t| t.last_verified_at.clone())
+                .map(|t| t.0)
+        };
+        let first = at(None, &secret("t1"), 0);
+        assert_eq!(verified_at(&first), Some(t(0)));
+        // checked again after a restart, 10 minutes later: nothing to write
+        let restarted = at(Some(&first), &secret("t1"), 600);
+        assert_eq!(restarted, first);
+        // the scheduled check an interval later moves it
+        let scheduled = at(Some(&first), &secret("t1"), 3600);
+        assert_eq!(verified_at(&scheduled), Some(t(3600)));
+        // another token (a rotation) moves it at once
+        let rotated = at(Some(&first), &secret("t2"), 600);
+        assert_eq!(verified_at(&rotated), Some(t(600)));
     }
 
     #[test]
@@ -691,6 +764,7 @@ mod tests {
             version_check_enabled: true,
             rotation_enabled: true,
             now,
+            verify_interval: HOUR,
         };
         let first = initial(Some(1), t(0));
         let s = status(&input(Some(&first), t(10)));
@@ -730,6 +804,7 @@ mod tests {
             version_check_enabled: false,
             rotation_enabled: true,
             now: t(1),
+            verify_interval: HOUR,
         });
         assert!(get(&s, READY).unwrap().message.contains("set up with"));
         assert_eq!(get(&s, UPDATE_AVAILABLE).unwrap().status, "Unknown");
@@ -759,6 +834,7 @@ mod tests {
             version_check_enabled: true,
             rotation_enabled: true,
             now: t(1),
+            verify_interval: HOUR,
         });
         assert_eq!(get(&s, TOKEN_AVAILABLE).unwrap().reason, "TokenAdopted");
         assert_eq!(get(&s, SETUP_COMPLETE).unwrap().reason, "AlreadySetUp");
