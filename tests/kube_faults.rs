@@ -121,8 +121,9 @@ async fn conflicts_on_status_and_token_writes_lose_nothing() {
     };
     let (faults, _op) = operator_behind_faults(&env).await;
     let fake = FakeNetbird::start().await;
-    // setup answers after 3.5 s: the first pass writes its initial status after 1 s meanwhile
-    fake.fault("setup", Fault::Delay(Duration::from_millis(3500)));
+    // setup answers after 2.5 s (the tests' request timeout is 3 s): the first pass writes its
+    // initial status after 1 s meanwhile
+    fake.fault("setup", Fault::Delay(Duration::from_millis(2500)));
 
     // 1: every status write conflicts for 2 s from the start
     faults.conflict_on(status_write);
@@ -186,10 +187,10 @@ async fn the_first_status_is_written_once_unless_the_first_pass_is_slow() {
     // a first pass that waits on its server: kstatus clients get observedGeneration and Ready
     // Unknown after a second, while the pass goes on
     let slow = FakeNetbird::start().await;
-    slow.fault("instance", Fault::Delay(Duration::from_secs(5)));
+    slow.fault("instance", Fault::Delay(Duration::from_millis(2500)));
     env.create_instance("slow", spec(&slow.url)).await.unwrap();
     let n = env
-        .wait_instance("slow", "Ready Unknown", Duration::from_secs(4), |n| {
+        .wait_instance("slow", "Ready Unknown", Duration::from_secs(2), |n| {
             ready_is(n, "Unknown", "Progressing")
         })
         .await;
