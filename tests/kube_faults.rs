@@ -306,6 +306,41 @@ async fn the_token_secret_is_not_read_before_it_exists() {
     assert_eq!(fake.calls("setup"), 1);
 }
 
+#[tokio::test]
+async fn a_secret_the_watch_has_not_reported_yet_is_read_when_the_claim_meets_it() {
+    let Some(env) = TestEnv::new("claim-race").await else {
+        return;
+    };
+    let (faults, _op) = operator_behind_faults(&env).await;
+    support::wait_for("the Secrets listed", T, || async {
+        let log = faults.read_log.lock().unwrap().clone();
+        log.iter().any(|p| p.ends_with("/secrets")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // the Secrets' watch is down (it keeps its list: no relist); the instances' watch goes on
+    faults.hold_watches_of("/secrets");
+    env.create_secret("nb-token", &[("NB_API_KEY", "mine")])
+        .await; // someone else's Secret, which the watch does not report
+    let fake = FakeNetbird::start().await;
+    env.create_instance("nb", spec(&fake.url)).await.unwrap();
+    // the claim (a create) meets the Secret: the pass reads it and decides again
+    let n = env
+        .wait_instance("nb", "SecretConflict", T, |n| {
+            support::condition(n, "Stalled").is_some_and(|(_, r, _)| r == "SecretConflict")
+        })
+        .await;
+    assert!(
+        support::condition(&n, "Ready")
+            .is_some_and(|(_, _, m)| m.contains("not managed by this operator"))
+    );
+    assert!(faults.reads_of("/secrets/nb-token") >= 1);
+    assert_eq!(fake.calls("setup"), 0);
+    faults.release_watches();
+    let foreign = env.secrets().get("nb-token").await.unwrap();
+    assert_eq!(foreign.data.unwrap()["NB_API_KEY"].0, b"mine", "untouched");
+}
+
 /// The annotation recording the last credentials comparison, and the token Secret's version.
 async fn credentials_checked(env: &TestEnv) -> (String, String) {
     let s = env.secrets().get("nb-token").await.unwrap();

@@ -414,7 +414,9 @@ fn instance_events(
     watch_each::<NetbirdInstance>(&ctx.client, &ctx.settings.namespaces)
         .inspect(move |event| {
             if let Ok(event) = event {
-                refs_ctx.secret_refs.observe(event);
+                for (ns, name) in refs_ctx.secret_refs.observe(event) {
+                    refs_ctx.secret_cache.forget(&ns, &name);
+                }
             }
         })
         .inspect(move |event| match event {

@@ -7,6 +7,8 @@
 //! not change, e.g. after a status write, costs one comparison).
 //!
 //! A relist (`Init` .. `InitDone`) re-adds every instance it lists and drops the ones it did not.
+//! Each change returns the Secrets no instance references any more, so that the Secret cache
+//! forgets them (its size then follows the fleet's Secrets, not the history of the cluster).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -40,15 +42,16 @@ struct Index {
 }
 
 impl Index {
-    fn set(&mut self, ns: &str, instance: &str, refs: Vec<(String, Role)>) {
+    /// Records the references of an instance; returns the Secrets no instance references any more.
+    fn set(&mut self, ns: &str, instance: &str, refs: Vec<(String, Role)>) -> Vec<Key> {
         let key = (ns.to_string(), instance.to_string());
         if let Some(l) = self.listing.as_mut() {
             l.insert(key.clone());
         }
         if self.by_instance.get(&key) == Some(&refs) {
-            return;
+            return Vec::new();
         }
-        self.remove(&key);
+        let mut unreferenced = self.remove(&key);
         for (secret, role) in &refs {
             self.by_secret
                 .entry((ns.to_string(), secret.clone()))
@@ -57,22 +60,28 @@ impl Index {
                 .or_default()
                 .push(*role);
         }
+        unreferenced.retain(|k| !self.by_secret.contains_key(k));
         self.by_instance.insert(key, refs);
+        unreferenced
     }
 
-    fn remove(&mut self, key: &Key) {
+    /// Forgets an instance; returns the Secrets no instance references any more.
+    fn remove(&mut self, key: &Key) -> Vec<Key> {
         let Some(old) = self.by_instance.remove(key) else {
-            return;
+            return Vec::new();
         };
+        let mut unreferenced = Vec::new();
         for (secret, _) in old {
             let skey = (key.0.clone(), secret);
             if let Some(users) = self.by_secret.get_mut(&skey) {
                 users.remove(&key.1);
                 if users.is_empty() {
                     self.by_secret.remove(&skey);
+                    unreferenced.push(skey);
                 }
             }
         }
+        unreferenced
     }
 }
 
@@ -98,33 +107,34 @@ pub struct SecretRefs {
 }
 
 impl SecretRefs {
-    /// Takes note of an event of the NetbirdInstance watch.
-    pub fn observe(&self, event: &watcher::Event<NetbirdInstance>) {
+    /// Takes note of an event of the NetbirdInstance watch; returns the Secrets (namespace, name)
+    /// that no instance references any more.
+    pub fn observe(&self, event: &watcher::Event<NetbirdInstance>) -> Vec<(String, String)> {
         let mut index = lock(&self.index);
         match event {
-            watcher::Event::Apply(nbi) | watcher::Event::InitApply(nbi) => {
-                if let Some(ns) = nbi.namespace() {
-                    index.set(&ns, &nbi.name_any(), references(nbi));
-                }
+            watcher::Event::Apply(nbi) | watcher::Event::InitApply(nbi) => match nbi.namespace() {
+                Some(ns) => index.set(&ns, &nbi.name_any(), references(nbi)),
+                None => Vec::new(),
+            },
+            watcher::Event::Delete(nbi) => match nbi.namespace() {
+                Some(ns) => index.remove(&(ns, nbi.name_any())),
+                None => Vec::new(),
+            },
+            watcher::Event::Init => {
+                index.listing = Some(HashSet::new());
+                Vec::new()
             }
-            watcher::Event::Delete(nbi) => {
-                if let Some(ns) = nbi.namespace() {
-                    index.remove(&(ns, nbi.name_any()));
-                }
-            }
-            watcher::Event::Init => index.listing = Some(HashSet::new()),
             watcher::Event::InitDone => {
-                if let Some(listed) = index.listing.take() {
-                    let gone: Vec<Key> = index
-                        .by_instance
-                        .keys()
-                        .filter(|k| !listed.contains(*k))
-                        .cloned()
-                        .collect();
-                    for key in gone {
-                        index.remove(&key);
-                    }
-                }
+                let Some(listed) = index.listing.take() else {
+                    return Vec::new();
+                };
+                let gone: Vec<Key> = index
+                    .by_instance
+                    .keys()
+                    .filter(|k| !listed.contains(*k))
+                    .cloned()
+                    .collect();
+                gone.iter().flat_map(|key| index.remove(key)).collect()
             }
         }
     }
@@ -209,10 +219,13 @@ mod tests {
     fn changes_deletions_and_relists_are_followed() {
         let r = SecretRefs::default();
         r.observe(&watcher::Event::Apply(nbi("a", "admin", "a-token")));
-        r.observe(&watcher::Event::Apply(nbi("a", "admin2", "a-token")));
+        let unreferenced = r.observe(&watcher::Event::Apply(nbi("a", "admin2", "a-token")));
+        assert_eq!(unreferenced, [("ns".to_string(), "admin".to_string())]);
         assert!(names(&r, "admin", None).is_empty());
         assert_eq!(names(&r, "admin2", None), ["a"]);
-        r.observe(&watcher::Event::Delete(nbi("a", "admin2", "a-token")));
+        let mut unreferenced = r.observe(&watcher::Event::Delete(nbi("a", "admin2", "a-token")));
+        unreferenced.sort();
+        assert_eq!(unreferenced.len(), 2, "{unreferenced:?}");
         assert_eq!(r.sizes(), (0, 0));
 
         r.observe(&watcher::Event::Apply(nbi("a", "admin", "a-token")));
@@ -221,7 +234,8 @@ mod tests {
         r.observe(&watcher::Event::Init);
         r.observe(&watcher::Event::InitApply(nbi("a", "admin", "a-token")));
         assert_eq!(names(&r, "admin", None), ["a", "b"], "relisting: kept");
-        r.observe(&watcher::Event::InitDone);
+        let unreferenced = r.observe(&watcher::Event::InitDone);
+        assert_eq!(unreferenced, [("ns".to_string(), "b-token".to_string())]);
         assert_eq!(names(&r, "admin", None), ["a"]);
         assert_eq!(r.sizes(), (2, 1));
     }

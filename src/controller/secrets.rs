@@ -30,9 +30,10 @@ use kube::{Api, ResourceExt};
 
 use super::lock;
 
-/// More entries than this and the cache starts over (a safety net: entries are the Secrets
-/// instances referenced, and a deleted Secret's entry goes with its watch event).
-const MAX_ENTRIES: usize = 16_384;
+/// More entries than this and the cache starts over. A safety net only: entries are the Secrets
+/// that instances reference (a Secret no instance references any more is forgotten, see
+/// `refs.rs`, and a deleted Secret's entry goes with its watch event), up to three per instance.
+const MAX_ENTRIES: usize = 65_536;
 
 #[derive(Default)]
 struct Entry {
@@ -197,6 +198,12 @@ impl SecretCache {
         let e = entries.entry(key(ns, name)).or_default();
         e.secret = Some(slim(written.clone()));
         e.written = true;
+    }
+
+    /// No instance references the Secret any more: its entry goes (its name stays, the Secret
+    /// exists).
+    pub fn forget(&self, ns: &str, name: &str) {
+        lock(&self.entries).remove(&key(ns, name));
     }
 
     /// The watch reports a version this operator wrote itself: the pass that wrote it went on with

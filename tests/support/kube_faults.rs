@@ -26,8 +26,9 @@ pub struct KubeFaults {
     expire_watches: AtomicU32,
     /// Ends every open watch stream when cancelled (then replaced by a fresh token).
     cut: Mutex<CancellationToken>,
-    /// While set, new watch requests wait until it is cancelled (released).
-    hold: Mutex<Option<CancellationToken>>,
+    /// While set, new watch requests (of paths ending with the suffix, when given) wait until it
+    /// is cancelled (released).
+    hold: Mutex<Option<(CancellationToken, Option<String>)>>,
     conflict_on: Mutex<Option<WriteRule>>,
     pub watches: AtomicU32,
     pub lists: AtomicU32,
@@ -48,13 +49,23 @@ impl KubeFaults {
     /// Ends every open watch and keeps new watches waiting until `release_watches`: events of
     /// that time reach the operator only through the relist that follows.
     pub fn hold_watches(&self) {
-        *self.hold.lock().unwrap() = Some(CancellationToken::new());
+        self.hold(None);
+    }
+
+    /// Ends every open watch and keeps new watches of paths ending with `suffix` waiting (the
+    /// others start again at once, from where they were).
+    pub fn hold_watches_of(&self, suffix: &str) {
+        self.hold(Some(suffix.to_string()));
+    }
+
+    fn hold(&self, only: Option<String>) {
+        *self.hold.lock().unwrap() = Some((CancellationToken::new(), only));
         let old = std::mem::take(&mut *self.cut.lock().unwrap());
         old.cancel();
     }
 
     pub fn release_watches(&self) {
-        if let Some(gate) = self.hold.lock().unwrap().take() {
+        if let Some((gate, _)) = self.hold.lock().unwrap().take() {
             gate.cancel();
         }
     }
@@ -158,7 +169,13 @@ pub fn client(inner: Client, faults: Arc<KubeFaults>) -> Client {
         async move {
             let is_watch = req.uri().query().is_some_and(|q| q.contains("watch="));
             let gate = faults.hold.lock().unwrap().clone();
-            if let Some(gate) = gate.filter(|_| is_watch) {
+            let path = req.uri().path().to_string();
+            if let Some((gate, _)) = gate.filter(|(_, only)| {
+                is_watch
+                    && only
+                        .as_ref()
+                        .is_none_or(|suffix| path.ends_with(suffix.as_str()))
+            }) {
                 gate.cancelled().await;
             }
             if let Some(resp) = faults.inject(&req) {
