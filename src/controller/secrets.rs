@@ -19,7 +19,7 @@
 //! this keeps only the Secrets that instances reference.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
@@ -58,6 +58,9 @@ impl Entry {
 pub struct SecretCache {
     entries: Mutex<HashMap<(String, String), Entry>>,
     names: Mutex<Names>,
+    /// One read of a Secret at a time: the passes that want it meanwhile wait and take what it
+    /// read (the first passes after a start all want the shared credentials Secret).
+    reads: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The names of the Secrets that exist as far as the watch knows, by namespace.
@@ -168,6 +171,20 @@ impl SecretCache {
             .cloned()
     }
 
+    /// The lock that lets one read of this Secret happen at a time.
+    fn read_gate(&self, ns: &str, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.reads).entry(key(ns, name)).or_default().clone()
+    }
+
+    /// Done with the read lock: it goes when nobody else holds or waits for it.
+    fn release_read_gate(&self, ns: &str, name: &str, gate: Arc<tokio::sync::Mutex<()>>) {
+        let mut reads = lock(&self.reads);
+        // the map's reference and this one
+        if Arc::strong_count(&gate) <= 2 {
+            reads.remove(&key(ns, name));
+        }
+    }
+
     /// Before a GET: from now on the watch's reports for this Secret are kept.
     fn expect(&self, ns: &str, name: &str) {
         let mut entries = lock(&self.entries);
@@ -258,15 +275,27 @@ impl<'a> Secrets<'a> {
         })
     }
 
-    /// The Secret, from the cache when the watch confirms it is current, else from the apiserver.
+    /// The Secret, from the cache when the watch confirms it is current, else from the apiserver
+    /// (one read of a Secret at a time; a pass that waited for another's read takes its result
+    /// when it is current).
     pub async fn get(&self, name: &str) -> Result<Option<Secret>, kube::Error> {
         if let Some(s) = self.cache.current(&self.ns, name) {
             return Ok(Some(s));
         }
-        self.cache.expect(&self.ns, name);
-        let got = self.api.get_opt(name).await?;
-        self.cache.read(&self.ns, name, got.as_ref());
-        Ok(got)
+        let gate = self.cache.read_gate(&self.ns, name);
+        let got = async {
+            let _one_at_a_time = gate.lock().await;
+            if let Some(s) = self.cache.current(&self.ns, name) {
+                return Ok(Some(s));
+            }
+            self.cache.expect(&self.ns, name);
+            let got = self.api.get_opt(name).await?;
+            self.cache.read(&self.ns, name, got.as_ref());
+            Ok(got)
+        }
+        .await;
+        self.cache.release_read_gate(&self.ns, name, gate);
+        got
     }
 
     /// A JSON merge patch; returns the Secret as written.
