@@ -23,61 +23,130 @@ use crate::crd::NetbirdInstance;
 /// What a Secret is to an instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    Credentials,
-    Token,
-    Ca,
+    Credentials = 1,
+    Token = 2,
+    Ca = 4,
 }
 
-/// (namespace, name)
-type Key = (String, String);
+/// The roles one Secret has for one instance (an instance may use one Secret for several).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Roles(u8);
+
+impl Roles {
+    fn with(self, role: Role) -> Self {
+        Roles(self.0 | role as u8)
+    }
+
+    /// Any role but `except`.
+    fn any_but(self, except: Option<Role>) -> bool {
+        self.0 & !except.map_or(0, |r| r as u8) != 0
+    }
+}
+
+/// The instances that reference one Secret: most Secrets have one (a token Secret), a shared
+/// credentials Secret may have thousands.
+enum Users {
+    One(Box<str>, Roles),
+    Many(HashMap<Box<str>, Roles>),
+}
+
+impl Users {
+    fn add(&mut self, instance: &str, role: Role) {
+        match self {
+            Users::One(name, roles) if **name == *instance => *roles = roles.with(role),
+            Users::One(name, roles) => {
+                let mut many = HashMap::from([(std::mem::take(name), *roles)]);
+                many.insert(instance.into(), Roles::default().with(role));
+                *self = Users::Many(many);
+            }
+            Users::Many(many) => {
+                let roles = many.entry(instance.into()).or_default();
+                *roles = roles.with(role);
+            }
+        }
+    }
+
+    /// Removes an instance; whether nobody is left.
+    fn remove(&mut self, instance: &str) -> bool {
+        match self {
+            Users::One(name, _) => **name == *instance,
+            Users::Many(many) => {
+                many.remove(instance);
+                many.is_empty()
+            }
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = (&str, Roles)> + '_> {
+        match self {
+            Users::One(name, roles) => Box::new(std::iter::once((&**name, *roles))),
+            Users::Many(many) => Box::new(many.iter().map(|(n, r)| (&**n, *r))),
+        }
+    }
+}
+
+/// The references of one instance: (Secret name, role), two or three.
+type Refs = Box<[(Box<str>, Role)]>;
+
+/// Maps by namespace, then by name (a namespace's name is kept once).
+type ByNamespace<T> = HashMap<Box<str>, HashMap<Box<str>, T>>;
 
 #[derive(Default)]
 struct Index {
-    /// Secret -> instance name -> roles (an instance may use one Secret for several).
-    by_secret: HashMap<Key, HashMap<String, Vec<Role>>>,
-    /// Instance -> the Secrets it references, with their role.
-    by_instance: HashMap<Key, Vec<(String, Role)>>,
-    /// Instances listed by a relist in progress.
-    listing: Option<HashSet<Key>>,
+    /// Secret -> the instances that reference it.
+    by_secret: ByNamespace<Users>,
+    /// Instance -> the Secrets it references.
+    by_instance: ByNamespace<Refs>,
+    /// Instances (namespace, name) listed by a relist in progress.
+    listing: Option<HashSet<(String, String)>>,
 }
 
 impl Index {
     /// Records the references of an instance; returns the Secrets no instance references any more.
-    fn set(&mut self, ns: &str, instance: &str, refs: Vec<(String, Role)>) -> Vec<Key> {
-        let key = (ns.to_string(), instance.to_string());
+    fn set(&mut self, ns: &str, instance: &str, refs: Refs) -> Vec<(String, String)> {
         if let Some(l) = self.listing.as_mut() {
-            l.insert(key.clone());
+            l.insert((ns.to_string(), instance.to_string()));
         }
-        if self.by_instance.get(&key) == Some(&refs) {
+        if self.by_instance.get(ns).and_then(|m| m.get(instance)) == Some(&refs) {
             return Vec::new();
         }
-        let mut unreferenced = self.remove(&key);
+        let mut unreferenced = self.remove(ns, instance);
+        let secrets = self.by_secret.entry(ns.into()).or_default();
         for (secret, role) in &refs {
-            self.by_secret
-                .entry((ns.to_string(), secret.clone()))
-                .or_default()
-                .entry(instance.to_string())
-                .or_default()
-                .push(*role);
+            match secrets.get_mut(&**secret) {
+                Some(users) => users.add(instance, *role),
+                None => {
+                    let users = Users::One(instance.into(), Roles::default().with(*role));
+                    secrets.insert(secret.clone(), users);
+                }
+            }
         }
-        unreferenced.retain(|k| !self.by_secret.contains_key(k));
-        self.by_instance.insert(key, refs);
+        unreferenced.retain(|(_, name)| !secrets.contains_key(name.as_str()));
+        self.by_instance
+            .entry(ns.into())
+            .or_default()
+            .insert(instance.into(), refs);
         unreferenced
     }
 
     /// Forgets an instance; returns the Secrets no instance references any more.
-    fn remove(&mut self, key: &Key) -> Vec<Key> {
-        let Some(old) = self.by_instance.remove(key) else {
+    fn remove(&mut self, ns: &str, instance: &str) -> Vec<(String, String)> {
+        let Some(old) = self
+            .by_instance
+            .get_mut(ns)
+            .and_then(|m| m.remove(instance))
+        else {
             return Vec::new();
         };
         let mut unreferenced = Vec::new();
-        for (secret, _) in old {
-            let skey = (key.0.clone(), secret);
-            if let Some(users) = self.by_secret.get_mut(&skey) {
-                users.remove(&key.1);
-                if users.is_empty() {
-                    self.by_secret.remove(&skey);
-                    unreferenced.push(skey);
+        if let Some(secrets) = self.by_secret.get_mut(ns) {
+            for (secret, _) in old.iter() {
+                if secrets
+                    .get_mut(&**secret)
+                    .is_some_and(|users| users.remove(instance))
+                {
+                    secrets.remove(&**secret);
+                    unreferenced.push((ns.to_string(), secret.to_string()));
                 }
             }
         }
@@ -86,18 +155,18 @@ impl Index {
 }
 
 /// The Secrets an instance references, each with its role.
-fn references(nbi: &NetbirdInstance) -> Vec<(String, Role)> {
+fn references(nbi: &NetbirdInstance) -> Refs {
     let mut refs = vec![
         (
-            nbi.spec.credentials_secret_ref.name.clone(),
+            nbi.spec.credentials_secret_ref.name.as_str().into(),
             Role::Credentials,
         ),
-        (nbi.token_secret_name(), Role::Token),
+        (nbi.token_secret_name().into(), Role::Token),
     ];
     if let Some(ca) = nbi.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
-        refs.push((ca.name.clone(), Role::Ca));
+        refs.push((ca.name.as_str().into(), Role::Ca));
     }
-    refs
+    refs.into_boxed_slice()
 }
 
 /// The index; shared by the instance watch (writes) and the Secrets' watch mapper (reads).
@@ -117,7 +186,7 @@ impl SecretRefs {
                 None => Vec::new(),
             },
             watcher::Event::Delete(nbi) => match nbi.namespace() {
-                Some(ns) => index.remove(&(ns, nbi.name_any())),
+                Some(ns) => index.remove(&ns, &nbi.name_any()),
                 None => Vec::new(),
             },
             watcher::Event::Init => {
@@ -128,13 +197,15 @@ impl SecretRefs {
                 let Some(listed) = index.listing.take() else {
                     return Vec::new();
                 };
-                let gone: Vec<Key> = index
+                let gone: Vec<(String, String)> = index
                     .by_instance
-                    .keys()
-                    .filter(|k| !listed.contains(*k))
-                    .cloned()
+                    .iter()
+                    .flat_map(|(ns, m)| m.keys().map(|n| (ns.to_string(), n.to_string())))
+                    .filter(|k| !listed.contains(k))
                     .collect();
-                gone.iter().flat_map(|key| index.remove(key)).collect()
+                gone.iter()
+                    .flat_map(|(ns, name)| index.remove(ns, name))
+                    .collect()
             }
         }
     }
@@ -148,20 +219,23 @@ impl SecretRefs {
         except: Option<Role>,
     ) -> Vec<ObjectRef<NetbirdInstance>> {
         let index = lock(&self.index);
-        let Some(users) = index.by_secret.get(&(ns.to_string(), name.to_string())) else {
+        let Some(users) = index.by_secret.get(ns).and_then(|m| m.get(name)) else {
             return Vec::new();
         };
         users
             .iter()
-            .filter(|(_, roles)| roles.iter().any(|r| Some(*r) != except))
+            .filter(|(_, roles)| roles.any_but(except))
             .map(|(instance, _)| ObjectRef::new(instance).within(ns))
             .collect()
     }
 
     #[cfg(test)]
     fn sizes(&self) -> (usize, usize) {
+        fn count<T>(m: &ByNamespace<T>) -> usize {
+            m.values().map(HashMap::len).sum()
+        }
         let index = lock(&self.index);
-        (index.by_secret.len(), index.by_instance.len())
+        (count(&index.by_secret), count(&index.by_instance))
     }
 }
 

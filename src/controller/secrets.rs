@@ -54,13 +54,16 @@ impl Entry {
 }
 
 /// Referenced Secrets by namespace and name, and the names of all Secrets the watch reported.
+/// Held while a Secret is read (see [`Secrets::get`]).
+type ReadGate = Arc<tokio::sync::Mutex<()>>;
+
 #[derive(Default)]
 pub struct SecretCache {
     entries: Mutex<HashMap<(String, String), Entry>>,
     names: Mutex<Names>,
     /// One read of a Secret at a time: the passes that want it meanwhile wait and take what it
     /// read (the first passes after a start all want the shared credentials Secret).
-    reads: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    reads: Mutex<HashMap<(String, String), ReadGate>>,
 }
 
 /// The names of the Secrets that exist as far as the watch knows, by namespace.
@@ -172,12 +175,12 @@ impl SecretCache {
     }
 
     /// The lock that lets one read of this Secret happen at a time.
-    fn read_gate(&self, ns: &str, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn read_gate(&self, ns: &str, name: &str) -> ReadGate {
         lock(&self.reads).entry(key(ns, name)).or_default().clone()
     }
 
     /// Done with the read lock: it goes when nobody else holds or waits for it.
-    fn release_read_gate(&self, ns: &str, name: &str, gate: Arc<tokio::sync::Mutex<()>>) {
+    fn release_read_gate(&self, ns: &str, name: &str, gate: ReadGate) {
         let mut reads = lock(&self.reads);
         // the map's reference and this one
         if Arc::strong_count(&gate) <= 2 {
