@@ -641,6 +641,52 @@ async fn crd_validation_refuses_bad_specs_at_admission() {
     assert_eq!(created.spec.token.expires_in_days, 30);
 }
 
+/// A first pass that fails at once (here: its Secrets may be listed but not read) still writes the
+/// initial status, so kstatus clients do not take the instance for done.
+#[tokio::test]
+async fn a_first_pass_that_fails_leaves_the_initial_status() {
+    let Some(env) = TestEnv::new("rbac-read").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    admin_secret(&env).await;
+    env.grant_role(
+        "operator-without-secret-reads",
+        "limited",
+        json!([
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]},
+            {"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances/status"], "verbs": ["patch", "update"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        ]),
+    )
+    .await;
+    let limited = env.cp.client_from(&env.cp.limited_kubeconfig).await;
+    let _op = env.start_operator_with(limited).await;
+    env.create_instance("nb", spec(&fake.url)).await.unwrap();
+    let n = env
+        .wait_instance("nb", "Ready Unknown", T, |n| {
+            ready_is(n, "Unknown", "Progressing")
+        })
+        .await;
+    let observed = n.status.as_ref().and_then(|s| s.observed_generation);
+    assert_eq!(observed, n.metadata.generation);
+    // and why the operator is stuck, on the instance
+    let note = support::wait_for("a ReadSecretFailed Event", T, || async {
+        env.events()
+            .await
+            .into_iter()
+            .find(|(reason, _)| reason == "ReadSecretFailed")
+            .map(|(_, note)| note)
+    })
+    .await;
+    assert!(
+        note.contains("admin") && note.contains("forbidden"),
+        "{note}"
+    );
+    assert_eq!(fake.calls("setup"), 0);
+}
+
 /// Under RBAC without permission to create Secrets, the operator finds out when it claims the token
 /// Secret, before the one-time setup call, and says so.
 #[tokio::test]

@@ -516,6 +516,26 @@ fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Ac
         retry_in = ?delay,
         "pass failed"
     );
+    // on the instance too, where `kubectl describe` shows it (the recorder counts a repeated Event
+    // in its series); published on the side: the policy itself cannot wait
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: err.reason().into(),
+        note: Some(
+            format!("{err}; retrying in {}s", delay.as_secs())
+                .chars()
+                .take(1000)
+                .collect(),
+        ),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let (recorder, reference) = (ctx.recorder.clone(), nbi.object_ref(&()));
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            warn!(error = %e, reason = ev.reason, "failed to publish an Event");
+        }
+    });
     Action::requeue(delay)
 }
 
@@ -668,14 +688,16 @@ const INITIAL_STATUS_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs `work`. On an instance's first pass that takes longer than [`INITIAL_STATUS_AFTER`], writes
 /// the initial status meanwhile and waits for that write to end before returning, so the pass's
-/// outcome is written after it, never before. Returns the work's result and the resourceVersion of
-/// the initial write, if any (see `InstanceMemory::own_status`).
+/// outcome is written after it, never before; a first pass that fails sooner writes it when it
+/// fails (the pass then writes no outcome, and the instance must not look done to kstatus).
+/// Returns the work's result and the resourceVersion of the initial write, if any (see
+/// `InstanceMemory::own_status`).
 async fn first_status_if_slow<T>(
     nbi: &NetbirdInstance,
     api: &Api<NetbirdInstance>,
     started: jiff::Timestamp,
-    work: impl std::future::Future<Output = T>,
-) -> (T, Result<Option<String>, Error>) {
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> (Result<T, Error>, Result<Option<String>, Error>) {
     let first = nbi
         .status
         .as_ref()
@@ -685,14 +707,15 @@ async fn first_status_if_slow<T>(
     if !first {
         return (work.await, Ok(None));
     }
+    let write_initial = || async {
+        let status = report::initial(nbi.metadata.generation, started);
+        write_status(api, &nbi.name_any(), &status).await
+    };
     let done = CancellationToken::new();
     let initial = async {
         tokio::select! {
-            () = tokio::time::sleep(INITIAL_STATUS_AFTER) => {
-                let status = report::initial(nbi.metadata.generation, started);
-                write_status(api, &nbi.name_any(), &status).await
-            }
-            () = done.cancelled() => Ok(None),
+            () = tokio::time::sleep(INITIAL_STATUS_AFTER) => Some(write_initial().await),
+            () = done.cancelled() => None,
         }
     };
     let work = async {
@@ -700,7 +723,10 @@ async fn first_status_if_slow<T>(
         done.cancel();
         out
     };
-    futures::join!(work, initial)
+    match futures::join!(work, initial) {
+        (Err(e), None) => (Err(e), write_initial().await),
+        (out, written) => (out, written.unwrap_or(Ok(None))),
+    }
 }
 
 /// What a pass knows before its first step and keeps for all of them.
