@@ -393,11 +393,22 @@ async fn the_credentials_comparison_is_recorded_and_not_repeated_after_a_restart
 
     // a restarted operator takes the recorded result: no write, the note stays
     let (checked, rv) = credentials_checked(&env).await;
+    let before = env.instances().get("nb").await.unwrap();
+    let checks = fake.calls("users_current");
     let op = env.start_operator().await;
     next_pass(&op, 0).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(credentials_checked(&env).await, (checked, rv), "no write");
     let n = env.instances().get("nb").await.unwrap();
+    // it checks the token again, and that writes no status (lastVerifiedAt stays)
+    assert!(
+        fake.calls("users_current") > checks,
+        "the token checked after the restart"
+    );
+    assert_eq!(
+        n.metadata.resource_version, before.metadata.resource_version,
+        "no status write after a restart"
+    );
     assert!(
         support::condition(&n, "Ready")
             .is_some_and(|(s, _, m)| s == "True" && m.contains("no longer matches"))
