@@ -641,6 +641,24 @@ async fn crd_validation_refuses_bad_specs_at_admission() {
     assert_eq!(created.spec.token.expires_in_days, 30);
 }
 
+/// The operator as a user whose RBAC allows these verbs on Secrets, and what it needs on its own
+/// resources and Events.
+async fn operator_with_secret_verbs(env: &TestEnv, verbs: &[&str]) -> support::Operator {
+    env.grant_role(
+        &format!("operator-secrets-{}", verbs.join("-")),
+        "limited",
+        json!([
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": verbs},
+            {"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances/status"], "verbs": ["patch", "update"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        ]),
+    )
+    .await;
+    let limited = env.cp.client_from(&env.cp.limited_kubeconfig).await;
+    env.start_operator_with(limited).await
+}
+
 /// A first pass that fails at once (here: its Secrets may be listed but not read) still writes the
 /// initial status, so kstatus clients do not take the instance for done.
 #[tokio::test]
@@ -650,19 +668,7 @@ async fn a_first_pass_that_fails_leaves_the_initial_status() {
     };
     let fake = FakeNetbird::start().await;
     admin_secret(&env).await;
-    env.grant_role(
-        "operator-without-secret-reads",
-        "limited",
-        json!([
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]},
-            {"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances/status"], "verbs": ["patch", "update"]},
-            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-        ]),
-    )
-    .await;
-    let limited = env.cp.client_from(&env.cp.limited_kubeconfig).await;
-    let _op = env.start_operator_with(limited).await;
+    let _op = operator_with_secret_verbs(&env, &["list", "watch"]).await;
     env.create_instance("nb", spec(&fake.url)).await.unwrap();
     let n = env
         .wait_instance("nb", "Ready Unknown", T, |n| {
@@ -696,19 +702,7 @@ async fn a_secret_it_cannot_write_is_found_before_setup() {
     };
     let fake = FakeNetbird::start().await;
     admin_secret(&env).await;
-    env.grant_role(
-        "operator-without-secret-writes",
-        "limited",
-        json!([
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["bootstrap.netbird.io"], "resources": ["netbirdinstances/status"], "verbs": ["patch", "update"]},
-            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-        ]),
-    )
-    .await;
-    let limited = env.cp.client_from(&env.cp.limited_kubeconfig).await;
-    let _op = env.start_operator_with(limited).await;
+    let _op = operator_with_secret_verbs(&env, &["get", "list", "watch"]).await;
     env.create_instance("nb", spec(&fake.url)).await.unwrap();
     let n = env
         .wait_instance("nb", "Reconciling/Progressing", T, |n| {

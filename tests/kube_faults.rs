@@ -284,19 +284,24 @@ async fn secrets_are_read_again_only_when_the_watch_reports_a_change() {
     assert_eq!(fake.calls("setup"), 1);
 }
 
+/// Waits until the operator's Secret metadata watch has listed every Secret.
+async fn secrets_listed(faults: &KubeFaults) {
+    support::wait_for("the Secrets listed", T, || async {
+        let log = faults.read_log.lock().unwrap().clone();
+        log.iter().any(|p| p.ends_with("/secrets")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
 #[tokio::test]
 async fn the_token_secret_is_not_read_before_it_exists() {
     let Some(env) = TestEnv::new("absent-token").await else {
         return;
     };
     let (faults, _op) = operator_behind_faults(&env).await;
-    // the Secret metadata watch has listed every Secret: from now on it knows which do not exist
-    support::wait_for("the Secrets listed", T, || async {
-        let log = faults.read_log.lock().unwrap().clone();
-        log.iter().any(|p| p.ends_with("/secrets")).then_some(())
-    })
-    .await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // from now on the watch knows which Secrets do not exist
+    secrets_listed(&faults).await;
     let fake = FakeNetbird::start().await;
     env.create_instance("nb", spec(&fake.url)).await.unwrap();
     env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
@@ -312,12 +317,7 @@ async fn a_secret_the_watch_has_not_reported_yet_is_read_when_the_claim_meets_it
         return;
     };
     let (faults, _op) = operator_behind_faults(&env).await;
-    support::wait_for("the Secrets listed", T, || async {
-        let log = faults.read_log.lock().unwrap().clone();
-        log.iter().any(|p| p.ends_with("/secrets")).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    secrets_listed(&faults).await;
     // the Secrets' watch is down (it keeps its list: no relist); the instances' watch goes on
     faults.hold_watches_of("/secrets");
     env.create_secret("nb-token", &[("NB_API_KEY", "mine")])
