@@ -521,12 +521,8 @@ fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Ac
     let ev = Event {
         type_: EventType::Warning,
         reason: err.reason().into(),
-        note: Some(
-            format!("{err}; retrying in {}s", delay.as_secs())
-                .chars()
-                .take(1000)
-                .collect(),
-        ),
+        // the same note each time (the retry delay is in the log), so repeats join one series
+        note: Some(err.to_string().chars().take(1000).collect()),
         action: "Reconcile".into(),
         secondary: None,
     };
@@ -581,8 +577,10 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         read_and_drive(nbi, ctx, &secrets, started),
     )
     .await;
+    // the pass's own failure first: it is the cause when both failed
+    let work = work?;
     let initial_rv = initial_rv?;
-    let (mut world, known, driven) = match work? {
+    let (mut world, known, driven) = match work {
         Ok(done) => done,
         Err(wait) => return Ok(wait),
     };

@@ -53,10 +53,10 @@ impl Entry {
     }
 }
 
-/// Referenced Secrets by namespace and name, and the names of all Secrets the watch reported.
 /// Held while a Secret is read (see [`Secrets::get`]).
 type ReadGate = Arc<tokio::sync::Mutex<()>>;
 
+/// Referenced Secrets by namespace and name, and the names of all Secrets the watch reported.
 #[derive(Default)]
 pub struct SecretCache {
     entries: Mutex<HashMap<(String, String), Entry>>,
