@@ -164,6 +164,15 @@ impl World {
         h.finalize().into()
     }
 
+    /// A digest of the spec's generation and the credentials Secret's resourceVersion: what a
+    /// count of setup's server errors holds for.
+    pub fn setup_key(&self, generation: Option<i64>) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(generation.unwrap_or_default().to_le_bytes());
+        h.update(self.input_rvs[0].as_deref().unwrap_or("-").as_bytes());
+        h.finalize().into()
+    }
+
     /// Builds the NetBird client once the CA (if any) is known; a bad CA bundle becomes
     /// InvalidSpec.
     fn build_client(&mut self, nbi: &NetbirdInstance, ctx: &Context) {
@@ -353,12 +362,8 @@ struct Stepper<'a, 's> {
 
 /// What became of a token creation (rotation, service-user exchange).
 enum Minted {
-    /// Stored: the Secret as written (None when the write gave up at shutdown), and the id of the
-    /// token it replaces.
-    Stored {
-        written: Option<Box<Secret>>,
-        replaced: Option<String>,
-    },
+    /// Stored: the Secret as written (None when the write gave up at shutdown).
+    Stored { written: Option<Box<Secret>> },
     /// The server answered with a malformed token: refused, and recorded on the Secret.
     Malformed,
     /// NetBird refused or did not answer.
@@ -489,7 +494,7 @@ impl Stepper<'_, '_> {
                 self.patch(&token_secret::setup_unanswered_patch(&at))
                     .await?;
             }
-            SetupOutcome::Failed(_) => {}
+            SetupOutcome::Failed(_) | SetupOutcome::TokenLost { .. } => {}
             _ => self.written(written).await?,
         }
         self.probes.setup = Some(outcome);
@@ -612,8 +617,8 @@ impl Stepper<'_, '_> {
             None => self.client.delete_token(&token, &owner, &previous).await,
         };
         let result = match result {
-            // the stored token was just verified: a 404 is about the old one, already gone
-            Err(e) if e.status() == Some(404) => Ok(()),
+            // the stored token was just verified: NetBird's 404 is about the old one, already gone
+            Err(e) if e.is_not_found() => Ok(()),
             // another user's token this one may not delete (a service user's token cannot delete
             // the owner's): it is left to expire
             Err(e) if e.status() == Some(403) => {
@@ -684,7 +689,8 @@ impl Stepper<'_, '_> {
 
     async fn release_claim(&mut self) -> Result<(), Verdict> {
         let rejection = match &self.probes.setup {
-            Some(SetupOutcome::Failed(e)) if matches!(e.status(), Some(400 | 412 | 422)) => Some((
+            // the decision asks for this step after a definitive answer only
+            Some(SetupOutcome::Failed(e)) if e.status().is_some() => Some((
                 self.nbi.metadata.generation.unwrap_or_default(),
                 e.status().unwrap_or_default(),
                 e.server_message().unwrap_or_default(),
@@ -759,21 +765,24 @@ impl Stepper<'_, '_> {
             write_until_stored(ctx, self.secrets, nbi, &patch, Some(&created.plain_token))
                 .await
                 .map(Box::new);
-        match svc {
-            Some((_, name)) => {
+        // a token given up at shutdown was reported lost (ERROR) and is never also "stored"
+        match (svc, &written) {
+            (_, None) => {}
+            (Some((_, name)), Some(_)) => {
                 info!(service_user = %name, token_id = %pat.id, "stored the service user's token")
             }
-            None => {
+            (None, Some(_)) => {
                 info!(token_id = %pat.id, expires_at = %pat.expiration_date, "rotated the token")
             }
         }
-        Ok(Minted::Stored { written, replaced })
+        Ok(Minted::Stored { written })
     }
 
     /// Trades the current token for a token of the service user `name` (created when missing):
-    /// the new token is stored and verified before the old one is deleted, with the old token
-    /// itself (a service user may not delete the owner's tokens). A crash after the store leaves
-    /// `previous-token-id` for a later pass.
+    /// the new token is stored with the old one as the previous token. The old one is deleted by a
+    /// later step, with itself (a service user may not delete the owner's tokens), once the new
+    /// one is verified and the grace period is over (with `gracePeriod: 0s` in the same pass); a
+    /// new token that could not be stored leaves the old one untouched.
     async fn exchange(
         &mut self,
         token: &SecretString,
@@ -784,35 +793,8 @@ impl Stepper<'_, '_> {
             Ok(u) => u,
             Err(e) => return Ok(Minted::Failed(e)),
         };
-        let (mut written, replaced) = match self
-            .mint_and_store(token, user, Some((&svc.id, name)))
-            .await?
-        {
-            Minted::Stored { written, replaced } => (written, replaced),
-            other => return Ok(other),
-        };
-        // with a grace period the setup token stays valid until then (a later pass deletes it,
-        // with itself, kept in the Secret); without one it goes now
-        if let Some(old_id) = replaced
-            .as_deref()
-            .filter(|_| self.nbi.spec.token.rotation.grace().is_zero())
-        {
-            match self.client.delete_token(token, user, old_id).await {
-                Ok(()) => info!(token_id = %old_id, "deleted the setup token"),
-                Err(e) if e.status() == Some(404) => {}
-                Err(e) => {
-                    warn!(token_id = %old_id, error = %e.with_request_id(), "failed to delete the \
-                        old token; retrying later");
-                    return Ok(Minted::Stored { written, replaced });
-                }
-            }
-            let name = self.nbi.token_secret_name();
-            let patch = token_secret::previous_deleted_patch();
-            written = Some(Box::new(
-                patch_token_secret(self.secrets, &name, &patch).await?,
-            ));
-        }
-        Ok(Minted::Stored { written, replaced })
+        self.mint_and_store(token, user, Some((&svc.id, name)))
+            .await
     }
 
     /// The service user `name`, created when missing.
@@ -831,8 +813,9 @@ impl Stepper<'_, '_> {
     }
 }
 
-/// When the token being replaced is deleted: after the grace period, and never after its own
-/// expiry (when known).
+/// When the token being replaced is deleted: after the grace period, never after its own expiry
+/// (when known), and never after the new token is due for renewal (a new token waits for the grace
+/// to end, so a grace longer than that would let the new token expire).
 fn previous_delete_at(nbi: &NetbirdInstance, world: &World, now: jiff::Timestamp) -> String {
     let grace = jiff::SignedDuration::try_from(nbi.spec.token.rotation.grace())
         .unwrap_or(jiff::SignedDuration::ZERO);
@@ -842,7 +825,14 @@ fn previous_delete_at(nbi: &NetbirdInstance, world: &World, now: jiff::Timestamp
         .owned()
         .and_then(|s| s.lifetime())
         .map(|(_, expires)| expires);
-    let at = expires.map_or(after_grace, |e| e.min(after_grace));
+    let new_renewal = now
+        .checked_add(jiff::SignedDuration::from_hours(
+            16 * i64::from(nbi.spec.token.expires_in_days),
+        ))
+        .unwrap_or(now);
+    let at = expires
+        .map_or(after_grace, |e| e.min(after_grace))
+        .min(new_renewal);
     seconds(at)
 }
 
@@ -959,6 +949,14 @@ async fn setup(
         &completed.to_string(),
     );
     let written = write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await;
+    if written.is_none() {
+        // given up at shutdown, and said loudly there: never also reported stored
+        let outcome = SetupOutcome::TokenLost {
+            user_id: resp.user_id,
+            email: resp.email,
+        };
+        return (outcome, None, None);
+    }
     info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token \
         stored");
     let outcome = SetupOutcome::TokenStored {
@@ -1036,33 +1034,61 @@ async fn write_until_stored(
     };
     let mut delay = Duration::from_millis(200);
     let mut reported = false;
-    let mut deadline = None;
     loop {
-        let e = match attempt().await {
-            Ok(s) => return Some(s),
-            Err(e) => e,
+        // a write the apiserver does not answer is cut off at the shutdown deadline too
+        let write = attempt();
+        tokio::pin!(write);
+        let answered = tokio::select! {
+            r = &mut write => Some(r),
+            () = ctx.shutdown.cancelled() => None,
         };
-        warn!(error = %e, retry_in = ?delay, secret = %name, held_token = token.is_some(), "failed \
-            to write the token Secret; retrying");
-        if token.is_some() && !reported && looks_permanent(&e) {
-            reported = true;
-            report_storing_token(ctx, nbi, &name, &e).await;
-        }
-        if ctx.shutdown.is_cancelled() {
-            let at = *deadline
-                .get_or_insert_with(|| std::time::Instant::now() + ctx.settings.shutdown_timeout);
-            if std::time::Instant::now() >= at {
-                tracing::error!(
-                    namespace = nbi.metadata.namespace.as_deref().unwrap_or_default(),
-                    instance = %nbi.name_any(),
+        let answered = match answered {
+            Some(r) => Some(r),
+            None => match ctx.shutdown_deadline() {
+                Some(at) => tokio::time::timeout_at(at.into(), &mut write).await.ok(),
+                None => Some(write.await),
+            },
+        };
+        let error = match answered {
+            Some(Ok(s)) => return Some(s),
+            Some(Err(e)) => {
+                if token.is_some() && !reported && looks_permanent(&e) {
+                    reported = true;
+                    report_storing_token(ctx, nbi, &name, &e).await;
+                }
+                e.to_string()
+            }
+            None => "the apiserver did not answer before the shutdown deadline".to_string(),
+        };
+        warn!(
+            error = %error,
+            retry_in = ?delay,
+            secret = %name,
+            held_token = token.is_some(),
+            "failed to write the token Secret; retrying"
+        );
+        let deadline = ctx.shutdown_deadline();
+        if let Some(at) = deadline
+            && std::time::Instant::now() >= at
+        {
+            if token.is_none() {
+                warn!(
                     secret = %name,
-                    error = %e,
-                    "shutting down with the token not stored: the token NetBird issued is LOST \
-                        (NetBird shows a token only once). Log in to the dashboard as the owner, \
-                            create a personal access token and put it under the token Secret's key"
+                    error = %error,
+                    "shutting down with the setup outcome not recorded on the token Secret"
                 );
                 return None;
             }
+            tracing::error!(
+                namespace = nbi.metadata.namespace.as_deref().unwrap_or_default(),
+                instance = %nbi.name_any(),
+                secret = %name,
+                error = %error,
+                "shutting down with the token not stored: the token NetBird issued is LOST \
+                 (NetBird shows a token only once). Log in to the dashboard as the owner, \
+                 create a personal access token and put it under the token Secret's key"
+            );
+            return None;
         }
         let mut wait = delay.mul_f64(0.5 + 0.5 * super::jitter_fraction());
         if let Some(at) = deadline {
@@ -1103,8 +1129,12 @@ async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str
         ctx.client.clone(),
         nbi.metadata.namespace.as_deref().unwrap_or_default(),
     );
-    if let Err(e) = super::write_status(&api, &nbi.name_any(), &status).await {
-        warn!(error = %e, "failed to report the failing token write in the status");
+    // the initial status of a first pass waits for this write, and is not written after it
+    let gate = ctx.side_status(&nbi.uid().unwrap_or_default());
+    let mut urgent_written = gate.lock().await;
+    match super::write_status(&api, &nbi.name_any(), &status).await {
+        Ok(_) => *urgent_written = true,
+        Err(e) => warn!(error = %e, "failed to report the failing token write in the status"),
     }
 }
 
