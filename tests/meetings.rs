@@ -142,8 +142,8 @@ async fn the_exchange_keeps_the_old_token_until_the_new_one_is_verified() {
     bootstrapped(&env, &fake, spec(&fake.url, "0s")).await;
     let owner_token = token(&env).await;
     let _op = env.start_operator().await;
-    // verification of the new token fails from now on (the owner's was verified already)
-    fake.fault("users_current", Fault::Status(500, "internal server error"));
+    // the new (service user's) token cannot be verified for now
+    fake.state().service_user_calls_fail = true;
     let mut with_svc = spec(&fake.url, "0s");
     with_svc["token"]["serviceUser"] = json!({"name": "netbird-operator"});
     env.instances()
@@ -167,7 +167,7 @@ async fn the_exchange_keeps_the_old_token_until_the_new_one_is_verified() {
         "the old token is deleted only after the new one is verified"
     );
     // verification works again: the old token goes
-    fake.clear_fault("users_current");
+    fake.state().service_user_calls_fail = false;
     support::wait_for("the old token deleted", Duration::from_secs(60), || async {
         (!fake.state().tokens.contains_key(&owner_token)).then_some(())
     })
@@ -369,12 +369,64 @@ async fn an_unanswered_token_write_ends_at_the_shutdown_deadline_as_lost() {
     );
     let took = started.elapsed();
     println!("shutdown with an unanswered token write took {took:?}");
-    let logs = support::captured_logs();
-    assert!(logs.contains("is LOST"), "the loss is said loudly");
-    assert!(!logs.contains("setup succeeded; token stored"));
+    // this test's lines (the log is shared by the tests of this binary)
+    let logs: Vec<String> = support::captured_logs()
+        .lines()
+        .filter(|l| l.contains(&env.ns))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        logs.iter().any(|l| l.contains("is LOST")),
+        "the loss is said loudly"
+    );
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l.contains("setup succeeded; token stored"))
+    );
     let events = env.events().await;
     assert!(
         !events.iter().any(|(r, _)| r == "SetupPerformed"),
         "{events:?}"
     );
+}
+
+/// A token write that kept failing held one of the controller's slots for as long as the process
+/// lived: with every slot so held, no other instance got a pass. With one slot, an instance whose
+/// token Secret cannot be written leaves room for another, and its token is written once allowed.
+#[tokio::test]
+async fn a_failing_token_write_does_not_hold_a_controller_slot() {
+    let Some(env) = TestEnv::new("meet-slot").await else {
+        return;
+    };
+    let first = FakeNetbird::start().await;
+    let second = FakeNetbird::start().await;
+    env.create_admin_secret().await;
+    let faults = std::sync::Arc::new(KubeFaults::default());
+    faults.refuse_on(403, |m, p| {
+        m == http::Method::PATCH && p.ends_with("/secrets/stuck-token")
+    });
+    let client = kube_faults::client(env.client.clone(), faults.clone());
+    let _op = env.start_operator_concurrency(client, 1).await;
+    env.create_instance("stuck", spec(&first.url, "0s"))
+        .await
+        .unwrap();
+    env.wait_instance("stuck", "StoringToken", T, |n| {
+        ready_is(n, "False", "StoringToken")
+    })
+    .await;
+    env.create_instance("other", spec(&second.url, "0s"))
+        .await
+        .unwrap();
+    env.wait_instance("other", "Ready", Duration::from_secs(60), |n| {
+        ready_is(n, "True", "Bootstrapped")
+    })
+    .await;
+    // the write is allowed again: the held token is written by the next pass, setup ran once
+    faults.clear_conflicts();
+    env.wait_instance("stuck", "Ready", Duration::from_secs(60), |n| {
+        ready_is(n, "True", "Bootstrapped")
+    })
+    .await;
+    assert_eq!(first.calls("setup"), 1);
 }

@@ -121,6 +121,8 @@ pub enum Waiting {
     Progressing,
     WaitingForCredentials,
     ManagementUnreachable,
+    /// A token NetBird issued is held in memory: writing it to its Secret fails (retried).
+    StoringToken,
 }
 
 /// Reasons of the Stalled condition.
@@ -158,6 +160,7 @@ impl Waiting {
             Waiting::Progressing => "Progressing",
             Waiting::WaitingForCredentials => "WaitingForCredentials",
             Waiting::ManagementUnreachable => "ManagementUnreachable",
+            Waiting::StoringToken => "StoringToken",
         }
     }
 }

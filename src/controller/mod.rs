@@ -31,7 +31,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
 use crate::metrics::{InstanceLabels, Metrics, ReasonLabels, ResultLabels};
@@ -130,6 +130,8 @@ struct InstanceMemory {
     /// the report of a token held in memory); true once the urgent one was written, so the routine
     /// one never replaces it.
     side_status: Arc<tokio::sync::Mutex<bool>>,
+    /// A token Secret write that kept failing, held for the next passes (and the shutdown).
+    held_write: Option<steps::HeldWrite>,
 }
 
 /// The memory of every instance, and the uids of instances that went away (a uid is never used
@@ -303,6 +305,28 @@ impl Context {
         self.remember(uid, |m| m.side_status.clone())
     }
 
+    /// Holds a token Secret write that kept failing, for the instance's next pass.
+    pub(crate) fn hold_write(&self, uid: &str, write: steps::HeldWrite) {
+        self.remember(uid, |m| m.held_write = Some(write));
+    }
+
+    /// The write held for the instance, taken out of memory.
+    fn take_held_write(&self, uid: &str) -> Option<steps::HeldWrite> {
+        lock(&self.memory)
+            .live
+            .get_mut(uid)
+            .and_then(|m| m.held_write.take())
+    }
+
+    /// Every held write, taken out of memory (at shutdown).
+    fn take_all_held_writes(&self) -> Vec<steps::HeldWrite> {
+        lock(&self.memory)
+            .live
+            .values_mut()
+            .filter_map(|m| m.held_write.take())
+            .collect()
+    }
+
     /// Server errors setup answered in a row for this spec and these credentials (`key`).
     fn setup_server_errors(&self, uid: &str, key: &[u8; 32]) -> u32 {
         self.recall(uid, |m| m.setup_server_errors)
@@ -365,6 +389,17 @@ impl Context {
         let mut memory = lock(&self.memory);
         let gone = memory.live.remove(uid);
         memory.bury(uid);
+        if let Some(held) = gone.as_ref().and_then(|m| m.held_write.as_ref())
+            && held.holds_token
+        {
+            error!(
+                namespace = %held.namespace,
+                instance = %held.instance,
+                secret = %held.secret,
+                "the NetbirdInstance was deleted while its token could not be written: the token \
+                 NetBird issued is LOST (NetBird shows a token only once)"
+            );
+        }
         if let Some(m) = gone {
             self.metrics.forget_instance(&InstanceLabels {
                 namespace: m.key.0,
@@ -494,6 +529,47 @@ pub async fn run(
             }
         })
         .await;
+    store_held_writes(&ctx).await;
+}
+
+/// At shutdown: the token writes held in memory are tried until the shutdown deadline; what is
+/// still not written is said loudly, instance by instance.
+async fn store_held_writes(ctx: &Context) {
+    for held in ctx.take_all_held_writes() {
+        let secrets = secrets::Secrets::new(ctx.client.clone(), &held.namespace, &ctx.secret_cache);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let deadline = ctx
+                .shutdown_deadline()
+                .unwrap_or_else(std::time::Instant::now);
+            let attempt = tokio::time::timeout_at(deadline.into(), held.attempt(&secrets)).await;
+            match attempt {
+                Ok(Ok(_)) => {
+                    info!(namespace = %held.namespace, instance = %held.instance, "stored the \
+                        held token Secret write at shutdown");
+                    break;
+                }
+                _ if std::time::Instant::now() + delay >= deadline => {
+                    if held.holds_token {
+                        error!(
+                            namespace = %held.namespace,
+                            instance = %held.instance,
+                            secret = %held.secret,
+                            "shutting down with the token not stored: the token NetBird issued \
+                             is LOST (NetBird shows a token only once). Log in to the dashboard \
+                             as the owner, create a personal access token and put it under the \
+                             token Secret's key"
+                        );
+                    }
+                    break;
+                }
+                _ => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
 }
 
 /// The NetbirdInstance watch, stored in the reflector `writer`. Every way an instance goes away
@@ -942,6 +1018,16 @@ async fn drive(
         probes.verify = Some(Ok(v));
     }
     let mut credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
+    // a token write an earlier pass could not make comes first
+    if let Some(held) = ctx.take_held_write(uid)
+        && let Err(verdict) = steps::store_held(ctx, nbi, secrets, world, held).await
+    {
+        return Ok(Driven {
+            verdict,
+            probes,
+            credentials_changed,
+        });
+    }
     let setup_key = world.setup_key(known.generation);
     let setup_server_errors = ctx.setup_server_errors(uid, &setup_key);
     let mut verdict = None;

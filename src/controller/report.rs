@@ -743,6 +743,7 @@ mod tests {
             Waiting::Progressing,
             Waiting::WaitingForCredentials,
             Waiting::ManagementUnreachable,
+            Waiting::StoringToken,
         ] {
             verdicts.push(Verdict::Waiting {
                 reason,

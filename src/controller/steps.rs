@@ -485,7 +485,7 @@ impl Stepper<'_, '_> {
             return Ok(());
         };
         let (outcome, written, malformed) =
-            setup(self.nbi, self.ctx, &self.client, creds, self.secrets).await;
+            setup(self.nbi, self.ctx, &self.client, creds, self.secrets).await?;
         match &outcome {
             // no answer: the server may have done it; a later "already set up" is then not taken
             // for someone else's setup
@@ -763,7 +763,7 @@ impl Stepper<'_, '_> {
         let patch = token_secret::rotated_patch(nbi, &new, exchange.as_ref());
         let written =
             write_until_stored(ctx, self.secrets, nbi, &patch, Some(&created.plain_token))
-                .await
+                .await?
                 .map(Box::new);
         // a token given up at shutdown was reported lost (ERROR) and is never also "stored"
         match (svc, &written) {
@@ -891,7 +891,7 @@ async fn setup(
     client: &NetbirdClient,
     creds: &Credentials,
     secrets: &Secrets<'_>,
-) -> (SetupOutcome, Option<Secret>, Option<PatFormatError>) {
+) -> Result<(SetupOutcome, Option<Secret>, Option<PatFormatError>), Verdict> {
     let req = SetupRequest {
         email: creds.email.clone(),
         password: creds.password.clone(),
@@ -904,7 +904,7 @@ async fn setup(
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e.with_request_id(), "setup failed");
-            return (SetupOutcome::Failed(e), None, None);
+            return Ok((SetupOutcome::Failed(e), None, None));
         }
     };
     let completed = ctx.now();
@@ -928,12 +928,12 @@ async fn setup(
             };
             let patch =
                 token_secret::no_token_patch(&resp.user_id, &completed.to_string(), outcome);
-            let written = write_until_stored(ctx, secrets, nbi, &patch, None).await;
+            let written = write_until_stored(ctx, secrets, nbi, &patch, None).await?;
             let outcome = SetupOutcome::NoToken {
                 user_id: resp.user_id,
                 email: resp.email,
             };
-            return (outcome, written, malformed);
+            return Ok((outcome, written, malformed));
         }
     };
     let expires = completed
@@ -948,14 +948,14 @@ async fn setup(
         &expires.to_string(),
         &completed.to_string(),
     );
-    let written = write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await;
+    let written = write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await?;
     if written.is_none() {
         // given up at shutdown, and said loudly there: never also reported stored
         let outcome = SetupOutcome::TokenLost {
             user_id: resp.user_id,
             email: resp.email,
         };
-        return (outcome, None, None);
+        return Ok((outcome, None, None));
     }
     info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token \
         stored");
@@ -963,7 +963,7 @@ async fn setup(
         user_id: resp.user_id,
         email: resp.email,
     };
-    (outcome, written, None)
+    Ok((outcome, written, None))
 }
 
 /// The name of a token this instance creates: it identifies the instance, so the clean-up never
@@ -1021,8 +1021,9 @@ async fn write_until_stored(
     nbi: &NetbirdInstance,
     patch: &serde_json::Value,
     token: Option<&SecretString>,
-) -> Option<Secret> {
+) -> Result<Option<Secret>, Verdict> {
     let name = nbi.token_secret_name();
+    let began = tokio::time::Instant::now();
     let attempt = || async {
         match secrets.patch(&name, patch).await {
             Ok(s) => Ok(s),
@@ -1050,7 +1051,7 @@ async fn write_until_stored(
             },
         };
         let error = match answered {
-            Some(Ok(s)) => return Some(s),
+            Some(Ok(s)) => return Ok(Some(s)),
             Some(Err(e)) => {
                 if token.is_some() && !reported && looks_permanent(&e) {
                     reported = true;
@@ -1077,7 +1078,7 @@ async fn write_until_stored(
                     error = %error,
                     "shutting down with the setup outcome not recorded on the token Secret"
                 );
-                return None;
+                return Ok(None);
             }
             tracing::error!(
                 namespace = nbi.metadata.namespace.as_deref().unwrap_or_default(),
@@ -1088,7 +1089,23 @@ async fn write_until_stored(
                  (NetBird shows a token only once). Log in to the dashboard as the owner, \
                  create a personal access token and put it under the token Secret's key"
             );
-            return None;
+            return Ok(None);
+        }
+        // not shutting down: the write is held in memory and retried by the instance's next
+        // passes (with backoff), so a Secret that cannot be written never holds a controller slot
+        if deadline.is_none() && began.elapsed() >= HOLD_AFTER {
+            ctx.hold_write(
+                &nbi.uid().unwrap_or_default(),
+                HeldWrite {
+                    namespace: nbi.metadata.namespace.clone().unwrap_or_default(),
+                    instance: nbi.name_any(),
+                    secret: name.clone(),
+                    patch: patch.clone(),
+                    recreate: token_secret::recreated(nbi, patch),
+                    holds_token: token.is_some(),
+                },
+            );
+            return Err(storing_token(&name, &error));
         }
         let mut wait = delay.mul_f64(0.5 + 0.5 * super::jitter_fraction());
         if let Some(at) = deadline {
@@ -1100,6 +1117,68 @@ async fn write_until_stored(
             () = tokio::time::sleep(wait) => {}
             // a shutdown starts the deadline at once
             () = ctx.shutdown.cancelled(), if deadline.is_none() => {}
+        }
+    }
+}
+
+/// How long a pass retries a failing token write before it holds the write in memory and ends
+/// (the instance's next passes retry it with backoff).
+const HOLD_AFTER: Duration = Duration::from_secs(10);
+
+/// A token Secret write held in memory between passes: the patch (which may carry the token) and
+/// the Secret to create when the Secret is gone. Never stored anywhere.
+pub struct HeldWrite {
+    pub namespace: String,
+    pub instance: String,
+    pub secret: String,
+    patch: serde_json::Value,
+    recreate: Secret,
+    /// The patch carries a token NetBird issued (lost if the process ends before it is written).
+    pub holds_token: bool,
+}
+
+impl HeldWrite {
+    /// One attempt of the write.
+    pub async fn attempt(&self, secrets: &Secrets<'_>) -> Result<Secret, kube::Error> {
+        match secrets.patch(&self.secret, &self.patch).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => secrets.create(&self.recreate).await,
+            other => other,
+        }
+    }
+}
+
+/// The verdict while a token is held in memory because its Secret cannot be written.
+fn storing_token(secret: &str, error: &str) -> Verdict {
+    Verdict::Waiting {
+        reason: Waiting::StoringToken,
+        message: format!(
+            "the token NetBird returned is held in memory only: writing Secret {secret} failed \
+             ({error}); retrying with backoff, and the token is lost if the process ends first. \
+             The operator needs get, create and patch on secrets in this namespace"
+        ),
+        retry: true,
+    }
+}
+
+/// Writes a write held by an earlier pass, once; the world takes the Secret as written. A failure
+/// holds it again and ends the pass (StoringToken, with backoff).
+pub async fn store_held(
+    ctx: &Context,
+    nbi: &NetbirdInstance,
+    secrets: &Secrets<'_>,
+    world: &mut World,
+    held: HeldWrite,
+) -> Result<(), Verdict> {
+    match held.attempt(secrets).await {
+        Ok(written) => {
+            info!(secret = %held.secret, "stored the token Secret write held from an earlier pass");
+            world.set_token_secret(nbi, Some(written));
+            Ok(())
+        }
+        Err(e) => {
+            let verdict = storing_token(&held.secret, &e.to_string());
+            ctx.hold_write(&nbi.uid().unwrap_or_default(), held);
+            Err(verdict)
         }
     }
 }
