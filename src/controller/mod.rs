@@ -179,7 +179,7 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// When the shutdown began (set by [`run`] as `shutdown` is cancelled): the deadline of a
     /// token write still pending counts from it, not from that write's next failure.
-    shutdown_began: std::sync::OnceLock<std::time::Instant>,
+    shutdown_began: std::sync::OnceLock<tokio::time::Instant>,
     /// The clock (tests move it forward to reach a token's rotation time).
     pub clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
 }
@@ -217,11 +217,11 @@ impl Context {
 
     /// When a write that holds a token must give up: `shutdown_timeout` after the shutdown began
     /// (None while the process is not shutting down).
-    pub(crate) fn shutdown_deadline(&self) -> Option<std::time::Instant> {
+    pub(crate) fn shutdown_deadline(&self) -> Option<tokio::time::Instant> {
         if !self.shutdown.is_cancelled() {
             return None;
         }
-        let began = *self.shutdown_began.get_or_init(std::time::Instant::now);
+        let began = *self.shutdown_began.get_or_init(tokio::time::Instant::now);
         Some(began + self.settings.shutdown_timeout)
     }
 
@@ -469,7 +469,7 @@ pub async fn run(
         began_ctx.shutdown.cancelled().await;
         began_ctx
             .shutdown_began
-            .get_or_init(std::time::Instant::now);
+            .get_or_init(tokio::time::Instant::now);
     });
     let (store, writer) = reflector::store();
     let instance_events = instance_events(&ctx, writer);
@@ -541,15 +541,15 @@ async fn store_held_writes(ctx: &Context) {
         loop {
             let deadline = ctx
                 .shutdown_deadline()
-                .unwrap_or_else(std::time::Instant::now);
-            let attempt = tokio::time::timeout_at(deadline.into(), held.attempt(&secrets)).await;
+                .unwrap_or_else(tokio::time::Instant::now);
+            let attempt = tokio::time::timeout_at(deadline, held.attempt(&secrets)).await;
             match attempt {
                 Ok(Ok(_)) => {
                     info!(namespace = %held.namespace, instance = %held.instance, "stored the \
                         held token Secret write at shutdown");
                     break;
                 }
-                _ if std::time::Instant::now() + delay >= deadline => {
+                _ if tokio::time::Instant::now() + delay >= deadline => {
                     if held.holds_token {
                         error!(
                             namespace = %held.namespace,

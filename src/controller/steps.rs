@@ -1046,7 +1046,7 @@ async fn write_until_stored(
         let answered = match answered {
             Some(r) => Some(r),
             None => match ctx.shutdown_deadline() {
-                Some(at) => tokio::time::timeout_at(at.into(), &mut write).await.ok(),
+                Some(at) => tokio::time::timeout_at(at, &mut write).await.ok(),
                 None => Some(write.await),
             },
         };
@@ -1070,7 +1070,7 @@ async fn write_until_stored(
         );
         let deadline = ctx.shutdown_deadline();
         if let Some(at) = deadline
-            && std::time::Instant::now() >= at
+            && tokio::time::Instant::now() >= at
         {
             if token.is_none() {
                 warn!(
@@ -1110,7 +1110,7 @@ async fn write_until_stored(
         let mut wait = delay.mul_f64(0.5 + 0.5 * super::jitter_fraction());
         if let Some(at) = deadline {
             // never sleep past the deadline
-            wait = wait.min(at.saturating_duration_since(std::time::Instant::now()));
+            wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
         }
         delay = (delay * 2).min(Duration::from_secs(30));
         tokio::select! {
