@@ -373,10 +373,36 @@ impl NetbirdClient {
         serde_json::from_slice(&buf).map_err(|e| NetbirdError::Decode {
             endpoint,
             status: status.as_u16(),
-            detail: e.to_string(),
+            detail: decode_detail(&e),
             request_id,
         })
     }
+}
+
+/// What a decode error says, without any part of the body: serde's own message quotes the value it
+/// could not take (`invalid type: string "..."`), and a server's answer may hold anything, a token
+/// included. Only the kind of failure, the position, and a missing field's name (one of the
+/// operator's own types) are kept.
+fn decode_detail(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Syntax => "not valid JSON".to_string(),
+        Category::Eof => "the JSON ends early".to_string(),
+        Category::Io => "the body could not be read".to_string(),
+        Category::Data => {
+            let text = e.to_string();
+            match text
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map(|(field, _)| field)
+                .filter(|f| f.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            {
+                Some(field) => format!("the field {field} is missing"),
+                None => "a value has another type or shape than NetBird's".to_string(),
+            }
+        }
+    };
+    format!("{what}, at line {} column {}", e.line(), e.column())
 }
 
 /// An error answer: NetBird's JSON message, or a short excerpt of a non-JSON body.
@@ -593,6 +619,32 @@ mod tests {
         );
         assert_eq!(scrub("setup already completed"), "setup already completed");
         assert_eq!(scrub(&"x".repeat(500)).len(), 200);
+    }
+
+    #[test]
+    fn decode_errors_quote_nothing_of_the_body() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct T {
+            id: u64,
+            kind: K,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        enum K {
+            A,
+        }
+        for (body, want) in [
+            (r#"{"id": "nbp_echoed_value", "kind": "A"}"#, "another type"),
+            (r#"{"id": 1, "kind": "nbp_echoed_value"}"#, "another type"),
+            (r#"{"kind": "A"}"#, "the field id is missing"),
+            (r#"{"id": 1, "nbp_echoed_value"#, "ends early"),
+            ("nbp_echoed_value", "not valid JSON"),
+        ] {
+            let e = serde_json::from_str::<T>(body).unwrap_err();
+            let d = decode_detail(&e);
+            assert!(d.contains(want), "{body}: {d}");
+            assert!(!d.contains("echoed"), "{body}: {d}");
+        }
     }
 
     #[test]
