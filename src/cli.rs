@@ -87,6 +87,16 @@ pub struct RunArgs {
     /// Namespace of the leader Lease (default: the pod's namespace, else "default").
     #[arg(long, env = "POD_NAMESPACE")]
     pub leader_election_namespace: Option<String>,
+    /// Key prefixes of spec.token.secretLabels and secretAnnotations to refuse besides the
+    /// built-in ones (bootstrap.netbird.io/ and the well-known Secret copiers), for a Secret copier
+    /// of this cluster: a NetbirdInstance with such a key is Stalled/InvalidSpec and its token
+    /// Secret is not written (repeat the flag, or separate them with commas).
+    #[arg(
+        long = "refused-secret-key-prefixes",
+        env = "REFUSED_SECRET_KEY_PREFIXES",
+        value_delimiter = ','
+    )]
+    pub refused_secret_key_prefixes: Vec<String>,
 }
 
 pub async fn main(cli: Cli) -> ExitCode {
@@ -161,6 +171,12 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         max_backoff: Duration::from_secs(args.max_backoff.max(1)),
         finalizer_timeout: Duration::from_secs(args.finalizer_timeout),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        refused_secret_key_prefixes: args
+            .refused_secret_key_prefixes
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
     };
     let settings_namespaces = settings.namespaces.clone();
     let ctx = Arc::new(Context::new(

@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
 use crate::binding::{self, ANN_MANAGEMENT_URL};
-use crate::crd::{DeletionPolicy, NetbirdInstance};
+use crate::crd::{DeletionPolicy, NetbirdInstance, copier_prefix};
 
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "netbird-operator";
@@ -251,21 +251,30 @@ pub fn classify(secret: Option<Secret>, instance: &str, key: &str) -> TokenSecre
 }
 
 /// The annotations `spec.token.secretAnnotations` adds: those under `bootstrap.netbird.io/` are
-/// the operator's own records and never taken from the spec (the schema refuses them; an object
-/// stored before that rule must not be able to pin them either).
+/// the operator's own records and never taken from the spec, and those of Secret copiers would
+/// copy the token into other namespaces (the schema refuses both; an object stored before those
+/// rules must not be able to set them either).
 pub fn spec_annotations(nbi: &NetbirdInstance) -> BTreeMap<String, String> {
     nbi.spec
         .token
         .secret_annotations
         .iter()
-        .filter(|(k, _)| !k.starts_with(OWN_ANNOTATION_PREFIX))
+        .filter(|(k, _)| !k.starts_with(OWN_ANNOTATION_PREFIX) && copier_prefix(k).is_none())
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
 
-/// Labels the token Secret must carry.
+/// Labels the token Secret must carry: the operator's two and `spec.token.secretLabels` but those
+/// of Secret copiers (refused by the schema; ignored for objects stored before that rule).
 pub fn desired_labels(nbi: &NetbirdInstance) -> BTreeMap<String, String> {
-    let mut labels = nbi.spec.token.secret_labels.clone();
+    let mut labels: BTreeMap<String, String> = nbi
+        .spec
+        .token
+        .secret_labels
+        .iter()
+        .filter(|(k, _)| copier_prefix(k).is_none())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
     labels.insert(
         LABEL_INSTANCE.into(),
@@ -293,6 +302,23 @@ pub fn desired_owner_references(
     refs
 }
 
+/// Copier keys (labels, annotations) the spec still asks for and the Secret carries with the same
+/// value: put there from the spec by an operator older than the rule that refuses them, so taken
+/// off again. A copier key the spec does not ask for is left alone: whoever may write the Secret
+/// may share its token.
+fn copier_keys_from_spec(nbi: &NetbirdInstance, s: &OwnedSecret) -> (Vec<String>, Vec<String>) {
+    let from = |spec: &BTreeMap<String, String>, on: &BTreeMap<String, String>| -> Vec<String> {
+        spec.iter()
+            .filter(|(k, v)| copier_prefix(k).is_some() && on.get(*k) == Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    (
+        from(&nbi.spec.token.secret_labels, &s.labels),
+        from(&nbi.spec.token.secret_annotations, &s.annotations),
+    )
+}
+
 /// Whether labels, annotations and owner references of an owned Secret follow the spec.
 pub fn metadata_in_sync(nbi: &NetbirdInstance, s: &OwnedSecret) -> bool {
     let labels_ok = desired_labels(nbi)
@@ -302,14 +328,24 @@ pub fn metadata_in_sync(nbi: &NetbirdInstance, s: &OwnedSecret) -> bool {
         .iter()
         .all(|(k, v)| s.annotations.get(k) == Some(v));
     let refs_ok = desired_owner_references(nbi, &s.owner_references) == s.owner_references;
-    labels_ok && ann_ok && refs_ok
+    let (copier_labels, copier_annotations) = copier_keys_from_spec(nbi, s);
+    labels_ok && ann_ok && refs_ok && copier_labels.is_empty() && copier_annotations.is_empty()
 }
 
 /// A merge patch that brings labels, annotations and owner references in line with the spec.
 pub fn metadata_patch(nbi: &NetbirdInstance, s: &OwnedSecret) -> Value {
+    let mut labels = serde_json::to_value(desired_labels(nbi)).unwrap_or_default();
+    let mut annotations = serde_json::to_value(spec_annotations(nbi)).unwrap_or_default();
+    let (copier_labels, copier_annotations) = copier_keys_from_spec(nbi, s);
+    for k in copier_labels {
+        labels[k] = Value::Null;
+    }
+    for k in copier_annotations {
+        annotations[k] = Value::Null;
+    }
     json!({"metadata": {
-        "labels": desired_labels(nbi),
-        "annotations": spec_annotations(nbi),
+        "labels": labels,
+        "annotations": annotations,
         "ownerReferences": desired_owner_references(nbi, &s.owner_references),
     }})
 }
@@ -691,6 +727,77 @@ mod tests {
         assert_eq!(labels.get("team").map(String::as_str), Some("net"));
         assert_eq!(labels.get(LABEL_INSTANCE).map(String::as_str), Some("nb"));
         assert!(s.metadata.owner_references.is_none());
+    }
+
+    #[test]
+    fn secret_copier_keys_never_reach_the_token_secret() {
+        let mut n = nbi(DeletionPolicy::Retain);
+        let copiers = [
+            "reflector.v1.k8s.emberstack.com/reflection-allowed",
+            "reflector.v1.k8s.emberstack.com/reflection-auto-enabled",
+            "replicator.v1.mittwald.de/replicate-to",
+            "kubed.appscode.com/sync",
+        ];
+        for k in copiers {
+            // an object stored before the admission rule existed
+            n.spec
+                .token
+                .secret_annotations
+                .insert(k.into(), "true".into());
+            n.spec.token.secret_labels.insert(k.into(), "true".into());
+        }
+        n.spec
+            .token
+            .secret_annotations
+            .insert("note".into(), "kept".into());
+        let s = new_claimed(&n, "t", "fp");
+        let (labels, annotations) = (s.metadata.labels.unwrap(), s.metadata.annotations.unwrap());
+        for k in copiers {
+            assert!(!labels.contains_key(k), "{k}");
+            assert!(!annotations.contains_key(k), "{k}");
+        }
+        assert_eq!(annotations.get("note").map(String::as_str), Some("kept"));
+        assert_eq!(labels.get("team").map(String::as_str), Some("net"));
+
+        // a Secret an older version wrote them to: taken off; one a person put there: kept
+        let mut old = match classify(Some(s_with(&copiers)), "nb", "NB_API_KEY") {
+            TokenSecret::Ours(o) => o,
+            other => panic!("{other:?}"),
+        };
+        old.annotations.insert(
+            "replicator.v1.mittwald.de/replicate-from".into(),
+            "x/y".into(),
+        );
+        assert!(!metadata_in_sync(&n, &old));
+        let patch = metadata_patch(&n, &old);
+        for k in copiers {
+            assert_eq!(patch["metadata"]["annotations"][k], Value::Null, "{k}");
+            assert_eq!(patch["metadata"]["labels"][k], Value::Null, "{k}");
+        }
+        assert!(
+            patch["metadata"]["annotations"]
+                .get("replicator.v1.mittwald.de/replicate-from")
+                .is_none()
+        );
+    }
+
+    /// An owned Secret carrying these keys as labels and annotations, set to "true".
+    fn s_with(keys: &[&str]) -> Secret {
+        let mut s = secret(
+            &[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "nb")],
+            None,
+        );
+        for k in keys {
+            s.metadata
+                .labels
+                .get_or_insert_with(Default::default)
+                .insert(k.to_string(), "true".into());
+            s.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(k.to_string(), "true".into());
+        }
+        s
     }
 
     #[test]

@@ -139,6 +139,31 @@ async fn bad_specs_are_refused_at_admission() {
             json!({"token": {"secretLabels": {"bootstrap.netbird.io/instance": "other"}}}),
             "secretLabels",
         ),
+        // Secret copiers: whoever may edit the NetbirdInstance would have the token copied into a
+        // namespace they read
+        (
+            "reflector annotation",
+            json!({"token": {"secretAnnotations": {
+                "reflector.v1.k8s.emberstack.com/reflection-allowed": "true",
+                "reflector.v1.k8s.emberstack.com/reflection-auto-enabled": "true"}}}),
+            "reflector.v1.k8s.emberstack.com/",
+        ),
+        (
+            "replicator annotation",
+            json!({"token": {"secretAnnotations": {
+                "replicator.v1.mittwald.de/replicate-to": "attacker"}}}),
+            "replicator.v1.mittwald.de/",
+        ),
+        (
+            "kubed annotation",
+            json!({"token": {"secretAnnotations": {"kubed.appscode.com/sync": ""}}}),
+            "kubed.appscode.com/",
+        ),
+        (
+            "copier label",
+            json!({"token": {"secretLabels": {"kubed.appscode.com/sync": "true"}}}),
+            "kubed.appscode.com/",
+        ),
     ];
     let mut base =
         json!({"managementURL": "https://127.0.0.1", "credentialsSecretRef": {"name": "admin"}});
