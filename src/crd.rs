@@ -43,6 +43,12 @@ pub fn copier_prefix(key: &str) -> Option<&'static str> {
         .copied()
 }
 
+/// A label or annotation key as the apiserver takes it: an optional DNS subdomain prefix (at most
+/// 253 characters) and `/`, then a name of at most 63 characters (letters, digits, `-`, `_`, `.`,
+/// beginning and ending with a letter or digit). Annotation keys are checked in lower case.
+const QUALIFIED_NAME: &str = "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?\
+    [A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+
 /// The rule that refuses keys of Secret copiers in the map `field`.
 fn copier_keys_rule(field: &str) -> kube::core::Rule {
     let checks: Vec<String> = SECRET_COPIER_PREFIXES
@@ -56,6 +62,26 @@ fn copier_keys_rule(field: &str) -> kube::core::Rule {
     );
     kube::core::Rule::new(format!("self.all(k, {})", checks.join(" && ")))
         .message(kube::core::Message::Message(message))
+}
+
+/// The rule that refuses keys the apiserver would refuse on the token Secret (`lower`: annotation
+/// keys, checked in lower case as the apiserver does).
+fn key_syntax_rule(field: &str, lower: bool) -> kube::core::Rule {
+    let key = if lower { "k.lowerAscii()" } else { "k" };
+    kube::core::Rule::new(format!(
+        "self.all(k, {key}.matches('{QUALIFIED_NAME}') && (!k.contains('/') || k.indexOf('/') <= \
+            253))"
+    ))
+    .message(kube::core::Message::Message(format!(
+        "{field} keys must be valid {}: an optional DNS subdomain prefix of at most 253 \
+            characters and '/', then a name of at most 63 letters, digits, '-', '_' or '.', \
+            beginning and ending with a letter or digit",
+        if lower {
+            "annotation keys"
+        } else {
+            "label keys"
+        }
+    )))
 }
 
 /// A NetBird management server that the operator sets up once and whose API token it keeps in a
@@ -247,17 +273,25 @@ pub struct TokenSpec {
     #[schemars(range(min = 1, max = 365))]
     pub expires_in_days: i32,
 
-    /// Labels added to the token Secret (at most 64). Keys of
+    /// Labels added to the token Secret (at most 64; values of at most 63 characters). Keys of
     /// Secret copiers (reflector.v1.k8s.emberstack.com/, replicator.v1.mittwald.de/,
     /// kubed.appscode.com/, ...) are refused: they would copy the token into other namespaces.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {
+            "type": "string",
+            "maxLength": 63,
+            "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+        }
+    ))]
     #[x_kube(
         validation = Rule::new("!('app.kubernetes.io/managed-by' in self) && \
             !('bootstrap.netbird.io/instance' in self)").message("secretLabels must not set \
                 app.kubernetes.io/managed-by or bootstrap.netbird.io/instance: the operator sets \
                 them"),
         validation = copier_keys_rule("secretLabels"),
+        validation = key_syntax_rule("secretLabels", false),
     )]
     pub secret_labels: BTreeMap<String, String>,
 
@@ -273,6 +307,7 @@ pub struct TokenSpec {
             .message("secretAnnotations must not set keys under bootstrap.netbird.io/: they are \
                 the operator's own records"),
         validation = copier_keys_rule("secretAnnotations"),
+        validation = key_syntax_rule("secretAnnotations", true),
     )]
     pub secret_annotations: BTreeMap<String, String>,
 

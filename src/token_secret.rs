@@ -467,6 +467,22 @@ pub fn store_patch(
     })
 }
 
+/// The message of a token Secret write the apiserver refused as invalid (422): `what` failed, and
+/// the apiserver's reason. Such a refusal answers the spec (labels, annotations, the Secret's name or
+/// key), so the instance stalls until the spec changes.
+pub fn invalid_write_message(what: &str, apiserver: &str) -> String {
+    let apiserver: String = apiserver
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(500)
+        .collect();
+    format!(
+        "{what}: the Kubernetes API refused the Secret as invalid: {apiserver}. Fix what it names \
+            in spec.token (secretLabels, secretAnnotations, secretName or secretKey); the operator \
+            tries again when the spec changes"
+    )
+}
+
 /// A token as a Secret's data value (base64).
 pub fn data_value(token: &SecretString) -> Value {
     serde_json::to_value(ByteString(token.expose_secret().as_bytes().to_vec()))

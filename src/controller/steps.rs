@@ -283,6 +283,16 @@ fn resource_version(secret: &Option<Secret>) -> Option<String> {
 }
 
 fn progressing(what: &str, e: &kube::Error) -> Verdict {
+    // the apiserver refuses the Secret as the spec makes it: the same write fails until the spec
+    // changes, so a person is needed, not a retry loop
+    if let kube::Error::Api(s) = e
+        && s.code == 422
+    {
+        return Verdict::Stalled {
+            reason: super::decide::Stall::InvalidSpec,
+            message: token_secret::invalid_write_message(what, &s.message),
+        };
+    }
     Verdict::Waiting {
         reason: Waiting::Progressing,
         message: format!("{what}: {e}; retrying with backoff"),
