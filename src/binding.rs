@@ -12,6 +12,67 @@ use sha2::{Digest, Sha256};
 /// against. The token is sent to that server and no other.
 pub const ANN_MANAGEMENT_URL: &str = "bootstrap.netbird.io/management-url";
 
+/// Annotation of the token Secret, next to [`ANN_MANAGEMENT_URL`]: how the server was trusted when
+/// the token was bound to it, `verified` (its TLS certificate checked) or `insecure-skip-verify`.
+/// A token bound as verified is not sent without verification (`spec.tls.insecureSkipVerify`).
+/// Recorded for https:// servers only (plain http has no certificate to check).
+pub const ANN_MANAGEMENT_TLS: &str = "bootstrap.netbird.io/management-tls";
+
+/// How the connection to a server is trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trust {
+    /// The server's TLS certificate is verified.
+    Verified,
+    /// `spec.tls.insecureSkipVerify`: anyone on the path can pose as the server.
+    SkipVerify,
+}
+
+impl Trust {
+    pub fn of(insecure_skip_verify: bool) -> Self {
+        if insecure_skip_verify {
+            Trust::SkipVerify
+        } else {
+            Trust::Verified
+        }
+    }
+
+    /// The value of [`ANN_MANAGEMENT_TLS`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trust::Verified => "verified",
+            Trust::SkipVerify => "insecure-skip-verify",
+        }
+    }
+
+    /// A recorded trust. Text that is neither value binds to verification (the stricter).
+    pub fn parse(value: &str) -> Self {
+        if value.trim() == Trust::SkipVerify.as_str() {
+            Trust::SkipVerify
+        } else {
+            Trust::Verified
+        }
+    }
+}
+
+/// Whether TLS trust applies to `url` (an https:// URL).
+pub fn uses_tls(url: &str) -> bool {
+    normalize(url).starts_with("https://")
+}
+
+/// The message when a token bound to a verified server would be sent without verification: for
+/// the Stalled condition and the finalizer's Event.
+pub fn weaker_trust_message(secret: &str, home: &str) -> String {
+    format!(
+        "the token in Secret {secret} was bound to the NetBird server at {home} with its TLS \
+            certificate verified (annotation {ANN_MANAGEMENT_TLS}: verified), but \
+            spec.tls.insecureSkipVerify is true: the token is not sent without verification, where \
+            anyone on the path could take it. Turn insecureSkipVerify off (spec.tls.caSecretRef \
+            trusts a private CA); if the weaker trust is meant, whoever may write Secret {secret} \
+            sets that annotation to {}",
+        Trust::SkipVerify.as_str()
+    )
+}
+
 /// Annotation of the credentials Secret: the servers (URLs separated by commas or spaces) its
 /// password may be sent to. Absent: any server the NetbirdInstance names.
 pub const ANN_ALLOWED_URLS: &str = "bootstrap.netbird.io/management-urls";

@@ -12,7 +12,7 @@ use kube::Resource;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-use crate::binding::{self, ANN_MANAGEMENT_URL};
+use crate::binding::{self, ANN_MANAGEMENT_TLS, ANN_MANAGEMENT_URL, Trust};
 use crate::crd::{DeletionPolicy, NetbirdInstance, copier_prefix};
 
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -190,6 +190,39 @@ impl OwnedSecret {
     pub fn may_send_token_to(&self, url: &str) -> bool {
         self.home_server()
             .is_none_or(|home| binding::same_server(home, url))
+    }
+
+    /// How the stored token's server was trusted when it was bound, when recorded. A Secret
+    /// without the record (written before the operator recorded it, or a token put in by hand) is
+    /// bound at its next verification, as the spec then has it: verified unless
+    /// insecureSkipVerify is on (the operator sent it that way before too).
+    pub fn bound_trust(&self) -> Option<Trust> {
+        self.annotation(ANN_MANAGEMENT_TLS).map(Trust::parse)
+    }
+
+    /// Whether the stored token may be sent with the TLS trust `trust`: never with weaker trust
+    /// than it was bound with (a token bound to a verified https server is not sent without
+    /// verification).
+    pub fn may_send_token_with(&self, url: &str, trust: Trust) -> bool {
+        !(binding::uses_tls(url)
+            && trust == Trust::SkipVerify
+            && self.bound_trust() == Some(Trust::Verified))
+    }
+
+    /// Whether the stored token may be sent to `url` with `trust` (server and trust).
+    pub fn may_send_token(&self, url: &str, trust: Trust) -> bool {
+        self.may_send_token_to(url) && self.may_send_token_with(url, trust)
+    }
+
+    /// Whether the binding records fall short of what a verification with `nbi`'s spec binds:
+    /// no server recorded, no trust recorded for an https server, or a token bound without
+    /// verification now verified (it is then bound as verified from here on).
+    pub fn binding_outdated(&self, nbi: &NetbirdInstance) -> bool {
+        let url = &nbi.spec.management_url;
+        self.home_server().is_none()
+            || (binding::uses_tls(url)
+                && self.bound_trust() != Some(Trust::Verified)
+                && self.bound_trust() != Some(spec_trust(nbi)))
     }
 }
 
@@ -461,6 +494,7 @@ pub fn store_patch(
                 ANN_SETUP_STARTED_AT: Value::Null,
                 ANN_SETUP_UNANSWERED: Value::Null,
                 ANN_MANAGEMENT_URL: binding::normalize(&nbi.spec.management_url),
+                ANN_MANAGEMENT_TLS: trust_record(nbi),
             },
         },
         "data": data,
@@ -517,11 +551,32 @@ pub fn rotation_marker_patch(started_at: &str) -> Value {
     json!({"metadata": {"annotations": {ANN_ROTATION_STARTED_AT: started_at}}})
 }
 
-/// Records the server the stored token was first verified against (Secrets written before the
-/// operator recorded it: the upgrade path).
+/// How the spec has the server trusted.
+pub fn spec_trust(nbi: &NetbirdInstance) -> Trust {
+    Trust::of(
+        nbi.spec
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.insecure_skip_verify),
+    )
+}
+
+/// The trust record for a token bound now (https servers only; null removes a stale one).
+fn trust_record(nbi: &NetbirdInstance) -> Value {
+    if binding::uses_tls(&nbi.spec.management_url) {
+        json!(spec_trust(nbi).as_str())
+    } else {
+        Value::Null
+    }
+}
+
+/// Records the server the stored token was first verified against, and how it was trusted
+/// (Secrets written before the operator recorded them: the upgrade path; a token first used
+/// without verification and now verified is bound as verified).
 pub fn home_server_patch(nbi: &NetbirdInstance) -> Value {
     json!({"metadata": {"annotations": {
         ANN_MANAGEMENT_URL: binding::normalize(&nbi.spec.management_url),
+        ANN_MANAGEMENT_TLS: trust_record(nbi),
     }}})
 }
 
@@ -848,6 +903,85 @@ mod tests {
             Value::Null
         );
         assert_eq!(p["data"]["NB_API_KEY"], json!("bmJwX2FiYw=="));
+    }
+
+    fn owned_with(annotations: &[(&str, &str)]) -> OwnedSecret {
+        let mut s = secret(
+            &[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "nb")],
+            Some(b"nbp_x"),
+        );
+        s.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        match classify(Some(s), "nb", "NB_API_KEY") {
+            TokenSecret::Ours(o) => o,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_token_bound_with_verification_is_not_sent_without() {
+        let url = "https://nb.example.com";
+        let verified = owned_with(&[(ANN_MANAGEMENT_URL, url), (ANN_MANAGEMENT_TLS, "verified")]);
+        assert!(verified.may_send_token(url, Trust::Verified));
+        assert!(!verified.may_send_token(url, Trust::SkipVerify));
+        let skip = owned_with(&[
+            (ANN_MANAGEMENT_URL, url),
+            (ANN_MANAGEMENT_TLS, "insecure-skip-verify"),
+        ]);
+        assert!(skip.may_send_token(url, Trust::SkipVerify));
+        assert!(skip.may_send_token(url, Trust::Verified));
+        // an unreadable record binds to verification
+        let odd = owned_with(&[(ANN_MANAGEMENT_URL, url), (ANN_MANAGEMENT_TLS, "Verified ")]);
+        assert!(!odd.may_send_token(url, Trust::SkipVerify));
+        // plain http has no certificate: the record does not apply
+        let http = owned_with(&[
+            (ANN_MANAGEMENT_URL, "http://nb.local"),
+            (ANN_MANAGEMENT_TLS, "verified"),
+        ]);
+        assert!(http.may_send_token("http://nb.local", Trust::SkipVerify));
+    }
+
+    #[test]
+    fn secrets_without_the_trust_record_are_bound_at_their_next_verification() {
+        let url = "https://nb.example.com";
+        let mut n = nbi(DeletionPolicy::Retain);
+        // written before the record existed: sent as the spec says, then recorded so
+        let legacy = owned_with(&[(ANN_MANAGEMENT_URL, url)]);
+        assert!(legacy.may_send_token(url, Trust::Verified));
+        assert!(legacy.may_send_token(url, Trust::SkipVerify));
+        assert!(legacy.binding_outdated(&n));
+        assert_eq!(
+            home_server_patch(&n)["metadata"]["annotations"][ANN_MANAGEMENT_TLS],
+            json!("verified")
+        );
+        n.spec.tls = Some(crate::crd::TlsSpec {
+            ca_secret_ref: None,
+            insecure_skip_verify: true,
+        });
+        assert_eq!(
+            home_server_patch(&n)["metadata"]["annotations"][ANN_MANAGEMENT_TLS],
+            json!("insecure-skip-verify")
+        );
+        // bound without verification, now verified: bound as verified from here on
+        let skip = owned_with(&[
+            (ANN_MANAGEMENT_URL, url),
+            (ANN_MANAGEMENT_TLS, "insecure-skip-verify"),
+        ]);
+        assert!(!skip.binding_outdated(&n));
+        n.spec.tls = None;
+        assert!(skip.binding_outdated(&n));
+        let verified = owned_with(&[(ANN_MANAGEMENT_URL, url), (ANN_MANAGEMENT_TLS, "verified")]);
+        assert!(!verified.binding_outdated(&n));
+        // a setup or rotation records it with the server
+        let p = store_patch(&n, &SecretString::from("nbp_abc"), "u1", "e", "i");
+        assert_eq!(
+            p["metadata"]["annotations"][ANN_MANAGEMENT_TLS],
+            json!("verified")
+        );
     }
 
     #[test]

@@ -798,6 +798,11 @@ impl Known {
             secret_name: &self.secret_name,
             secret_key: &nbi.spec.token.secret_key,
             management_url: &nbi.spec.management_url,
+            insecure_skip_verify: nbi
+                .spec
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.insecure_skip_verify),
         }
     }
 

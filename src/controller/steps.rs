@@ -38,6 +38,8 @@ pub struct World {
     unseen: [bool; 3],
     /// spec.managementURL: the only server the client talks to.
     management_url: String,
+    /// How the spec has that server trusted (spec.tls.insecureSkipVerify).
+    trust: crate::binding::Trust,
 }
 
 impl World {
@@ -147,6 +149,7 @@ impl World {
             allowed_servers,
             unseen,
             management_url: nbi.spec.management_url.clone(),
+            trust: token_secret::spec_trust(nbi),
         };
         world.build_client(nbi, ctx);
         Ok(world)
@@ -217,7 +220,7 @@ impl World {
     pub fn token(&self) -> Option<&SecretString> {
         let s = self.token_secret.owned()?;
         match &s.token {
-            TokenValue::Present(t) if s.may_send_token_to(&self.management_url) => Some(t),
+            TokenValue::Present(t) if s.may_send_token(&self.management_url, self.trust) => Some(t),
             _ => None,
         }
     }
@@ -227,7 +230,7 @@ impl World {
         let s = self.token_secret.owned()?;
         s.previous_token
             .as_ref()
-            .filter(|_| s.may_send_token_to(&self.management_url))
+            .filter(|_| s.may_send_token(&self.management_url, self.trust))
     }
 
     pub fn metadata_in_sync(&self, nbi: &NetbirdInstance) -> bool {
@@ -425,7 +428,7 @@ impl Stepper<'_, '_> {
                 .world
                 .token_secret
                 .owned()
-                .is_some_and(|s| s.home_server().is_none())
+                .is_some_and(|s| s.binding_outdated(self.nbi))
         {
             self.patch(&token_secret::home_server_patch(self.nbi))
                 .await?;
