@@ -12,7 +12,7 @@ use tracing::{error, info};
 use crate::controller::{self, Context, Settings};
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
-use crate::netbird::ClientOptions;
+use crate::netbird::{ClientOptions, ProxySettings};
 use crate::telemetry::{self, LogFormat};
 
 #[derive(Parser, Debug)]
@@ -139,10 +139,23 @@ pub enum RunError {
         lease: String,
         error: kube_lease_manager::LeaseManagerError,
     },
+    #[error("{0}")]
+    Proxy(crate::netbird::ClientBuildError),
     #[error("leader election stopped")]
     LeaderElectionStopped,
     #[error("lost the leader Lease")]
     LostLease,
+}
+
+/// The egress proxy for calls to NetBird, from `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY`: checked
+/// and logged once at start-up.
+fn netbird_proxy() -> Result<ProxySettings, RunError> {
+    let proxy = ProxySettings::from_env();
+    proxy.check().map_err(RunError::Proxy)?;
+    if proxy.is_set() {
+        info!(proxy = %proxy.describe(), "calls to NetBird go through the egress proxy");
+    }
+    Ok(proxy)
 }
 
 async fn run(args: RunArgs) -> Result<(), RunError> {
@@ -165,6 +178,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         netbird: ClientOptions {
             connect_timeout: Duration::from_secs(args.netbird_connect_timeout.max(1)),
             request_timeout: Duration::from_secs(args.netbird_request_timeout.max(1)),
+            proxy: netbird_proxy()?,
             ..ClientOptions::default()
         },
         instance_id: args.pod_name.clone(),

@@ -400,3 +400,54 @@ async fn refused_key_prefixes_become_the_operators_environment() {
     );
     assert!(!bad.status.success(), "a prefix with a comma was accepted");
 }
+
+/// `proxy.*` reaches the operator as `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY`; unset values
+/// set nothing.
+#[tokio::test]
+async fn proxy_values_become_the_operators_environment() {
+    let Some(cp) = ControlPlane::shared() else {
+        return;
+    };
+    let rendered = support::chart::template(
+        cp,
+        "nbop",
+        "ops",
+        &[
+            "proxy.httpsProxy=http://proxy.example.com:3128",
+            "proxy.noProxy=.svc\\,10.0.0.0/8",
+        ],
+    );
+    let release = Release {
+        name: "nbop".into(),
+        namespace: "ops".into(),
+        service_account: "nbop-netbird-operator".into(),
+        rendered,
+    };
+    assert_eq!(
+        release.deployment_env("HTTPS_PROXY").as_deref(),
+        Some("http://proxy.example.com:3128")
+    );
+    assert_eq!(
+        release.deployment_env("NO_PROXY").as_deref(),
+        Some(".svc,10.0.0.0/8")
+    );
+    assert_eq!(release.deployment_env("HTTP_PROXY"), None);
+    let defaults = support::chart::template(cp, "nbop", "ops", &[]);
+    assert!(!defaults.contains("_PROXY"));
+    let bad = run(
+        cp,
+        &cp.helm,
+        &[
+            "template",
+            "nbop",
+            CHART,
+            "--set",
+            "proxy.httpsProxy=proxy:3128",
+        ],
+        None,
+    );
+    assert!(
+        !bad.status.success(),
+        "a proxy without a scheme was accepted"
+    );
+}
