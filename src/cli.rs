@@ -12,7 +12,7 @@ use tracing::{error, info};
 use crate::controller::{self, Context, Settings};
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
-use crate::netbird::ClientOptions;
+use crate::netbird::{ClientOptions, ProxySettings};
 use crate::telemetry::{self, LogFormat};
 
 #[derive(Parser, Debug)]
@@ -87,6 +87,16 @@ pub struct RunArgs {
     /// Namespace of the leader Lease (default: the pod's namespace, else "default").
     #[arg(long, env = "POD_NAMESPACE")]
     pub leader_election_namespace: Option<String>,
+    /// Key prefixes of spec.token.secretLabels and secretAnnotations to refuse besides the
+    /// built-in ones (bootstrap.netbird.io/ and the well-known Secret copiers), for a Secret copier
+    /// of this cluster: a NetbirdInstance with such a key is Stalled/InvalidSpec and its token
+    /// Secret is not written (repeat the flag, or separate them with commas).
+    #[arg(
+        long = "refused-secret-key-prefixes",
+        env = "REFUSED_SECRET_KEY_PREFIXES",
+        value_delimiter = ','
+    )]
+    pub refused_secret_key_prefixes: Vec<String>,
 }
 
 pub async fn main(cli: Cli) -> ExitCode {
@@ -129,10 +139,23 @@ pub enum RunError {
         lease: String,
         error: kube_lease_manager::LeaseManagerError,
     },
+    #[error("{0}")]
+    Proxy(crate::netbird::ClientBuildError),
     #[error("leader election stopped")]
     LeaderElectionStopped,
     #[error("lost the leader Lease")]
     LostLease,
+}
+
+/// The egress proxy for calls to NetBird, from `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY`: checked
+/// and logged once at start-up.
+fn netbird_proxy() -> Result<ProxySettings, RunError> {
+    let proxy = ProxySettings::from_env();
+    proxy.check().map_err(RunError::Proxy)?;
+    if proxy.is_set() {
+        info!(proxy = %proxy.describe(), "calls to NetBird go through the egress proxy");
+    }
+    Ok(proxy)
 }
 
 async fn run(args: RunArgs) -> Result<(), RunError> {
@@ -155,12 +178,19 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         netbird: ClientOptions {
             connect_timeout: Duration::from_secs(args.netbird_connect_timeout.max(1)),
             request_timeout: Duration::from_secs(args.netbird_request_timeout.max(1)),
+            proxy: netbird_proxy()?,
             ..ClientOptions::default()
         },
         instance_id: args.pod_name.clone(),
         max_backoff: Duration::from_secs(args.max_backoff.max(1)),
         finalizer_timeout: Duration::from_secs(args.finalizer_timeout),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        refused_secret_key_prefixes: args
+            .refused_secret_key_prefixes
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
     };
     let settings_namespaces = settings.namespaces.clone();
     let ctx = Arc::new(Context::new(

@@ -11,6 +11,79 @@ use serde::{Deserialize, Serialize};
 /// API group of the operator's resources; also the prefix of its labels and annotations.
 pub const GROUP: &str = "bootstrap.netbird.io";
 
+/// Key prefixes of well-known Secret copiers. An annotation or a label under one of them on the
+/// token Secret makes the copier put the token into other namespaces (or pull another Secret into
+/// it): `spec.token.secretAnnotations` and `secretLabels` may not set them, since whoever may edit
+/// a NetbirdInstance is not trusted with the token. Compared in lower case.
+pub const SECRET_COPIER_PREFIXES: &[&str] = &[
+    // emberstack Reflector
+    "reflector.v1.k8s.emberstack.com/",
+    // mittwald kubernetes-replicator
+    "replicator.v1.mittwald.de/",
+    // AppsCode kubed and its successor Config Syncer
+    "kubed.appscode.com/",
+    // IBM secret-sync-operator
+    "secretsync.ibm.com/",
+    // Synator
+    "synator/",
+    // k8s-duplicator
+    "duplicator.k8s.nicktriller.com/",
+    // Replizieren
+    "replizieren.dev/",
+    // kube-syncer
+    "kube-syncer/",
+];
+
+/// The Secret copier prefix `key` is under, if any.
+pub fn copier_prefix(key: &str) -> Option<&'static str> {
+    let key = key.to_ascii_lowercase();
+    SECRET_COPIER_PREFIXES
+        .iter()
+        .find(|p| key.starts_with(*p))
+        .copied()
+}
+
+/// A label or annotation key as the apiserver takes it: an optional DNS subdomain prefix (at most
+/// 253 characters) and `/`, then a name of at most 63 characters (letters, digits, `-`, `_`, `.`,
+/// beginning and ending with a letter or digit). Annotation keys are checked in lower case.
+const QUALIFIED_NAME: &str = "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?\
+    [A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+
+/// The rule that refuses keys of Secret copiers in the map `field`.
+fn copier_keys_rule(field: &str) -> kube::core::Rule {
+    let checks: Vec<String> = SECRET_COPIER_PREFIXES
+        .iter()
+        .map(|p| format!("!k.lowerAscii().startsWith('{p}')"))
+        .collect();
+    let message = format!(
+        "{field} must not set keys of Secret copiers ({}): they would copy the token into other \
+            namespaces, to whoever may read there",
+        SECRET_COPIER_PREFIXES.join(", ")
+    );
+    kube::core::Rule::new(format!("self.all(k, {})", checks.join(" && ")))
+        .message(kube::core::Message::Message(message))
+}
+
+/// The rule that refuses keys the apiserver would refuse on the token Secret (`lower`: annotation
+/// keys, checked in lower case as the apiserver does).
+fn key_syntax_rule(field: &str, lower: bool) -> kube::core::Rule {
+    let key = if lower { "k.lowerAscii()" } else { "k" };
+    kube::core::Rule::new(format!(
+        "self.all(k, {key}.matches('{QUALIFIED_NAME}') && (!k.contains('/') || k.indexOf('/') <= \
+            253))"
+    ))
+    .message(kube::core::Message::Message(format!(
+        "{field} keys must be valid {}: an optional DNS subdomain prefix of at most 253 \
+            characters and '/', then a name of at most 63 letters, digits, '-', '_' or '.', \
+            beginning and ending with a letter or digit",
+        if lower {
+            "annotation keys"
+        } else {
+            "label keys"
+        }
+    )))
+}
+
 /// A NetBird management server that the operator sets up once and whose API token it keeps in a
 /// Secret.
 // the printer columns repeat `type_ = "string"`, which this lint mistakes for a duplicate
@@ -200,22 +273,41 @@ pub struct TokenSpec {
     #[schemars(range(min = 1, max = 365))]
     pub expires_in_days: i32,
 
-    /// Labels added to the token Secret.
+    /// Labels added to the token Secret (at most 64; values of at most 63 characters). Keys of
+    /// Secret copiers (reflector.v1.k8s.emberstack.com/, replicator.v1.mittwald.de/,
+    /// kubed.appscode.com/, ...) are refused: they would copy the token into other namespaces.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[x_kube(validation = Rule::new("!('app.kubernetes.io/managed-by' in self) && \
-        !('bootstrap.netbird.io/instance' in self)").message("secretLabels must not set \
-            app.kubernetes.io/managed-by or bootstrap.netbird.io/instance: the operator sets \
-            them"))]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {
+            "type": "string",
+            "maxLength": 63,
+            "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+        }
+    ))]
+    #[x_kube(
+        validation = Rule::new("!('app.kubernetes.io/managed-by' in self) && \
+            !('bootstrap.netbird.io/instance' in self)").message("secretLabels must not set \
+                app.kubernetes.io/managed-by or bootstrap.netbird.io/instance: the operator sets \
+                them"),
+        validation = copier_keys_rule("secretLabels"),
+        validation = key_syntax_rule("secretLabels", false),
+    )]
     pub secret_labels: BTreeMap<String, String>,
 
-    /// Annotations added to the token Secret. Keys under bootstrap.netbird.io/ are refused: they
-    /// are the operator's own records (which server the token belongs to, when it expires, ...).
+    /// Annotations added to the token Secret (at most 64). Keys under bootstrap.netbird.io/ are
+    /// refused: they are the operator's own records (which server the token belongs to, when it
+    /// expires, ...). So are keys of Secret copiers (reflector.v1.k8s.emberstack.com/,
+    /// replicator.v1.mittwald.de/, kubed.appscode.com/, ...): they would copy the token into
+    /// other namespaces.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
     #[x_kube(
         validation = Rule::new("self.all(k, !k.startsWith('bootstrap.netbird.io/'))")
             .message("secretAnnotations must not set keys under bootstrap.netbird.io/: they are \
-                the operator's own records")
+                the operator's own records"),
+        validation = copier_keys_rule("secretAnnotations"),
+        validation = key_syntax_rule("secretAnnotations", true),
     )]
     pub secret_annotations: BTreeMap<String, String>,
 
@@ -504,6 +596,39 @@ impl NetbirdInstance {
 }
 
 impl NetbirdInstanceSpec {
+    /// A key of `token.secretLabels` or `token.secretAnnotations` under one of `refused` (prefixes
+    /// this cluster's operator is configured to refuse, besides the built-in ones): the message
+    /// for Stalled/InvalidSpec.
+    pub fn refused_secret_key(&self, refused: &[String]) -> Option<String> {
+        let token = &self.token;
+        let keys = token
+            .secret_labels
+            .keys()
+            .map(|k| ("secretLabels", k))
+            .chain(
+                token
+                    .secret_annotations
+                    .keys()
+                    .map(|k| ("secretAnnotations", k)),
+            );
+        for (field, key) in keys {
+            let lower = key.to_ascii_lowercase();
+            if let Some(prefix) = refused
+                .iter()
+                .find(|p| !p.is_empty() && lower.starts_with(&p.to_ascii_lowercase()))
+            {
+                return Some(format!(
+                    "spec.token.{field} sets {key:?}, under {prefix:?}, which this cluster's \
+                        operator refuses (--refused-secret-key-prefixes, chart value \
+                        tokenSecret.refusedKeyPrefixes: a Secret copier of this cluster reads \
+                        such keys and would copy the token into other namespaces). Remove the \
+                        key; the token Secret is not written until then"
+                ));
+            }
+        }
+        None
+    }
+
     /// A problem the schema could not catch (or an object stored before the schema had the rule).
     pub fn problem(&self) -> Option<String> {
         let url = match url::Url::parse(&self.management_url) {
@@ -587,4 +712,65 @@ pub fn crd_helm_template() -> String {
         "# Generated by `netbird-operator crd --helm`; do not edit by hand.\n{{{{- if \
             .Values.crds.install }}}}\n{body}{{{{- end }}}}\n"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> NetbirdInstanceSpec {
+        let mut s: NetbirdInstanceSpec = serde_json::from_value(serde_json::json!({
+            "managementURL": "https://nb.example.com",
+            "credentialsSecretRef": {"name": "admin"},
+        }))
+        .unwrap();
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        s.token.secret_labels = map(labels);
+        s.token.secret_annotations = map(annotations);
+        s
+    }
+
+    #[test]
+    fn copier_keys_are_known_in_any_case() {
+        assert_eq!(
+            copier_prefix("Reflector.v1.k8s.emberstack.com/reflection-allowed"),
+            Some("reflector.v1.k8s.emberstack.com/")
+        );
+        assert_eq!(
+            copier_prefix("kubed.appscode.com/sync"),
+            Some("kubed.appscode.com/")
+        );
+        assert_eq!(copier_prefix("reflector.example.com/x"), None);
+        assert_eq!(copier_prefix("team"), None);
+    }
+
+    #[test]
+    fn prefixes_a_cluster_refuses_stall_with_the_key_named() {
+        let refused = vec!["copier.example.com/".to_string()];
+        let none = spec(&[("team", "net")], &[("note", "x")]);
+        assert_eq!(none.refused_secret_key(&refused), None);
+        let label = spec(&[("Copier.example.com/to", "all")], &[]);
+        let message = label.refused_secret_key(&refused).expect("refused");
+        assert!(message.contains("secretLabels"), "{message}");
+        assert!(message.contains("Copier.example.com/to"), "{message}");
+        assert!(
+            message.contains("tokenSecret.refusedKeyPrefixes"),
+            "{message}"
+        );
+        let annotation = spec(&[], &[("copier.example.com/replicate-to", "ns")]);
+        assert!(
+            annotation
+                .refused_secret_key(&refused)
+                .is_some_and(|m| m.contains("secretAnnotations"))
+        );
+        // nothing configured: nothing refused here (the built-in prefixes are the schema's and
+        // token_secret's)
+        assert_eq!(annotation.refused_secret_key(&[]), None);
+        assert_eq!(annotation.refused_secret_key(&[String::new()]), None);
+    }
 }

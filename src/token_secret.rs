@@ -12,8 +12,8 @@ use kube::Resource;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-use crate::binding::{self, ANN_MANAGEMENT_URL};
-use crate::crd::{DeletionPolicy, NetbirdInstance};
+use crate::binding::{self, ANN_MANAGEMENT_TLS, ANN_MANAGEMENT_URL, Trust};
+use crate::crd::{DeletionPolicy, NetbirdInstance, copier_prefix};
 
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "netbird-operator";
@@ -191,6 +191,39 @@ impl OwnedSecret {
         self.home_server()
             .is_none_or(|home| binding::same_server(home, url))
     }
+
+    /// How the stored token's server was trusted when it was bound, when recorded. A Secret
+    /// without the record (written before the operator recorded it, or a token put in by hand) is
+    /// bound at its next verification, as the spec then has it: verified unless
+    /// insecureSkipVerify is on (the operator sent it that way before too).
+    pub fn bound_trust(&self) -> Option<Trust> {
+        self.annotation(ANN_MANAGEMENT_TLS).map(Trust::parse)
+    }
+
+    /// Whether the stored token may be sent with the TLS trust `trust`: never with weaker trust
+    /// than it was bound with (a token bound to a verified https server is not sent without
+    /// verification).
+    pub fn may_send_token_with(&self, url: &str, trust: Trust) -> bool {
+        !(binding::uses_tls(url)
+            && trust == Trust::SkipVerify
+            && self.bound_trust() == Some(Trust::Verified))
+    }
+
+    /// Whether the stored token may be sent to `url` with `trust` (server and trust).
+    pub fn may_send_token(&self, url: &str, trust: Trust) -> bool {
+        self.may_send_token_to(url) && self.may_send_token_with(url, trust)
+    }
+
+    /// Whether the binding records fall short of what a verification with `nbi`'s spec binds:
+    /// no server recorded, no trust recorded for an https server, or a token bound without
+    /// verification now verified (it is then bound as verified from here on).
+    pub fn binding_outdated(&self, nbi: &NetbirdInstance) -> bool {
+        let url = &nbi.spec.management_url;
+        self.home_server().is_none()
+            || (binding::uses_tls(url)
+                && self.bound_trust() != Some(Trust::Verified)
+                && self.bound_trust() != Some(spec_trust(nbi)))
+    }
 }
 
 impl TokenSecret {
@@ -251,21 +284,30 @@ pub fn classify(secret: Option<Secret>, instance: &str, key: &str) -> TokenSecre
 }
 
 /// The annotations `spec.token.secretAnnotations` adds: those under `bootstrap.netbird.io/` are
-/// the operator's own records and never taken from the spec (the schema refuses them; an object
-/// stored before that rule must not be able to pin them either).
+/// the operator's own records and never taken from the spec, and those of Secret copiers would
+/// copy the token into other namespaces (the schema refuses both; an object stored before those
+/// rules must not be able to set them either).
 pub fn spec_annotations(nbi: &NetbirdInstance) -> BTreeMap<String, String> {
     nbi.spec
         .token
         .secret_annotations
         .iter()
-        .filter(|(k, _)| !k.starts_with(OWN_ANNOTATION_PREFIX))
+        .filter(|(k, _)| !k.starts_with(OWN_ANNOTATION_PREFIX) && copier_prefix(k).is_none())
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
 
-/// Labels the token Secret must carry.
+/// Labels the token Secret must carry: the operator's two and `spec.token.secretLabels` but those
+/// of Secret copiers (refused by the schema; ignored for objects stored before that rule).
 pub fn desired_labels(nbi: &NetbirdInstance) -> BTreeMap<String, String> {
-    let mut labels = nbi.spec.token.secret_labels.clone();
+    let mut labels: BTreeMap<String, String> = nbi
+        .spec
+        .token
+        .secret_labels
+        .iter()
+        .filter(|(k, _)| copier_prefix(k).is_none())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
     labels.insert(
         LABEL_INSTANCE.into(),
@@ -293,6 +335,23 @@ pub fn desired_owner_references(
     refs
 }
 
+/// Copier keys (labels, annotations) the spec still asks for and the Secret carries with the same
+/// value: put there from the spec by an operator older than the rule that refuses them, so taken
+/// off again. A copier key the spec does not ask for is left alone: whoever may write the Secret
+/// may share its token.
+fn copier_keys_from_spec(nbi: &NetbirdInstance, s: &OwnedSecret) -> (Vec<String>, Vec<String>) {
+    let from = |spec: &BTreeMap<String, String>, on: &BTreeMap<String, String>| -> Vec<String> {
+        spec.iter()
+            .filter(|(k, v)| copier_prefix(k).is_some() && on.get(*k) == Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    (
+        from(&nbi.spec.token.secret_labels, &s.labels),
+        from(&nbi.spec.token.secret_annotations, &s.annotations),
+    )
+}
+
 /// Whether labels, annotations and owner references of an owned Secret follow the spec.
 pub fn metadata_in_sync(nbi: &NetbirdInstance, s: &OwnedSecret) -> bool {
     let labels_ok = desired_labels(nbi)
@@ -302,14 +361,24 @@ pub fn metadata_in_sync(nbi: &NetbirdInstance, s: &OwnedSecret) -> bool {
         .iter()
         .all(|(k, v)| s.annotations.get(k) == Some(v));
     let refs_ok = desired_owner_references(nbi, &s.owner_references) == s.owner_references;
-    labels_ok && ann_ok && refs_ok
+    let (copier_labels, copier_annotations) = copier_keys_from_spec(nbi, s);
+    labels_ok && ann_ok && refs_ok && copier_labels.is_empty() && copier_annotations.is_empty()
 }
 
 /// A merge patch that brings labels, annotations and owner references in line with the spec.
 pub fn metadata_patch(nbi: &NetbirdInstance, s: &OwnedSecret) -> Value {
+    let mut labels = serde_json::to_value(desired_labels(nbi)).unwrap_or_default();
+    let mut annotations = serde_json::to_value(spec_annotations(nbi)).unwrap_or_default();
+    let (copier_labels, copier_annotations) = copier_keys_from_spec(nbi, s);
+    for k in copier_labels {
+        labels[k] = Value::Null;
+    }
+    for k in copier_annotations {
+        annotations[k] = Value::Null;
+    }
     json!({"metadata": {
-        "labels": desired_labels(nbi),
-        "annotations": spec_annotations(nbi),
+        "labels": labels,
+        "annotations": annotations,
         "ownerReferences": desired_owner_references(nbi, &s.owner_references),
     }})
 }
@@ -425,10 +494,27 @@ pub fn store_patch(
                 ANN_SETUP_STARTED_AT: Value::Null,
                 ANN_SETUP_UNANSWERED: Value::Null,
                 ANN_MANAGEMENT_URL: binding::normalize(&nbi.spec.management_url),
+                ANN_MANAGEMENT_TLS: trust_record(nbi),
             },
         },
         "data": data,
     })
+}
+
+/// The message of a token Secret write the apiserver refused as invalid (422): `what` failed, and
+/// the apiserver's reason. Such a refusal answers the spec (labels, annotations, the Secret's name or
+/// key), so the instance stalls until the spec changes.
+pub fn invalid_write_message(what: &str, apiserver: &str) -> String {
+    let apiserver: String = apiserver
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(500)
+        .collect();
+    format!(
+        "{what}: the Kubernetes API refused the Secret as invalid: {apiserver}. Fix what it names \
+            in spec.token (secretLabels, secretAnnotations, secretName or secretKey); the operator \
+            tries again when the spec changes"
+    )
 }
 
 /// A token as a Secret's data value (base64).
@@ -465,11 +551,32 @@ pub fn rotation_marker_patch(started_at: &str) -> Value {
     json!({"metadata": {"annotations": {ANN_ROTATION_STARTED_AT: started_at}}})
 }
 
-/// Records the server the stored token was first verified against (Secrets written before the
-/// operator recorded it: the upgrade path).
+/// How the spec has the server trusted.
+pub fn spec_trust(nbi: &NetbirdInstance) -> Trust {
+    Trust::of(
+        nbi.spec
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.insecure_skip_verify),
+    )
+}
+
+/// The trust record for a token bound now (https servers only; null removes a stale one).
+fn trust_record(nbi: &NetbirdInstance) -> Value {
+    if binding::uses_tls(&nbi.spec.management_url) {
+        json!(spec_trust(nbi).as_str())
+    } else {
+        Value::Null
+    }
+}
+
+/// Records the server the stored token was first verified against, and how it was trusted
+/// (Secrets written before the operator recorded them: the upgrade path; a token first used
+/// without verification and now verified is bound as verified).
 pub fn home_server_patch(nbi: &NetbirdInstance) -> Value {
     json!({"metadata": {"annotations": {
         ANN_MANAGEMENT_URL: binding::normalize(&nbi.spec.management_url),
+        ANN_MANAGEMENT_TLS: trust_record(nbi),
     }}})
 }
 
@@ -694,6 +801,77 @@ mod tests {
     }
 
     #[test]
+    fn secret_copier_keys_never_reach_the_token_secret() {
+        let mut n = nbi(DeletionPolicy::Retain);
+        let copiers = [
+            "reflector.v1.k8s.emberstack.com/reflection-allowed",
+            "reflector.v1.k8s.emberstack.com/reflection-auto-enabled",
+            "replicator.v1.mittwald.de/replicate-to",
+            "kubed.appscode.com/sync",
+        ];
+        for k in copiers {
+            // an object stored before the admission rule existed
+            n.spec
+                .token
+                .secret_annotations
+                .insert(k.into(), "true".into());
+            n.spec.token.secret_labels.insert(k.into(), "true".into());
+        }
+        n.spec
+            .token
+            .secret_annotations
+            .insert("note".into(), "kept".into());
+        let s = new_claimed(&n, "t", "fp");
+        let (labels, annotations) = (s.metadata.labels.unwrap(), s.metadata.annotations.unwrap());
+        for k in copiers {
+            assert!(!labels.contains_key(k), "{k}");
+            assert!(!annotations.contains_key(k), "{k}");
+        }
+        assert_eq!(annotations.get("note").map(String::as_str), Some("kept"));
+        assert_eq!(labels.get("team").map(String::as_str), Some("net"));
+
+        // a Secret an older version wrote them to: taken off; one a person put there: kept
+        let mut old = match classify(Some(s_with(&copiers)), "nb", "NB_API_KEY") {
+            TokenSecret::Ours(o) => o,
+            other => panic!("{other:?}"),
+        };
+        old.annotations.insert(
+            "replicator.v1.mittwald.de/replicate-from".into(),
+            "x/y".into(),
+        );
+        assert!(!metadata_in_sync(&n, &old));
+        let patch = metadata_patch(&n, &old);
+        for k in copiers {
+            assert_eq!(patch["metadata"]["annotations"][k], Value::Null, "{k}");
+            assert_eq!(patch["metadata"]["labels"][k], Value::Null, "{k}");
+        }
+        assert!(
+            patch["metadata"]["annotations"]
+                .get("replicator.v1.mittwald.de/replicate-from")
+                .is_none()
+        );
+    }
+
+    /// An owned Secret carrying these keys as labels and annotations, set to "true".
+    fn s_with(keys: &[&str]) -> Secret {
+        let mut s = secret(
+            &[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "nb")],
+            None,
+        );
+        for k in keys {
+            s.metadata
+                .labels
+                .get_or_insert_with(Default::default)
+                .insert(k.to_string(), "true".into());
+            s.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(k.to_string(), "true".into());
+        }
+        s
+    }
+
+    #[test]
     fn owner_reference_only_with_delete_policy() {
         let s = new_claimed(&nbi(DeletionPolicy::Delete), "t", "fp");
         let refs = s.metadata.owner_references.unwrap();
@@ -725,6 +903,85 @@ mod tests {
             Value::Null
         );
         assert_eq!(p["data"]["NB_API_KEY"], json!("bmJwX2FiYw=="));
+    }
+
+    fn owned_with(annotations: &[(&str, &str)]) -> OwnedSecret {
+        let mut s = secret(
+            &[(LABEL_MANAGED_BY, MANAGED_BY), (LABEL_INSTANCE, "nb")],
+            Some(b"nbp_x"),
+        );
+        s.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        match classify(Some(s), "nb", "NB_API_KEY") {
+            TokenSecret::Ours(o) => o,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_token_bound_with_verification_is_not_sent_without() {
+        let url = "https://nb.example.com";
+        let verified = owned_with(&[(ANN_MANAGEMENT_URL, url), (ANN_MANAGEMENT_TLS, "verified")]);
+        assert!(verified.may_send_token(url, Trust::Verified));
+        assert!(!verified.may_send_token(url, Trust::SkipVerify));
+        let skip = owned_with(&[
+            (ANN_MANAGEMENT_URL, url),
+            (ANN_MANAGEMENT_TLS, "insecure-skip-verify"),
+        ]);
+        assert!(skip.may_send_token(url, Trust::SkipVerify));
+        assert!(skip.may_send_token(url, Trust::Verified));
+        // an unreadable record binds to verification
+        let odd = owned_with(&[(ANN_MANAGEMENT_URL, url), (ANN_MANAGEMENT_TLS, "Verified ")]);
+        assert!(!odd.may_send_token(url, Trust::SkipVerify));
+        // plain http has no certificate: the record does not apply
+        let http = owned_with(&[
+            (ANN_MANAGEMENT_URL, "http://nb.local"),
+            (ANN_MANAGEMENT_TLS, "verified"),
+        ]);
+        assert!(http.may_send_token("http://nb.local", Trust::SkipVerify));
+    }
+
+    #[test]
+    fn secrets_without_the_trust_record_are_bound_at_their_next_verification() {
+        let url = "https://nb.example.com";
+        let mut n = nbi(DeletionPolicy::Retain);
+        // written before the record existed: sent as the spec says, then recorded so
+        let legacy = owned_with(&[(ANN_MANAGEMENT_URL, url)]);
+        assert!(legacy.may_send_token(url, Trust::Verified));
+        assert!(legacy.may_send_token(url, Trust::SkipVerify));
+        assert!(legacy.binding_outdated(&n));
+        assert_eq!(
+            home_server_patch(&n)["metadata"]["annotations"][ANN_MANAGEMENT_TLS],
+            json!("verified")
+        );
+        n.spec.tls = Some(crate::crd::TlsSpec {
+            ca_secret_ref: None,
+            insecure_skip_verify: true,
+        });
+        assert_eq!(
+            home_server_patch(&n)["metadata"]["annotations"][ANN_MANAGEMENT_TLS],
+            json!("insecure-skip-verify")
+        );
+        // bound without verification, now verified: bound as verified from here on
+        let skip = owned_with(&[
+            (ANN_MANAGEMENT_URL, url),
+            (ANN_MANAGEMENT_TLS, "insecure-skip-verify"),
+        ]);
+        assert!(!skip.binding_outdated(&n));
+        n.spec.tls = None;
+        assert!(skip.binding_outdated(&n));
+        let verified = owned_with(&[(ANN_MANAGEMENT_URL, url), (ANN_MANAGEMENT_TLS, "verified")]);
+        assert!(!verified.binding_outdated(&n));
+        // a setup or rotation records it with the server
+        let p = store_patch(&n, &SecretString::from("nbp_abc"), "u1", "e", "i");
+        assert_eq!(
+            p["metadata"]["annotations"][ANN_MANAGEMENT_TLS],
+            json!("verified")
+        );
     }
 
     #[test]

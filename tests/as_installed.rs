@@ -379,6 +379,11 @@ fn operator_process(
         .env("POD_NAME", name)
         .env("LOG_FORMAT", "text")
         .env("LOG_LEVEL", "info")
+        // the operator takes its egress proxy from these: none from the environment of the run
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
         .stdout(std::fs::File::create(log).unwrap())
         .stderr(Stdio::null())
         .spawn()

@@ -359,3 +359,95 @@ async fn install_upgrade_and_the_chart_rbac_is_enough_and_no_more() {
         matches!(all.list(&Default::default()).await, Err(kube::Error::Api(s)) if s.code == 403)
     );
 }
+
+/// `tokenSecret.refusedKeyPrefixes` reaches the operator as `REFUSED_SECRET_KEY_PREFIXES`.
+#[tokio::test]
+async fn refused_key_prefixes_become_the_operators_environment() {
+    let Some(cp) = ControlPlane::shared() else {
+        return;
+    };
+    let rendered = support::chart::template(
+        cp,
+        "nbop",
+        "ops",
+        &["tokenSecret.refusedKeyPrefixes={copier.example.com/,team.example.com/}"],
+    );
+    let release = Release {
+        name: "nbop".into(),
+        namespace: "ops".into(),
+        service_account: "nbop-netbird-operator".into(),
+        rendered,
+    };
+    assert_eq!(
+        release
+            .deployment_env("REFUSED_SECRET_KEY_PREFIXES")
+            .as_deref(),
+        Some("copier.example.com/,team.example.com/")
+    );
+    let defaults = support::chart::template(cp, "nbop", "ops", &[]);
+    assert!(!defaults.contains("REFUSED_SECRET_KEY_PREFIXES"));
+    let bad = run(
+        cp,
+        &cp.helm,
+        &[
+            "template",
+            "nbop",
+            CHART,
+            "--set",
+            "tokenSecret.refusedKeyPrefixes={a\\,b}",
+        ],
+        None,
+    );
+    assert!(!bad.status.success(), "a prefix with a comma was accepted");
+}
+
+/// `proxy.*` reaches the operator as `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY`; unset values
+/// set nothing.
+#[tokio::test]
+async fn proxy_values_become_the_operators_environment() {
+    let Some(cp) = ControlPlane::shared() else {
+        return;
+    };
+    let rendered = support::chart::template(
+        cp,
+        "nbop",
+        "ops",
+        &[
+            "proxy.httpsProxy=http://proxy.example.com:3128",
+            "proxy.noProxy=.svc\\,10.0.0.0/8",
+        ],
+    );
+    let release = Release {
+        name: "nbop".into(),
+        namespace: "ops".into(),
+        service_account: "nbop-netbird-operator".into(),
+        rendered,
+    };
+    assert_eq!(
+        release.deployment_env("HTTPS_PROXY").as_deref(),
+        Some("http://proxy.example.com:3128")
+    );
+    assert_eq!(
+        release.deployment_env("NO_PROXY").as_deref(),
+        Some(".svc,10.0.0.0/8")
+    );
+    assert_eq!(release.deployment_env("HTTP_PROXY"), None);
+    let defaults = support::chart::template(cp, "nbop", "ops", &[]);
+    assert!(!defaults.contains("_PROXY"));
+    let bad = run(
+        cp,
+        &cp.helm,
+        &[
+            "template",
+            "nbop",
+            CHART,
+            "--set",
+            "proxy.httpsProxy=proxy:3128",
+        ],
+        None,
+    );
+    assert!(
+        !bad.status.success(),
+        "a proxy without a scheme was accepted"
+    );
+}

@@ -467,7 +467,7 @@ async fn bad_inputs_stall_with_a_reason_before_any_call() {
     env.create_instance("nb2", with("bademail")).await.unwrap();
     env.create_instance("nb3", with("good")).await.unwrap();
     for (name, reason, text) in [
-        ("nb0", "InvalidSpec", "is 5 bytes"),
+        ("nb0", "InvalidSpec", "is shorter than 8 bytes"),
         ("nb1", "InvalidSpec", "has no key \"password\""),
         ("nb2", "InvalidSpec", "not a valid email"),
         ("nb3", "SecretConflict", "not managed by this operator"),

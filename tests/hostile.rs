@@ -139,6 +139,67 @@ async fn bad_specs_are_refused_at_admission() {
             json!({"token": {"secretLabels": {"bootstrap.netbird.io/instance": "other"}}}),
             "secretLabels",
         ),
+        // Secret copiers: whoever may edit the NetbirdInstance would have the token copied into a
+        // namespace they read
+        (
+            "reflector annotation",
+            json!({"token": {"secretAnnotations": {
+                "reflector.v1.k8s.emberstack.com/reflection-allowed": "true",
+                "reflector.v1.k8s.emberstack.com/reflection-auto-enabled": "true"}}}),
+            "reflector.v1.k8s.emberstack.com/",
+        ),
+        (
+            "replicator annotation",
+            json!({"token": {"secretAnnotations": {
+                "replicator.v1.mittwald.de/replicate-to": "attacker"}}}),
+            "replicator.v1.mittwald.de/",
+        ),
+        (
+            "kubed annotation",
+            json!({"token": {"secretAnnotations": {"kubed.appscode.com/sync": ""}}}),
+            "kubed.appscode.com/",
+        ),
+        (
+            "copier label",
+            json!({"token": {"secretLabels": {"kubed.appscode.com/sync": "true"}}}),
+            "kubed.appscode.com/",
+        ),
+        // what the apiserver would refuse on the Secret, refused on the NetbirdInstance
+        (
+            "label value with spaces",
+            json!({"token": {"secretLabels": {"team": "not a label value"}}}),
+            "secretLabels",
+        ),
+        (
+            "label value too long",
+            json!({"token": {"secretLabels": {"team": "a".repeat(64)}}}),
+            "secretLabels",
+        ),
+        (
+            "label key with a space",
+            json!({"token": {"secretLabels": {"my team": "net"}}}),
+            "secretLabels",
+        ),
+        (
+            "label key with two slashes",
+            json!({"token": {"secretLabels": {"a/b/c": "net"}}}),
+            "secretLabels",
+        ),
+        (
+            "label key name too long",
+            json!({"token": {"secretLabels": {format!("example.com/{}", "n".repeat(64)): "net"}}}),
+            "secretLabels",
+        ),
+        (
+            "annotation key with a space",
+            json!({"token": {"secretAnnotations": {"my note": "x"}}}),
+            "secretAnnotations",
+        ),
+        (
+            "annotation key with an empty prefix",
+            json!({"token": {"secretAnnotations": {"/note": "x"}}}),
+            "secretAnnotations",
+        ),
     ];
     let mut base =
         json!({"managementURL": "https://127.0.0.1", "credentialsSecretRef": {"name": "admin"}});
@@ -162,6 +223,72 @@ async fn bad_specs_are_refused_at_admission() {
     // a name over the limit is refused by the apiserver itself
     let long_name = "n".repeat(254);
     assert!(env.create_instance(&long_name, base.clone()).await.is_err());
+    // what the rules let through
+    let mut fine = base.clone();
+    merge(
+        &mut fine,
+        &json!({"token": {
+            "secretLabels": {"team": "net", "example.com/tier": "a.b_c-1", "empty": ""},
+            "secretAnnotations": {"note": "any text at all: spaces, 'quotes', /slashes/",
+                "Example.COM/Mixed": "x", "reflector.example.com/x": "not a copier"},
+        }}),
+    );
+    env.create_instance("fine", fine)
+        .await
+        .expect("valid labels and annotations are accepted");
+}
+
+/// A Secret write the apiserver refuses as invalid (annotations over its 256 KiB total, which the
+/// schema cannot add up) is Stalled/InvalidSpec with the apiserver's word, not a retry loop, and
+/// setup is never called.
+#[tokio::test]
+async fn a_secret_the_apiserver_refuses_is_an_invalid_spec() {
+    let Some(env) = TestEnv::new("secret-invalid").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    env.create_secret("admin", &[("email", EMAIL), ("password", PASSWORD)])
+        .await;
+    let op = env.start_operator().await;
+    let big = "x".repeat(140 * 1024);
+    let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true,
+        "credentialsSecretRef": {"name": "admin"},
+        "token": {"secretAnnotations": {"one": big, "two": big}}});
+    env.create_instance("nb", spec).await.unwrap();
+    let n = env
+        .wait_instance("nb", "Stalled/InvalidSpec", T, |n| {
+            condition(n, "Stalled").is_some_and(|(s, r, _)| s == "True" && r == "InvalidSpec")
+        })
+        .await;
+    let message = condition(&n, "Stalled").unwrap().2;
+    assert!(
+        message.contains("262144"),
+        "the apiserver's word: {message}"
+    );
+    assert!(message.contains("nb-token"), "{message}");
+    assert!(
+        condition(&n, "Reconciling").is_none(),
+        "no retry loop: {n:?}"
+    );
+    assert_eq!(fake.calls("setup"), 0);
+    assert_eq!(op.setup_calls(), 0);
+    // and it stays so: nothing is tried again until the spec changes
+    let calls = fake.state().calls.clone();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(fake.state().calls, calls);
+    // the spec fixed: it goes on
+    env.instances()
+        .patch(
+            "nb",
+            &Default::default(),
+            &kube::api::Patch::Merge(&json!({"spec": {"token": {"secretAnnotations": null}}})),
+        )
+        .await
+        .unwrap();
+    env.wait_instance("nb", "Ready", T, |n| {
+        support::ready_is(n, "True", "Bootstrapped")
+    })
+    .await;
 }
 
 /// Secrets with hostile content end in a specific condition before any setup call.
@@ -188,7 +315,7 @@ async fn bad_secrets_end_in_a_condition_without_a_setup_call() {
             "huge-password",
             vec![("email", EMAIL.into()), ("password", huge.into_bytes())],
             "InvalidSpec",
-            "524288 bytes",
+            "longer than 72 bytes",
         ),
         (
             "long-password",
@@ -197,7 +324,7 @@ async fn bad_secrets_end_in_a_condition_without_a_setup_call() {
                 ("password", "€".repeat(25).into_bytes()),
             ],
             "InvalidSpec",
-            "75 bytes",
+            "longer than 72 bytes",
         ),
         (
             "zero-width-email",
@@ -287,9 +414,67 @@ async fn bad_secrets_end_in_a_condition_without_a_setup_call() {
             !message.contains(PASSWORD),
             "{name}: the message carries the password"
         );
+        // nor a function of it: the length of a password is not said
+        for length in ["524288", "75 bytes"] {
+            assert!(!message.contains(length), "{name}: {message}");
+        }
+    }
+    for (reason, note) in env.events().await {
+        for length in ["524288", "75 bytes"] {
+            assert!(!note.contains(length), "Event {reason}: {note}");
+        }
     }
     assert_eq!(fake.calls("setup"), 0, "no bad Secret reached NetBird");
     assert_eq!(op.setup_calls(), 0);
+}
+
+/// An answer of the wrong shape is reported by what failed, never by the value it held: serde's
+/// own message quotes the value, and a server's answer may hold anything.
+#[tokio::test]
+async fn decode_errors_echo_nothing_of_the_answer() {
+    let Some(env) = TestEnv::new("decode-echo").await else {
+        return;
+    };
+    const ECHO: &str = "nbp_EchoedFromTheServersAnswer0123456789";
+    let fake = FakeNetbird::start().await;
+    fake.fault(
+        "instance",
+        support::fake_netbird::Fault::Json(
+            200,
+            r#"{"setup_required": "nbp_EchoedFromTheServersAnswer0123456789"}"#,
+        ),
+    );
+    env.create_secret("admin", &[("email", EMAIL), ("password", PASSWORD)])
+        .await;
+    let _op = env.start_operator().await;
+    let spec = json!({"managementURL": fake.url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"}});
+    env.create_instance("nb", spec).await.unwrap();
+    let n = env
+        .wait_instance("nb", "ManagementUnreachable", T, |n| {
+            condition(n, "Ready").is_some_and(|(_, r, _)| r == "ManagementUnreachable")
+        })
+        .await;
+    let message = condition(&n, "Ready").unwrap().2;
+    assert!(message.contains("not NetBird's JSON"), "{message}");
+    let status = serde_json::to_string(&n.status).unwrap();
+    assert!(
+        !status.contains(ECHO),
+        "the status echoes the answer: {status}"
+    );
+    let events = support::wait_for("an Event", T, || {
+        let env = &env;
+        async move {
+            let e = env.events().await;
+            (!e.is_empty()).then_some(e)
+        }
+    })
+    .await;
+    for (reason, note) in events {
+        assert!(
+            !note.contains(ECHO),
+            "Event {reason} echoes the answer: {note}"
+        );
+    }
 }
 
 /// Token Secrets with hostile content, and a CA that is not one.

@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use netbird_operator::netbird::{
-    ClientOptions, NetbirdClient, NetbirdError, SetupRequest, TransportKind, pat,
+    ClientOptions, NetbirdClient, NetbirdError, ProxySettings, SetupRequest, TransportKind, pat,
 };
 use secrecy::{ExposeSecret, SecretString};
 use support::fake_netbird::{FakeNetbird, Fault};
@@ -262,4 +262,52 @@ async fn tls_to_a_plain_http_server_is_a_tls_error() {
         ),
         "{e:?}"
     );
+}
+
+/// `HTTPS_PROXY`: an https:// server is reached through a CONNECT tunnel to its host (TLS verified
+/// end to end: the proxy sees the host and port only); `NO_PROXY` naming the host goes straight to
+/// it, and `HTTP_PROXY` alone is not used for https://.
+#[tokio::test]
+async fn https_goes_through_the_proxy_unless_no_proxy_names_the_host() {
+    let (fake, ca) = FakeNetbird::start_tls(&["127.0.0.1"]).await;
+    let proxy = support::proxy::Proxy::start().await;
+    let client = |proxy: ProxySettings| {
+        NetbirdClient::new(
+            &fake.url,
+            &ClientOptions {
+                extra_ca_pem: Some(ca.clone().into_bytes()),
+                request_timeout: Duration::from_secs(5),
+                proxy,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let authority = fake.url.trim_start_matches("https://").to_string();
+    client(ProxySettings {
+        https: Some(proxy.url.clone()),
+        ..Default::default()
+    })
+    .instance_status()
+    .await
+    .expect("through the tunnel");
+    assert_eq!(proxy.seen().tunnels, vec![authority.clone()]);
+    assert_eq!(fake.calls("instance"), 1);
+
+    for direct in [
+        ProxySettings {
+            https: Some(proxy.url.clone()),
+            no_proxy: Some("nb.example.com, 127.0.0.1".into()),
+            ..Default::default()
+        },
+        ProxySettings {
+            http: Some(proxy.url.clone()),
+            ..Default::default()
+        },
+    ] {
+        client(direct).instance_status().await.expect("direct");
+    }
+    assert_eq!(fake.calls("instance"), 3);
+    assert_eq!(proxy.seen().tunnels.len(), 1, "{:?}", proxy.seen());
+    assert!(proxy.seen().requests.is_empty());
 }

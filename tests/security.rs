@@ -669,3 +669,84 @@ async fn two_instances_share_a_server_and_a_service_user_through_rotations() {
         assert!(ready_is(&n, "True", "Bootstrapped"), "{name}");
     }
 }
+
+/// The binding covers how the server is trusted too: a token first used with TLS verification on
+/// is not sent once `spec.tls.insecureSkipVerify` is turned on (anyone on the path could then take
+/// it), for any call, the finalizer's included; whoever may write the token Secret can accept the
+/// weaker trust on its annotation.
+#[tokio::test]
+async fn turning_tls_verification_off_keeps_the_token_home() {
+    let Some(env) = TestEnv::new("tls-trust").await else {
+        return;
+    };
+    const ANN_TLS: &str = "bootstrap.netbird.io/management-tls";
+    let (fake, ca) = support::fake_netbird::FakeNetbird::start_tls(&["127.0.0.1"]).await;
+    env.create_admin_secret().await;
+    env.create_secret("ca", &[("ca.crt", &ca)]).await;
+    let _op = env.start_operator().await;
+    let verified = json!({"caSecretRef": {"name": "ca"}});
+    let skipped = json!({"caSecretRef": {"name": "ca"}, "insecureSkipVerify": true});
+    env.create_instance(
+        "nb",
+        json!({"managementURL": fake.url, "credentialsSecretRef": {"name": "admin"},
+            "tls": verified, "token": {"deletionPolicy": "Delete"}}),
+    )
+    .await
+    .unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    let token = token_in(&secret(&env, "nb-token").await).expect("token");
+
+    // the spec editor turns verification off (a machine in the middle is theirs)
+    patch_spec(&env, "nb", json!({"tls": skipped})).await;
+    let n = env
+        .wait_instance("nb", "Stalled/ServerNotAllowed", T, |n| {
+            stalled_with(n, "ServerNotAllowed")
+        })
+        .await;
+    let message = condition(&n, "Stalled").unwrap().2;
+    assert!(message.contains("insecureSkipVerify"), "{message}");
+    assert!(message.contains(ANN_TLS), "{message}");
+    let stored = secret(&env, "nb-token").await;
+    assert_eq!(
+        annotation(&stored, ANN_TLS).as_deref(),
+        Some("verified"),
+        "the token Secret records how the server was trusted"
+    );
+    let sent = received(&fake, &token);
+    patch_spec(&env, "nb", json!({"versionCheck": {"interval": "1m"}})).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        received(&fake, &token),
+        sent,
+        "the token was sent without verification"
+    );
+
+    // whoever may write the Secret accepts the weaker trust
+    annotate(&env, "nb-token", json!({ ANN_TLS: "insecure-skip-verify" })).await;
+    env.wait_instance("nb", "Ready without verification", T, |n| {
+        ready_is(n, "True", "Bootstrapped") && condition(n, "Stalled").is_none()
+    })
+    .await;
+
+    // bound to verification again: the finalizer does not send it either
+    annotate(&env, "nb-token", json!({ ANN_TLS: "verified" })).await;
+    env.wait_instance("nb", "Stalled again", T, |n| {
+        stalled_with(n, "ServerNotAllowed")
+    })
+    .await;
+    let sent = received(&fake, &token);
+    env.instances()
+        .delete("nb", &Default::default())
+        .await
+        .unwrap();
+    env.wait_instance_gone("nb").await;
+    assert_eq!(received(&fake, &token), sent);
+    let events = env.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "TokenNotDeleted" && n.contains("insecureSkipVerify")),
+        "{events:?}"
+    );
+}

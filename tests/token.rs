@@ -281,7 +281,7 @@ async fn rotation_against_the_real_netbird_server() {
         .await
         .unwrap();
     assert_eq!(tokens.len(), 1, "{tokens:?}");
-    assert!(tokens[0].name.starts_with("netbird-operator-"));
+    assert!(tokens[0].name.starts_with("netbird-operator."));
 }
 
 fn delete_spec(url: &str) -> serde_json::Value {

@@ -75,6 +75,28 @@ pub async fn on_delete(
         return Ok(Action::await_change());
     }
     let world = World::read(nbi, secrets, ctx).await?;
+    if let Some(s) = world.token_secret.owned().filter(|s| {
+        s.may_send_token_to(&nbi.spec.management_url)
+            && !s.may_send_token_with(
+                &nbi.spec.management_url,
+                crate::token_secret::spec_trust(nbi),
+            )
+    }) {
+        // bound to a verified server, and the spec skips verification: not sent either
+        let note = format!(
+            "{} It was not sent to be deleted: delete it in the NetBird dashboard, or let it expire",
+            crate::binding::weaker_trust_message(
+                &nbi.token_secret_name(),
+                s.home_server().unwrap_or(&nbi.spec.management_url),
+            )
+        );
+        warn!(
+            "the token is bound to a verified server and the spec skips verification; not \
+            deleted"
+        );
+        publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+        return remove_finalizer(nbi, api).await;
+    }
     if let Some(home) = world
         .token_secret
         .owned()

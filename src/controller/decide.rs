@@ -112,6 +112,8 @@ pub struct Facts<'a> {
     pub secret_name: &'a str,
     pub secret_key: &'a str,
     pub management_url: &'a str,
+    /// spec.tls.insecureSkipVerify
+    pub insecure_skip_verify: bool,
 }
 
 /// Reasons of the Reconciling condition.
@@ -329,6 +331,20 @@ fn from_token_secret(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
             return Some(stalled(
                 Stall::ServerNotAllowed,
                 token_not_allowed_message(f, s.home_server().unwrap_or_default()),
+            ));
+        }
+        TokenValue::Present(_)
+            if !s.may_send_token_with(
+                f.management_url,
+                crate::binding::Trust::of(f.insecure_skip_verify),
+            ) =>
+        {
+            return Some(stalled(
+                Stall::ServerNotAllowed,
+                crate::binding::weaker_trust_message(
+                    f.secret_name,
+                    s.home_server().unwrap_or(f.management_url),
+                ),
             ));
         }
         TokenValue::Present(_) => {
@@ -748,6 +764,7 @@ mod tests {
         allowed_servers: Option<&'static str>,
         setup_server_errors: u32,
         service_user: Option<&'static str>,
+        insecure_skip_verify: bool,
     }
 
     impl World {
@@ -766,6 +783,7 @@ mod tests {
                 allowed_servers: None,
                 setup_server_errors: 0,
                 service_user: None,
+                insecure_skip_verify: false,
             }
         }
         fn decide(&self) -> Decision {
@@ -789,6 +807,7 @@ mod tests {
                 secret_name: "nb-token",
                 secret_key: "NB_API_KEY",
                 management_url: "https://nb.example.com",
+                insecure_skip_verify: self.insecure_skip_verify,
             })
         }
     }
@@ -1218,6 +1237,33 @@ mod tests {
             World::new(owned(Some("nbp_x"), false)).decide(),
             Continue(Step::VerifyToken)
         );
+    }
+
+    #[test]
+    fn a_token_bound_with_verification_is_not_sent_without() {
+        let mut secret = owned(Some("nbp_x"), false);
+        if let TokenSecret::Ours(s) = &mut secret {
+            s.annotations
+                .insert(crate::binding::ANN_MANAGEMENT_TLS.into(), "verified".into());
+        }
+        let mut w = World::new(secret);
+        assert_eq!(w.decide(), Continue(Step::VerifyToken));
+        w.insecure_skip_verify = true;
+        match w.decide() {
+            Break(Verdict::Stalled { reason, message }) => {
+                assert_eq!(reason, Stall::ServerNotAllowed);
+                assert!(message.contains("insecureSkipVerify"), "{message}");
+                assert!(
+                    message.contains(crate::binding::ANN_MANAGEMENT_TLS),
+                    "{message}"
+                );
+            }
+            s => panic!("{s:?}"),
+        }
+        // no record (an older Secret): verified, then recorded as the spec has it
+        let mut w = World::new(owned(Some("nbp_x"), false));
+        w.insecure_skip_verify = true;
+        assert_eq!(w.decide(), Continue(Step::VerifyToken));
     }
 
     #[test]

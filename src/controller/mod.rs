@@ -83,6 +83,9 @@ pub struct Settings {
     /// How long a token write still in flight keeps trying after a shutdown began (within the
     /// pod's termination grace period).
     pub shutdown_timeout: Duration,
+    /// Key prefixes of `spec.token.secretLabels`/`secretAnnotations` refused besides the built-in
+    /// ones (a Secret copier of this cluster): such an instance is Stalled/InvalidSpec.
+    pub refused_secret_key_prefixes: Vec<String>,
 }
 
 impl Default for Settings {
@@ -95,6 +98,7 @@ impl Default for Settings {
             max_backoff: Duration::from_secs(300),
             finalizer_timeout: Duration::from_secs(900),
             shutdown_timeout: Duration::from_secs(50),
+            refused_secret_key_prefixes: Vec::new(),
         }
     }
 }
@@ -837,7 +841,7 @@ async fn read_and_drive(
     secrets: &secrets::Secrets<'_>,
     started: jiff::Timestamp,
 ) -> Result<Result<(steps::World, Known, Driven), Action>, Error> {
-    let known = Known::new(nbi, started);
+    let known = Known::new(nbi, started, &ctx.settings.refused_secret_key_prefixes);
     let mut world = steps::World::read(nbi, secrets, ctx).await?;
     if let Some(left) = ctx.retry_pending(&known.uid, &world.inputs(known.generation)) {
         // woken by an event that changed nothing this pass depends on (typically its own status
@@ -922,7 +926,7 @@ struct Known {
 }
 
 impl Known {
-    fn new(nbi: &NetbirdInstance, started: jiff::Timestamp) -> Self {
+    fn new(nbi: &NetbirdInstance, started: jiff::Timestamp, refused_keys: &[String]) -> Self {
         let interval = nbi.version_interval();
         Known {
             started,
@@ -936,7 +940,10 @@ impl Known {
                 .and_then(|s| s.setup.as_ref())
                 .is_some_and(|s| s.state == crate::crd::SetupState::Completed),
             secret_name: nbi.token_secret_name(),
-            spec_problem: nbi.spec.problem(),
+            spec_problem: nbi
+                .spec
+                .problem()
+                .or_else(|| nbi.spec.refused_secret_key(refused_keys)),
         }
     }
 
@@ -976,6 +983,11 @@ impl Known {
             secret_name: &self.secret_name,
             secret_key: &nbi.spec.token.secret_key,
             management_url: &nbi.spec.management_url,
+            insecure_skip_verify: nbi
+                .spec
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.insecure_skip_verify),
         }
     }
 

@@ -38,6 +38,8 @@ pub struct World {
     unseen: [bool; 3],
     /// spec.managementURL: the only server the client talks to.
     management_url: String,
+    /// How the spec has that server trusted (spec.tls.insecureSkipVerify).
+    trust: crate::binding::Trust,
 }
 
 impl World {
@@ -147,6 +149,7 @@ impl World {
             allowed_servers,
             unseen,
             management_url: nbi.spec.management_url.clone(),
+            trust: token_secret::spec_trust(nbi),
         };
         world.build_client(nbi, ctx);
         Ok(world)
@@ -226,7 +229,7 @@ impl World {
     pub fn token(&self) -> Option<&SecretString> {
         let s = self.token_secret.owned()?;
         match &s.token {
-            TokenValue::Present(t) if s.may_send_token_to(&self.management_url) => Some(t),
+            TokenValue::Present(t) if s.may_send_token(&self.management_url, self.trust) => Some(t),
             _ => None,
         }
     }
@@ -236,7 +239,7 @@ impl World {
         let s = self.token_secret.owned()?;
         s.previous_token
             .as_ref()
-            .filter(|_| s.may_send_token_to(&self.management_url))
+            .filter(|_| s.may_send_token(&self.management_url, self.trust))
     }
 
     pub fn metadata_in_sync(&self, nbi: &NetbirdInstance) -> bool {
@@ -292,6 +295,16 @@ fn resource_version(secret: &Option<Secret>) -> Option<String> {
 }
 
 fn progressing(what: &str, e: &kube::Error) -> Verdict {
+    // the apiserver refuses the Secret as the spec makes it: the same write fails until the spec
+    // changes, so a person is needed, not a retry loop
+    if let kube::Error::Api(s) = e
+        && s.code == 422
+    {
+        return Verdict::Stalled {
+            reason: super::decide::Stall::InvalidSpec,
+            message: token_secret::invalid_write_message(what, &s.message),
+        };
+    }
     Verdict::Waiting {
         reason: Waiting::Progressing,
         message: format!("{what}: {e}; retrying with backoff"),
@@ -420,7 +433,7 @@ impl Stepper<'_, '_> {
                 .world
                 .token_secret
                 .owned()
-                .is_some_and(|s| s.home_server().is_none())
+                .is_some_and(|s| s.binding_outdated(self.nbi))
         {
             self.patch(&token_secret::home_server_patch(self.nbi))
                 .await?;

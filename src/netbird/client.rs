@@ -24,6 +24,10 @@ pub struct ClientOptions {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// spec.tls.insecureSkipVerify.
     pub insecure_skip_verify: bool,
+    /// The egress proxy. The default is none: the operator's binary reads it from its environment
+    /// ([`ProxySettings::from_env`]); a library user or a test passes it explicitly, so the
+    /// environment of a test run never reroutes calls made in-process.
+    pub proxy: ProxySettings,
 }
 
 impl Default for ClientOptions {
@@ -33,7 +37,106 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(30),
             extra_ca_pem: None,
             insecure_skip_verify: false,
+            proxy: ProxySettings::default(),
         }
+    }
+}
+
+/// The egress proxy for calls to NetBird, as `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` (or their
+/// lower-case spellings) give it: https:// servers through `https`, http:// servers through
+/// `http`, and the hosts `no_proxy` names directly (comma-separated host names, domains matching
+/// their subdomains, IP addresses, CIDRs; `*` for all).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ProxySettings {
+    pub https: Option<String>,
+    pub http: Option<String>,
+    pub no_proxy: Option<String>,
+}
+
+impl std::fmt::Debug for ProxySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl ProxySettings {
+    /// From the process environment: upper-case names first, then lower-case ones.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// From a lookup of environment variables (tests pass their own).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
+        let var = |names: [&str; 2]| {
+            names
+                .iter()
+                .filter_map(|n| get(n))
+                .map(|v| v.trim().to_string())
+                .find(|v| !v.is_empty())
+        };
+        Self {
+            https: var(["HTTPS_PROXY", "https_proxy"]),
+            http: var(["HTTP_PROXY", "http_proxy"]),
+            no_proxy: var(["NO_PROXY", "no_proxy"]),
+        }
+    }
+
+    /// Whether any proxy is set.
+    pub fn is_set(&self) -> bool {
+        self.https.is_some() || self.http.is_some()
+    }
+
+    /// Where calls go, for a log line: the proxies without any user:password.
+    pub fn describe(&self) -> String {
+        let shown = |v: &Option<String>| v.as_deref().map_or("none".to_string(), redact_proxy);
+        format!(
+            "HTTPS_PROXY={} HTTP_PROXY={} NO_PROXY={}",
+            shown(&self.https),
+            shown(&self.http),
+            self.no_proxy.as_deref().unwrap_or("none")
+        )
+    }
+
+    /// Checks that the proxies are URLs a client can use (at start-up, before any call).
+    pub fn check(&self) -> Result<(), ClientBuildError> {
+        self.apply(reqwest::Client::builder()).map(|_| ())
+    }
+
+    fn apply(
+        &self,
+        builder: reqwest::ClientBuilder,
+    ) -> Result<reqwest::ClientBuilder, ClientBuildError> {
+        // never the system's proxies, read behind the operator's back: these only
+        let mut builder = builder.no_proxy();
+        let no_proxy = || {
+            self.no_proxy
+                .as_deref()
+                .and_then(reqwest::NoProxy::from_string)
+        };
+        let bad = |var: &str, url: &str| {
+            ClientBuildError::Proxy(format!("{var} {} is not a proxy URL", redact_proxy(url)))
+        };
+        if let Some(url) = &self.https {
+            let proxy = reqwest::Proxy::https(url).map_err(|_| bad("HTTPS_PROXY", url))?;
+            builder = builder.proxy(proxy.no_proxy(no_proxy()));
+        }
+        if let Some(url) = &self.http {
+            let proxy = reqwest::Proxy::http(url).map_err(|_| bad("HTTP_PROXY", url))?;
+            builder = builder.proxy(proxy.no_proxy(no_proxy()));
+        }
+        Ok(builder)
+    }
+}
+
+/// A proxy URL without its user:password (for logs and errors).
+fn redact_proxy(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.as_str().trim_end_matches('/').to_string()
+        }
+        Err(_) => "(not a URL)".into(),
     }
 }
 
@@ -59,6 +162,8 @@ pub enum ClientBuildError {
     CaBundle(String),
     #[error("failed to build the HTTP client: {0}")]
     Http(String),
+    #[error("the egress proxy is unusable: {0}")]
+    Proxy(String),
 }
 
 /// A client bound to one management server.
@@ -87,13 +192,13 @@ impl NetbirdClient {
     /// between all servers with the same TLS settings (see `with_http`).
     pub fn http(opts: &ClientOptions) -> Result<reqwest::Client, ClientBuildError> {
         crate::tls::install_crypto_provider();
-        let mut builder = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(opts.connect_timeout)
             .timeout(opts.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
             .user_agent(concat!("netbird-operator/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(Duration::from_secs(30));
+        let mut builder = opts.proxy.apply(builder)?;
         if let Some(pem) = &opts.extra_ca_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
                 .map_err(|e| ClientBuildError::CaBundle(e.to_string()))?;
@@ -373,10 +478,36 @@ impl NetbirdClient {
         serde_json::from_slice(&buf).map_err(|e| NetbirdError::Decode {
             endpoint,
             status: status.as_u16(),
-            detail: e.to_string(),
+            detail: decode_detail(&e),
             request_id,
         })
     }
+}
+
+/// What a decode error says, without any part of the body: serde's own message quotes the value it
+/// could not take (`invalid type: string "..."`), and a server's answer may hold anything, a token
+/// included. Only the kind of failure, the position, and a missing field's name (one of the
+/// operator's own types) are kept.
+fn decode_detail(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Syntax => "not valid JSON".to_string(),
+        Category::Eof => "the JSON ends early".to_string(),
+        Category::Io => "the body could not be read".to_string(),
+        Category::Data => {
+            let text = e.to_string();
+            match text
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map(|(field, _)| field)
+                .filter(|f| f.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            {
+                Some(field) => format!("the field {field} is missing"),
+                None => "a value has another type or shape than NetBird's".to_string(),
+            }
+        }
+    };
+    format!("{what}, at line {} column {}", e.line(), e.column())
 }
 
 /// An error answer: NetBird's JSON message, or a short excerpt of a non-JSON body.
@@ -577,6 +708,40 @@ mod tests {
     }
 
     #[test]
+    fn proxies_come_from_either_spelling_of_the_variables() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            ProxySettings::from_lookup(move |k| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            })
+        };
+        let p = env(&[
+            ("HTTPS_PROXY", "http://user:pw@proxy:3128"),
+            ("http_proxy", "http://proxy:3129"),
+            ("NO_PROXY", " .svc,10.0.0.0/8 "),
+        ]);
+        assert_eq!(p.https.as_deref(), Some("http://user:pw@proxy:3128"));
+        assert_eq!(p.http.as_deref(), Some("http://proxy:3129"));
+        assert_eq!(p.no_proxy.as_deref(), Some(".svc,10.0.0.0/8"));
+        assert!(p.check().is_ok());
+        let shown = p.describe();
+        assert!(!shown.contains("pw") && !shown.contains("user"), "{shown}");
+        assert!(shown.contains("http://proxy:3128"), "{shown}");
+        // upper case wins; empty means unset
+        let p = env(&[("HTTP_PROXY", "http://a:1"), ("http_proxy", "http://b:1")]);
+        assert_eq!(p.http.as_deref(), Some("http://a:1"));
+        assert!(!env(&[("HTTPS_PROXY", " ")]).is_set());
+        // a proxy that is not a URL is refused, without echoing it
+        let e = env(&[("HTTPS_PROXY", "::not a url::secret")])
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HTTPS_PROXY") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
     fn redirect_location_is_its_origin_only() {
         assert_eq!(
             redact_url("https://u:p@evil.example/x"),
@@ -596,6 +761,32 @@ mod tests {
         );
         assert_eq!(scrub("setup already completed"), "setup already completed");
         assert_eq!(scrub(&"x".repeat(500)).len(), 200);
+    }
+
+    #[test]
+    fn decode_errors_quote_nothing_of_the_body() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct T {
+            id: u64,
+            kind: K,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        enum K {
+            A,
+        }
+        for (body, want) in [
+            (r#"{"id": "nbp_echoed_value", "kind": "A"}"#, "another type"),
+            (r#"{"id": 1, "kind": "nbp_echoed_value"}"#, "another type"),
+            (r#"{"kind": "A"}"#, "the field id is missing"),
+            (r#"{"id": 1, "nbp_echoed_value"#, "ends early"),
+            ("nbp_echoed_value", "not valid JSON"),
+        ] {
+            let e = serde_json::from_str::<T>(body).unwrap_err();
+            let d = decode_detail(&e);
+            assert!(d.contains(want), "{body}: {d}");
+            assert!(!d.contains("echoed"), "{body}: {d}");
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@ mod error;
 pub mod pat;
 mod types;
 
-pub use client::{CallObserver, ClientBuildError, ClientOptions, MAX_BODY_BYTES, NetbirdClient};
+pub use client::{
+    CallObserver, ClientBuildError, ClientOptions, MAX_BODY_BYTES, NetbirdClient, ProxySettings,
+};
 pub use error::{Endpoint, NetbirdError, TransportKind, status_class};
 pub use types::*;

@@ -10,6 +10,7 @@ pub mod chart;
 pub mod consumer;
 pub mod fake_netbird;
 pub mod kube_faults;
+pub mod proxy;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
