@@ -182,6 +182,14 @@ impl World {
                 .is_some_and(|t| t.insecure_skip_verify),
             ..base.clone()
         };
+        if let Some(network) = &ctx.netbird_network {
+            let built = NetbirdClient::simulated(&nbi.spec.management_url, network.clone(), &opts);
+            match built {
+                Ok(c) => self.client = Some(c),
+                Err(e) => self.ca = Input::Invalid(format!("cannot connect as the spec says: {e}")),
+            }
+            return;
+        }
         // the HTTP client (TLS roots, connection pool) is built once per TLS settings and shared by
         // every instance and pass: one per instance held ~270 KiB each (measured: 288 MiB for 1040)
         let key: [u8; 32] = {
@@ -1050,8 +1058,8 @@ async fn write_until_stored(
         }
         if ctx.shutdown.is_cancelled() {
             let at = *deadline
-                .get_or_insert_with(|| std::time::Instant::now() + ctx.settings.shutdown_timeout);
-            if std::time::Instant::now() >= at {
+                .get_or_insert_with(|| tokio::time::Instant::now() + ctx.settings.shutdown_timeout);
+            if tokio::time::Instant::now() >= at {
                 tracing::error!(
                     namespace = nbi.metadata.namespace.as_deref().unwrap_or_default(),
                     instance = %nbi.name_any(),
@@ -1067,7 +1075,7 @@ async fn write_until_stored(
         let mut wait = delay.mul_f64(0.5 + 0.5 * super::jitter_fraction());
         if let Some(at) = deadline {
             // never sleep past the deadline
-            wait = wait.min(at.saturating_duration_since(std::time::Instant::now()));
+            wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
         }
         delay = (delay * 2).min(Duration::from_secs(30));
         tokio::select! {

@@ -5,6 +5,9 @@ mod error;
 pub mod pat;
 mod types;
 
-pub use client::{CallObserver, ClientBuildError, ClientOptions, MAX_BODY_BYTES, NetbirdClient};
+pub use client::{
+    CallObserver, ClientBuildError, ClientOptions, MAX_BODY_BYTES, NetbirdClient, SimRequest,
+    SimResponse, SimulatedNetwork,
+};
 pub use error::{Endpoint, NetbirdError, TransportKind, status_class};
 pub use types::*;
