@@ -57,6 +57,8 @@ pub struct KubeState {
     pub secret_events: Vec<watcher::Event<PartialObjectMeta<Secret>>>,
     /// Violations seen at the moment of a write.
     pub violations: Vec<String>,
+    /// Token ids whose previous-token record a write replaced by another before it was deleted.
+    pub overwritten_previous: Vec<String>,
     /// Instances removed (uid, namespace, name), for the watch's Delete.
     pub removed: Vec<(String, String, String)>,
 }
@@ -360,7 +362,21 @@ impl KubeState {
                         return (200, obj);
                     }
                 } else {
+                    const PREV: &str = "bootstrap.netbird.io/previous-token-id";
+                    let before = obj["metadata"]["annotations"][PREV]
+                        .as_str()
+                        .map(str::to_string);
                     merge(&mut obj, &patch);
+                    let after = obj["metadata"]["annotations"][PREV].as_str();
+                    if let (Some(b), Some(a)) = (&before, after)
+                        && b != a
+                    {
+                        self.violations.push(format!(
+                            "invariant 5: Secret {ns}/{name}: the previous-token record of {b} \
+                             was replaced by {a} before {b} was deleted (it is never deleted now)"
+                        ));
+                        self.overwritten_previous.push(b.clone());
+                    }
                 }
                 (200, self.put(r, ns, name, obj))
             }

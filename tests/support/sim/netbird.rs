@@ -108,6 +108,9 @@ pub struct NetbirdState {
     pub violations: Vec<String>,
     /// Calls answered (for the quiet-world check).
     pub calls: u64,
+    /// Valid tokens a fault answered 401 or 404 for (NetBird would not have): what the operator
+    /// concluded about them rests on a lie.
+    pub lied_about: Vec<String>,
     /// Each version answer: whether it told the latest release.
     pub version_answers: Vec<bool>,
     pub checker: Option<Checker>,
@@ -180,6 +183,7 @@ impl NetbirdState {
             violations: Vec::new(),
             calls: 0,
             version_answers: Vec::new(),
+            lied_about: Vec::new(),
             checker: None,
             now,
         }
@@ -234,6 +238,12 @@ impl NetbirdState {
             Some(Fault::Refused) => return Err(TransportKind::Connect),
             Some(Fault::ProxyNotFound) => return Ok((404, Value::Null, false)),
             Some(Fault::Status(code)) => {
+                if matches!(code, 401 | 404)
+                    && let Some((_, v)) = req.headers.iter().find(|(n, _)| n == "authorization")
+                {
+                    let plain = v.trim_start_matches("Token ").to_string();
+                    self.lied_about.push(plain);
+                }
                 let msg = match code {
                     401 => "token invalid",
                     404 => "not found",
