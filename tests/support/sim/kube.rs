@@ -59,6 +59,8 @@ pub struct KubeState {
     pub violations: Vec<String>,
     /// Token ids whose previous-token record a write replaced by another before it was deleted.
     pub overwritten_previous: Vec<String>,
+    /// Tokens of instances removed under deletionPolicy Delete (the finalizer's to delete).
+    pub deleted_with_instance: Vec<String>,
     /// Instances removed (uid, namespace, name), for the watch's Delete.
     pub removed: Vec<(String, String, String)>,
 }
@@ -152,6 +154,21 @@ impl KubeState {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
+            if gone["spec"]["token"]["deletionPolicy"] == "Delete" {
+                let secret = match gone["spec"]["token"]["secretName"].as_str() {
+                    Some(n) if !n.is_empty() => n.to_string(),
+                    _ => format!("{name}-token"),
+                };
+                let key = gone["spec"]["token"]["secretKey"]
+                    .as_str()
+                    .unwrap_or("NB_API_KEY");
+                if let Some(v) = self
+                    .get("secrets", ns, &secret)
+                    .and_then(|s| s["data"][key].as_str())
+                {
+                    self.deleted_with_instance.push(v.to_string());
+                }
+            }
             self.removed.push((uid.clone(), ns.into(), name.into()));
             // the garbage collector: Secrets owned by it go too
             let owned: Vec<_> = self

@@ -80,6 +80,8 @@ pub struct Server {
     pub setup_required: bool,
     /// The operator performed this server's setup (since the last wipe).
     pub set_up_by_operator: bool,
+    /// GET /api/instance answered since that setup.
+    pub checked_since_setup: bool,
     pub users: Vec<User>,
     pub tokens: Vec<Token>,
     /// Whether the version answer tells the latest release.
@@ -131,6 +133,7 @@ impl Server {
             mode: Mode::Normal,
             setup_required: true,
             set_up_by_operator: false,
+            checked_since_setup: false,
             users: Vec::new(),
             tokens: Vec::new(),
             tells_latest: true,
@@ -293,9 +296,20 @@ impl NetbirdState {
         if let Some(home) = home
             && home != s
         {
+            let by_hand = self.servers[home]
+                .tokens
+                .iter()
+                .any(|t| t.plain == plain && t.by_hand);
+            let first_use = !self.first_trust.iter().any(|(p, _)| p == plain);
             self.violations.push(format!(
-                "invariant 3: a token of server {} was sent to server {}",
-                self.servers[home].host, self.servers[s].host
+                "invariant 3: a token of server {} was sent to server {}{}",
+                self.servers[home].host,
+                self.servers[s].host,
+                match (by_hand, first_use) {
+                    (true, true) => " (a token put in by hand, on its first use)",
+                    (true, false) => " (a token put in by hand, used before)",
+                    _ => "",
+                }
             ));
         }
         match self.first_trust.iter().find(|(p, _)| p == plain) {
@@ -501,8 +515,13 @@ impl NetbirdState {
         self.servers[s].passwords.push(password.clone());
         if self.servers[s].set_up_by_operator {
             self.violations.push(format!(
-                "invariant 2: setup called again on {}, whose setup the operator performed",
-                self.servers[s].host
+                "invariant 2: setup called again on {}, whose setup the operator performed{}",
+                self.servers[s].host,
+                if self.servers[s].checked_since_setup {
+                    ""
+                } else {
+                    " (two passes raced: no instance check since that setup)"
+                }
             ));
         }
         let create_pat = body["create_pat"].as_bool().unwrap_or(false);
@@ -529,6 +548,18 @@ impl NetbirdState {
             return json_error(412, "setup already completed");
         }
         if self.servers[s].mode == Mode::LocalUsersDisabled {
+            let n = self.servers[s]
+                .passwords
+                .iter()
+                .filter(|p| **p == password)
+                .count();
+            if n == 7 {
+                self.violations.push(format!(
+                    "answers that will not change: setup on {} answered 500 six times to the same \
+                     credentials and is tried again",
+                    self.servers[s].host
+                ));
+            }
             return json_error(500, "internal server error");
         }
         let id = self.id("owner");
@@ -541,6 +572,7 @@ impl NetbirdState {
         });
         self.servers[s].setup_required = false;
         self.servers[s].set_up_by_operator = true;
+        self.servers[s].checked_since_setup = false;
         let mut out = json!({"user_id": id, "email": email});
         if pat_on && create_pat {
             let t = self.mint(s, &id, "setup-token", days, false);
