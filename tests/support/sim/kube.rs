@@ -34,15 +34,6 @@ pub enum KubeFault {
     ConflictStatus,
 }
 
-/// One write the operator made.
-#[derive(Clone, Debug)]
-pub struct Write {
-    pub kind: &'static str,
-    pub ns: String,
-    pub name: String,
-    pub status: bool,
-}
-
 #[derive(Default)]
 pub struct KubeState {
     rv: u64,
@@ -52,7 +43,7 @@ pub struct KubeState {
     pub events: Vec<Value>,
     pub faults: VecDeque<KubeFault>,
     /// Writes by the operator (through the service), for the quiet-world check.
-    pub writes: Vec<Write>,
+    pub writes: Vec<String>,
     /// Secret watch events not delivered yet.
     pub secret_events: Vec<watcher::Event<PartialObjectMeta<Secret>>>,
     /// Violations seen at the moment of a write.
@@ -308,12 +299,7 @@ impl KubeState {
                         ),
                     );
                 }
-                self.writes.push(Write {
-                    kind: "secrets",
-                    ns: ns.into(),
-                    name: name.clone(),
-                    status: false,
-                });
+                self.writes.push(format!("create Secret {ns}/{name}"));
                 let mut obj = patch;
                 obj["metadata"]
                     .as_object_mut()
@@ -341,16 +327,10 @@ impl KubeState {
                         "invariant 4: the operator wrote into Secret {ns}/{name}, which lacks its labels"
                     ));
                 }
-                self.writes.push(Write {
-                    kind: if r == "secrets" {
-                        "secrets"
-                    } else {
-                        "netbirdinstances"
-                    },
-                    ns: ns.into(),
-                    name: name.to_string(),
-                    status,
-                });
+                self.writes.push(format!(
+                    "patch {r} {ns}/{name}{}",
+                    if status { "/status" } else { "" }
+                ));
                 let mut patch = patch;
                 if let Some(m) = patch["metadata"].as_object_mut() {
                     m.remove("resourceVersion");

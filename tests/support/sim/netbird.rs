@@ -94,7 +94,7 @@ pub struct Server {
 /// What the world checks at the moment of a call (it knows the Kubernetes side).
 pub enum Check<'a> {
     /// A token deleted on `server`.
-    Delete { server: usize, plain: &'a str },
+    Delete { plain: &'a str },
     /// A password sent to `url`.
     Password { url: &'a str, password: &'a str },
 }
@@ -155,10 +155,6 @@ impl Server {
         self.tokens.clear();
         self.set_up_by_operator = false;
         self.setup_required = self.mode != Mode::ExternalIdp;
-    }
-
-    pub fn url(&self) -> String {
-        format!("https://{}{}", self.host, self.prefix)
     }
 }
 
@@ -489,10 +485,7 @@ impl NetbirdState {
                     };
                     let gone = srv.tokens.remove(i);
                     if let Some(check) = &self.checker {
-                        let v = check(Check::Delete {
-                            server: s,
-                            plain: &gone.plain,
-                        });
+                        let v = check(Check::Delete { plain: &gone.plain });
                         self.violations.extend(v);
                     }
                     (200, json!({}))
