@@ -14,7 +14,9 @@
 
 #[path = "support/sim/mod.rs"]
 mod sim;
+mod support;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -540,7 +542,7 @@ fn settings() -> Settings {
 }
 
 impl World {
-    fn new() -> World {
+    fn new(record: bool) -> World {
         let start = tokio::time::Instant::now();
         let base = jiff::Timestamp::from_second(1_798_761_600).unwrap(); // 2027-01-01
         let clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync> = Arc::new(move || {
@@ -548,7 +550,9 @@ impl World {
             base + d
         });
         let calls = Arc::new(Calls::default());
-        let kube: simkube::Shared = Arc::new(Mutex::new(KubeState::default()));
+        let mut state = KubeState::default();
+        state.recording = record;
+        let kube: simkube::Shared = Arc::new(Mutex::new(state));
         let mut nbs = NetbirdState::new(clock.clone());
         for h in HOSTS {
             nbs.servers.push(Server::new(h, ""));
@@ -1381,6 +1385,11 @@ fn nb_versions(nb: &NetbirdState) -> Vec<bool> {
 
 /// Runs one history; Err(violations) when an invariant broke.
 fn run(history: &[Op]) -> Result<(), String> {
+    run_with(history, false).0
+}
+
+/// Runs one history, and returns what happened to the apiserver when `record`.
+fn run_with(history: &[Op], record: bool) -> (Result<(), String>, Vec<simkube::Rec>) {
     netbird_operator::fingerprint::simulate();
     controller::set_jitter_source(jitter);
     JITTER.with(|s| s.set(history.len() as u64 + 1));
@@ -1397,7 +1406,7 @@ fn run(history: &[Op]) -> Result<(), String> {
     ));
     let _guard = tracing::subscriber::set_default(subscriber);
     rt.block_on(async {
-        let mut w = World::new();
+        let mut w = World::new(record);
         w.errors = errors;
         for (i, op) in history.iter().enumerate() {
             sim::trace(|| format!("step {i}: {op:?}"));
@@ -1422,11 +1431,27 @@ fn run(history: &[Op]) -> Result<(), String> {
             .filter(|v| !(v.contains("invariant 7") && known_steps.contains(&step_of(v))))
             .cloned()
             .collect();
-        if known.is_empty() {
+        let mut log = std::mem::take(&mut w.kube.lock().unwrap().log);
+        // the final objects, for the comparison with the real apiserver
+        log.extend(
+            w.kube
+                .lock()
+                .unwrap()
+                .objects
+                .iter()
+                .map(|((r, ns, name), v)| simkube::Rec::Final {
+                    resource: r.clone(),
+                    ns: ns.clone(),
+                    name: name.clone(),
+                    obj: v.clone(),
+                }),
+        );
+        let result = if known.is_empty() {
             Ok(())
         } else {
             Err(known.join("\n"))
-        }
+        };
+        (result, log)
     })
 }
 
@@ -1674,4 +1699,303 @@ const REGRESSIONS: &[(&str, &str)] = &[
 
 fn parse_history(text: &str) -> Vec<Op> {
     serde_json::from_str(text).expect("a history as the explorer printed it (JSON)")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keeping the apiserver model honest
+
+/// Random histories (without injected Kubernetes faults) run in the simulation; what happened to
+/// the model apiserver is replayed in order on the real kube-apiserver (resourceVersions, uids and
+/// namespaces mapped), and every answer's status code and the final objects must agree.
+#[test]
+fn the_model_matches_the_real_apiserver() {
+    let histories: u32 = std::env::var("NBOP_MODEL_HISTORIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let seed: u64 = std::env::var("NBOP_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let Some(env) = support::TestEnv::new("explorer-model").await else {
+            return;
+        };
+        let mut bytes = [0u8; 32];
+        bytes[..8].copy_from_slice(&seed.to_le_bytes());
+        let mut runner = TestRunner::new_with_rng(
+            Config::default(),
+            TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+        );
+        let mut requests = 0;
+        for i in 0..histories {
+            let h: Vec<Op> =
+                proptest::strategy::ValueTree::current(&history(25).new_tree(&mut runner).unwrap())
+                    .into_iter()
+                    .filter(|op| !matches!(op, Op::KubeFault(_)))
+                    .collect();
+            let hh = h.clone();
+            let (_, log) = std::thread::spawn(move || run_with(&hh, true))
+                .join()
+                .unwrap();
+            let nsmap = [
+                ("team-a".to_string(), format!("{}-{i}a", env.ns)),
+                ("team".to_string(), format!("{}-{i}b", env.ns)),
+            ];
+            for (_, real) in &nsmap {
+                let api: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+                    kube::Api::all(env.client.clone());
+                let obj = serde_json::from_value(json!({"metadata": {"name": real}})).unwrap();
+                api.create(&Default::default(), &obj).await.unwrap();
+            }
+            requests += log.len();
+            let mismatches = replay_on(&env.client, &log, &nsmap).await;
+            assert!(
+                mismatches.is_empty(),
+                "the apiserver model and the real apiserver differ (seed {seed}, history {i}: \
+                 {}):\n{}",
+                serde_json::to_string(&h).unwrap(),
+                mismatches.join("\n")
+            );
+        }
+        eprintln!(
+            "explorer: {histories} histories ({requests} apiserver requests and changes) agree \
+             with the real apiserver (seed {seed})"
+        );
+    });
+}
+
+fn map_ns(nsmap: &[(String, String)], ns: &str) -> String {
+    nsmap
+        .iter()
+        .find(|(s, _)| s == ns)
+        .map(|(_, r)| r.clone())
+        .unwrap_or_else(|| ns.to_string())
+}
+
+fn map_path(nsmap: &[(String, String)], path: &str) -> String {
+    let mut parts: Vec<String> = path.split('/').map(str::to_string).collect();
+    for i in 1..parts.len() {
+        if parts[i - 1] == "namespaces" {
+            parts[i] = map_ns(nsmap, &parts[i]);
+        }
+    }
+    parts.join("/")
+}
+
+/// Rewrites resourceVersions, uids and namespaces of the model into the real apiserver's.
+fn map_json(v: &mut Value, ids: &BTreeMap<String, String>, nsmap: &[(String, String)]) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                match (k.as_str(), &*x) {
+                    ("resourceVersion" | "uid", Value::String(s)) => {
+                        if let Some(r) = ids.get(s) {
+                            *x = json!(r);
+                        }
+                    }
+                    ("namespace", Value::String(s)) => *x = json!(map_ns(nsmap, s)),
+                    _ => map_json(x, ids, nsmap),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| map_json(x, ids, nsmap)),
+        _ => {}
+    }
+}
+
+async fn send(
+    client: &kube::Client,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    content_type: &str,
+) -> (u16, Value) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", content_type)
+        .body(kube::client::Body::from(
+            body.map(|b| serde_json::to_vec(b).unwrap())
+                .unwrap_or_default(),
+        ))
+        .unwrap();
+    let resp = client.send(req).await.expect("the real apiserver answers");
+    let code = resp.status().as_u16();
+    use http_body_util::BodyExt;
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn resource_path(resource: &str, ns: &str, name: Option<&str>) -> String {
+    let base = if resource == "secrets" {
+        format!("/api/v1/namespaces/{ns}/secrets")
+    } else {
+        format!("/apis/bootstrap.netbird.io/v1alpha1/namespaces/{ns}/{resource}")
+    };
+    match name {
+        Some(n) => format!("{base}/{n}"),
+        None => base,
+    }
+}
+
+/// What is compared of an object.
+fn essence(v: &Value) -> Value {
+    let m = &v["metadata"];
+    let owners: Vec<Value> = m["ownerReferences"]
+        .as_array()
+        .map(|o| {
+            o.iter()
+                .map(|r| json!({"kind": r["kind"], "name": r["name"]}))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "data": v["data"], "type": v["type"], "status": v["status"],
+        "labels": m["labels"], "annotations": m["annotations"], "finalizers": m["finalizers"],
+        "owners": owners, "generation": m["generation"],
+        "deleting": !m["deletionTimestamp"].is_null(),
+    })
+}
+
+async fn replay_on(
+    client: &kube::Client,
+    log: &[simkube::Rec],
+    nsmap: &[(String, String)],
+) -> Vec<String> {
+    use simkube::Rec;
+    let mut ids: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = Vec::new();
+    for rec in log {
+        match rec {
+            Rec::Http {
+                method,
+                path,
+                body,
+                code,
+                rv,
+                uid,
+            } => {
+                let mut b: Option<Value> = serde_json::from_slice(body).ok();
+                if let Some(b) = b.as_mut() {
+                    map_json(b, &ids, nsmap);
+                }
+                let ct = if method == "PATCH" {
+                    "application/merge-patch+json"
+                } else {
+                    "application/json"
+                };
+                let (real, answer) =
+                    send(client, method, &map_path(nsmap, path), b.as_ref(), ct).await;
+                if real != *code {
+                    out.push(format!(
+                        "{method} {path}: the model answered {code}, the apiserver {real} ({})",
+                        answer["message"]
+                    ));
+                }
+                for (sim, key) in [(rv, "resourceVersion"), (uid, "uid")] {
+                    if let (Some(s), Some(r)) = (sim, answer["metadata"][key].as_str()) {
+                        ids.insert(s.clone(), r.to_string());
+                    }
+                }
+            }
+            Rec::Put {
+                resource,
+                ns,
+                name,
+                obj,
+            } => {
+                let rns = map_ns(nsmap, ns);
+                let mut o = obj.clone();
+                let (sim_rv, sim_uid) = (
+                    o["metadata"]["resourceVersion"]
+                        .as_str()
+                        .map(str::to_string),
+                    o["metadata"]["uid"].as_str().map(str::to_string),
+                );
+                let m = o["metadata"].as_object_mut().unwrap();
+                for k in ["resourceVersion", "uid", "creationTimestamp", "generation"] {
+                    m.remove(k);
+                }
+                map_json(&mut o, &ids, nsmap);
+                let (code, current) = send(
+                    client,
+                    "GET",
+                    &resource_path(resource, &rns, Some(name)),
+                    None,
+                    "",
+                )
+                .await;
+                let (code, answer) = if code == 404 {
+                    send(
+                        client,
+                        "POST",
+                        &resource_path(resource, &rns, None),
+                        Some(&o),
+                        "application/json",
+                    )
+                    .await
+                } else {
+                    o["metadata"]["resourceVersion"] =
+                        current["metadata"]["resourceVersion"].clone();
+                    send(
+                        client,
+                        "PUT",
+                        &resource_path(resource, &rns, Some(name)),
+                        Some(&o),
+                        "application/json",
+                    )
+                    .await
+                };
+                if code >= 300 {
+                    out.push(format!(
+                        "the history's write of {resource} {ns}/{name} was refused: {code} {}",
+                        answer["message"]
+                    ));
+                }
+                for (sim, key) in [(sim_rv, "resourceVersion"), (sim_uid, "uid")] {
+                    if let (Some(s), Some(r)) = (sim, answer["metadata"][key].as_str()) {
+                        ids.insert(s, r.to_string());
+                    }
+                }
+            }
+            Rec::Final {
+                resource,
+                ns,
+                name,
+                obj,
+            } => {
+                let path = resource_path(resource, &map_ns(nsmap, ns), Some(name));
+                let (code, mut real) = send(client, "GET", &path, None, "").await;
+                let mut want = essence(obj);
+                map_json(&mut want, &ids, nsmap);
+                real = essence(&real);
+                if code != 200 {
+                    out.push(format!(
+                        "{resource} {ns}/{name} at the end: the apiserver {code}"
+                    ));
+                } else if real != want {
+                    for (k, v) in want.as_object().unwrap() {
+                        if real[k] != *v {
+                            out.push(format!(
+                                "{resource} {ns}/{name} at the end, {k}: the model has {v}, the \
+                                 apiserver {}",
+                                real[k]
+                            ));
+                        }
+                    }
+                }
+            }
+            Rec::Remove { resource, ns, name } => {
+                let path = resource_path(resource, &map_ns(nsmap, ns), Some(name));
+                send(client, "DELETE", &path, None, "application/json").await;
+            }
+            Rec::DeleteInstance { ns, name } => {
+                let path = resource_path("netbirdinstances", &map_ns(nsmap, ns), Some(name));
+                send(client, "DELETE", &path, None, "application/json").await;
+            }
+        }
+    }
+    out
 }

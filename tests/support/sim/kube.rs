@@ -52,11 +52,52 @@ pub struct KubeState {
     pub overwritten_previous: Vec<String>,
     /// Tokens of instances removed under deletionPolicy Delete (the finalizer's to delete).
     pub deleted_with_instance: Vec<String>,
+    /// Everything that happened, when `recording`.
+    pub log: Vec<Rec>,
+    pub recording: bool,
+    /// Inside a request or a composite change (its parts are not recorded on their own).
+    depth: u32,
     /// Instances removed (uid, namespace, name), for the watch's Delete.
     pub removed: Vec<(String, String, String)>,
 }
 
 pub type Shared = Arc<Mutex<KubeState>>;
+
+/// What happened to the apiserver, in order (replayed on the real one to keep the model honest).
+#[derive(Clone, Debug)]
+pub enum Rec {
+    /// A request of the operator and the model's answer (status, resourceVersion, uid).
+    Http {
+        method: String,
+        path: String,
+        body: Vec<u8>,
+        code: u16,
+        rv: Option<String>,
+        uid: Option<String>,
+    },
+    /// The history wrote the object (a person, kubectl): as stored.
+    Put {
+        resource: String,
+        ns: String,
+        name: String,
+        obj: Value,
+    },
+    /// The history or the garbage collector removed it.
+    Remove {
+        resource: String,
+        ns: String,
+        name: String,
+    },
+    /// `kubectl delete` of an instance.
+    DeleteInstance { ns: String, name: String },
+    /// An object as the history left it.
+    Final {
+        resource: String,
+        ns: String,
+        name: String,
+        obj: Value,
+    },
+}
 
 fn status_body(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -108,6 +149,18 @@ impl KubeState {
         obj["metadata"]["resourceVersion"] = json!(rv);
         obj["metadata"]["namespace"] = json!(ns);
         obj["metadata"]["name"] = json!(name);
+        // as the apiserver stores them: empty maps are no maps (found by the comparison with
+        // the real apiserver)
+        if let Some(m) = obj["metadata"].as_object_mut() {
+            for k in ["labels", "annotations", "finalizers"] {
+                if m.get(k).is_some_and(|v| {
+                    v.as_object().is_some_and(|o| o.is_empty())
+                        || v.as_array().is_some_and(|a| a.is_empty())
+                }) {
+                    m.remove(k);
+                }
+            }
+        }
         if obj["metadata"]["uid"].is_null() {
             self.uid += 1;
             obj["metadata"]["uid"] = json!(format!("uid-{}", self.uid));
@@ -125,6 +178,14 @@ impl KubeState {
         }
         self.objects
             .insert((resource.into(), ns.into(), name.into()), obj.clone());
+        if self.recording && self.depth == 0 {
+            self.log.push(Rec::Put {
+                resource: resource.into(),
+                ns: ns.into(),
+                name: name.into(),
+                obj: obj.clone(),
+            });
+        }
         obj
     }
 
@@ -137,6 +198,13 @@ impl KubeState {
         let gone = self
             .objects
             .remove(&(resource.into(), ns.into(), name.into()))?;
+        if self.recording && self.depth == 0 {
+            self.log.push(Rec::Remove {
+                resource: resource.into(),
+                ns: ns.into(),
+                name: name.into(),
+            });
+        }
         if resource == "secrets" {
             self.secret_events
                 .push(watcher::Event::Delete(meta_of(&gone)));
@@ -174,9 +242,12 @@ impl KubeState {
                 })
                 .map(|((_, _, name), _)| name.clone())
                 .collect();
+            // (the real test apiserver runs no garbage collector: recorded as its own removal)
+            let depth = std::mem::replace(&mut self.depth, 0);
             for name in owned {
                 self.remove("secrets", ns, &name);
             }
+            self.depth = depth;
         }
         Some(gone)
     }
@@ -186,6 +257,18 @@ impl KubeState {
         let Some(obj) = self.get("netbirdinstances", ns, name).cloned() else {
             return;
         };
+        if self.recording {
+            self.log.push(Rec::DeleteInstance {
+                ns: ns.into(),
+                name: name.into(),
+            });
+        }
+        self.depth += 1;
+        self.delete_instance_inner(ns, name, now, obj);
+        self.depth -= 1;
+    }
+
+    fn delete_instance_inner(&mut self, ns: &str, name: &str, now: &str, obj: Value) {
         let finalizers = obj["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
@@ -213,6 +296,25 @@ impl KubeState {
 
     /// Handles one request; (status, body).
     pub fn handle(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        self.depth += 1;
+        let (code, value) = self.handle_inner(method, path, body);
+        self.depth -= 1;
+        if self.recording && !path.contains("/events") {
+            self.log.push(Rec::Http {
+                method: method.into(),
+                path: path.into(),
+                body: body.to_vec(),
+                code,
+                rv: value["metadata"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_string),
+                uid: value["metadata"]["uid"].as_str().map(str::to_string),
+            });
+        }
+        (code, value)
+    }
+
+    fn handle_inner(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         // /api/v1/namespaces/{ns}/secrets[/{name}]
         // /apis/{group}/{version}/namespaces/{ns}/{resource}[/{name}[/status]]
