@@ -267,6 +267,7 @@ async fn run_as_leader(
     }
     info!(identity = %identity, "became leader; reconciling");
     let stop = ctx.shutdown.clone();
+    let args_shutdown_timeout = ctx.settings.shutdown_timeout;
     let lost = async move {
         loop {
             if leader.changed().await.is_err() || !*leader.borrow_and_update() {
@@ -280,10 +281,12 @@ async fn run_as_leader(
         _ = &mut controller => Ok(()),
         _ = lost => {
             error!("lost the leader Lease; stopping");
-            // no new passes; a pass holding a token it just received may finish storing it, within
-            // the Lease's grace period
+            // no new passes; a pass holding a token it just received may finish storing it, as at
+            // a SIGTERM: its write gives up at the shutdown deadline and says loudly what is lost
+            // (the margin lets that line be written before the process ends)
             stop.cancel();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(4), &mut controller).await;
+            let wait = args_shutdown_timeout + std::time::Duration::from_secs(2);
+            let _ = tokio::time::timeout(wait, &mut controller).await;
             Err(RunError::LostLease)
         }
     };

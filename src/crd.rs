@@ -443,9 +443,10 @@ pub struct VersionStatus {
     /// The latest dashboard release, when the server could tell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dashboard_available: Option<String>,
-    /// Whether a newer management release exists.
-    #[serde(default)]
-    pub update_available: bool,
+    /// Whether a newer management release exists; absent when the server could not tell (it
+    /// reports no latest release, e.g. without internet access).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_available: Option<bool>,
     /// When the versions were last read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checked_at: Option<Time>,

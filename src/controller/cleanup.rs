@@ -96,6 +96,14 @@ pub async fn on_delete(
     let outcome = delete_token(nbi, &world).await;
     match &outcome {
         Ok(what) => info!(what = %what, "token cleanup done"),
+        Err(e) if !e.is_transient() => {
+            // an answer that retrying will not change: let go now, not after finalizerTimeout
+            warn!(error = %e, "could not delete the token on the server; letting go");
+            let note = format!(
+                "could not delete the token on the NetBird server: {e}. Retrying cannot change                  this answer, so the NetbirdInstance is deleted now; delete the token in the                  NetBird dashboard"
+            );
+            publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+        }
         Err(e) => {
             if let Some(retry_in) = deletion_failed(nbi, ctx, attempt, e).await {
                 return Ok(Action::requeue(retry_in));
@@ -183,6 +191,16 @@ enum DeleteTokenError {
     Netbird(#[from] crate::netbird::NetbirdError),
 }
 
+impl DeleteTokenError {
+    /// Whether retrying may succeed (network trouble, 5xx, 429); the rest is an answer that stays.
+    fn is_transient(&self) -> bool {
+        match self {
+            DeleteTokenError::Netbird(e) => e.is_transient(),
+            DeleteTokenError::NoClient | DeleteTokenError::UnknownId => false,
+        }
+    }
+}
+
 /// Deletes the stored token on the server. Ok(description) when there is nothing (more) to do.
 async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, DeleteTokenError> {
     let Some(token) = world.token() else {
@@ -207,7 +225,7 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, De
             .unwrap_or_default();
         match client.delete_token(old, old_user, old_id).await {
             Ok(()) => info!(token_id = %old_id, "deleted the replaced token"),
-            Err(e) if e.is_token_rejected() || e.status() == Some(404) => {}
+            Err(e) if e.is_token_rejected() => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -31,6 +31,12 @@ pub enum SetupOutcome {
         user_id: String,
         email: String,
     },
+    /// 200 with a token that could not be written before the process stopped: lost (said
+    /// loudly), never reported stored.
+    TokenLost {
+        user_id: String,
+        email: String,
+    },
     /// 200 without a token; recorded on the Secret.
     NoToken {
         user_id: String,
@@ -88,6 +94,9 @@ pub struct Facts<'a> {
     pub secret_metadata_in_sync: bool,
     /// Whether the previous status says this operator completed setup.
     pub setup_done_before: bool,
+    /// Server errors (5xx) that setup answered in a row for this spec and these credentials,
+    /// before this pass.
+    pub setup_server_errors: u32,
     /// A version check is due (enabled, and the interval passed or never checked).
     pub version_due: bool,
     /// spec.token.rotation.enabled
@@ -112,6 +121,8 @@ pub enum Waiting {
     Progressing,
     WaitingForCredentials,
     ManagementUnreachable,
+    /// A token NetBird issued is held in memory: writing it to its Secret fails (retried).
+    StoringToken,
 }
 
 /// Reasons of the Stalled condition.
@@ -149,6 +160,7 @@ impl Waiting {
             Waiting::Progressing => "Progressing",
             Waiting::WaitingForCredentials => "WaitingForCredentials",
             Waiting::ManagementUnreachable => "ManagementUnreachable",
+            Waiting::StoringToken => "StoringToken",
         }
     }
 }
@@ -210,6 +222,16 @@ fn stalled(reason: Stall, message: String) -> Decision {
 fn unreachable_or_stalled(e: &NetbirdError, what: &str) -> Decision {
     match e {
         NetbirdError::Redirect { .. } => stalled(Stall::InvalidSpec, e.to_string()),
+        // something in front of NetBird does not know the path: retried (an ingress may still be
+        // on its way), and the message names the likely cause
+        _ if e.is_wrong_path() => Break(Verdict::Waiting {
+            reason: Waiting::ManagementUnreachable,
+            message: format!(
+                "{what}: {e}. That answer is not NetBird's: spec.managementURL or its path prefix \
+                 looks wrong (the operator appends /api/... to it); retrying with backoff"
+            ),
+            retry: true,
+        }),
         _ => Break(Verdict::Waiting {
             reason: Waiting::ManagementUnreachable,
             message: format!("{what}: {e}; retrying with backoff"),
@@ -255,16 +277,22 @@ fn check_inputs(f: &Facts<'_>) -> Option<Decision> {
     if let Some(problem) = f.spec_problem {
         return Some(stalled(Stall::InvalidSpec, problem.to_string()));
     }
+    // the credentials are needed for setup only: once the token Secret holds a token, a removed
+    // (or broken) credentials Secret stops nothing
+    let holds_token = f
+        .token_secret
+        .owned()
+        .is_some_and(|s| matches!(s.token, TokenValue::Present(_)));
     match f.credentials {
-        Input::Missing(m) => {
+        Input::Missing(m) if !holds_token => {
             return Some(Break(Verdict::Waiting {
                 reason: Waiting::WaitingForCredentials,
                 message: m.clone(),
                 retry: false,
             }));
         }
-        Input::Invalid(m) => return Some(stalled(Stall::InvalidSpec, m.clone())),
-        Input::NotNeeded | Input::Ready(_) => {}
+        Input::Invalid(m) if !holds_token => return Some(stalled(Stall::InvalidSpec, m.clone())),
+        _ => {}
     }
     // the credentials Secret's owner decides where its password may go: checked before any call
     if let Some(list) = f.allowed_servers
@@ -355,10 +383,13 @@ fn from_token_secret(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
         && generation == f.generation
         && f.credentials_unchanged
     {
-        return Some(if status == 412 {
-            stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true))
-        } else {
-            rejected(status, message)
+        return Some(match status {
+            412 => stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true)),
+            500..=599 => stalled(
+                Stall::SetupUnavailable,
+                setup_server_error_message(f, &format!("{status}: {message}")),
+            ),
+            _ => rejected(status, message),
         });
     }
     None
@@ -377,6 +408,9 @@ fn after_setup_call(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Option<Decisi
         Some(SetupOutcome::NoToken { .. }) => {
             return Some(stalled(Stall::TokenNotIssued, token_not_issued_message(f)));
         }
+        Some(SetupOutcome::TokenLost { .. }) => {
+            return Some(stalled(Stall::TokenLost, token_lost_at_shutdown_message(f)));
+        }
         Some(SetupOutcome::TokenStored { .. }) => {
             // the world now holds the token; reaching here means it could not be read back
             return Some(Break(Verdict::Waiting {
@@ -391,11 +425,16 @@ fn after_setup_call(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Option<Decisi
             if e.status() == Some(412) && owned.is_some_and(|s| s.setup_unanswered()) {
                 return Some(stalled(Stall::TokenLost, token_lost_message(f, true)));
             }
-            let definitive = matches!(e.status(), Some(400 | 412 | 422));
+            let gives_up = server_error_gives_up(f, e);
+            let definitive = matches!(e.status(), Some(400 | 412 | 422)) || gives_up;
             if definitive && owned.is_some_and(|s| s.setup_started()) && !p.claim_released {
                 return Some(Continue(Step::ReleaseClaim));
             }
             return Some(match e.status() {
+                _ if gives_up => stalled(
+                    Stall::SetupUnavailable,
+                    setup_server_error_message(f, &e.to_string()),
+                ),
                 Some(412) => stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true)),
                 Some(422)
                     if e.server_message()
@@ -451,11 +490,10 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<D
     }
     let renewal_due = f.rotation_enabled && s.renew_at().is_some_and(|at| f.now >= at);
     // the replaced token is deleted when its grace period ends (the pass is scheduled for then),
-    // or before a new rotation would replace its record
-    if s.annotation(ANN_PREVIOUS_TOKEN_ID).is_some()
-        && p.previous_deleted.is_none()
-        && (renewal_due || s.previous_delete_at().is_none_or(|at| f.now >= at))
-    {
+    // never before: consumers that read it once keep working until then
+    let previous_pending = s.annotation(ANN_PREVIOUS_TOKEN_ID).is_some();
+    let in_grace = previous_pending && s.previous_delete_at().is_some_and(|at| f.now < at);
+    if previous_pending && !in_grace && p.previous_deleted.is_none() {
         return Some(Continue(Step::DeletePreviousToken));
     }
     // a token creation this spec asked for answered with a malformed token: not asked again until
@@ -478,6 +516,12 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<D
     // the Secret records whose token it holds: a server that describes users unexpectedly can never
     // make the exchange run again
     // (after identification: the exchange deletes the old token by its id)
+    // A new token waits while a replaced token is in its grace period:
+    // the Secret keeps the record of one previous token, and overwriting it would leave that
+    // token valid until its own expiry, unwatched (the pass is scheduled for the grace's end)
+    if in_grace {
+        return None;
+    }
     if let Some(name) = f.service_user
         && s.annotation(ANN_TOKEN_ID).is_some()
         && s.annotation(crate::token_secret::ANN_SERVICE_USER) != Some(name)
@@ -490,6 +534,33 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<D
         return Some(Continue(Step::RotateToken));
     }
     None
+}
+
+/// How many server errors (5xx) in a row setup may answer before the operator stops sending the
+/// password: a NetBird with local users disabled answers 500 every time.
+pub const SETUP_SERVER_ERRORS_LIMIT: u32 = 3;
+
+/// Whether a setup failure is a server error that retrying with the same spec and credentials will
+/// not change: NetBird's own word for it, or the limit of errors in a row reached.
+fn server_error_gives_up(f: &Facts<'_>, e: &NetbirdError) -> bool {
+    let Some(500..=599) = e.status() else {
+        return false;
+    };
+    e.server_message()
+        .is_some_and(|m| m.contains("local user creation is disabled"))
+        || f.setup_server_errors + 1 >= SETUP_SERVER_ERRORS_LIMIT
+}
+
+fn setup_server_error_message(f: &Facts<'_>, answer: &str) -> String {
+    format!(
+        "NetBird at {} answered the setup with a server error ({answer}) {SETUP_SERVER_ERRORS_LIMIT} \
+         times in a row, or said it cannot create local users; the password is not sent again \
+         until the spec or the credentials Secret changes. Likely causes: the embedded identity \
+         provider runs with local users disabled, the server is an old netbird-mgmt without the \
+         embedded identity provider, or its database fails. Check the server's log for the \
+         request",
+        f.management_url
+    )
 }
 
 /// NetBird refused the setup request (400/422): a spec or credentials problem, never retried as is.
@@ -600,6 +671,16 @@ fn token_lost_message(f: &Facts<'_>, started: bool) -> String {
     )
 }
 
+fn token_lost_at_shutdown_message(f: &Facts<'_>) -> String {
+    format!(
+        "NetBird at {} is set up by this operator, but its token could not be written to Secret \
+         {} before the operator stopped, and NetBird shows a token only once: it is lost. Log in \
+         to the dashboard as the owner, create a personal access token and put it under key {} \
+         of that Secret; the operator adopts it",
+        f.management_url, f.secret_name, f.secret_key
+    )
+}
+
 fn setup_unavailable_message(f: &Facts<'_>, raced: bool) -> String {
     let why = if raced {
         "was set up by someone else just before this operator's setup call"
@@ -665,6 +746,8 @@ mod tests {
         in_sync: bool,
         credentials_unchanged: bool,
         allowed_servers: Option<&'static str>,
+        setup_server_errors: u32,
+        service_user: Option<&'static str>,
     }
 
     impl World {
@@ -681,6 +764,8 @@ mod tests {
                 in_sync: true,
                 credentials_unchanged: true,
                 allowed_servers: None,
+                setup_server_errors: 0,
+                service_user: None,
             }
         }
         fn decide(&self) -> Decision {
@@ -694,9 +779,10 @@ mod tests {
                 token_secret: &self.secret,
                 secret_metadata_in_sync: self.in_sync,
                 setup_done_before: self.setup_done_before,
+                setup_server_errors: self.setup_server_errors,
                 version_due: self.version_due,
                 rotation_enabled: true,
-                service_user: None,
+                service_user: self.service_user,
                 now: jiff::Timestamp::UNIX_EPOCH,
                 probes: &self.probes,
                 allowed_servers: self.allowed_servers,
@@ -713,6 +799,7 @@ mod tests {
             status,
             message: message.into(),
             request_id: Some("r1".into()),
+            from_netbird: true,
         }
     }
 
@@ -812,6 +899,120 @@ mod tests {
         assert_eq!(reason(w.decide()), "WaitingForCredentials");
         w.ca = Input::Invalid("not PEM".into());
         assert_eq!(reason(w.decide()), "InvalidSpec");
+    }
+
+    /// The credentials are needed for setup only: a token in the Secret goes on without them.
+    #[test]
+    fn a_stored_token_goes_on_without_the_credentials_secret() {
+        let mut w = World::new(owned(Some("nbp_x"), false));
+        w.credentials = Input::Missing("waiting for Secret admin".into());
+        assert_eq!(w.decide(), Continue(Step::VerifyToken));
+        w.credentials = Input::Invalid("password is missing".into());
+        assert_eq!(w.decide(), Continue(Step::VerifyToken));
+    }
+
+    /// A 404 page that is not NetBird's is about the URL, never "token rejected".
+    #[test]
+    fn a_proxy_404_is_not_a_rejected_token() {
+        let mut w = World::new(owned(Some("nbp_x"), false));
+        w.probes.verify = Some(Err(NetbirdError::Api {
+            endpoint: crate::netbird::Endpoint::CurrentUser,
+            status: 404,
+            message: "404 page not found".into(),
+            request_id: None,
+            from_netbird: false,
+        }));
+        let d = w.decide();
+        assert_eq!(reason(d.clone()), "ManagementUnreachable");
+        match d {
+            Break(Verdict::Waiting { message, .. }) => {
+                assert!(message.contains("path prefix"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Setup answering 500 again and again is given up after a few tries (the claim released and
+    /// the answer recorded, so a restart does not send the password again either).
+    #[test]
+    fn setup_server_errors_stall_after_the_limit() {
+        let mut w = World::new(owned(None, true));
+        w.probes.instance = Some(Ok(InstanceStatus {
+            setup_required: true,
+        }));
+        w.probes.claimed = true;
+        w.probes.setup = Some(SetupOutcome::Failed(api(500, "internal server error")));
+        w.setup_server_errors = 0;
+        assert_eq!(reason(w.decide()), "ManagementUnreachable");
+        w.setup_server_errors = SETUP_SERVER_ERRORS_LIMIT - 1;
+        assert_eq!(w.decide(), Continue(Step::ReleaseClaim));
+        w.probes.claim_released = true;
+        assert_eq!(reason(w.decide()), "SetupUnavailable");
+        // NetBird's own word that it cannot create local users: at once
+        let mut w = World::new(owned(None, true));
+        w.probes.setup = Some(SetupOutcome::Failed(api(
+            500,
+            "local user creation is disabled",
+        )));
+        assert_eq!(w.decide(), Continue(Step::ReleaseClaim));
+        // recorded: not sent again for this spec and these credentials
+        let mut w = World::new(owned(None, false));
+        if let TokenSecret::Ours(s) = &mut w.secret {
+            s.annotations.insert(
+                ANN_SETUP_REJECTED.into(),
+                "1 500 internal server error".into(),
+            );
+        }
+        assert_eq!(reason(w.decide()), "SetupUnavailable");
+    }
+
+    /// A setup whose token was given up at shutdown is lost, never "stored".
+    #[test]
+    fn a_setup_token_lost_at_shutdown_is_token_lost() {
+        let mut w = World::new(owned(None, true));
+        w.probes.setup = Some(SetupOutcome::TokenLost {
+            user_id: "u".into(),
+            email: "a@b.c".into(),
+        });
+        assert_eq!(reason(w.decide()), "TokenLost");
+    }
+
+    /// A replaced token inside its grace period is never deleted, and no new token (rotation,
+    /// service-user exchange) replaces its record meanwhile.
+    #[test]
+    fn nothing_replaces_a_previous_token_in_its_grace_period() {
+        let mut annotations = BTreeMap::new();
+        annotations.insert(ANN_TOKEN_ID.to_string(), "t2".to_string());
+        annotations.insert(ANN_PREVIOUS_TOKEN_ID.to_string(), "t1".to_string());
+        annotations.insert(
+            crate::token_secret::ANN_PREVIOUS_DELETE_AT.to_string(),
+            "1970-01-01T01:00:00Z".to_string(),
+        );
+        // issued long ago: a renewal is due
+        annotations.insert(
+            crate::token_secret::ANN_ISSUED_AT.to_string(),
+            "1969-12-01T00:00:00Z".to_string(),
+        );
+        annotations.insert(
+            crate::token_secret::ANN_EXPIRES_AT.to_string(),
+            "1970-01-02T00:00:00Z".to_string(),
+        );
+        let secret = TokenSecret::Ours(OwnedSecret {
+            previous_token: None,
+            token: TokenValue::Present(SecretString::from("nbp_x")),
+            labels: BTreeMap::new(),
+            annotations,
+            owner_references: vec![],
+        });
+        let mut w = World::new(secret);
+        w.version_due = false;
+        w.service_user = Some("svc");
+        w.probes.verify = Some(Ok(Verified {
+            user: user(),
+            at: jiff::Timestamp::UNIX_EPOCH,
+        }));
+        // now (the epoch) is inside the grace period: neither a deletion nor a new token
+        assert_eq!(w.decide(), Break(Verdict::Ready));
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod namespaces;
 mod refs;
 pub mod report;
 mod secrets;
+mod status_patch;
 mod steps;
 
 use std::collections::HashMap;
@@ -30,7 +31,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
 use crate::metrics::{InstanceLabels, Metrics, ReasonLabels, ResultLabels};
@@ -122,6 +123,42 @@ struct InstanceMemory {
     /// gets the instance at one of those (the watch has not delivered the write yet) takes this
     /// status as the instance's, instead of writing the same status and Event again.
     own_status: Option<(Vec<String>, NetbirdInstanceStatus)>,
+    /// Server errors (5xx) setup answered in a row, for the digest of the generation and the
+    /// credentials Secret's resourceVersion they were answered for.
+    setup_server_errors: Option<([u8; 32], u32)>,
+    /// Held across the status writes made during a pass besides its outcome (the initial status,
+    /// the report of a token held in memory); true once the urgent one was written, so the routine
+    /// one never replaces it.
+    side_status: Arc<tokio::sync::Mutex<bool>>,
+    /// A token Secret write that kept failing, held for the next passes (and the shutdown).
+    held_write: Option<steps::HeldWrite>,
+}
+
+/// The memory of every instance, and the uids of instances that went away (a uid is never used
+/// again, so a pass that ends after its instance's deletion cannot bring its memory back).
+#[derive(Default)]
+struct Memories {
+    live: HashMap<String, InstanceMemory>,
+    gone: std::collections::HashSet<String>,
+    /// The order `gone` was filled in, to keep it bounded.
+    gone_order: std::collections::VecDeque<String>,
+}
+
+impl Memories {
+    /// Enough for passes still in flight when their instances were deleted: a pass ends within
+    /// minutes, long before this many deletions follow it.
+    const MAX_GONE: usize = 16_384;
+
+    fn bury(&mut self, uid: &str) {
+        if self.gone.insert(uid.to_string()) {
+            self.gone_order.push_back(uid.to_string());
+        }
+        while self.gone_order.len() > Self::MAX_GONE {
+            if let Some(old) = self.gone_order.pop_front() {
+                self.gone.remove(&old);
+            }
+        }
+    }
 }
 
 /// Shared state of all passes.
@@ -132,7 +169,7 @@ pub struct Context {
     pub settings: Settings,
     /// What passes remember about each instance, by uid; forgotten in one piece when the
     /// instance goes away (see [`Context::forget`]).
-    memory: Mutex<HashMap<String, InstanceMemory>>,
+    memory: Mutex<Memories>,
     /// HTTP clients for NetBird by TLS settings (digest), shared by all instances and passes.
     clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
     /// The Secrets passes read and wrote, used again while the watch reports them unchanged.
@@ -140,6 +177,9 @@ pub struct Context {
     /// Which instances reference which Secret (the Secret watch's mapper asks it).
     secret_refs: refs::SecretRefs,
     pub shutdown: CancellationToken,
+    /// When the shutdown began (set by [`run`] as `shutdown` is cancelled): the deadline of a
+    /// token write still pending counts from it, not from that write's next failure.
+    shutdown_began: std::sync::OnceLock<tokio::time::Instant>,
     /// The clock (tests move it forward to reach a token's rotation time).
     pub clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
     /// Test seam: NetBird servers simulated in memory instead of reqwest (the history explorer).
@@ -172,6 +212,7 @@ impl Context {
             secret_cache: secrets::SecretCache::default(),
             secret_refs: refs::SecretRefs::default(),
             shutdown,
+            shutdown_began: std::sync::OnceLock::new(),
             clock: Arc::new(jiff::Timestamp::now),
             netbird_network: None,
         }
@@ -182,15 +223,39 @@ impl Context {
         self.secret_cache.observe(event);
     }
 
-    /// Runs `f` on the memory of instance `uid` (created empty when there is none).
+    /// When a write that holds a token must give up: `shutdown_timeout` after the shutdown began
+    /// (None while the process is not shutting down).
+    pub(crate) fn shutdown_deadline(&self) -> Option<tokio::time::Instant> {
+        if !self.shutdown.is_cancelled() {
+            return None;
+        }
+        let began = *self.shutdown_began.get_or_init(tokio::time::Instant::now);
+        Some(began + self.settings.shutdown_timeout)
+    }
+
+    /// Runs `f` on the memory of instance `uid` (created empty when there is none). An instance
+    /// that went away is not remembered again by a pass that ends after its deletion: `f` then
+    /// runs on a memory that is dropped at once.
     fn remember<T>(&self, uid: &str, f: impl FnOnce(&mut InstanceMemory) -> T) -> T {
         let mut memory = lock(&self.memory);
-        f(memory.entry(uid.to_string()).or_default())
+        if memory.gone.contains(uid) {
+            return f(&mut InstanceMemory::default());
+        }
+        f(memory.live.entry(uid.to_string()).or_default())
     }
 
     /// Reads the memory of instance `uid`, if there is any (never creates it).
     fn recall<T>(&self, uid: &str, f: impl FnOnce(&InstanceMemory) -> Option<T>) -> Option<T> {
-        lock(&self.memory).get(uid).and_then(f)
+        lock(&self.memory).live.get(uid).and_then(f)
+    }
+
+    /// Runs `f` (which sets the instance's metric series) unless the instance went away: checked
+    /// and done under the memory's lock, so a deletion cannot fall between the two.
+    fn unless_gone(&self, uid: &str, f: impl FnOnce()) {
+        let memory = lock(&self.memory);
+        if !memory.gone.contains(uid) {
+            f();
+        }
     }
 
     fn backoff(&self, uid: &str) -> Duration {
@@ -202,7 +267,7 @@ impl Context {
     }
 
     fn reset_backoff(&self, uid: &str) {
-        if let Some(m) = lock(&self.memory).get_mut(uid) {
+        if let Some(m) = lock(&self.memory).live.get_mut(uid) {
             m.failures = 0;
         }
     }
@@ -237,9 +302,52 @@ impl Context {
     }
 
     fn forget_verification(&self, uid: &str) {
-        if let Some(m) = lock(&self.memory).get_mut(uid) {
+        if let Some(m) = lock(&self.memory).live.get_mut(uid) {
             m.verified = None;
         }
+    }
+
+    /// The gate of the status writes a pass makes besides its outcome (see
+    /// [`InstanceMemory::side_status`]).
+    pub(crate) fn side_status(&self, uid: &str) -> Arc<tokio::sync::Mutex<bool>> {
+        self.remember(uid, |m| m.side_status.clone())
+    }
+
+    /// Holds a token Secret write that kept failing, for the instance's next pass.
+    pub(crate) fn hold_write(&self, uid: &str, write: steps::HeldWrite) {
+        self.remember(uid, |m| m.held_write = Some(write));
+    }
+
+    /// The write held for the instance, taken out of memory.
+    fn take_held_write(&self, uid: &str) -> Option<steps::HeldWrite> {
+        lock(&self.memory)
+            .live
+            .get_mut(uid)
+            .and_then(|m| m.held_write.take())
+    }
+
+    /// Every held write, taken out of memory (at shutdown).
+    fn take_all_held_writes(&self) -> Vec<steps::HeldWrite> {
+        lock(&self.memory)
+            .live
+            .values_mut()
+            .filter_map(|m| m.held_write.take())
+            .collect()
+    }
+
+    /// Server errors setup answered in a row for this spec and these credentials (`key`).
+    fn setup_server_errors(&self, uid: &str, key: &[u8; 32]) -> u32 {
+        self.recall(uid, |m| m.setup_server_errors)
+            .filter(|(k, _)| k == key)
+            .map_or(0, |(_, n)| n)
+    }
+
+    /// Counts a server error of setup for `key` (or starts the count again after another answer).
+    fn count_setup_server_error(&self, uid: &str, key: [u8; 32], server_error: bool) {
+        let before = self.setup_server_errors(uid, &key);
+        self.remember(uid, |m| {
+            m.setup_server_errors = server_error.then_some((key, before.saturating_add(1)));
+        });
     }
 
     /// The last fingerprint comparison for `uid`, when it was made for `key`.
@@ -286,13 +394,27 @@ impl Context {
 
     /// Drops everything remembered about an instance that went away, and its metric series.
     pub fn forget(&self, uid: &str) {
-        let gone = lock(&self.memory).remove(uid);
+        let mut memory = lock(&self.memory);
+        let gone = memory.live.remove(uid);
+        memory.bury(uid);
+        if let Some(held) = gone.as_ref().and_then(|m| m.held_write.as_ref())
+            && held.holds_token
+        {
+            error!(
+                namespace = %held.namespace,
+                instance = %held.instance,
+                secret = %held.secret,
+                "the NetbirdInstance was deleted while its token could not be written: the token \
+                 NetBird issued is LOST (NetBird shows a token only once)"
+            );
+        }
         if let Some(m) = gone {
             self.metrics.forget_instance(&InstanceLabels {
                 namespace: m.key.0,
                 name: m.key.1,
             });
         }
+        drop(memory);
         self.metrics
             .remembered_instances
             .set(self.remembered() as i64);
@@ -301,6 +423,7 @@ impl Context {
     /// Forgets every instance not in `live` (uids), after a relist may have missed deletions.
     fn forget_all_but(&self, live: &std::collections::HashSet<String>) {
         let gone: Vec<String> = lock(&self.memory)
+            .live
             .keys()
             .filter(|uid| !live.contains(*uid))
             .cloned()
@@ -312,7 +435,7 @@ impl Context {
 
     /// How many instances the passes remember something about.
     pub fn remembered(&self) -> usize {
-        lock(&self.memory).len()
+        lock(&self.memory).live.len()
     }
 }
 
@@ -359,6 +482,14 @@ pub async fn run(
     on_synced: impl FnOnce() + Send + 'static,
 ) {
     let client = ctx.client.clone();
+    // the moment the shutdown begins, for the deadline of pending token writes
+    let began_ctx = ctx.clone();
+    tokio::spawn(async move {
+        began_ctx.shutdown.cancelled().await;
+        began_ctx
+            .shutdown_began
+            .get_or_init(tokio::time::Instant::now);
+    });
     let (store, writer) = reflector::store();
     let instance_events = instance_events(&ctx, writer);
     let controller = Controller::for_stream(instance_events, store.clone());
@@ -417,6 +548,47 @@ pub async fn run(
             }
         })
         .await;
+    store_held_writes(&ctx).await;
+}
+
+/// At shutdown: the token writes held in memory are tried until the shutdown deadline; what is
+/// still not written is said loudly, instance by instance.
+async fn store_held_writes(ctx: &Context) {
+    for held in ctx.take_all_held_writes() {
+        let secrets = secrets::Secrets::new(ctx.client.clone(), &held.namespace, &ctx.secret_cache);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let deadline = ctx
+                .shutdown_deadline()
+                .unwrap_or_else(tokio::time::Instant::now);
+            let attempt = tokio::time::timeout_at(deadline, held.attempt(&secrets)).await;
+            match attempt {
+                Ok(Ok(_)) => {
+                    info!(namespace = %held.namespace, instance = %held.instance, "stored the \
+                        held token Secret write at shutdown");
+                    break;
+                }
+                _ if tokio::time::Instant::now() + delay >= deadline => {
+                    if held.holds_token {
+                        error!(
+                            namespace = %held.namespace,
+                            instance = %held.instance,
+                            secret = %held.secret,
+                            "shutting down with the token not stored: the token NetBird issued \
+                             is LOST (NetBird shows a token only once). Log in to the dashboard \
+                             as the owner, create a personal access token and put it under the \
+                             token Secret's key"
+                        );
+                    }
+                    break;
+                }
+                _ => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
 }
 
 /// The NetbirdInstance watch, stored in the reflector `writer`. Every way an instance goes away
@@ -591,6 +763,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     cleanup::ensure_finalizer(nbi, &api).await?;
     let (work, initial_rv) = first_status_if_slow(
         nbi,
+        ctx,
         &api,
         started,
         read_and_drive(nbi, ctx, &secrets, started),
@@ -612,6 +785,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         token_secret: &world.token_secret,
         secret_name: &known.secret_name,
         credentials_changed: driven.credentials_changed,
+        credentials_gone: matches!(world.credentials, decide::Input::Missing(_)),
         version_check_enabled: nbi.spec.version_check.enabled,
         rotation_enabled: nbi.spec.token.rotation.enabled,
         now: ctx.now(),
@@ -711,6 +885,7 @@ const INITIAL_STATUS_AFTER: Duration = Duration::from_secs(1);
 /// `InstanceMemory::own_status`).
 async fn first_status_if_slow<T>(
     nbi: &NetbirdInstance,
+    ctx: &Context,
     api: &Api<NetbirdInstance>,
     started: jiff::Timestamp,
     work: impl std::future::Future<Output = Result<T, Error>>,
@@ -724,7 +899,14 @@ async fn first_status_if_slow<T>(
     if !first {
         return (work.await, Ok(None));
     }
+    let gate = ctx.side_status(&nbi.uid().unwrap_or_default());
+    *gate.lock().await = false;
     let write_initial = || async {
+        // a token held in memory already said so: that message stays (see report_storing_token)
+        let urgent_written = gate.lock().await;
+        if *urgent_written {
+            return Ok(None);
+        }
         let status = report::initial(nbi.metadata.generation, started);
         write_status(api, &nbi.name_any(), &status).await
     };
@@ -778,12 +960,14 @@ impl Known {
     }
 
     /// The facts the decision reads, as they stand.
+    #[allow(clippy::too_many_arguments)]
     fn facts<'a>(
         &'a self,
         nbi: &'a NetbirdInstance,
         world: &'a steps::World,
         probes: &'a Probes,
         credentials_changed: bool,
+        setup_server_errors: u32,
         now: jiff::Timestamp,
     ) -> Facts<'a> {
         Facts {
@@ -796,6 +980,7 @@ impl Known {
             token_secret: &world.token_secret,
             secret_metadata_in_sync: world.metadata_in_sync(nbi),
             setup_done_before: self.setup_done_before,
+            setup_server_errors,
             version_due: self.version_due,
             rotation_enabled: nbi.spec.token.rotation.enabled,
             service_user: nbi
@@ -852,10 +1037,30 @@ async fn drive(
         probes.verify = Some(Ok(v));
     }
     let mut credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
+    // a token write an earlier pass could not make comes first
+    if let Some(held) = ctx.take_held_write(uid)
+        && let Err(verdict) = steps::store_held(ctx, nbi, secrets, world, held).await
+    {
+        return Ok(Driven {
+            verdict,
+            probes,
+            credentials_changed,
+        });
+    }
+    let setup_key = world.setup_key(known.generation);
+    let setup_server_errors = ctx.setup_server_errors(uid, &setup_key);
     let mut verdict = None;
     for _ in 0..16 {
         let now = ctx.now();
-        let step = decide::decide(&known.facts(nbi, world, &probes, credentials_changed, now));
+        let facts = known.facts(
+            nbi,
+            world,
+            &probes,
+            credentials_changed,
+            setup_server_errors,
+            now,
+        );
+        let step = decide::decide(&facts);
         tracing::debug!(?step, "decided");
         let step = match step {
             ControlFlow::Break(v) => {
@@ -887,6 +1092,11 @@ async fn drive(
     if matches!(&probes.verify, Some(Err(_))) {
         ctx.forget_verification(uid);
     }
+    // a server error of setup counts towards giving up on it (see decide's
+    // SETUP_SERVER_ERRORS_LIMIT); any other answer starts the count again
+    if let Some(decide::SetupOutcome::Failed(e)) = &probes.setup {
+        ctx.count_setup_server_error(uid, setup_key, matches!(e.status(), Some(500..=599)));
+    }
     if probes.claimed {
         // the claim recorded the fingerprint of the credentials in use
         credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
@@ -912,18 +1122,21 @@ fn observe(
         namespace: ns.to_string(),
         name: nbi.name_any(),
     };
-    ctx.metrics.set_conditions(&labels, &status.conditions);
-    match world.token_secret.owned().and_then(|s| s.lifetime()) {
-        Some((_, expires)) => {
-            ctx.metrics
-                .token_expiry
-                .get_or_create(&labels)
-                .set(ctx.now().duration_until(expires).as_secs());
+    let expires = world.token_secret.owned().and_then(|s| s.lifetime());
+    ctx.unless_gone(&nbi.uid().unwrap_or_default(), || {
+        ctx.metrics.set_conditions(&labels, &status.conditions);
+        match expires {
+            Some((_, expires)) => {
+                ctx.metrics
+                    .token_expiry
+                    .get_or_create(&labels)
+                    .set(ctx.now().duration_until(expires).as_secs());
+            }
+            None => {
+                ctx.metrics.token_expiry.remove(&labels);
+            }
         }
-        None => {
-            ctx.metrics.token_expiry.remove(&labels);
-        }
-    }
+    });
     if !matches!(verdict, Verdict::Ready | Verdict::Suspended) {
         let reason = report::verdict_reason(verdict);
         ctx.metrics
@@ -1079,7 +1292,7 @@ async fn write_status(
     name: &str,
     status: &NetbirdInstanceStatus,
 ) -> Result<Option<String>, Error> {
-    let patch = serde_json::json!({ "status": status });
+    let patch = serde_json::json!({ "status": status_patch::with_nulls(status) });
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|written| written.metadata.resource_version)
@@ -1158,7 +1371,7 @@ pub fn instance_gauges(store: &Store<NetbirdInstance>) -> (i64, i64, i64, i64) {
             .status
             .as_ref()
             .and_then(|s| s.version.as_ref())
-            .is_some_and(|v| v.update_available)
+            .is_some_and(|v| v.update_available == Some(true))
         {
             update += 1;
         }
@@ -1169,6 +1382,42 @@ pub fn instance_gauges(store: &Store<NetbirdInstance>) -> (i64, i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pass that ends after its instance's Delete event (which forgot it) brings back neither
+    /// its memory nor its metric series (the Stalled alert kept firing for deleted instances).
+    #[tokio::test]
+    async fn a_pass_after_the_deletion_remembers_nothing() {
+        crate::tls::install_crypto_provider();
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let ctx = Context::new(
+            client,
+            metrics.clone(),
+            Settings::default(),
+            CancellationToken::new(),
+        );
+        ctx.remember_key("uid-1", "ns", "nb");
+        assert_eq!(ctx.remembered(), 1);
+        ctx.forget("uid-1");
+        assert_eq!(ctx.remembered(), 0);
+        // what a late pass does: its schedule, its backoff, its gauges
+        ctx.remember_key("uid-1", "ns", "nb");
+        let _ = ctx.backoff("uid-1");
+        let mut set = false;
+        ctx.unless_gone("uid-1", || set = true);
+        assert_eq!(
+            ctx.remembered(),
+            0,
+            "the deleted instance is not remembered again"
+        );
+        assert!(!set, "no metric series for a deleted instance");
+        // another instance is remembered as before
+        ctx.remember_key("uid-2", "ns", "nb2");
+        ctx.unless_gone("uid-2", || set = true);
+        assert_eq!(ctx.remembered(), 1);
+        assert!(set);
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {

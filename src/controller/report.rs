@@ -28,6 +28,9 @@ pub struct ReportInput<'a> {
     pub secret_name: &'a str,
     /// The credentials Secret no longer matches the fingerprint recorded on the token Secret.
     pub credentials_changed: bool,
+    /// The credentials Secret does not exist (removed after the bootstrap: nothing stops, the
+    /// Ready message says so).
+    pub credentials_gone: bool,
     pub version_check_enabled: bool,
     /// spec.token.rotation.enabled
     pub rotation_enabled: bool,
@@ -138,6 +141,7 @@ impl<'a> Seen<'a> {
         let owned = r.token_secret.owned();
         let setup_result = match &r.probes.setup {
             Some(SetupOutcome::TokenStored { user_id, email })
+            | Some(SetupOutcome::TokenLost { user_id, email })
             | Some(SetupOutcome::NoToken { user_id, email }) => {
                 Some((user_id.clone(), email.clone()))
             }
@@ -177,8 +181,8 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
     let version = version_status(r, prev.version.clone());
     let ready = ready_condition(r);
     let (reconciling, stalled) = progress_conditions(r.verdict);
-    let setup_complete = setup_complete_condition(&setup, &ready);
-    let token_available = token_available_condition(r, &seen, &ready);
+    let setup_complete = setup_complete_condition(&setup);
+    let token_available = token_available_condition(r, &seen, &prev);
     let update_available = update_available_condition(r, version.as_ref());
     let conditions = merge(
         prev.conditions,
@@ -186,8 +190,8 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             (READY, Some(ready)),
             (RECONCILING, reconciling),
             (STALLED, stalled),
-            (SETUP_COMPLETE, Some(setup_complete)),
-            (TOKEN_AVAILABLE, Some(token_available)),
+            (SETUP_COMPLETE, setup_complete),
+            (TOKEN_AVAILABLE, token_available),
             (UPDATE_AVAILABLE, Some(update_available)),
         ],
         r.generation,
@@ -200,11 +204,6 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
         token,
         version,
     }
-}
-
-/// A condition not met, for the reason (and in the words) Ready is not.
-fn not_met(ready: &Cond, type_: &'static str) -> Cond {
-    c(type_, ConditionStatus::False, &ready.reason, &ready.message)
 }
 
 /// Sets the conditions that are present and removes those that are absent, in that order. The one
@@ -327,7 +326,11 @@ fn version_status(r: &ReportInput<'_>, prev: Option<VersionStatus>) -> Option<Ve
             management: Some(v.management_current_version.clone()),
             management_available: v.management_available_version.clone(),
             dashboard_available: v.dashboard_available_version.clone(),
-            update_available: v.management_update_available,
+            // the server could tell only when it names the latest release
+            update_available: v
+                .management_available_version
+                .is_some()
+                .then_some(v.management_update_available),
             checked_at: Some(to_time(r.now)),
         }),
         _ => prev,
@@ -342,6 +345,12 @@ fn ready_condition(r: &ReportInput<'_>) -> Cond {
                 "NetBird is set up and a verified token is in Secret {}",
                 r.secret_name
             );
+            if r.credentials_gone {
+                m.push_str(
+                    "; note: the credentials Secret is gone (it is needed for setup only), so \
+                     whether the owner's credentials changed is not checked",
+                );
+            }
             if r.credentials_changed {
                 m.push_str(
                     "; note: the credentials Secret no longer matches the credentials NetBird was \
@@ -383,27 +392,51 @@ fn progress_conditions(verdict: &Verdict) -> (Option<Cond>, Option<Cond>) {
     }
 }
 
-fn setup_complete_condition(setup: &SetupStatus, ready: &Cond) -> Cond {
+/// SetupComplete, once the instance has its owner. Its reasons are a closed set that has no word
+/// for "not yet": until then the condition is absent (Ready says why).
+fn setup_complete_condition(setup: &SetupStatus) -> Option<Cond> {
     match setup.state {
-        SetupState::Completed => c(
+        SetupState::Completed => Some(c(
             SETUP_COMPLETE,
             ConditionStatus::True,
             "SetupPerformed",
             "this operator ran the one-time setup",
-        ),
-        SetupState::AlreadySetUp | SetupState::Unavailable => c(
+        )),
+        SetupState::AlreadySetUp | SetupState::Unavailable => Some(c(
             SETUP_COMPLETE,
             ConditionStatus::True,
             "AlreadySetUp",
             "NetBird was set up before this operator looked at it",
-        ),
-        _ => not_met(ready, SETUP_COMPLETE),
+        )),
+        SetupState::Pending | SetupState::InProgress => None,
     }
 }
 
-fn token_available_condition(r: &ReportInput<'_>, seen: &Seen<'_>, ready: &Cond) -> Cond {
+/// TokenAvailable while a verified token is in the token Secret: set by a Ready pass, kept as it
+/// was through a pass that waits (the server unreachable a moment) while the Secret still holds a
+/// token, and absent otherwise (its closed set of reasons has no word for "no token": Ready says
+/// why).
+fn token_available_condition(
+    r: &ReportInput<'_>,
+    seen: &Seen<'_>,
+    prev: &NetbirdInstanceStatus,
+) -> Option<Cond> {
     if *r.verdict != Verdict::Ready {
-        return not_met(ready, TOKEN_AVAILABLE);
+        let holds_token = seen
+            .owned
+            .is_some_and(|s| matches!(s.token, crate::token_secret::TokenValue::Present(_)));
+        let waiting = matches!(r.verdict, Verdict::Waiting { .. });
+        return prev
+            .conditions
+            .iter()
+            .find(|c| c.type_ == TOKEN_AVAILABLE && c.status == "True")
+            .filter(|_| waiting && holds_token)
+            .map(|old| Cond {
+                type_: TOKEN_AVAILABLE,
+                status: ConditionStatus::True,
+                reason: old.reason.clone(),
+                message: old.message.clone(),
+            });
     }
     let expiring = !r.rotation_enabled
         && seen
@@ -446,7 +479,7 @@ fn token_available_condition(r: &ReportInput<'_>, seen: &Seen<'_>, ready: &Cond)
         .as_ref()
         .map(|e| format!("; renewing it failed ({e}), retrying"));
     let message = format!("{message}{}", rotation_failed.unwrap_or_default());
-    c(TOKEN_AVAILABLE, ConditionStatus::True, reason, &message)
+    Some(c(TOKEN_AVAILABLE, ConditionStatus::True, reason, &message))
 }
 
 fn update_available_condition(r: &ReportInput<'_>, version: Option<&VersionStatus>) -> Cond {
@@ -462,7 +495,7 @@ fn update_available_condition(r: &ReportInput<'_>, version: Option<&VersionStatu
             "Unknown",
             format!("the last version check failed: {e}"),
         ),
-        (Some(v), _) if v.update_available => (
+        (Some(v), _) if v.update_available == Some(true) => (
             True,
             "UpdateAvailable",
             format!(
@@ -559,6 +592,82 @@ pub fn storing_token(
     status
 }
 
+/// Every condition type with its closed set of reasons (the contract's table; Ready also takes the
+/// reason of the condition that blocks it, and StoringToken while a token is held in memory).
+pub const CLOSED_REASONS: [(&str, &[&str]); 6] = [
+    (
+        READY,
+        &[
+            "Bootstrapped",
+            "Progressing",
+            "WaitingForCredentials",
+            "ManagementUnreachable",
+            "SettingUp",
+            "StoringToken",
+            "RotatingToken",
+            "InvalidSpec",
+            "CredentialsRejected",
+            "SetupUnavailable",
+            "TokenNotIssued",
+            "TokenLost",
+            "TokenRejected",
+            "SecretConflict",
+            "ServerNotAllowed",
+        ],
+    ),
+    (
+        RECONCILING,
+        &[
+            "Progressing",
+            "WaitingForCredentials",
+            "ManagementUnreachable",
+            "SettingUp",
+            "StoringToken",
+            "RotatingToken",
+        ],
+    ),
+    (
+        STALLED,
+        &[
+            "InvalidSpec",
+            "CredentialsRejected",
+            "SetupUnavailable",
+            "TokenNotIssued",
+            "TokenLost",
+            "TokenRejected",
+            "SecretConflict",
+            "ServerNotAllowed",
+        ],
+    ),
+    (SETUP_COMPLETE, &["SetupPerformed", "AlreadySetUp"]),
+    (
+        TOKEN_AVAILABLE,
+        &[
+            "TokenStored",
+            "TokenAdopted",
+            "TokenRotated",
+            "TokenExpiringSoon",
+        ],
+    ),
+    (
+        UPDATE_AVAILABLE,
+        &["UpdateAvailable", "UpToDate", "Unknown"],
+    ),
+];
+
+/// The first condition whose type or reason is outside the closed sets, if any.
+pub fn outside_closed_sets(status: &NetbirdInstanceStatus) -> Option<(String, String)> {
+    status
+        .conditions
+        .iter()
+        .find(|c| {
+            !CLOSED_REASONS
+                .iter()
+                .any(|(ty, reasons)| *ty == c.type_ && reasons.contains(&c.reason.as_str()))
+        })
+        .map(|c| (c.type_.clone(), c.reason.clone()))
+}
+
 /// The Ready condition's (status, reason), to detect transitions.
 pub fn ready_of(status: Option<&NetbirdInstanceStatus>) -> Option<(String, String)> {
     status?
@@ -624,6 +733,71 @@ mod tests {
         s.conditions.iter().find(|c| c.type_ == ty)
     }
 
+    /// Every verdict, with and without a token, before and after a Ready status: each condition's
+    /// reason is in its closed set (SetupComplete and TokenAvailable used to take Ready's reason).
+    #[test]
+    fn every_reason_is_in_its_closed_set() {
+        use crate::controller::decide::{Stall, Waiting};
+        let mut verdicts = vec![Verdict::Ready];
+        for reason in [
+            Waiting::Progressing,
+            Waiting::WaitingForCredentials,
+            Waiting::ManagementUnreachable,
+            Waiting::StoringToken,
+        ] {
+            verdicts.push(Verdict::Waiting {
+                reason,
+                message: "m".into(),
+                retry: true,
+            });
+        }
+        for reason in [
+            Stall::InvalidSpec,
+            Stall::CredentialsRejected,
+            Stall::SetupUnavailable,
+            Stall::TokenNotIssued,
+            Stall::TokenLost,
+            Stall::TokenRejected,
+            Stall::SecretConflict,
+            Stall::ServerNotAllowed,
+        ] {
+            verdicts.push(Verdict::Stalled {
+                reason,
+                message: "m".into(),
+            });
+        }
+        let secrets = [TokenSecret::Absent, owned(&[(ANN_USER_ID, "u1")])];
+        let probes = Probes {
+            verify: Some(Ok(verified(t(0)))),
+            ..Default::default()
+        };
+        let input = |verdict, secret, previous| ReportInput {
+            generation: Some(1),
+            previous,
+            verdict,
+            probes: &probes,
+            token_secret: secret,
+            secret_name: "nb-token",
+            credentials_changed: false,
+            credentials_gone: false,
+            version_check_enabled: true,
+            rotation_enabled: true,
+            now: t(1),
+            verify_interval: HOUR,
+        };
+        let ready = status(&input(&Verdict::Ready, &secrets[1], None));
+        for v in &verdicts {
+            for secret in &secrets {
+                for previous in [None, Some(&ready)] {
+                    let s = status(&input(v, secret, previous));
+                    assert_eq!(outside_closed_sets(&s), None, "{v:?}");
+                }
+            }
+        }
+        let storing = storing_token(Some(&ready), Some(1), "m", t(2));
+        assert_eq!(outside_closed_sets(&storing), None);
+    }
+
     #[test]
     fn ready_after_setup_reports_everything() {
         let secret = owned(&[
@@ -650,6 +824,7 @@ mod tests {
             token_secret: &secret,
             secret_name: "nb-token",
             credentials_changed: false,
+            credentials_gone: false,
             version_check_enabled: true,
             rotation_enabled: true,
             now: t(1),
@@ -694,6 +869,7 @@ mod tests {
             token_secret: &secret,
             secret_name: "nb-token",
             credentials_changed: false,
+            credentials_gone: false,
             version_check_enabled: true,
             rotation_enabled: true,
             now: t(500),
@@ -721,6 +897,7 @@ mod tests {
                 token_secret: secret,
                 secret_name: "nb-token",
                 credentials_changed: false,
+                credentials_gone: false,
                 version_check_enabled: true,
                 rotation_enabled: true,
                 now: t(when),
@@ -761,6 +938,7 @@ mod tests {
             token_secret: &TokenSecret::Absent,
             secret_name: "nb-token",
             credentials_changed: false,
+            credentials_gone: false,
             version_check_enabled: true,
             rotation_enabled: true,
             now,
@@ -801,6 +979,7 @@ mod tests {
             token_secret: &secret,
             secret_name: "nb-token",
             credentials_changed: true,
+            credentials_gone: false,
             version_check_enabled: false,
             rotation_enabled: true,
             now: t(1),
@@ -831,6 +1010,7 @@ mod tests {
             token_secret: &secret,
             secret_name: "nb-token",
             credentials_changed: false,
+            credentials_gone: false,
             version_check_enabled: true,
             rotation_enabled: true,
             now: t(1),

@@ -164,6 +164,15 @@ impl World {
         h.finalize().into()
     }
 
+    /// A digest of the spec's generation and the credentials Secret's resourceVersion: what a
+    /// count of setup's server errors holds for.
+    pub fn setup_key(&self, generation: Option<i64>) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(generation.unwrap_or_default().to_le_bytes());
+        h.update(self.input_rvs[0].as_deref().unwrap_or("-").as_bytes());
+        h.finalize().into()
+    }
+
     /// Builds the NetBird client once the CA (if any) is known; a bad CA bundle becomes
     /// InvalidSpec.
     fn build_client(&mut self, nbi: &NetbirdInstance, ctx: &Context) {
@@ -361,12 +370,8 @@ struct Stepper<'a, 's> {
 
 /// What became of a token creation (rotation, service-user exchange).
 enum Minted {
-    /// Stored: the Secret as written (None when the write gave up at shutdown), and the id of the
-    /// token it replaces.
-    Stored {
-        written: Option<Box<Secret>>,
-        replaced: Option<String>,
-    },
+    /// Stored: the Secret as written (None when the write gave up at shutdown).
+    Stored { written: Option<Box<Secret>> },
     /// The server answered with a malformed token: refused, and recorded on the Secret.
     Malformed,
     /// NetBird refused or did not answer.
@@ -488,7 +493,7 @@ impl Stepper<'_, '_> {
             return Ok(());
         };
         let (outcome, written, malformed) =
-            setup(self.nbi, self.ctx, &self.client, creds, self.secrets).await;
+            setup(self.nbi, self.ctx, &self.client, creds, self.secrets).await?;
         match &outcome {
             // no answer: the server may have done it; a later "already set up" is then not taken
             // for someone else's setup
@@ -497,7 +502,7 @@ impl Stepper<'_, '_> {
                 self.patch(&token_secret::setup_unanswered_patch(&at))
                     .await?;
             }
-            SetupOutcome::Failed(_) => {}
+            SetupOutcome::Failed(_) | SetupOutcome::TokenLost { .. } => {}
             _ => self.written(written).await?,
         }
         self.probes.setup = Some(outcome);
@@ -620,8 +625,8 @@ impl Stepper<'_, '_> {
             None => self.client.delete_token(&token, &owner, &previous).await,
         };
         let result = match result {
-            // the stored token was just verified: a 404 is about the old one, already gone
-            Err(e) if e.status() == Some(404) => Ok(()),
+            // the stored token was just verified: NetBird's 404 is about the old one, already gone
+            Err(e) if e.is_not_found() => Ok(()),
             // another user's token this one may not delete (a service user's token cannot delete
             // the owner's): it is left to expire
             Err(e) if e.status() == Some(403) => {
@@ -692,7 +697,8 @@ impl Stepper<'_, '_> {
 
     async fn release_claim(&mut self) -> Result<(), Verdict> {
         let rejection = match &self.probes.setup {
-            Some(SetupOutcome::Failed(e)) if matches!(e.status(), Some(400 | 412 | 422)) => Some((
+            // the decision asks for this step after a definitive answer only
+            Some(SetupOutcome::Failed(e)) if e.status().is_some() => Some((
                 self.nbi.metadata.generation.unwrap_or_default(),
                 e.status().unwrap_or_default(),
                 e.server_message().unwrap_or_default(),
@@ -765,23 +771,26 @@ impl Stepper<'_, '_> {
         let patch = token_secret::rotated_patch(nbi, &new, exchange.as_ref());
         let written =
             write_until_stored(ctx, self.secrets, nbi, &patch, Some(&created.plain_token))
-                .await
+                .await?
                 .map(Box::new);
-        match svc {
-            Some((_, name)) => {
+        // a token given up at shutdown was reported lost (ERROR) and is never also "stored"
+        match (svc, &written) {
+            (_, None) => {}
+            (Some((_, name)), Some(_)) => {
                 info!(service_user = %name, token_id = %pat.id, "stored the service user's token")
             }
-            None => {
+            (None, Some(_)) => {
                 info!(token_id = %pat.id, expires_at = %pat.expiration_date, "rotated the token")
             }
         }
-        Ok(Minted::Stored { written, replaced })
+        Ok(Minted::Stored { written })
     }
 
     /// Trades the current token for a token of the service user `name` (created when missing):
-    /// the new token is stored and verified before the old one is deleted, with the old token
-    /// itself (a service user may not delete the owner's tokens). A crash after the store leaves
-    /// `previous-token-id` for a later pass.
+    /// the new token is stored with the old one as the previous token. The old one is deleted by a
+    /// later step, with itself (a service user may not delete the owner's tokens), once the new
+    /// one is verified and the grace period is over (with `gracePeriod: 0s` in the same pass); a
+    /// new token that could not be stored leaves the old one untouched.
     async fn exchange(
         &mut self,
         token: &SecretString,
@@ -792,35 +801,8 @@ impl Stepper<'_, '_> {
             Ok(u) => u,
             Err(e) => return Ok(Minted::Failed(e)),
         };
-        let (mut written, replaced) = match self
-            .mint_and_store(token, user, Some((&svc.id, name)))
-            .await?
-        {
-            Minted::Stored { written, replaced } => (written, replaced),
-            other => return Ok(other),
-        };
-        // with a grace period the setup token stays valid until then (a later pass deletes it,
-        // with itself, kept in the Secret); without one it goes now
-        if let Some(old_id) = replaced
-            .as_deref()
-            .filter(|_| self.nbi.spec.token.rotation.grace().is_zero())
-        {
-            match self.client.delete_token(token, user, old_id).await {
-                Ok(()) => info!(token_id = %old_id, "deleted the setup token"),
-                Err(e) if e.status() == Some(404) => {}
-                Err(e) => {
-                    warn!(token_id = %old_id, error = %e.with_request_id(), "failed to delete the \
-                        old token; retrying later");
-                    return Ok(Minted::Stored { written, replaced });
-                }
-            }
-            let name = self.nbi.token_secret_name();
-            let patch = token_secret::previous_deleted_patch();
-            written = Some(Box::new(
-                patch_token_secret(self.secrets, &name, &patch).await?,
-            ));
-        }
-        Ok(Minted::Stored { written, replaced })
+        self.mint_and_store(token, user, Some((&svc.id, name)))
+            .await
     }
 
     /// The service user `name`, created when missing.
@@ -839,8 +821,9 @@ impl Stepper<'_, '_> {
     }
 }
 
-/// When the token being replaced is deleted: after the grace period, and never after its own
-/// expiry (when known).
+/// When the token being replaced is deleted: after the grace period, never after its own expiry
+/// (when known), and never after the new token is due for renewal (a new token waits for the grace
+/// to end, so a grace longer than that would let the new token expire).
 fn previous_delete_at(nbi: &NetbirdInstance, world: &World, now: jiff::Timestamp) -> String {
     let grace = jiff::SignedDuration::try_from(nbi.spec.token.rotation.grace())
         .unwrap_or(jiff::SignedDuration::ZERO);
@@ -850,7 +833,14 @@ fn previous_delete_at(nbi: &NetbirdInstance, world: &World, now: jiff::Timestamp
         .owned()
         .and_then(|s| s.lifetime())
         .map(|(_, expires)| expires);
-    let at = expires.map_or(after_grace, |e| e.min(after_grace));
+    let new_renewal = now
+        .checked_add(jiff::SignedDuration::from_hours(
+            16 * i64::from(nbi.spec.token.expires_in_days),
+        ))
+        .unwrap_or(now);
+    let at = expires
+        .map_or(after_grace, |e| e.min(after_grace))
+        .min(new_renewal);
     seconds(at)
 }
 
@@ -909,7 +899,7 @@ async fn setup(
     client: &NetbirdClient,
     creds: &Credentials,
     secrets: &Secrets<'_>,
-) -> (SetupOutcome, Option<Secret>, Option<PatFormatError>) {
+) -> Result<(SetupOutcome, Option<Secret>, Option<PatFormatError>), Verdict> {
     let req = SetupRequest {
         email: creds.email.clone(),
         password: creds.password.clone(),
@@ -922,7 +912,7 @@ async fn setup(
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e.with_request_id(), "setup failed");
-            return (SetupOutcome::Failed(e), None, None);
+            return Ok((SetupOutcome::Failed(e), None, None));
         }
     };
     let completed = ctx.now();
@@ -946,12 +936,12 @@ async fn setup(
             };
             let patch =
                 token_secret::no_token_patch(&resp.user_id, &completed.to_string(), outcome);
-            let written = write_until_stored(ctx, secrets, nbi, &patch, None).await;
+            let written = write_until_stored(ctx, secrets, nbi, &patch, None).await?;
             let outcome = SetupOutcome::NoToken {
                 user_id: resp.user_id,
                 email: resp.email,
             };
-            return (outcome, written, malformed);
+            return Ok((outcome, written, malformed));
         }
     };
     let expires = completed
@@ -966,14 +956,22 @@ async fn setup(
         &expires.to_string(),
         &completed.to_string(),
     );
-    let written = write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await;
+    let written = write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await?;
+    if written.is_none() {
+        // given up at shutdown, and said loudly there: never also reported stored
+        let outcome = SetupOutcome::TokenLost {
+            user_id: resp.user_id,
+            email: resp.email,
+        };
+        return Ok((outcome, None, None));
+    }
     info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token \
         stored");
     let outcome = SetupOutcome::TokenStored {
         user_id: resp.user_id,
         email: resp.email,
     };
-    (outcome, written, None)
+    Ok((outcome, written, None))
 }
 
 /// The name of a token this instance creates: it identifies the instance, so the clean-up never
@@ -1031,8 +1029,9 @@ async fn write_until_stored(
     nbi: &NetbirdInstance,
     patch: &serde_json::Value,
     token: Option<&SecretString>,
-) -> Option<Secret> {
+) -> Result<Option<Secret>, Verdict> {
     let name = nbi.token_secret_name();
+    let began = tokio::time::Instant::now();
     let attempt = || async {
         match secrets.patch(&name, patch).await {
             Ok(s) => Ok(s),
@@ -1044,33 +1043,77 @@ async fn write_until_stored(
     };
     let mut delay = Duration::from_millis(200);
     let mut reported = false;
-    let mut deadline = None;
     loop {
-        let e = match attempt().await {
-            Ok(s) => return Some(s),
-            Err(e) => e,
+        // a write the apiserver does not answer is cut off at the shutdown deadline too
+        let write = attempt();
+        tokio::pin!(write);
+        let answered = tokio::select! {
+            r = &mut write => Some(r),
+            () = ctx.shutdown.cancelled() => None,
         };
-        warn!(error = %e, retry_in = ?delay, secret = %name, held_token = token.is_some(), "failed \
-            to write the token Secret; retrying");
-        if token.is_some() && !reported && looks_permanent(&e) {
-            reported = true;
-            report_storing_token(ctx, nbi, &name, &e).await;
-        }
-        if ctx.shutdown.is_cancelled() {
-            let at = *deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + ctx.settings.shutdown_timeout);
-            if tokio::time::Instant::now() >= at {
-                tracing::error!(
-                    namespace = nbi.metadata.namespace.as_deref().unwrap_or_default(),
-                    instance = %nbi.name_any(),
-                    secret = %name,
-                    error = %e,
-                    "shutting down with the token not stored: the token NetBird issued is LOST \
-                        (NetBird shows a token only once). Log in to the dashboard as the owner, \
-                            create a personal access token and put it under the token Secret's key"
-                );
-                return None;
+        let answered = match answered {
+            Some(r) => Some(r),
+            None => match ctx.shutdown_deadline() {
+                Some(at) => tokio::time::timeout_at(at, &mut write).await.ok(),
+                None => Some(write.await),
+            },
+        };
+        let error = match answered {
+            Some(Ok(s)) => return Ok(Some(s)),
+            Some(Err(e)) => {
+                if token.is_some() && !reported && looks_permanent(&e) {
+                    reported = true;
+                    report_storing_token(ctx, nbi, &name, &e).await;
+                }
+                e.to_string()
             }
+            None => "the apiserver did not answer before the shutdown deadline".to_string(),
+        };
+        warn!(
+            error = %error,
+            retry_in = ?delay,
+            secret = %name,
+            held_token = token.is_some(),
+            "failed to write the token Secret; retrying"
+        );
+        let deadline = ctx.shutdown_deadline();
+        if let Some(at) = deadline
+            && tokio::time::Instant::now() >= at
+        {
+            if token.is_none() {
+                warn!(
+                    secret = %name,
+                    error = %error,
+                    "shutting down with the setup outcome not recorded on the token Secret"
+                );
+                return Ok(None);
+            }
+            tracing::error!(
+                namespace = nbi.metadata.namespace.as_deref().unwrap_or_default(),
+                instance = %nbi.name_any(),
+                secret = %name,
+                error = %error,
+                "shutting down with the token not stored: the token NetBird issued is LOST \
+                 (NetBird shows a token only once). Log in to the dashboard as the owner, \
+                 create a personal access token and put it under the token Secret's key"
+            );
+            return Ok(None);
+        }
+        // not shutting down: the write is held in memory and retried by the instance's next
+        // passes (with backoff), so a Secret that cannot be written never holds a controller slot
+        if deadline.is_none() && began.elapsed() >= HOLD_AFTER {
+            ctx.hold_write(
+                &nbi.uid().unwrap_or_default(),
+                HeldWrite {
+                    namespace: nbi.metadata.namespace.clone().unwrap_or_default(),
+                    instance: nbi.name_any(),
+                    secret: name.clone(),
+                    patch: patch.clone(),
+                    recreate: token_secret::recreated(nbi, patch),
+                    holds_token: token.is_some(),
+                },
+            );
+            return Err(storing_token(&name, &error));
         }
         let mut wait = delay.mul_f64(0.5 + 0.5 * super::jitter_fraction());
         if let Some(at) = deadline {
@@ -1082,6 +1125,68 @@ async fn write_until_stored(
             () = tokio::time::sleep(wait) => {}
             // a shutdown starts the deadline at once
             () = ctx.shutdown.cancelled(), if deadline.is_none() => {}
+        }
+    }
+}
+
+/// How long a pass retries a failing token write before it holds the write in memory and ends
+/// (the instance's next passes retry it with backoff).
+const HOLD_AFTER: Duration = Duration::from_secs(10);
+
+/// A token Secret write held in memory between passes: the patch (which may carry the token) and
+/// the Secret to create when the Secret is gone. Never stored anywhere.
+pub struct HeldWrite {
+    pub namespace: String,
+    pub instance: String,
+    pub secret: String,
+    patch: serde_json::Value,
+    recreate: Secret,
+    /// The patch carries a token NetBird issued (lost if the process ends before it is written).
+    pub holds_token: bool,
+}
+
+impl HeldWrite {
+    /// One attempt of the write.
+    pub async fn attempt(&self, secrets: &Secrets<'_>) -> Result<Secret, kube::Error> {
+        match secrets.patch(&self.secret, &self.patch).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => secrets.create(&self.recreate).await,
+            other => other,
+        }
+    }
+}
+
+/// The verdict while a token is held in memory because its Secret cannot be written.
+fn storing_token(secret: &str, error: &str) -> Verdict {
+    Verdict::Waiting {
+        reason: Waiting::StoringToken,
+        message: format!(
+            "the token NetBird returned is held in memory only: writing Secret {secret} failed \
+             ({error}); retrying with backoff, and the token is lost if the process ends first. \
+             The operator needs get, create and patch on secrets in this namespace"
+        ),
+        retry: true,
+    }
+}
+
+/// Writes a write held by an earlier pass, once; the world takes the Secret as written. A failure
+/// holds it again and ends the pass (StoringToken, with backoff).
+pub async fn store_held(
+    ctx: &Context,
+    nbi: &NetbirdInstance,
+    secrets: &Secrets<'_>,
+    world: &mut World,
+    held: HeldWrite,
+) -> Result<(), Verdict> {
+    match held.attempt(secrets).await {
+        Ok(written) => {
+            info!(secret = %held.secret, "stored the token Secret write held from an earlier pass");
+            world.set_token_secret(nbi, Some(written));
+            Ok(())
+        }
+        Err(e) => {
+            let verdict = storing_token(&held.secret, &e.to_string());
+            ctx.hold_write(&nbi.uid().unwrap_or_default(), held);
+            Err(verdict)
         }
     }
 }
@@ -1111,8 +1216,12 @@ async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str
         ctx.client.clone(),
         nbi.metadata.namespace.as_deref().unwrap_or_default(),
     );
-    if let Err(e) = super::write_status(&api, &nbi.name_any(), &status).await {
-        warn!(error = %e, "failed to report the failing token write in the status");
+    // the initial status of a first pass waits for this write, and is not written after it
+    let gate = ctx.side_status(&nbi.uid().unwrap_or_default());
+    let mut urgent_written = gate.lock().await;
+    match super::write_status(&api, &nbi.name_any(), &status).await {
+        Ok(_) => *urgent_written = true,
+        Err(e) => warn!(error = %e, "failed to report the failing token write in the status"),
     }
 }
 

@@ -511,7 +511,9 @@ fn api_error(
     body: &[u8],
     request_id: Option<String>,
 ) -> NetbirdError {
-    let message = match serde_json::from_slice::<ErrorBody>(body) {
+    let parsed = serde_json::from_slice::<ErrorBody>(body);
+    let from_netbird = parsed.as_ref().is_ok_and(|b| b.code == status.as_u16());
+    let message = match parsed {
         Ok(b) => b.message,
         Err(_) => {
             let text = String::from_utf8_lossy(body);
@@ -537,6 +539,7 @@ fn api_error(
         status: status.as_u16(),
         message: scrub(&message),
         request_id,
+        from_netbird,
     }
 }
 

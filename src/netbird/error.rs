@@ -83,6 +83,9 @@ pub enum NetbirdError {
         status: u16,
         message: String,
         request_id: Option<String>,
+        /// The body was NetBird's JSON error (`{"message":..., "code":...}`), not a page of
+        /// something in front of it (a reverse proxy's 404 for a wrong path prefix).
+        from_netbird: bool,
     },
     /// No HTTP answer: DNS, connect, TLS or timeout.
     #[error("{endpoint} failed: {kind} ({detail})")]
@@ -162,9 +165,38 @@ impl NetbirdError {
         }
     }
 
-    /// True when the token was refused: 401 (invalid or expired) or 404 (deleted).
+    /// True when the token was refused: 401 (invalid or expired) or NetBird's own 404 (deleted).
+    /// A 404 page that is not NetBird's JSON is about the URL, not the token
+    /// ([`NetbirdError::is_wrong_path`]).
     pub fn is_token_rejected(&self) -> bool {
-        matches!(self, NetbirdError::MalformedToken(_)) || matches!(self.status(), Some(401 | 404))
+        matches!(self, NetbirdError::MalformedToken(_))
+            || matches!(self.status(), Some(401))
+            || self.is_not_found()
+    }
+
+    /// NetBird itself answered 404: the object (a token, a user) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            NetbirdError::Api {
+                status: 404,
+                from_netbird: true,
+                ..
+            }
+        )
+    }
+
+    /// A 404 that is not NetBird's JSON: something in front of the server (a reverse proxy with
+    /// another path prefix) does not know the path, so spec.managementURL is likely wrong.
+    pub fn is_wrong_path(&self) -> bool {
+        matches!(
+            self,
+            NetbirdError::Api {
+                status: 404,
+                from_netbird: false,
+                ..
+            } | NetbirdError::Decode { status: 404, .. }
+        )
     }
 
     /// True when retrying the same call later may succeed (network trouble, 5xx, 429).

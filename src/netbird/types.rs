@@ -127,4 +127,6 @@ impl std::fmt::Debug for CreatedToken {
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct ErrorBody {
     pub message: String,
+    /// The HTTP status again: NetBird always sends it, a proxy's JSON page rarely does.
+    pub code: u16,
 }

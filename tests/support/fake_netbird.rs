@@ -70,6 +70,9 @@ pub struct State {
     /// Answer setup and token creation with a token whose checksum is wrong (a broken or hostile
     /// server).
     pub malformed_tokens: bool,
+    /// Answer 500 to the users endpoints when the caller is a service user (a new service user's
+    /// token that cannot be verified yet).
+    pub service_user_calls_fail: bool,
     counter: u64,
 }
 
@@ -90,6 +93,7 @@ impl Default for State {
             authorizations: Vec::new(),
             setup_bodies: Vec::new(),
             malformed_tokens: false,
+            service_user_calls_fail: false,
             counter: 0,
         }
     }
@@ -444,6 +448,12 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
                 reply(200, v)
             }
         },
+        "users_current" | "users_list"
+            if s.service_user_calls_fail
+                && authenticate(s, auth).is_ok_and(|u| s.service_users.contains_key(u)) =>
+        {
+            error(500, "internal server error")
+        }
         "users_current" => match authenticate(s, auth) {
             Err((code, msg)) => error(code, msg),
             Ok(user) => match s.service_users.get(user) {

@@ -29,7 +29,10 @@ pub struct KubeFaults {
     /// While set, new watch requests (of paths ending with the suffix, when given) wait until it
     /// is cancelled (released).
     hold: Mutex<Option<(CancellationToken, Option<String>)>>,
-    conflict_on: Mutex<Option<WriteRule>>,
+    /// Writes answered with this status (409 Conflict, 403 Forbidden, ...) while the rule holds.
+    conflict_on: Mutex<Option<(WriteRule, u16)>>,
+    /// Writes never answered while the rule holds (an apiserver that stopped answering).
+    hang_on: Mutex<Option<WriteRule>>,
     pub watches: AtomicU32,
     pub lists: AtomicU32,
     pub expired: AtomicU32,
@@ -72,11 +75,26 @@ impl KubeFaults {
 
     /// Answers writes matching `rule` (method, path) with 409 Conflict until cleared.
     pub fn conflict_on(&self, rule: impl Fn(&Method, &str) -> bool + Send + Sync + 'static) {
-        *self.conflict_on.lock().unwrap() = Some(Box::new(rule));
+        self.refuse_on(409, rule);
+    }
+
+    /// Answers writes matching `rule` (method, path) with `code` (403, 422, 409) until cleared.
+    pub fn refuse_on(
+        &self,
+        code: u16,
+        rule: impl Fn(&Method, &str) -> bool + Send + Sync + 'static,
+    ) {
+        *self.conflict_on.lock().unwrap() = Some((Box::new(rule), code));
+    }
+
+    /// Never answers writes matching `rule` until cleared (`clear_conflicts`).
+    pub fn hang_on(&self, rule: impl Fn(&Method, &str) -> bool + Send + Sync + 'static) {
+        *self.hang_on.lock().unwrap() = Some(Box::new(rule));
     }
 
     pub fn clear_conflicts(&self) {
         *self.conflict_on.lock().unwrap() = None;
+        *self.hang_on.lock().unwrap() = None;
     }
 
     pub fn count(&self, c: &AtomicU32) -> u32 {
@@ -130,23 +148,29 @@ impl KubeFaults {
             .lock()
             .unwrap()
             .push(format!("{} {path}", req.method()));
-        let conflict = self
+        let code = self
             .conflict_on
             .lock()
             .unwrap()
             .as_ref()
-            .is_some_and(|rule| rule(req.method(), &path));
-        if !conflict {
-            return None;
-        }
+            .filter(|(rule, _)| rule(req.method(), &path))
+            .map(|(_, code)| *code)?;
         self.conflicts.fetch_add(1, Ordering::SeqCst);
-        let body = status(
-            409,
-            "Conflict",
-            "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again",
-        );
+        let body = match code {
+            409 => status(
+                409,
+                "Conflict",
+                "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again",
+            ),
+            403 => status(
+                403,
+                "Forbidden",
+                "secrets is forbidden: the test refuses this write",
+            ),
+            other => status(other, "Invalid", "the test refuses this write"),
+        };
         let mut resp = Response::new(Body::from(serde_json::to_vec(&body).unwrap()));
-        *resp.status_mut() = StatusCode::CONFLICT;
+        *resp.status_mut() = StatusCode::from_u16(code).unwrap();
         resp.headers_mut()
             .insert("content-type", "application/json".parse().unwrap());
         Some(resp)
@@ -177,6 +201,16 @@ pub fn client(inner: Client, faults: Arc<KubeFaults>) -> Client {
                         .is_none_or(|suffix| path.ends_with(suffix.as_str()))
             }) {
                 gate.cancelled().await;
+            }
+            let hangs = req.method() != Method::GET
+                && faults
+                    .hang_on
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .is_some_and(|rule| rule(req.method(), &path));
+            if hangs {
+                std::future::pending::<()>().await;
             }
             if let Some(resp) = faults.inject(&req) {
                 return Ok::<_, kube::Error>(resp.map(|b| Cuttable {

@@ -637,11 +637,35 @@ async fn start_operator_in(
     namespaces: Vec<String>,
     clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
 ) -> Operator {
+    start_operator_in_with(client, namespaces, clock, Settings::default().concurrency).await
+}
+
+impl TestEnv {
+    /// Runs the operator in-process with this client's identity and at most `concurrency` passes
+    /// at once.
+    pub async fn start_operator_concurrency(&self, client: Client, concurrency: u16) -> Operator {
+        start_operator_in_with(
+            client,
+            vec![self.ns.clone()],
+            Arc::new(jiff::Timestamp::now),
+            concurrency,
+        )
+        .await
+    }
+}
+
+async fn start_operator_in_with(
+    client: Client,
+    namespaces: Vec<String>,
+    clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
+    concurrency: u16,
+) -> Operator {
     capture_logs();
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
     let settings = Settings {
         namespaces,
+        concurrency,
         max_backoff: Duration::from_secs(5),
         // the finalizer lets go after 10 s here (15 min by default)
         finalizer_timeout: Duration::from_secs(10),

@@ -213,7 +213,10 @@ impl KubeState {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            if gone["spec"]["token"]["deletionPolicy"] == "Delete" {
+            // the finalizer's: the instance was deleted with it in place
+            if gone["spec"]["token"]["deletionPolicy"] == "Delete"
+                && !gone["metadata"]["deletionTimestamp"].is_null()
+            {
                 let secret = match gone["spec"]["token"]["secretName"].as_str() {
                     Some(n) if !n.is_empty() => n.to_string(),
                     _ => format!("{name}-token"),
