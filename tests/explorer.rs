@@ -7,7 +7,8 @@
 //! history shrinks to a short one and prints the seed that replays it.
 //!
 //! Budget in `make test`: 1000 histories of 1 to 40 steps (each then settled, a day passed and
-//! settled again), a random seed printed first; about 30 s on 2 busy cores (34 histories/s).
+//! settled again), a random seed printed first; 29 s on 2 cores at a load of 9 (34 histories/s),
+//! 126 s at a load of 20.
 //! `NBOP_HISTORIES` and `NBOP_SEED` set both; `make reliability` runs 20,000. A failure prints
 //! the shrunk history as JSON: `NBOP_REPLAY='<json>' cargo test --test explorer replay --
 //! --nocapture` replays it with every call traced.
