@@ -115,7 +115,7 @@ struct InstanceMemory {
     /// A retry scheduled: not before this instant, unless the inputs (digest of generation and
     /// Secret resourceVersions) changed. A pass woken by the operator's own status write then waits
     /// for its retry instead of calling NetBird again.
-    retry: Option<(std::time::Instant, [u8; 32])>,
+    retry: Option<(tokio::time::Instant, [u8; 32])>,
     /// The token verified recently: digest of the token, the generation and the server, and the
     /// result. A pass that changes nothing makes no call to NetBird; a new token or a spec change
     /// verifies again.
@@ -186,6 +186,8 @@ pub struct Context {
     shutdown_began: std::sync::OnceLock<tokio::time::Instant>,
     /// The clock (tests move it forward to reach a token's rotation time).
     pub clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
+    /// Test seam: NetBird servers simulated in memory instead of reqwest (the history explorer).
+    pub netbird_network: Option<Arc<dyn crate::netbird::SimulatedNetwork>>,
 }
 
 impl Context {
@@ -216,7 +218,13 @@ impl Context {
             shutdown,
             shutdown_began: std::sync::OnceLock::new(),
             clock: Arc::new(jiff::Timestamp::now),
+            netbird_network: None,
         }
+    }
+
+    /// Test seam: an event of the Secrets' metadata watch, delivered by a simulation.
+    pub fn observe_secret(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+        self.secret_cache.observe(event);
     }
 
     /// When a write that holds a token must give up: `shutdown_timeout` after the shutdown began
@@ -271,13 +279,13 @@ impl Context {
     /// How long a pass with these inputs still has to wait for its scheduled retry.
     fn retry_pending(&self, uid: &str, inputs: &[u8; 32]) -> Option<Duration> {
         let (at, scheduled_for) = self.recall(uid, |m| m.retry)?;
-        let left = at.saturating_duration_since(std::time::Instant::now());
+        let left = at.saturating_duration_since(tokio::time::Instant::now());
         (scheduled_for == *inputs && !left.is_zero()).then_some(left)
     }
 
     fn schedule_retry(&self, uid: &str, after: Option<Duration>, inputs: [u8; 32]) {
         self.remember(uid, |m| {
-            m.retry = after.map(|d| (std::time::Instant::now() + d, inputs));
+            m.retry = after.map(|d| (tokio::time::Instant::now() + d, inputs));
         });
     }
 
@@ -447,8 +455,19 @@ pub fn backoff_delay(failures: u32, max: Duration) -> Duration {
     capped.mul_f64(0.5 + 0.5 * jitter)
 }
 
+/// Test seam: where jitter comes from in a deterministic simulation (set once per process).
+static JITTER_SOURCE: std::sync::OnceLock<fn() -> f64> = std::sync::OnceLock::new();
+
+/// Test seam: makes jitter come from `source` (a simulation's seeded generator).
+pub fn set_jitter_source(source: fn() -> f64) {
+    let _ = JITTER_SOURCE.set(source);
+}
+
 /// A number in [0, 1) from the system's random hasher seed (no extra dependency for jitter).
 fn jitter_fraction() -> f64 {
+    if let Some(source) = JITTER_SOURCE.get() {
+        return source();
+    }
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(jiff::Timestamp::now().as_nanosecond() as u64);

@@ -194,6 +194,14 @@ impl World {
                 .is_some_and(|t| t.insecure_skip_verify),
             ..base.clone()
         };
+        if let Some(network) = &ctx.netbird_network {
+            let built = NetbirdClient::simulated(&nbi.spec.management_url, network.clone(), &opts);
+            match built {
+                Ok(c) => self.client = Some(c),
+                Err(e) => self.ca = Input::Invalid(format!("cannot connect as the spec says: {e}")),
+            }
+            return;
+        }
         // the HTTP client (TLS roots, connection pool) is built once per TLS settings and shared by
         // every instance and pass: one per instance held ~270 KiB each (measured: 288 MiB for 1040)
         let key: [u8; 32] = {

@@ -169,9 +169,51 @@ pub enum ClientBuildError {
 /// A client bound to one management server.
 #[derive(Clone)]
 pub struct NetbirdClient {
-    http: reqwest::Client,
+    http: Transport,
     api: Url,
     observer: Option<std::sync::Arc<dyn CallObserver>>,
+}
+
+/// How requests travel: reqwest (production), or a simulated network (the history explorer's
+/// NetBird model, tests/explorer.rs); the same code builds every request and reads every answer.
+#[derive(Clone)]
+enum Transport {
+    Http(reqwest::Client),
+    Simulated {
+        network: std::sync::Arc<dyn SimulatedNetwork>,
+        opts: ClientOptions,
+    },
+}
+
+/// Test seam: a network of simulated NetBird servers, answering at the HTTP level.
+pub trait SimulatedNetwork: Send + Sync {
+    /// One request; `Err` is a failure with no answer (connection refused, timeout, ...).
+    fn send(
+        &self,
+        request: SimRequest,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<SimResponse, TransportKind>> + Send>>;
+}
+
+/// A request as it would go on the wire, with the TLS settings it would go with.
+#[derive(Clone, Debug)]
+pub struct SimRequest {
+    pub method: String,
+    pub url: String,
+    /// Lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub insecure_skip_verify: bool,
+    pub extra_ca_pem: Option<Vec<u8>>,
+    pub request_timeout: Duration,
+}
+
+/// An answer of a simulated server.
+#[derive(Clone, Debug, Default)]
+pub struct SimResponse {
+    pub status: u16,
+    /// Lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
 impl std::fmt::Debug for NetbirdClient {
@@ -220,6 +262,10 @@ impl NetbirdClient {
         management_url: &str,
         http: reqwest::Client,
     ) -> Result<Self, ClientBuildError> {
+        Self::over(management_url, Transport::Http(http))
+    }
+
+    fn over(management_url: &str, http: Transport) -> Result<Self, ClientBuildError> {
         let mut api = Url::parse(management_url)?;
         if api.scheme() != "https" && api.scheme() != "http" {
             return Err(ClientBuildError::Scheme(api.scheme().to_string()));
@@ -234,6 +280,23 @@ impl NetbirdClient {
             api,
             observer: None,
         })
+    }
+
+    /// A client for `management_url` whose requests go to a simulated network (tests).
+    pub fn simulated(
+        management_url: &str,
+        network: std::sync::Arc<dyn SimulatedNetwork>,
+        opts: &ClientOptions,
+    ) -> Result<Self, ClientBuildError> {
+        if let Some(pem) = &opts.extra_ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ClientBuildError::CaBundle(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ClientBuildError::CaBundle("no certificate found".into()));
+            }
+        }
+        let opts = opts.clone();
+        Self::over(management_url, Transport::Simulated { network, opts })
     }
 
     /// Reports every call to `observer`.
@@ -417,37 +480,114 @@ impl NetbirdClient {
             kind: TransportKind::Other,
             detail: format!("cannot build the request URL: {e}"),
         })?;
-        let mut req = self
-            .http
-            .request(method, url)
-            .header(header::ACCEPT, "application/json");
+        let mut auth = None;
         if let Some(token) = token {
             pat::check(token.expose_secret())?;
             let mut value =
                 header::HeaderValue::from_str(&format!("Token {}", token.expose_secret()))
                     .map_err(|_| NetbirdError::MalformedToken(pat::PatFormatError::Charset))?;
             value.set_sensitive(true);
-            req = req.header(header::AUTHORIZATION, value);
+            auth = Some(value);
         }
-        if let Some(body) = body {
-            req = req.json(body);
-        }
-        let mut resp = req
-            .send()
-            .await
-            .map_err(|e| transport_error(endpoint, &e))?;
-        let status = resp.status();
-        let request_id = resp
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(128).collect::<String>());
+        let body = match body {
+            Some(b) => Some(serde_json::to_vec(b).map_err(|e| NetbirdError::Transport {
+                endpoint,
+                kind: TransportKind::Other,
+                detail: format!("cannot encode the request: {e}"),
+            })?),
+            None => None,
+        };
+        let (status, request_id, location, buf) = match &self.http {
+            Transport::Http(http) => {
+                let mut req = http
+                    .request(method, url)
+                    .header(header::ACCEPT, "application/json");
+                if let Some(value) = auth {
+                    req = req.header(header::AUTHORIZATION, value);
+                }
+                if let Some(body) = body {
+                    req = req
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(body);
+                }
+                let mut resp = req
+                    .send()
+                    .await
+                    .map_err(|e| transport_error(endpoint, &e))?;
+                let status = resp.status();
+                let header = |name| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v: &header::HeaderValue| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let (request_id, location) = (header("x-request-id"), header("location"));
+                let mut buf = Vec::new();
+                if !status.is_redirection() {
+                    while let Some(chunk) = resp
+                        .chunk()
+                        .await
+                        .map_err(|e| transport_error(endpoint, &e))?
+                    {
+                        if buf.len() + chunk.len() > MAX_BODY_BYTES {
+                            return Err(NetbirdError::TooLarge {
+                                endpoint,
+                                limit: MAX_BODY_BYTES,
+                            });
+                        }
+                        buf.extend_from_slice(&chunk);
+                    }
+                }
+                (status, request_id, location, buf)
+            }
+            Transport::Simulated { network, opts } => {
+                let mut headers = vec![("accept".to_string(), "application/json".to_string())];
+                if let Some(value) = auth {
+                    let value = value.to_str().unwrap_or_default().to_string();
+                    headers.push(("authorization".into(), value));
+                }
+                if body.is_some() {
+                    headers.push(("content-type".into(), "application/json".into()));
+                }
+                let resp = network
+                    .send(SimRequest {
+                        method: method.to_string(),
+                        url: url.to_string(),
+                        headers,
+                        body: body.unwrap_or_default(),
+                        insecure_skip_verify: opts.insecure_skip_verify,
+                        extra_ca_pem: opts.extra_ca_pem.clone(),
+                        request_timeout: opts.request_timeout,
+                    })
+                    .await
+                    .map_err(|kind| NetbirdError::Transport {
+                        endpoint,
+                        kind,
+                        detail: "simulated network failure".into(),
+                    })?;
+                let header = |name: &str| {
+                    resp.headers
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| v.clone())
+                };
+                let (request_id, location) = (header("x-request-id"), header("location"));
+                if resp.body.len() > MAX_BODY_BYTES {
+                    return Err(NetbirdError::TooLarge {
+                        endpoint,
+                        limit: MAX_BODY_BYTES,
+                    });
+                }
+                let status =
+                    StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                (status, request_id, location, resp.body)
+            }
+        };
+        let request_id = request_id.map(|s| s.chars().take(128).collect::<String>());
 
         if status.is_redirection() {
-            let location = resp
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|v| v.to_str().ok())
+            let location = location
+                .as_deref()
                 .map(redact_url)
                 .unwrap_or_else(|| "(no location)".into());
             return Err(NetbirdError::Redirect {
@@ -455,21 +595,6 @@ impl NetbirdClient {
                 status: status.as_u16(),
                 location,
             });
-        }
-
-        let mut buf = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| transport_error(endpoint, &e))?
-        {
-            if buf.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(NetbirdError::TooLarge {
-                    endpoint,
-                    limit: MAX_BODY_BYTES,
-                });
-            }
-            buf.extend_from_slice(&chunk);
         }
 
         if !status.is_success() {

@@ -1,0 +1,543 @@
+//! An in-memory Kubernetes apiserver, as a tower service under a real `kube::Client`: Secrets,
+//! NetbirdInstances (with the status subresource, finalizers and deletionTimestamp) and Events,
+//! with resourceVersions, `metadata.resourceVersion` preconditions (409 Conflict), JSON merge
+//! patches (RFC 7386: null deletes) and injected faults. It records every write for the
+//! invariants, and the Secrets' watch events for a delivery the history controls.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use k8s_openapi::api::core::v1::Secret;
+use kube::client::Body;
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+
+use super::Calls;
+
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const INSTANCE_LABEL: &str = "bootstrap.netbird.io/instance";
+
+/// A fault the next matching requests get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KubeFault {
+    /// The next write of a Secret answers 409 Conflict.
+    ConflictSecretWrite,
+    /// The next `n` Secret writes answer 403 (RBAC taken away, then given back).
+    ForbidSecretWrites(u8),
+    /// The next request answers 500.
+    ServerError,
+    /// The next status write answers 409 Conflict.
+    ConflictStatus,
+}
+
+#[derive(Default)]
+pub struct KubeState {
+    rv: u64,
+    uid: u64,
+    /// (resource, namespace, name) -> object
+    pub objects: BTreeMap<(String, String, String), Value>,
+    pub events: Vec<Value>,
+    pub faults: VecDeque<KubeFault>,
+    /// Writes by the operator (through the service), for the quiet-world check.
+    pub writes: Vec<String>,
+    /// Secret watch events not delivered yet.
+    pub secret_events: Vec<watcher::Event<PartialObjectMeta<Secret>>>,
+    /// Violations seen at the moment of a write.
+    pub violations: Vec<String>,
+    /// Token ids whose previous-token record a write replaced by another before it was deleted.
+    pub overwritten_previous: Vec<String>,
+    /// Tokens of instances removed under deletionPolicy Delete (the finalizer's to delete).
+    pub deleted_with_instance: Vec<String>,
+    /// Everything that happened, when `recording`.
+    pub log: Vec<Rec>,
+    pub recording: bool,
+    /// Inside a request or a composite change (its parts are not recorded on their own).
+    depth: u32,
+    /// Instances removed (uid, namespace, name), for the watch's Delete.
+    pub removed: Vec<(String, String, String)>,
+}
+
+pub type Shared = Arc<Mutex<KubeState>>;
+
+/// What happened to the apiserver, in order (replayed on the real one to keep the model honest).
+#[derive(Clone, Debug)]
+pub enum Rec {
+    /// A request of the operator and the model's answer (status, resourceVersion, uid).
+    Http {
+        method: String,
+        path: String,
+        body: Vec<u8>,
+        code: u16,
+        rv: Option<String>,
+        uid: Option<String>,
+    },
+    /// The history wrote the object (a person, kubectl): as stored.
+    Put {
+        resource: String,
+        ns: String,
+        name: String,
+        obj: Value,
+    },
+    /// The history or the garbage collector removed it.
+    Remove {
+        resource: String,
+        ns: String,
+        name: String,
+    },
+    /// `kubectl delete` of an instance.
+    DeleteInstance { ns: String, name: String },
+    /// An object as the history left it.
+    Final {
+        resource: String,
+        ns: String,
+        name: String,
+        obj: Value,
+    },
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code})
+}
+
+/// RFC 7386.
+pub fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn meta_of(v: &Value) -> PartialObjectMeta<Secret> {
+    PartialObjectMeta {
+        types: None,
+        metadata: serde_json::from_value(v["metadata"].clone()).unwrap_or_default(),
+        _phantom: std::marker::PhantomData,
+    }
+}
+
+fn has_labels(secret: &Value) -> bool {
+    let labels = &secret["metadata"]["labels"];
+    labels[MANAGED_BY] == "netbird-operator" && labels[INSTANCE_LABEL].is_string()
+}
+
+impl KubeState {
+    fn next_rv(&mut self) -> String {
+        self.rv += 1;
+        self.rv.to_string()
+    }
+
+    /// Stores `obj` (new version), records the Secret watch event.
+    pub fn put(&mut self, resource: &str, ns: &str, name: &str, mut obj: Value) -> Value {
+        let rv = self.next_rv();
+        obj["metadata"]["resourceVersion"] = json!(rv);
+        obj["metadata"]["namespace"] = json!(ns);
+        obj["metadata"]["name"] = json!(name);
+        // as the apiserver stores them: empty maps are no maps (found by the comparison with
+        // the real apiserver)
+        if let Some(m) = obj["metadata"].as_object_mut() {
+            for k in ["labels", "annotations", "finalizers"] {
+                if m.get(k).is_some_and(|v| {
+                    v.as_object().is_some_and(|o| o.is_empty())
+                        || v.as_array().is_some_and(|a| a.is_empty())
+                }) {
+                    m.remove(k);
+                }
+            }
+        }
+        if obj["metadata"]["uid"].is_null() {
+            self.uid += 1;
+            obj["metadata"]["uid"] = json!(format!("uid-{}", self.uid));
+            obj["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        if resource == "secrets" {
+            if obj["type"].is_null() {
+                obj["type"] = json!("Opaque");
+            }
+            if obj["data"].as_object().is_some_and(|d| d.is_empty()) {
+                obj.as_object_mut().unwrap().remove("data");
+            }
+            self.secret_events
+                .push(watcher::Event::Apply(meta_of(&obj)));
+        }
+        self.objects
+            .insert((resource.into(), ns.into(), name.into()), obj.clone());
+        if self.recording && self.depth == 0 {
+            self.log.push(Rec::Put {
+                resource: resource.into(),
+                ns: ns.into(),
+                name: name.into(),
+                obj: obj.clone(),
+            });
+        }
+        obj
+    }
+
+    pub fn get(&self, resource: &str, ns: &str, name: &str) -> Option<&Value> {
+        self.objects.get(&(resource.into(), ns.into(), name.into()))
+    }
+
+    /// Removes an object (a Secret's Delete event; an instance's dependents go with it).
+    pub fn remove(&mut self, resource: &str, ns: &str, name: &str) -> Option<Value> {
+        let gone = self
+            .objects
+            .remove(&(resource.into(), ns.into(), name.into()))?;
+        if self.recording && self.depth == 0 {
+            self.log.push(Rec::Remove {
+                resource: resource.into(),
+                ns: ns.into(),
+                name: name.into(),
+            });
+        }
+        if resource == "secrets" {
+            self.secret_events
+                .push(watcher::Event::Delete(meta_of(&gone)));
+        } else if resource == "netbirdinstances" {
+            let uid = gone["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            // the finalizer's: the instance was deleted with it in place
+            if gone["spec"]["token"]["deletionPolicy"] == "Delete"
+                && !gone["metadata"]["deletionTimestamp"].is_null()
+            {
+                let secret = match gone["spec"]["token"]["secretName"].as_str() {
+                    Some(n) if !n.is_empty() => n.to_string(),
+                    _ => format!("{name}-token"),
+                };
+                let key = gone["spec"]["token"]["secretKey"]
+                    .as_str()
+                    .unwrap_or("NB_API_KEY");
+                if let Some(v) = self
+                    .get("secrets", ns, &secret)
+                    .and_then(|s| s["data"][key].as_str())
+                {
+                    self.deleted_with_instance.push(v.to_string());
+                }
+            }
+            self.removed.push((uid.clone(), ns.into(), name.into()));
+            // the garbage collector: Secrets owned by it go too
+            let owned: Vec<_> = self
+                .objects
+                .iter()
+                .filter(|((r, n, _), v)| {
+                    r == "secrets"
+                        && n == ns
+                        && v["metadata"]["ownerReferences"]
+                            .as_array()
+                            .is_some_and(|o| o.iter().any(|r| r["uid"] == uid.as_str()))
+                })
+                .map(|((_, _, name), _)| name.clone())
+                .collect();
+            // (the real test apiserver runs no garbage collector: recorded as its own removal)
+            let depth = std::mem::replace(&mut self.depth, 0);
+            for name in owned {
+                self.remove("secrets", ns, &name);
+            }
+            self.depth = depth;
+        }
+        Some(gone)
+    }
+
+    /// Deletes an instance as `kubectl delete` does: with finalizers it gets a deletionTimestamp.
+    pub fn delete_instance(&mut self, ns: &str, name: &str, now: &str) {
+        let Some(obj) = self.get("netbirdinstances", ns, name).cloned() else {
+            return;
+        };
+        if self.recording {
+            self.log.push(Rec::DeleteInstance {
+                ns: ns.into(),
+                name: name.into(),
+            });
+        }
+        self.depth += 1;
+        self.delete_instance_inner(ns, name, now, obj);
+        self.depth -= 1;
+    }
+
+    fn delete_instance_inner(&mut self, ns: &str, name: &str, now: &str, obj: Value) {
+        let finalizers = obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if finalizers {
+            if obj["metadata"]["deletionTimestamp"].is_null() {
+                let mut obj = obj;
+                obj["metadata"]["deletionTimestamp"] = json!(now);
+                self.put("netbirdinstances", ns, name, obj);
+            }
+        } else {
+            self.remove("netbirdinstances", ns, name);
+        }
+    }
+
+    fn take_fault(&mut self, f: impl Fn(&KubeFault) -> bool) -> Option<KubeFault> {
+        let i = self.faults.iter().position(f)?;
+        let fault = self.faults.remove(i)?;
+        if let KubeFault::ForbidSecretWrites(n) = fault
+            && n > 1
+        {
+            self.faults.insert(i, KubeFault::ForbidSecretWrites(n - 1));
+        }
+        Some(fault)
+    }
+
+    /// Handles one request; (status, body).
+    pub fn handle(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        self.depth += 1;
+        let (code, value) = self.handle_inner(method, path, body);
+        self.depth -= 1;
+        if self.recording && !path.contains("/events") {
+            self.log.push(Rec::Http {
+                method: method.into(),
+                path: path.into(),
+                body: body.to_vec(),
+                code,
+                rv: value["metadata"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_string),
+                uid: value["metadata"]["uid"].as_str().map(str::to_string),
+            });
+        }
+        (code, value)
+    }
+
+    fn handle_inner(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // /api/v1/namespaces/{ns}/secrets[/{name}]
+        // /apis/{group}/{version}/namespaces/{ns}/{resource}[/{name}[/status]]
+        let (ns, resource, name, sub) = match parts.as_slice() {
+            ["api", "v1", "namespaces", ns, r, rest @ ..] => (*ns, *r, rest.first(), rest.get(1)),
+            ["apis", _, _, "namespaces", ns, r, rest @ ..] => (*ns, *r, rest.first(), rest.get(1)),
+            _ => return (404, status_body(404, "NotFound", "unknown path")),
+        };
+        let write = method != "GET";
+        if self.take_fault(|f| *f == KubeFault::ServerError).is_some() {
+            return (500, status_body(500, "InternalError", "injected"));
+        }
+        if resource == "secrets" && write {
+            match self.take_fault(|f| {
+                matches!(
+                    f,
+                    KubeFault::ConflictSecretWrite | KubeFault::ForbidSecretWrites(_)
+                )
+            }) {
+                Some(KubeFault::ConflictSecretWrite) => {
+                    return (
+                        409,
+                        status_body(409, "Conflict", "the object has been modified"),
+                    );
+                }
+                Some(KubeFault::ForbidSecretWrites(_)) => {
+                    return (403, status_body(403, "Forbidden", "secrets is forbidden"));
+                }
+                _ => {}
+            }
+        }
+        if resource == "netbirdinstances"
+            && sub == Some(&"status")
+            && self
+                .take_fault(|f| *f == KubeFault::ConflictStatus)
+                .is_some()
+        {
+            return (
+                409,
+                status_body(409, "Conflict", "the object has been modified"),
+            );
+        }
+        let patch: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        match (method, resource, name) {
+            ("POST", "events", _) => {
+                let mut ev = patch;
+                let n = self.events.len();
+                ev["metadata"]["name"] = json!(format!("ev-{n}"));
+                ev["metadata"]["namespace"] = json!(ns);
+                ev["metadata"]["resourceVersion"] = json!("1");
+                self.events.push(ev.clone());
+                (201, ev)
+            }
+            ("PATCH", "events", Some(name)) => {
+                let mut ev = self
+                    .events
+                    .iter()
+                    .find(|e| e["metadata"]["name"] == **name)
+                    .cloned()
+                    .unwrap_or_else(|| json!({"metadata": {"name": name, "namespace": ns}}));
+                merge(&mut ev, &patch);
+                (200, ev)
+            }
+            (_, "events", _) => (200, json!({})),
+            ("GET", r, Some(name)) => match self.get(r, ns, name) {
+                Some(v) => (200, v.clone()),
+                None => (
+                    404,
+                    status_body(404, "NotFound", &format!("{r} \"{name}\" not found")),
+                ),
+            },
+            ("POST", "secrets", None) => {
+                let name = patch["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if self.get("secrets", ns, &name).is_some() {
+                    return (
+                        409,
+                        status_body(
+                            409,
+                            "AlreadyExists",
+                            &format!("secrets \"{name}\" already exists"),
+                        ),
+                    );
+                }
+                self.writes.push(format!("create Secret {ns}/{name}"));
+                let mut obj = patch;
+                obj["metadata"]
+                    .as_object_mut()
+                    .map(|m| m.remove("resourceVersion"));
+                (201, self.put("secrets", ns, &name, obj))
+            }
+            ("PATCH", r, Some(name)) => {
+                let Some(mut obj) = self.get(r, ns, name).cloned() else {
+                    return (
+                        404,
+                        status_body(404, "NotFound", &format!("{r} \"{name}\" not found")),
+                    );
+                };
+                if let Some(want) = patch["metadata"]["resourceVersion"].as_str()
+                    && obj["metadata"]["resourceVersion"] != want
+                {
+                    return (
+                        409,
+                        status_body(409, "Conflict", "the object has been modified"),
+                    );
+                }
+                let status = sub == Some(&"status");
+                if r == "secrets" && !has_labels(&obj) {
+                    self.violations.push(format!(
+                        "invariant 4: the operator wrote into Secret {ns}/{name}, which lacks its labels"
+                    ));
+                }
+                self.writes.push(format!(
+                    "patch {r} {ns}/{name}{}",
+                    if status { "/status" } else { "" }
+                ));
+                let mut patch = patch;
+                if let Some(m) = patch["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                if r == "netbirdinstances" {
+                    if status {
+                        let mut st = obj["status"].clone();
+                        merge(&mut st, &patch["status"]);
+                        obj["status"] = st;
+                    } else {
+                        // the main resource: status is ignored
+                        patch.as_object_mut().map(|p| p.remove("status"));
+                        let spec_before = obj["spec"].clone();
+                        merge(&mut obj, &patch);
+                        if obj["spec"] != spec_before {
+                            let g = obj["metadata"]["generation"].as_i64().unwrap_or(1);
+                            obj["metadata"]["generation"] = json!(g + 1);
+                        }
+                    }
+                    let deleting = !obj["metadata"]["deletionTimestamp"].is_null();
+                    let finalizers = obj["metadata"]["finalizers"]
+                        .as_array()
+                        .is_some_and(|f| !f.is_empty());
+                    if deleting && !finalizers {
+                        self.remove(r, ns, name);
+                        return (200, obj);
+                    }
+                } else {
+                    const PREV: &str = "bootstrap.netbird.io/previous-token-id";
+                    let before = obj["metadata"]["annotations"][PREV]
+                        .as_str()
+                        .map(str::to_string);
+                    merge(&mut obj, &patch);
+                    let after = obj["metadata"]["annotations"][PREV].as_str();
+                    if let (Some(b), Some(a)) = (&before, after)
+                        && b != a
+                    {
+                        self.violations.push(format!(
+                            "invariant 5: Secret {ns}/{name}: the previous-token record of {b} \
+                             was replaced by {a} before {b} was deleted (it is never deleted now)"
+                        ));
+                        self.overwritten_previous.push(b.clone());
+                    }
+                }
+                (200, self.put(r, ns, name, obj))
+            }
+            ("DELETE", "secrets", Some(name)) => match self.remove("secrets", ns, name) {
+                Some(v) => (200, v),
+                None => (404, status_body(404, "NotFound", "not found")),
+            },
+            _ => (
+                405,
+                status_body(405, "MethodNotAllowed", "not supported here"),
+            ),
+        }
+    }
+}
+
+/// The apiserver as a `kube::Client`.
+pub fn client(state: Shared, calls: Arc<Calls>, epoch: u64) -> kube::Client {
+    let svc = tower::service_fn(move |req: Request<Body>| {
+        let state = state.clone();
+        let calls = calls.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let method = parts.method.to_string();
+            let path = parts.uri.path().to_string();
+            let counts = method != "GET" && !path.contains("/events");
+            let crash = if counts {
+                calls.tick(epoch)
+            } else if calls.tick_read(epoch) {
+                Some(false)
+            } else {
+                None
+            };
+            if crash == Some(false) {
+                futures::future::pending::<()>().await;
+            }
+            let (code, value) = state.lock().unwrap().handle(&method, &path, &body);
+            if method != "GET" || code != 200 {
+                super::trace(|| {
+                    format!(
+                        "kube {method} {path} {} -> {code}",
+                        String::from_utf8_lossy(&body)
+                    )
+                });
+            }
+            if crash == Some(true) {
+                futures::future::pending::<()>().await;
+            }
+            let resp = Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(serde_json::to_vec(&value).unwrap())))
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    kube::Client::new(svc, "default")
+}
