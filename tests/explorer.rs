@@ -1504,11 +1504,6 @@ fn run_here(history: &[Op], record: bool) -> (Result<(), String>, Vec<simkube::R
 /// Defects of issue 20 being fixed on other branches: their violations do not fail the test
 /// until the fixes are merged (then this list goes). Everything else fails it.
 const KNOWN_DEFECTS: &[&str] = &[
-    // status.token ({secretName} only) stays while the token Secret holds no token (a claim
-    // without a token: the racer that lost setup, a setup given up after 5xx)
-    "status.token is there",
-    // the token's binding does not cover TLS trust yet (token names/TLS branch, issue 20)
-    "was sent with insecureSkipVerify",
     // Found by the explorer, not triaged yet (reported on issue 20):
     // - with the Secret watch lagging, a patch built from the cache (no resourceVersion
     //   precondition) writes into a token Secret whose labels a person removed meanwhile
@@ -1527,9 +1522,6 @@ const KNOWN_DEFECTS: &[&str] = &[
     //   write; when that write fails (RBAC, conflict) the token is used all the same, and a
     //   spec edited later sends it to another server
     "(a token put in by hand, used before)",
-    // - token names: `team-a/nb` and `team/a-nb` give the same name, and one's clean-up after an
-    //   interrupted rotation deletes the other's token (token-names branch, issue 20)
-    "(by another instance,",
     // - two instances on one server set up at once both call setup (the second gets 412)
     "(two passes raced: no instance check since that setup)",
 ];

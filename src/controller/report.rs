@@ -175,8 +175,10 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
     }
     let seen = Seen::new(r);
     let setup = setup_status(r, &seen, prev.setup.as_ref());
+    // only while the Secret holds a token (a claim before setup holds none)
     let token = seen
         .owned
+        .filter(|s| matches!(s.token, crate::token_secret::TokenValue::Present(_)))
         .map(|_| token_status(r, &seen, prev.token.clone()));
     let version = version_status(r, prev.version.clone());
     let ready = ready_condition(r);
