@@ -37,7 +37,7 @@ crd:
 
 # long trials of the reliability campaign (the short versions run in `make test`)
 reliability: tools
-	NBOP_HISTORIES=20000 cargo test --locked --test explorer -- --nocapture
+	NBOP_SEED=random NBOP_HISTORIES=20000 cargo test --locked --test explorer -- --nocapture
 	NBOP_TRIALS=50 cargo test --locked --test reliability -- --nocapture --test-threads 3
 	NBOP_LEADER_KILLS=4 cargo test --locked --test leader -- --nocapture
 

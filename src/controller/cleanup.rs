@@ -75,6 +75,19 @@ pub async fn on_delete(
         return Ok(Action::await_change());
     }
     let world = World::read(nbi, secrets, ctx).await?;
+    if let crate::token_secret::TokenSecret::Foreign(why) = &world.token_secret {
+        // a person took the Secret over (removed the operator's labels): its token is not the
+        // operator's to send any more, and whoever holds it is told it stays valid
+        let note = format!(
+            "Secret {} no longer carries this operator's labels ({why}): its token was not sent \
+             to be deleted and stays valid on the NetBird server. Delete it in the NetBird \
+             dashboard if nothing uses it",
+            nbi.token_secret_name()
+        );
+        warn!("the token Secret is no longer the operator's; the token is not deleted");
+        publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
+        return remove_finalizer(nbi, api).await;
+    }
     if let Some(s) = world.token_secret.owned().filter(|s| {
         s.may_send_token_to(&nbi.spec.management_url)
             && !s.may_send_token_with(
