@@ -12,6 +12,7 @@ mod refs;
 pub mod report;
 mod secrets;
 mod steps;
+mod trim;
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -350,6 +351,7 @@ pub async fn run(
     // a Secret that a NetbirdInstance references triggers its pass.
     let cache_ctx = ctx.clone();
     let secret_events = watch_each::<PartialObjectMeta<Secret>>(&client, &ctx.settings.namespaces)
+        .modify(trim::secret_meta)
         .inspect(move |event| {
             if let Ok(event) = event {
                 cache_ctx.secret_cache.observe(event);
@@ -432,14 +434,8 @@ fn instance_events(
             Ok(watcher::Event::InitDone) => forget_ctx.forget_all_but(&listed),
             _ => {}
         })
-        .modify(|nbi: &mut NetbirdInstance| {
-            // The cache holds what the passes read and nothing more: managedFields and kubectl's
-            // copy of the last applied spec are dropped before an instance is stored.
-            nbi.managed_fields_mut().clear();
-            if let Some(a) = nbi.metadata.annotations.as_mut() {
-                a.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-        })
+        // the store keeps what the passes read and nothing more
+        .modify(trim::instance)
         .reflect(writer)
         .applied_objects()
 }
