@@ -8,6 +8,7 @@
 pub mod cleanup;
 pub mod decide;
 mod namespaces;
+mod recorder;
 mod refs;
 pub mod report;
 mod secrets;
@@ -24,7 +25,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -37,6 +38,7 @@ use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
 use crate::metrics::{InstanceLabels, Metrics, ReasonLabels, ResultLabels};
 use crate::netbird::ClientOptions;
 use decide::{Facts, Probes, Verdict, Verified};
+pub use recorder::Recorder;
 
 /// Errors that end a pass early (the Kubernetes API failed); retried with backoff. Each message
 /// names what failed and the Kubernetes error once (the error is not also a `source`).
