@@ -123,8 +123,9 @@ struct InstanceMemory {
     fingerprint_check: Option<([u8; 32], bool)>,
     /// The status the last pass wrote, and the resourceVersions that write superseded: a pass that
     /// gets the instance at one of those (the watch has not delivered the write yet) takes this
-    /// status as the instance's, instead of writing the same status and Event again.
-    own_status: Option<(Vec<String>, NetbirdInstanceStatus)>,
+    /// status as the instance's, instead of writing the same status and Event again. Dropped once
+    /// a pass gets a newer copy (boxed: most instances hold none, about 1.5 KiB less each).
+    own_status: Option<Box<(Vec<String>, NetbirdInstanceStatus)>>,
 }
 
 /// Shared state of all passes.
@@ -254,12 +255,15 @@ impl Context {
     /// write (see [`InstanceMemory::own_status`]).
     fn newer_own_status(&self, nbi: &NetbirdInstance) -> Option<NetbirdInstance> {
         let rv = nbi.metadata.resource_version.as_ref()?;
-        let status = self.recall(&nbi.uid()?, |m| {
-            m.own_status
-                .as_ref()
-                .filter(|(superseded, _)| superseded.contains(rv))
-                .map(|(_, s)| s.clone())
-        })?;
+        let mut memory = lock(&self.memory);
+        let own = &mut memory.get_mut(&nbi.uid()?)?.own_status;
+        if !own.as_ref().is_some_and(|o| o.0.contains(rv)) {
+            // none, or this copy is from after the write and holds it
+            *own = None;
+            return None;
+        }
+        let status = own.as_ref()?.1.clone();
+        drop(memory);
         Some(NetbirdInstance {
             status: Some(status),
             ..nbi.clone()
@@ -603,7 +607,9 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             .flatten()
             .collect();
         write_status(&api, &name, &status).await?;
-        ctx.remember(&uid, |m| m.own_status = Some((superseded, status.clone())));
+        ctx.remember(&uid, |m| {
+            m.own_status = Some(Box::new((superseded, status.clone())));
+        });
     }
     publish_events(nbi, ctx, previous.as_ref(), &status, verdict, probes).await;
     steps::record_credentials_check(nbi, &secrets, &mut world).await;
