@@ -3,10 +3,13 @@
 //! same NetBird calls and Kubernetes writes with no controller machinery. Writes
 //! docs/performance.md. Sizes: NBOP_BENCH_FLEET (1000), NBOP_BENCH_LATENCY (40),
 //! NBOP_BENCH_NOISE (10000), NBOP_BENCH_QUIET seconds (120), NBOP_BENCH_FAULTS (200 instances whose
-//! server fails), NBOP_BENCH_FAULT_SECS (60), NBOP_BENCH_SIZES of the scale phase (100,1000,10000)
-//! and NBOP_BENCH_SETTLE seconds before its memory figures (30). Also writes docs/scale.svg (the
-//! plot) and appends the memory figure to docs/bench-runs.tsv. NBOP_BENCH_SCALE_ONLY runs the scale
-//! phase alone and prints it (docs untouched). NBOP_BENCH_WRAP runs the operator under a
+//! server fails), NBOP_BENCH_FAULT_SECS (60), NBOP_BENCH_SIZES: the fleets of the scale phase
+//! (`100:client,1000,10000,10000:own`: `:client` applied client-side, `:own` a credentials Secret
+//! per instance; see `fleets`) and NBOP_BENCH_SETTLE seconds before its memory figures (30). Also
+//! writes docs/scale.svg (the plot) and appends the memory figures (the fleet phase's, and the
+//! scale phase's with 10,000) to docs/bench-runs.tsv. NBOP_BENCH_SCALE_ONLY runs the scale phase
+//! alone and prints it (docs untouched; NBOP_BENCH_RECORD=1 appends to docs/bench-runs.tsv, so
+//! that `NBOP_BENCH_SIZES=10000` runs add to the three runs the 10,000 target counts). NBOP_BENCH_WRAP runs the operator under a
 //! profiler, e.g. `NBOP_BENCH_WRAP="heaptrack -o /tmp/op"` (its RSS figures are then the profiler's).
 
 #[path = "../tests/support/mod.rs"]
@@ -35,16 +38,47 @@ fn env_or(key: &str, default: usize) -> usize {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// The highest resident memory of the process so far (what an OOM kill would have seen).
+fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .map(str::to_string)
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(str::to_string))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
+
+/// The chart's default memory limit in MiB (`resources.limits.memory` of values.yaml).
+fn chart_limit_mib() -> Option<f64> {
+    let values = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/netbird-operator/values.yaml"
+    ))
+    .ok()?;
+    let resources = values.split("\nresources:").nth(1)?;
+    let limits = resources.split("limits:").nth(1)?;
+    let memory = limits.split("memory:").nth(1)?.trim_start();
+    let value: String = memory
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let (number, unit) = value.split_at(value.find(|c: char| c.is_alphabetic())?);
+    let n: f64 = number.parse().ok()?;
+    match unit {
+        "Mi" => Some(n),
+        "Gi" => Some(n * 1024.0),
+        _ => None,
+    }
+}
+
+/// The margin a fleet's peak memory must leave below the limit it is sized for.
+const LIMIT_MARGIN: f64 = 1.25;
 
 /// CPU seconds (user + system) the process has used.
 fn cpu_secs(pid: u32) -> f64 {
@@ -139,13 +173,111 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn instance(name: &str, url: &str) -> NetbirdInstance {
-    serde_json::from_value(json!({
+    serde_json::from_value(instance_json(name, url, "admin")).unwrap()
+}
+
+/// An instance as its manifest says it.
+fn instance_json(name: &str, url: &str, credentials: &str) -> serde_json::Value {
+    json!({
         "apiVersion": "bootstrap.netbird.io/v1alpha1", "kind": "NetbirdInstance",
         "metadata": {"name": name},
-        "spec": {"managementURL": url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": "admin"},
+        "spec": {"managementURL": url, "allowInsecureHTTP": true, "credentialsSecretRef": {"name": credentials},
                  "versionCheck": {"interval": "1h"}},
-    }))
-    .unwrap()
+    })
+}
+
+/// The labels Flux's kustomize-controller puts on what it applies.
+fn flux_labels() -> serde_json::Value {
+    json!({"kustomize.toolkit.fluxcd.io/name": "fleet", "kustomize.toolkit.fluxcd.io/namespace": "flux-system"})
+}
+
+/// How the scale phase writes a fleet's objects.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Applied {
+    /// Server-side apply, as Flux applies them (field manager kustomize-controller, its labels):
+    /// every object carries managedFields.
+    ServerSide,
+    /// `kubectl apply` without --server-side: kubectl's last-applied-configuration annotation (a
+    /// copy of the object) and its field manager.
+    ClientSide,
+}
+
+/// One fleet of the scale phase: its size, how it is applied, and whether each instance has a
+/// credentials Secret of its own (applied the same way) instead of sharing one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Fleet {
+    size: usize,
+    applied: Applied,
+    own_credentials: bool,
+}
+
+impl Fleet {
+    /// The rows that make the size series (slope, plot): server-side applied, shared credentials.
+    fn is_main(&self) -> bool {
+        self.applied == Applied::ServerSide && !self.own_credentials
+    }
+
+    fn describe(&self) -> String {
+        let mut d = self.size.to_string();
+        if self.applied == Applied::ClientSide {
+            d += ", client-side apply";
+        }
+        if self.own_credentials {
+            d += ", a credentials Secret each";
+        }
+        d
+    }
+
+    fn namespace(&self) -> String {
+        format!(
+            "bench-scale-{}{}{}",
+            self.size,
+            if self.applied == Applied::ClientSide {
+                "-csa"
+            } else {
+                ""
+            },
+            if self.own_credentials { "-own" } else { "" }
+        )
+    }
+}
+
+/// Writes an object of a scale fleet as `how` says.
+async fn apply<K>(api: &Api<K>, how: Applied, obj: serde_json::Value)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let name = obj["metadata"]["name"].as_str().unwrap().to_string();
+    match how {
+        Applied::ServerSide => {
+            let mut obj = obj;
+            obj["metadata"]["labels"] = flux_labels();
+            api.patch(
+                &name,
+                &PatchParams::apply("kustomize-controller").force(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .unwrap();
+        }
+        Applied::ClientSide => {
+            // what kubectl apply sends for a new object: the object with its own copy
+            let mut applied = obj.clone();
+            applied["metadata"]["annotations"] = json!({});
+            let mut obj = obj;
+            obj["metadata"]["annotations"] = json!({
+                "kubectl.kubernetes.io/last-applied-configuration":
+                    format!("{}\n", serde_json::to_string(&applied).unwrap()),
+            });
+            let pp = PostParams {
+                field_manager: Some("kubectl-client-side-apply".into()),
+                ..Default::default()
+            };
+            api.create(&pp, &serde_json::from_value(obj).unwrap())
+                .await
+                .unwrap();
+        }
+    }
 }
 
 async fn namespace(client: &kube::Client, name: &str) {
@@ -353,6 +485,7 @@ async fn until_idle(pid: u32, t0: Instant, limit: Duration) -> (f64, Duration) {
 
 /// What one fleet size of the scale phase measured.
 struct ScaleRow {
+    fleet_kind: Fleet,
     size: usize,
     fleet: Duration,
     cpu: f64,
@@ -360,6 +493,10 @@ struct ScaleRow {
     cp_cpu: f64,
     rss_idle_kib: u64,
     rss_kib: u64,
+    /// the highest resident memory of the operator that bootstrapped the fleet, and of the one
+    /// restarted with the fleet present
+    peak_kib: u64,
+    restart_peak_kib: u64,
     requests: f64,
     requests_text: String,
     readyz: Option<Duration>,
@@ -369,6 +506,17 @@ struct ScaleRow {
     restart_requests: String,
 }
 
+impl ScaleRow {
+    /// Both operators' peaks, with the margin, fit under `limit` (MiB).
+    fn fits(&self, limit: f64) -> bool {
+        self.peak_mib() * LIMIT_MARGIN <= limit
+    }
+
+    fn peak_mib(&self) -> f64 {
+        self.peak_kib.max(self.restart_peak_kib) as f64 / 1024.0
+    }
+}
+
 /// A fleet of `size` instances in a namespace of its own, watched by an operator of its own (a fresh
 /// process: its memory holds this fleet only): created at once (16 writers) until all Ready; its
 /// apiserver requests; memory once the operator is idle and `settle` more seconds passed; then a
@@ -376,10 +524,11 @@ struct ScaleRow {
 async fn scale(
     cp: &support::ControlPlane,
     client: &kube::Client,
-    size: usize,
+    kind: Fleet,
     settle: u64,
 ) -> ScaleRow {
-    let ns = format!("bench-scale-{size}");
+    let size = kind.size;
+    let ns = kind.namespace();
     namespace(client, &ns).await;
     let fleet = FakeFleet::start(size).await;
     let api: Api<NetbirdInstance> = Api::namespaced(client.clone(), &ns);
@@ -395,14 +544,23 @@ async fn scale(
     let cpu0 = cpu_secs(op.id());
     let cp_cpu0 = control_plane_cpu(&cp.dir);
     let t0 = Instant::now();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     stream::iter(0..size)
         .for_each_concurrent(16, |i| {
-            let api = api.clone();
+            let (api, secrets) = (api.clone(), secrets.clone());
             let url = fleet.url(i);
             async move {
-                api.create(&PostParams::default(), &instance(&format!("s{i}"), &url))
-                    .await
-                    .unwrap();
+                let credentials = if kind.own_credentials {
+                    let name = format!("admin-s{i}");
+                    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+                        "stringData": {"email": format!("admin-{i}@example.com"), "password": "s3cret-Passw0rd"}});
+                    apply(&secrets, kind.applied, secret).await;
+                    name
+                } else {
+                    "admin".to_string()
+                };
+                let nbi = instance_json(&format!("s{i}"), &url, &credentials);
+                apply(&api, kind.applied, nbi).await;
             }
         })
         .await;
@@ -428,34 +586,42 @@ async fn scale(
     let _ = until_idle(op.id(), Instant::now(), Duration::from_secs(300)).await;
     tokio::time::sleep(Duration::from_secs(settle)).await;
     let rss = rss_kib(op.id());
+    let peak = peak_rss_kib(op.id());
     eprintln!(
-        "scale {size}: all Ready in {fleet_time:?}, {cpu:.1} s CPU (control plane {cp_cpu:.1} s), RSS {rss_idle_kib} -> {rss} KiB, {requests:.2} requests per instance ({requests_text})"
+        "scale {}: all Ready in {fleet_time:?}, {cpu:.1} s CPU (control plane {cp_cpu:.1} s), RSS {rss_idle_kib} -> {rss} KiB (peak {peak}), {requests:.2} requests per instance ({requests_text})",
+        kind.describe()
     );
     let _ = op.kill();
     let _ = op.wait();
     let before_restart = apiserver_requests(client).await;
     let r = restart(&cp.kubeconfig, support::free_port(), &ns).await;
     op = r.op;
+    let restart_peak = peak_rss_kib(op.id());
     let (_, restart_requests) =
         per_instance(&before_restart, &apiserver_requests(client).await, size);
     eprintln!(
-        "scale {size}: restart /readyz {:?}, {:.1} s CPU over {:?}, requests per instance: {restart_requests}",
-        r.readyz, r.cpu, r.busy
+        "scale {}: restart /readyz {:?}, {:.1} s CPU over {:?}, peak RSS {restart_peak} KiB, requests per instance: {restart_requests}",
+        kind.describe(),
+        r.readyz,
+        r.cpu,
+        r.busy
     );
     let _ = op.kill();
     let _ = op.wait();
     let dp = kube::api::DeleteParams::default();
     let lp = ListParams::default();
     let _ = api.delete_collection(&dp, &lp).await;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let _ = secrets.delete_collection(&dp, &lp).await;
     ScaleRow {
+        fleet_kind: kind,
         size,
         fleet: fleet_time,
         cpu,
         cp_cpu,
         rss_idle_kib,
         rss_kib: rss,
+        peak_kib: peak,
+        restart_peak_kib: restart_peak,
         requests,
         requests_text,
         readyz: r.readyz,
@@ -465,19 +631,39 @@ async fn scale(
     }
 }
 
-/// The fleet sizes of the scale phase (NBOP_BENCH_SIZES, e.g. `100,1000`).
-fn sizes() -> Vec<usize> {
+/// The fleets of the scale phase (NBOP_BENCH_SIZES, e.g. `100,1000`): a size, server-side
+/// applied with one shared credentials Secret; `:client` applies it client-side, `:own` gives each
+/// instance a credentials Secret of its own (`1000:client:own` both).
+fn fleets() -> Vec<Fleet> {
     std::env::var("NBOP_BENCH_SIZES")
-        .unwrap_or_else(|_| "100,1000,10000".into())
+        .unwrap_or_else(|_| "100:client,1000,10000,10000:own".into())
         .split(',')
-        .filter_map(|v| v.trim().parse().ok())
-        .filter(|n| *n > 0)
+        .filter_map(|v| {
+            let mut parts = v.trim().split(':');
+            let size: usize = parts.next()?.parse().ok().filter(|n| *n > 0)?;
+            let mut fleet = Fleet {
+                size,
+                applied: Applied::ServerSide,
+                own_credentials: false,
+            };
+            for p in parts {
+                match p {
+                    "client" => fleet.applied = Applied::ClientSide,
+                    "own" => fleet.own_credentials = true,
+                    _ => return None,
+                }
+            }
+            Some(fleet)
+        })
         .collect()
 }
 
 /// The plot of the scale phase: time until all Ready and resident memory against fleet size (log
 /// scale), as a small hand-written SVG.
 fn scale_svg(rows: &[ScaleRow]) -> String {
+    // the size series: server-side applied, shared credentials
+    let rows: Vec<&ScaleRow> = rows.iter().filter(|r| r.fleet_kind.is_main()).collect();
+    let limit = chart_limit_mib();
     let (w, h, pad) = (320.0, 240.0, 48.0);
     let sizes: Vec<f64> = rows.iter().map(|r| (r.size as f64).log10()).collect();
     let (x0, x1) = (
@@ -502,7 +688,14 @@ fn scale_svg(rows: &[ScaleRow]) -> String {
     ];
     for (p, (title, color, ys)) in panels.iter().enumerate() {
         let left = p as f64 * w;
-        let ymax = ys.iter().copied().fold(0.0, f64::max).max(1e-9) * 1.15;
+        let memory_panel = p == 1;
+        let ymax = ys
+            .iter()
+            .copied()
+            .chain(limit.filter(|_| memory_panel))
+            .fold(0.0, f64::max)
+            .max(1e-9)
+            * 1.15;
         let x = |v: f64| left + pad + (v - x0) / (x1 - x0).max(1e-9) * (w - 1.5 * pad);
         let y = |v: f64| h - pad + -(v / ymax) * (h - 2.0 * pad);
         out += &format!(
@@ -538,6 +731,15 @@ fn scale_svg(rows: &[ScaleRow]) -> String {
             left + w / 2.0,
             h - 8.0
         );
+        if let Some(l) = limit.filter(|_| memory_panel) {
+            out += &format!(
+                "<line x1=\"{a}\" y1=\"{b:.1}\" x2=\"{c}\" y2=\"{b:.1}\" stroke=\"gray\" stroke-dasharray=\"4 3\"/>\n<text x=\"{c}\" y=\"{t:.1}\" text-anchor=\"end\" fill=\"gray\">the chart's default limit, {l:.0} MiB</text>\n",
+                a = left + pad,
+                b = y(l),
+                c = left + w - pad / 2.0,
+                t = y(l) - 4.0
+            );
+        }
         let points: Vec<String> = sizes
             .iter()
             .zip(ys)
@@ -560,31 +762,59 @@ fn scale_svg(rows: &[ScaleRow]) -> String {
     out + "</svg>\n"
 }
 
-/// The scale section of docs/performance.md.
-fn scale_report(rows: &[ScaleRow]) -> String {
-    let mut t = String::from(
-        "| instances | until all Ready | per instance | operator CPU per instance | kube-apiserver and etcd CPU per instance | resident memory after settling (idle before) | slope since the previous size | apiserver requests per instance (watches excluded) | restart: to /readyz | restart: CPU until idle (over) | restart: apiserver requests per instance |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+/// The scale section of docs/performance.md. `runs`: the resident memory with 10,000 Ready of this
+/// run and the last runs of the same code (docs/bench-runs.tsv).
+fn scale_report(rows: &[ScaleRow], runs: &[f64]) -> String {
+    let limit = chart_limit_mib();
+    let limit_text = limit.map_or("no limit found in values.yaml".to_string(), |l| {
+        format!("{l:.0} MiB")
+    });
+    let mut t = format!(
+        "| instances | until all Ready | per instance | operator CPU per instance | kube-apiserver and etcd CPU per instance | resident memory after settling (idle before) | slope since the previous size | peak resident memory (restart's peak) | fits the chart's default limit ({limit_text}) with 25 % margin | apiserver requests per instance (watches excluded) | restart: to /readyz | restart: CPU until idle (over) | restart: apiserver requests per instance |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
+    let main = |size: usize| {
+        rows.iter()
+            .find(|r| r.fleet_kind.is_main() && r.size == size)
+    };
     let mut prev: Option<&ScaleRow> = None;
     for r in rows {
         let n = r.size as f64;
-        let slope = prev
-            .map(|p| {
-                format!(
-                    "{:+.1} KiB per instance",
-                    (r.rss_kib as f64 - p.rss_kib as f64) / (n - p.size as f64)
-                )
-            })
-            .unwrap_or_default();
+        let per = |p: &ScaleRow| (r.rss_kib as f64 - p.rss_kib as f64) / (n - p.size as f64);
+        let slope = if r.fleet_kind.is_main() {
+            let slope = prev
+                .map(|p| format!("{:+.1} KiB per instance", per(p)))
+                .unwrap_or_default();
+            prev = Some(r);
+            slope
+        } else {
+            main(r.size)
+                .map(|m| {
+                    format!(
+                        "{:+.1} KiB per instance against the {} row",
+                        (r.rss_kib as f64 - m.rss_kib as f64) / n,
+                        m.size
+                    )
+                })
+                .unwrap_or_default()
+        };
+        let fits = limit.map_or("-".to_string(), |l| {
+            if r.fits(l) {
+                format!("yes ({:.0} MiB needed)", r.peak_mib() * LIMIT_MARGIN)
+            } else {
+                format!("**no** ({:.0} MiB needed)", r.peak_mib() * LIMIT_MARGIN)
+            }
+        });
         t += &format!(
-            "| {} | {:.1} s | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MiB ({:.1}) | {slope} | {:.2}: {} | {} | {:.1} s ({:.0} s) | {} |\n",
-            r.size,
+            "| {} | {:.1} s | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MiB ({:.1}) | {slope} | {:.1} MiB ({:.1}) | {fits} | {:.2}: {} | {} | {:.1} s ({:.0} s) | {} |\n",
+            r.fleet_kind.describe(),
             r.fleet.as_secs_f64(),
             r.fleet.as_secs_f64() * 1000.0 / n,
             r.cpu * 1000.0 / n,
             r.cp_cpu * 1000.0 / n,
             r.rss_kib as f64 / 1024.0,
             r.rss_idle_kib as f64 / 1024.0,
+            r.peak_kib as f64 / 1024.0,
+            r.restart_peak_kib as f64 / 1024.0,
             r.requests,
             r.requests_text,
             r.readyz
@@ -594,11 +824,9 @@ fn scale_report(rows: &[ScaleRow]) -> String {
             r.restart_busy.as_secs_f64(),
             r.restart_requests,
         );
-        prev = Some(r);
     }
-    let by = |n: usize| rows.iter().find(|r| r.size == n);
     let not_run = "not run (size not in NBOP_BENCH_SIZES)".to_string();
-    let (ratio, slope) = match (by(1000), by(10000)) {
+    let (ratio, slope) = match (main(1000), main(10000)) {
         (Some(a), Some(b)) => (
             format!(
                 "{:.2}x",
@@ -608,23 +836,64 @@ fn scale_report(rows: &[ScaleRow]) -> String {
         ),
         _ => (not_run.clone(), not_run.clone()),
     };
-    let (rz, rcpu) = match by(10000) {
+    let (rz, rcpu, mem) = match main(10000) {
         Some(b) => (
             b.readyz
                 .map(|d| format!("{:.2} s", d.as_secs_f64()))
                 .unwrap_or("> 120 s".into()),
             format!("{:.1} s", b.restart_cpu),
+            if runs.is_empty() {
+                format!("{:.1} MiB; runs not recorded", b.rss_kib as f64 / 1024.0)
+            } else {
+                format!(
+                    "{:.1} MiB; runs: {} MiB",
+                    b.rss_kib as f64 / 1024.0,
+                    runs.iter()
+                        .map(|m| format!("{m:.1}"))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                )
+            },
         ),
-        None => (not_run.clone(), not_run.clone()),
+        None => (not_run.clone(), not_run.clone(), not_run.clone()),
     };
-    let worst = rows.iter().map(|r| r.requests).fold(0.0, f64::max);
+    let fit = match limit {
+        None => "no limit found in values.yaml".to_string(),
+        Some(l) => {
+            let misfits: Vec<String> = rows
+                .iter()
+                .filter(|r| !r.fits(l))
+                .map(|r| {
+                    format!(
+                        "{} ({:.0} MiB needed)",
+                        r.fleet_kind.describe(),
+                        r.peak_mib() * LIMIT_MARGIN
+                    )
+                })
+                .collect();
+            if misfits.is_empty() {
+                format!("yes, every fleet ({l:.0} MiB)")
+            } else {
+                format!("**FAILED**: {} over {l:.0} MiB", misfits.join(", "))
+            }
+        }
+    };
+    // the fleets that share a credentials Secret (one with a Secret per instance adds the
+    // benchmark's apply of each and the operator's one read of it)
+    let worst = rows
+        .iter()
+        .filter(|r| !r.fleet_kind.own_credentials)
+        .map(|r| r.requests)
+        .fold(0.0, f64::max);
     t += &format!(
         "\n| figure | result | target |\n|---|---|---|\n\
 | per-instance time until all Ready, 10,000 against 1,000 | {ratio} | <= 1.2x |\n\
-| memory slope per Ready instance, 1,000 to 10,000 | {slope} | <= 16 KiB |\n\
+| memory slope per Ready instance, 1,000 to 10,000 | {slope} | <= 6 KiB |\n\
+| resident memory with 10,000 Ready instances: this run; this and the last runs of the same code (docs/bench-runs.tsv) | {mem} | <= 96 MiB in three runs |\n\
+| every fleet's peak resident memory, plus 25 %, within the chart's default limit | {fit} | yes |\n\
 | restart with 10,000 present: to /readyz | {rz} | <= 2 s |\n\
 | restart with 10,000 present: CPU until idle | {rcpu} | <= 5 s |\n\
-| apiserver requests per bootstrap, the highest of the sizes (the benchmark's create of the instance included; the operator's own are 1.0 fewer) | {worst:.2} | <= 6.0 |\n"
+| apiserver requests per bootstrap, the highest of the fleets that share a credentials Secret (the benchmark's create of the instance included; the operator's own are 1.0 fewer) | {worst:.2} | <= 6.0 |\n"
     );
     t
 }
@@ -664,15 +933,25 @@ fn code_key() -> String {
     )
 }
 
-/// Appends this run's memory figure to docs/bench-runs.tsv and returns the figures of the last
-/// three runs of the same code (this one included), oldest first.
-fn memory_runs(total: usize, rss_mib: f64) -> Vec<f64> {
+/// Records the memory with 10,000 Ready instances (the server-side applied fleet) in the run
+/// history; returns the figures of the last three runs of the same code.
+fn scale_runs(rows: &[ScaleRow]) -> Vec<f64> {
+    rows.iter()
+        .find(|r| r.fleet_kind.is_main() && r.size == 10000)
+        .map(|r| memory_runs("10000 (scale)", r.rss_kib as f64 / 1024.0))
+        .unwrap_or_default()
+}
+
+/// Appends this run's memory figure with `what` Ready instances (the fleet phase's count, or
+/// e.g. `10000 (scale)`) to docs/bench-runs.tsv and returns the figures of the last three runs of
+/// the same code (this one included), oldest first.
+fn memory_runs(what: &str, rss_mib: f64) -> Vec<f64> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/bench-runs.tsv");
     let key = code_key();
     let mut text = std::fs::read_to_string(path)
         .unwrap_or_else(|_| "date\tcode\tReady instances\tresident memory (MiB)\n".into());
     text += &format!(
-        "{}\t{key}\t{total}\t{rss_mib:.1}\n",
+        "{}\t{key}\t{what}\t{rss_mib:.1}\n",
         jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M")
     );
     let _ = std::fs::write(path, &text);
@@ -680,7 +959,7 @@ fn memory_runs(total: usize, rss_mib: f64) -> Vec<f64> {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
-            (f.len() == 4 && f[1] == key && f[2] == total.to_string())
+            (f.len() == 4 && f[1] == key && f[2] == what)
                 .then(|| f[3].parse().ok())
                 .flatten()
         })
@@ -701,12 +980,19 @@ async fn main() {
     let client = cp.client().await;
     let settle = env_or("NBOP_BENCH_SETTLE", 30) as u64;
     if std::env::var("NBOP_BENCH_SCALE_ONLY").is_ok() {
-        // development: the scale phase alone, printed, docs untouched
+        // the scale phase alone, printed, docs/performance.md untouched; with NBOP_BENCH_RECORD=1
+        // the memory with 10,000 goes to the run history
         let mut rows = Vec::new();
-        for size in sizes() {
-            rows.push(scale(cp, &client, size, settle).await);
+        for fleet in fleets() {
+            rows.push(scale(cp, &client, fleet, settle).await);
         }
-        println!("{}", scale_report(&rows));
+        let record = std::env::var("NBOP_BENCH_RECORD").is_ok_and(|v| v == "1");
+        let runs = if record {
+            scale_runs(&rows)
+        } else {
+            Vec::new()
+        };
+        println!("{}", scale_report(&rows, &runs));
         return;
     }
     // two more servers for the warm-up instances
@@ -928,10 +1214,10 @@ async fn main() {
 
     // 7. scale: fleets of each size, one after another, each with an operator of its own
     let mut rows = Vec::new();
-    for size in sizes() {
+    for fleet in fleets() {
         let t0 = Instant::now();
-        rows.push(scale(cp, &client, size, settle).await);
-        eprintln!("scale {size}: phase took {:?}", t0.elapsed());
+        rows.push(scale(cp, &client, fleet, settle).await);
+        eprintln!("scale {}: phase took {:?}", fleet.describe(), t0.elapsed());
     }
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -981,7 +1267,7 @@ servers (one per path prefix) on loopback. Each ratio compares figures from the 
         idle = mib(rss_idle),
         total = fleet_n + lat_n + 1,
         fleet_mem = mib(rss_fleet),
-        runs = memory_runs(fleet_n + lat_n + 1, mib(rss_fleet))
+        runs = memory_runs(&(fleet_n + lat_n + 1).to_string(), mib(rss_fleet))
             .iter()
             .map(|m| format!("{m:.1}"))
             .collect::<Vec<_>>()
@@ -1006,15 +1292,17 @@ servers (one per path prefix) on loopback. Each ratio compares figures from the 
     let mut report = report;
     if !rows.is_empty() {
         report += &format!(
-            "\n## Scale\n\nFleets created at once (16 writers) in a namespace of their own, each watched by an operator process of its own \
+            "\n## Scale\n\nFleets applied at once (16 writers) as Flux applies them (server-side apply, field manager kustomize-controller, \
+its two labels; one fleet with kubectl's client-side apply instead), in a namespace of their own, each watched by an operator process of its own \
 (concurrency 8), one after another on the same control plane, each deleted before the next; memory read once the operator was idle \
-and {settle} s more had passed; then the operator restarted with the fleet present. Sizes run: {sizes}.\n\n{table}\n![time and memory against fleet size](scale.svg)\n",
+and {settle} s more had passed (peak: the process's highest resident memory, VmHWM); then the operator restarted with the fleet present. \
+Fleets run: {sizes}.\n\n{table}\n![time and memory against fleet size](scale.svg)\n",
             sizes = rows
                 .iter()
-                .map(|r| r.size.to_string())
+                .map(|r| r.fleet_kind.describe())
                 .collect::<Vec<_>>()
-                .join(", "),
-            table = scale_report(&rows),
+                .join("; "),
+            table = scale_report(&rows, &scale_runs(&rows)),
         );
         std::fs::write(
             concat!(env!("CARGO_MANIFEST_DIR"), "/docs/scale.svg"),

@@ -1,9 +1,9 @@
 //! The Secrets a pass reads and writes, through a cache of the ones passes use.
 //!
 //! Secrets are watched by metadata only, so memory does not grow with the cluster's Secrets. A
-//! Secret a pass has read or written is kept whole (without managedFields) and used again while the
-//! metadata watch reports that very resourceVersion; a pass woken by the operator's own writes then
-//! reads nothing from the apiserver. Anything else is a GET: a version the watch has not reported
+//! Secret a pass has read or written is kept (as its JSON, without managedFields: see `trim.rs`)
+//! and used again while the metadata watch reports that very resourceVersion; a pass woken by the
+//! operator's own writes then reads nothing from the apiserver. Anything else is a GET: a version the watch has not reported
 //! yet (the operator's own write included: a write response is kept, but only trusted once the
 //! watch confirms it), a moved version, a deletion, a relist of the watch, an absent Secret.
 //!
@@ -41,15 +41,35 @@ struct Entry {
     /// was made).
     seen: Option<String>,
     /// The Secret as last read or written.
-    secret: Option<Secret>,
+    secret: Option<Kept>,
     /// `secret` is this operator's own write.
     written: bool,
 }
 
+/// A cached Secret, kept as its JSON: one allocation of about 1 KiB for a token Secret, where the
+/// parsed Secret (a map per labels, annotations and data, a string per key and value) takes about
+/// 3 KiB. A pass that uses it parses it again (microseconds).
+struct Kept {
+    version: Option<String>,
+    json: Box<[u8]>,
+}
+
+impl Kept {
+    fn new(mut secret: Secret) -> Option<Self> {
+        super::trim::secret(&mut secret);
+        let json = serde_json::to_vec(&secret).ok()?.into_boxed_slice();
+        Some(Self {
+            version: secret.metadata.resource_version,
+            json,
+        })
+    }
+}
+
 impl Entry {
-    fn current(&self) -> Option<&Secret> {
-        let secret = self.secret.as_ref()?;
-        (self.seen.is_some() && secret.metadata.resource_version == self.seen).then_some(secret)
+    /// The kept Secret's JSON, when it is the version the watch reports.
+    fn current(&self) -> Option<Box<[u8]>> {
+        let kept = self.secret.as_ref()?;
+        (self.seen.is_some() && kept.version == self.seen).then(|| kept.json.clone())
     }
 }
 
@@ -111,11 +131,6 @@ fn key(ns: &str, name: &str) -> (String, String) {
     (ns.to_string(), name.to_string())
 }
 
-fn slim(mut secret: Secret) -> Secret {
-    secret.metadata.managed_fields = None;
-    secret
-}
-
 impl SecretCache {
     /// Takes note of an event of the Secrets' metadata watch.
     pub fn observe(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
@@ -168,10 +183,10 @@ impl SecretCache {
     }
 
     fn current(&self, ns: &str, name: &str) -> Option<Secret> {
-        lock(&self.entries)
+        let json = lock(&self.entries)
             .get(&key(ns, name))
-            .and_then(Entry::current)
-            .cloned()
+            .and_then(Entry::current)?;
+        serde_json::from_slice(&json).ok()
     }
 
     /// The lock that lets one read of this Secret happen at a time.
@@ -204,7 +219,7 @@ impl SecretCache {
             if e.seen.is_none() {
                 e.seen = got.and_then(|s| s.metadata.resource_version.clone());
             }
-            e.secret = got.cloned().map(slim);
+            e.secret = got.cloned().and_then(Kept::new);
             e.written = false;
         }
     }
@@ -216,7 +231,7 @@ impl SecretCache {
             entries.clear();
         }
         let e = entries.entry(key(ns, name)).or_default();
-        e.secret = Some(slim(written.clone()));
+        e.secret = Kept::new(written.clone());
         e.written = true;
     }
 
@@ -235,11 +250,7 @@ impl SecretCache {
             return false;
         };
         lock(&self.entries).get(&key(ns, name)).is_some_and(|e| {
-            e.written
-                && e.secret
-                    .as_ref()
-                    .and_then(|s| s.metadata.resource_version.as_ref())
-                    == Some(rv)
+            e.written && e.secret.as_ref().and_then(|s| s.version.as_ref()) == Some(rv)
         })
     }
 
