@@ -6,8 +6,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use k8s_openapi::api::coordination::v1::Lease;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::controller::{self, Context, Settings};
 use crate::http::{self, Health};
@@ -234,24 +235,17 @@ async fn run_as_leader(
         .pod_name
         .clone()
         .unwrap_or_else(|| format!("netbird-operator-{}", std::process::id()));
-    let manager =
-        kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), "netbird-operator-leader")
-            .with_namespace(&namespace)
-            .with_identity(&identity)
-            .with_duration(15)
-            .with_grace(5)
-            .build()
-            .await
-            .map_err(|error| RunError::LeaderElection {
-                lease: format!("{namespace}/netbird-operator-leader"),
-                error,
-            })?;
-    let (mut leader, lease_task) = manager.watch().await;
+    let lease = format!("{namespace}/{LEASE_NAME}");
+    let leases: kube::Api<Lease> = kube::Api::namespaced(ctx.client.clone(), &namespace);
+    let (mut leader, mut lease_task) =
+        watch_lease(&ctx.client, &namespace, &identity, &lease).await?;
     // a follower is ready: it serves health and waits
     health.set_ready();
-    info!(lease = %format!("{namespace}/netbird-operator-leader"), identity = %identity, "waiting \
-        to become leader");
+    info!(lease = %lease, identity = %identity, "waiting to become leader");
     let shutdown = ctx.shutdown.clone();
+    // the lease manager sleeps until the holder's Lease expires; a holder that stops normally
+    // releases it, which a GET every second notices, and a new manager takes it at once
+    let mut poll = tokio::time::interval(RELEASE_POLL);
     loop {
         if *leader.borrow_and_update() {
             break;
@@ -262,7 +256,23 @@ async fn run_as_leader(
                     return Err(RunError::LeaderElectionStopped);
                 }
             }
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = poll.tick() => {
+                if lease_is_free(&leases).await {
+                    info!(lease = %lease, "the leader released the Lease; taking it");
+                    match watch_lease(&ctx.client, &namespace, &identity, &lease).await {
+                        Ok((new_leader, new_task)) => {
+                            lease_task.abort();
+                            let _ = lease_task.await;
+                            (leader, lease_task) = (new_leader, new_task);
+                        }
+                        Err(e) => warn!(error = %e, "failed to restart the lease manager"),
+                    }
+                }
+            }
+            _ = shutdown.cancelled() => {
+                lease_task.abort();
+                return Ok(());
+            }
         }
     }
     info!(identity = %identity, "became leader; reconciling");
@@ -276,20 +286,110 @@ async fn run_as_leader(
     };
     let controller = controller::run(ctx, store_slot, || info!("watches synced"));
     tokio::pin!(controller);
-    let result = tokio::select! {
-        _ = &mut controller => Ok(()),
+    let stopped = tokio::select! {
+        _ = &mut controller => None,
         _ = lost => {
             error!("lost the leader Lease; stopping");
             // no new passes; a pass holding a token it just received may finish storing it, within
             // the Lease's grace period
             stop.cancel();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(4), &mut controller).await;
-            Err(RunError::LostLease)
+            Some(RunError::LostLease)
         }
     };
     stop.cancel();
+    // the renewals stop only now: a token write still retrying at SIGTERM kept the Lease
     lease_task.abort();
-    result
+    let _ = lease_task.await;
+    if let Some(e) = stopped {
+        return Err(e);
+    }
+    // a normal stop (SIGTERM, the controller drained): free the Lease so that the next leader
+    // need not wait for it to expire
+    match release_lease(&leases, &identity).await {
+        Ok(true) => info!(lease = %lease, "released the leader Lease"),
+        Ok(false) => info!(lease = %lease, "the leader Lease was no longer ours; left as is"),
+        Err(e) => warn!(lease = %lease, error = %e, "failed to release the leader Lease; the next \
+            leader takes it when it expires"),
+    }
+    Ok(())
+}
+
+/// Name of the leader Lease (in the release namespace).
+pub const LEASE_NAME: &str = "netbird-operator-leader";
+/// How often a follower looks whether the leader released the Lease.
+const RELEASE_POLL: Duration = Duration::from_secs(1);
+
+/// Starts the lease manager: a task that takes the Lease when free or expired and renews it while
+/// held; the channel says whether this replica holds it.
+async fn watch_lease(
+    client: &kube::Client,
+    namespace: &str,
+    identity: &str,
+    lease: &str,
+) -> Result<
+    (
+        tokio::sync::watch::Receiver<bool>,
+        tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+    ),
+    RunError,
+> {
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .map_err(|error| RunError::LeaderElection {
+            lease: lease.to_string(),
+            error,
+        })?;
+    Ok(manager.watch().await)
+}
+
+/// Whether the Lease has no holder (released).
+async fn lease_is_free(leases: &kube::Api<Lease>) -> bool {
+    match leases.get_opt(LEASE_NAME).await {
+        Ok(Some(l)) => l
+            .spec
+            .and_then(|s| s.holder_identity)
+            .is_none_or(|h| h.is_empty()),
+        _ => false,
+    }
+}
+
+/// Clears the Lease's holder if it is still `identity`, with optimistic concurrency (the patch
+/// carries the resourceVersion read: a replica that took the Lease meanwhile keeps it). Whether it
+/// was released.
+pub async fn release_lease(leases: &kube::Api<Lease>, identity: &str) -> Result<bool, kube::Error> {
+    let Some(current) = leases.get_opt(LEASE_NAME).await? else {
+        return Ok(false);
+    };
+    let holder = current
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref());
+    if holder != Some(identity) {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": current.metadata.resource_version},
+        "spec": {"holderIdentity": null, "acquireTime": null, "renewTime": null,
+            "leaseDurationSeconds": null},
+    });
+    match leases
+        .patch(
+            LEASE_NAME,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The namespaces to watch from the flag's values: trimmed, without empty entries (the chart

@@ -182,3 +182,76 @@ async fn leaders_killed_during_a_bootstrap_of_many_instances() {
         "leader kills: {rounds} round(s), 10 instances, setup at most once each, {lost} token(s) lost between answer and store"
     );
 }
+
+/// A leader stopped normally (SIGTERM) releases the Lease once its controller has drained, so the
+/// follower takes over at once instead of waiting for the Lease to expire (15 s after the last
+/// renewal). Shown on the Lease itself: the follower acquires it before the stopped leader's last
+/// renewal would have expired, which a Lease left held never allows.
+#[tokio::test]
+async fn a_leader_stopped_normally_releases_the_lease() {
+    let Some(env) = TestEnv::new("leader-release").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut a = operator(&env, "replica-a", &dir.path().join("a.log"));
+    let leader =
+        support::wait_for("a Lease holder", Duration::from_secs(30), || holder(&env)).await;
+    assert_eq!(leader, "replica-a");
+    let mut b = operator(&env, "replica-b", &dir.path().join("b.log"));
+    // b is a follower once it is ready (it answers /readyz); its log says so
+    support::wait_for("replica-b waiting", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(dir.path().join("b.log")).unwrap_or_default();
+        async move { log.contains("waiting to become leader").then_some(()) }
+    })
+    .await;
+
+    // stop a right after a renewal: its Lease is then valid for the full 15 s
+    let renew_time = |l: &Lease| l.spec.as_ref().and_then(|s| s.renew_time.clone());
+    let before = renew_time(&leases.get("netbird-operator-leader").await.unwrap());
+    let renewed = support::wait_for("a renewal", Duration::from_secs(30), || {
+        let leases = leases.clone();
+        let before = before.clone();
+        async move {
+            let l = leases.get("netbird-operator-leader").await.ok()?;
+            (renew_time(&l) != before).then_some(l)
+        }
+    })
+    .await;
+    let spec = renewed.spec.clone().unwrap();
+    let expiry = spec.renew_time.unwrap().0
+        + jiff::SignedDuration::from_secs(spec.lease_duration_seconds.unwrap().into());
+    let t0 = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &a.id().to_string()])
+        .status();
+    let status = a.wait().unwrap();
+    let stopped = t0.elapsed();
+    assert!(status.success(), "replica-a exited with {status}");
+    let taken = support::wait_for(
+        "replica-b to hold the Lease",
+        Duration::from_secs(40),
+        || {
+            let leases = leases.clone();
+            async move {
+                let l = leases.get("netbird-operator-leader").await.ok()?;
+                let s = l.spec?;
+                (s.holder_identity.as_deref() == Some("replica-b")).then_some(s)
+            }
+        },
+    )
+    .await;
+    let takeover = t0.elapsed();
+    let acquired = taken.acquire_time.expect("acquireTime").0;
+    let a_log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+    assert!(
+        acquired < expiry,
+        "replica-b acquired the Lease at {acquired}, after replica-a's would have expired ({expiry}): it was not released\n{a_log}"
+    );
+    assert!(a_log.contains("released the leader Lease"), "{a_log}");
+    eprintln!(
+        "SIGTERM to the leader: exited after {stopped:?}, follower holds the Lease {takeover:?} after SIGTERM"
+    );
+    let _ = b.kill();
+    let _ = b.wait();
+}
