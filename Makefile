@@ -14,12 +14,13 @@ lint:
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
 
-# everything: tools (built when missing), lint, unit, integration and end-to-end tests, and the
-# release binary built with the Dockerfile's flags
+# everything: tools (built when missing), lint, the release binary built with the Dockerfile's
+# flags (tests/node.rs packs it into the operator's image), unit, integration, end-to-end and node
+# tests (the node tests need root; elsewhere, or with NBOP_SKIP_NODE=1, they skip loudly)
 test: tools lint
-	cargo test --locked --all-targets
 	cargo build --release --locked --bin netbird-operator
 	target/release/netbird-operator --version
+	cargo test --locked --all-targets
 
 HELM = $(shell tests/tools/install --print 2>/dev/null | sed -n 's/^HELM_BIN=//p')/helm
 # plain manifests for `kubectl apply -f`, rendered from the chart (a test keeps them in sync)

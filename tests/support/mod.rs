@@ -11,6 +11,7 @@ pub mod consumer;
 pub mod fake_netbird;
 pub mod kube_faults;
 pub mod proxy;
+pub mod node;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -776,6 +777,12 @@ impl NetbirdServer {
 
     /// Starts the server with extra environment (for example its API rate limiter).
     pub async fn start_with_env(extra: &[(&str, &str)]) -> Option<NetbirdServer> {
+        Self::start_on("127.0.0.1", extra).await
+    }
+
+    /// Starts the server listening on `host` (a loopback address, or an address of an interface a
+    /// test created, such as the node's veth: see `node`).
+    pub async fn start_on(host: &str, extra: &[(&str, &str)]) -> Option<NetbirdServer> {
         let tools = tools()?;
         // NetBird always opens TCP 33073 besides its main port: one server at a time per machine
         let port = free_port();
@@ -788,8 +795,8 @@ impl NetbirdServer {
         std::fs::create_dir_all(dir.join("data")).expect("data dir");
         let config = format!(
             r#"server:
-  listenAddress: "127.0.0.1:{port}"
-  exposedAddress: "http://127.0.0.1:{port}"
+  listenAddress: "{host}:{port}"
+  exposedAddress: "http://{host}:{port}"
   authSecret: "nbop-test-auth-secret-0123456789"
   dataDir: "{data}"
   disableAnonymousMetrics: true
@@ -799,7 +806,7 @@ impl NetbirdServer {
   stuns:
     - uri: "stun:127.0.0.1:3478"
   auth:
-    issuer: "http://127.0.0.1:{port}/oauth2"
+    issuer: "http://{host}:{port}/oauth2"
   store:
     engine: "sqlite"
     encryptionKey: "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
@@ -816,7 +823,7 @@ impl NetbirdServer {
             // traffic leaves the machine, and the version answer comes at once
             ("HTTPS_PROXY", "http://127.0.0.1:9".into()),
             ("HTTP_PROXY", "http://127.0.0.1:9".into()),
-            ("NO_PROXY", "127.0.0.1,localhost".into()),
+            ("NO_PROXY", format!("127.0.0.1,localhost,{host}")),
         ]);
         let watchdog_pid = spawn_watched(
             &tools.netbird_bin.join("netbird-server"),
@@ -828,7 +835,7 @@ impl NetbirdServer {
             &dir.join("netbird.log"),
             Some(&dir),
         );
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("http://{host}:{port}");
         let client = reqwest::Client::builder()
             .no_proxy()
             .build()
