@@ -10,8 +10,8 @@ pub mod chart;
 pub mod consumer;
 pub mod fake_netbird;
 pub mod kube_faults;
-pub mod proxy;
 pub mod node;
+pub mod proxy;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
