@@ -317,10 +317,22 @@ fn check_process(node: &Node, pod: &Pod) -> String {
         "/sys/fs/cgroup/memory{memcg}/memory.limit_in_bytes"
     ))
     .unwrap();
+    // the chart's default (charts/netbird-operator/values.yaml: `limits: {memory: <n>Mi}`)
+    let values = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("charts/netbird-operator/values.yaml"),
+    )
+    .unwrap();
+    let mebibytes: u64 = values
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("limits: {memory: "))
+        .and_then(|v| v.strip_suffix("Mi}"))
+        .and_then(|v| v.parse().ok())
+        .expect("the chart's memory limit in Mi");
     assert_eq!(
         limit.trim(),
-        (128u64 << 20).to_string(),
-        "the chart's 128Mi memory limit"
+        (mebibytes << 20).to_string(),
+        "the chart's {mebibytes}Mi memory limit"
     );
     let rss = field("VmRSS");
     format!(
