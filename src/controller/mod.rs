@@ -136,10 +136,11 @@ struct InstanceMemory {
     setup_server_errors: Option<([u8; 32], u32)>,
     /// Held across the status writes made during a pass besides its outcome (the initial status,
     /// the report of a token held in memory); true once the urgent one was written, so the routine
-    /// one never replaces it.
-    side_status: Arc<tokio::sync::Mutex<bool>>,
-    /// A token Secret write that kept failing, held for the next passes (and the shutdown).
-    held_write: Option<steps::HeldWrite>,
+    /// one never replaces it. Made when first needed (most instances never need it).
+    side_status: Option<Arc<tokio::sync::Mutex<bool>>>,
+    /// A token Secret write that kept failing, held for the next passes (and the shutdown); boxed:
+    /// most instances hold none.
+    held_write: Option<Box<steps::HeldWrite>>,
 }
 
 /// The memory of every instance, and the uids of instances that went away (a uid is never used
@@ -318,12 +319,14 @@ impl Context {
     /// The gate of the status writes a pass makes besides its outcome (see
     /// [`InstanceMemory::side_status`]).
     pub(crate) fn side_status(&self, uid: &str) -> Arc<tokio::sync::Mutex<bool>> {
-        self.remember(uid, |m| m.side_status.clone())
+        self.remember(uid, |m| {
+            m.side_status.get_or_insert_with(Arc::default).clone()
+        })
     }
 
     /// Holds a token Secret write that kept failing, for the instance's next pass.
     pub(crate) fn hold_write(&self, uid: &str, write: steps::HeldWrite) {
-        self.remember(uid, |m| m.held_write = Some(write));
+        self.remember(uid, |m| m.held_write = Some(Box::new(write)));
     }
 
     /// The write held for the instance, taken out of memory.
@@ -332,6 +335,7 @@ impl Context {
             .live
             .get_mut(uid)
             .and_then(|m| m.held_write.take())
+            .map(|held| *held)
     }
 
     /// Every held write, taken out of memory (at shutdown).
@@ -340,6 +344,7 @@ impl Context {
             .live
             .values_mut()
             .filter_map(|m| m.held_write.take())
+            .map(|held| *held)
             .collect()
     }
 
