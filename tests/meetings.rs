@@ -60,6 +60,19 @@ async fn bootstrapped(env: &TestEnv, fake: &FakeNetbird, spec: serde_json::Value
     assert_eq!(fake.calls("setup"), 1);
 }
 
+/// Edits the instance to the spec `base` with a service user.
+async fn ask_for_service_user(env: &TestEnv, mut base: serde_json::Value) {
+    base["token"]["serviceUser"] = json!({"name": "netbird-operator"});
+    env.instances()
+        .patch(
+            "nb",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": base})),
+        )
+        .await
+        .unwrap();
+}
+
 /// The status is a merge patch: a field it leaves out stays. Once the previous token is deleted,
 /// `status.token.previousTokenID` and `previousTokenDeletionAt` must go (they stayed forever).
 #[tokio::test]
@@ -144,16 +157,7 @@ async fn the_exchange_keeps_the_old_token_until_the_new_one_is_verified() {
     let _op = env.start_operator().await;
     // the new (service user's) token cannot be verified for now
     fake.state().service_user_calls_fail = true;
-    let mut with_svc = spec(&fake.url, "0s");
-    with_svc["token"]["serviceUser"] = json!({"name": "netbird-operator"});
-    env.instances()
-        .patch(
-            "nb",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({"spec": with_svc})),
-        )
-        .await
-        .unwrap();
+    ask_for_service_user(&env, spec(&fake.url, "0s")).await;
     support::wait_for("the service user's token stored", T, || async {
         annotations(&env)
             .await
@@ -189,16 +193,7 @@ async fn the_exchange_waits_for_a_rotation_grace_period() {
         annotations(&env).await.get(ANN_PREVIOUS_TOKEN_ID).cloned()
     })
     .await;
-    let mut with_svc = spec(&fake.url, "1h");
-    with_svc["token"]["serviceUser"] = json!({"name": "netbird-operator"});
-    env.instances()
-        .patch(
-            "nb",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({"spec": with_svc})),
-        )
-        .await
-        .unwrap();
+    ask_for_service_user(&env, spec(&fake.url, "1h")).await;
     env.wait_instance("nb", "the new generation observed", T, |n| {
         n.status.as_ref().and_then(|s| s.observed_generation) == n.metadata.generation
     })
