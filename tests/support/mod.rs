@@ -767,6 +767,7 @@ pub struct NetbirdServer {
     /// The server's own Prometheus endpoint (requests and responses by endpoint and status).
     pub metrics_url: String,
     dir: PathBuf,
+    log: PathBuf,
     watchdog_pid: u32,
 }
 
@@ -784,7 +785,29 @@ impl NetbirdServer {
     /// test created, such as the node's veth: see `node`).
     pub async fn start_on(host: &str, extra: &[(&str, &str)]) -> Option<NetbirdServer> {
         let tools = tools()?;
-        // NetBird always opens TCP 33073 besides its main port: one server at a time per machine
+        // A server exits at once when TCP 33073 is taken (the previous test's server may still be
+        // stopping): wait for the port, and try again with new ports when a start dies early.
+        let mut logs = String::new();
+        for attempt in 1..=3 {
+            wait_for_management_port().await;
+            match Self::start_once(&tools.netbird_bin, host, extra).await {
+                Ok(server) => return Some(server),
+                Err(log) => {
+                    eprintln!("netbird-server start {attempt} of 3 failed; its log:\n{log}");
+                    logs.push_str(&log);
+                }
+            }
+        }
+        panic!("netbird-server did not start in 3 attempts:\n{logs}");
+    }
+
+    /// One start: the server answering GET /api/instance, or the server's log when it exited
+    /// early or did not answer within 60 s.
+    async fn start_once(
+        bin: &Path,
+        host: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<NetbirdServer, String> {
         let port = free_port();
         let metrics = free_port();
         let dir = tempfile::Builder::new()
@@ -792,6 +815,9 @@ impl NetbirdServer {
             .tempdir()
             .expect("tempdir")
             .keep();
+        // the log lives beside the directory (the watchdog removes the directory when the server
+        // ends, and the log is what tells why it ended)
+        let log = dir.with_extension("log");
         std::fs::create_dir_all(dir.join("data")).expect("data dir");
         let config = format!(
             r#"server:
@@ -826,13 +852,13 @@ impl NetbirdServer {
             ("NO_PROXY", format!("127.0.0.1,localhost,{host}")),
         ]);
         let watchdog_pid = spawn_watched(
-            &tools.netbird_bin.join("netbird-server"),
+            &bin.join("netbird-server"),
             &[
                 "--config".into(),
                 dir.join("config.yaml").display().to_string(),
             ],
             &env,
-            &dir.join("netbird.log"),
+            &log,
             Some(&dir),
         );
         let url = format!("http://{host}:{port}");
@@ -848,28 +874,51 @@ impl NetbirdServer {
             {
                 break;
             }
-            if start.elapsed() > Duration::from_secs(60) {
-                let log = std::fs::read_to_string(dir.join("netbird.log")).unwrap_or_default();
-                panic!("netbird-server did not answer GET /api/instance within 60 s:\n{log}");
+            // the watchdog removes the directory once the server has ended
+            let ended = !dir.exists();
+            if ended || start.elapsed() > Duration::from_secs(60) {
+                let _ = Command::new("kill").arg(watchdog_pid.to_string()).status();
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let _ = std::fs::remove_file(&log);
+                let why = if ended {
+                    "exited before answering"
+                } else {
+                    "did not answer within 60 s"
+                };
+                return Err(format!("({why})\n{text}"));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Some(NetbirdServer {
+        Ok(NetbirdServer {
             url,
             metrics_url: format!("http://127.0.0.1:{metrics}/metrics"),
             dir,
+            log,
             watchdog_pid,
         })
     }
 }
 
+/// Waits (up to 30 s) until TCP 33073, which every NetBird server binds on all addresses, is free.
+async fn wait_for_management_port() {
+    let start = Instant::now();
+    while TcpListener::bind("0.0.0.0:33073").is_err() && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 impl Drop for NetbirdServer {
     fn drop(&mut self) {
-        // ending the watchdog stops the server and removes its directory
+        // ending the watchdog stops the server and removes its directory; wait for that (up to
+        // 10 s), so that the next test's server finds TCP 33073 free
         let _ = Command::new("kill")
             .arg(self.watchdog_pid.to_string())
             .status();
-        let _ = &self.dir;
+        let start = Instant::now();
+        while self.dir.exists() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
