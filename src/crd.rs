@@ -358,6 +358,21 @@ pub struct RotationSpec {
         regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
     pub grace_period: String,
+
+    /// Delete the previous token before the grace period ends once NetBird's record of its use
+    /// (`last_used`) shows that nothing used it for this long since the token Secret changed:
+    /// every consumer has moved to the new token. A duration such as 15m (0s: never early; the
+    /// grace period alone decides). While the previous token is still used when less than a
+    /// quarter of the grace period is left, the Warning Event PreviousTokenStillInUse, the
+    /// TokenAvailable reason of that name and the metric netbird_operator_previous_token_in_use
+    /// say so. Not followed after the service-user exchange: the service user may not read the
+    /// owner's tokens.
+    #[serde(default = "default_retire_after_unused")]
+    #[schemars(
+        length(min = 2, max = 32),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
+    pub retire_after_unused: String,
 }
 
 impl Default for RotationSpec {
@@ -365,6 +380,7 @@ impl Default for RotationSpec {
         Self {
             enabled: true,
             grace_period: default_grace_period(),
+            retire_after_unused: default_retire_after_unused(),
         }
     }
 }
@@ -374,6 +390,13 @@ impl RotationSpec {
     pub fn grace(&self) -> std::time::Duration {
         crate::duration::parse(&self.grace_period)
             .unwrap_or(std::time::Duration::from_secs(24 * 3600))
+    }
+
+    /// How long the previous token must go unused before it is retired early (15m when
+    /// unparsable: the schema refuses such values); zero: never early.
+    pub fn retire_after(&self) -> std::time::Duration {
+        crate::duration::parse(&self.retire_after_unused)
+            .unwrap_or(std::time::Duration::from_secs(15 * 60))
     }
 }
 
@@ -520,6 +543,11 @@ pub struct TokenStatus {
     /// When the operator deletes the previous token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_token_deletion_at: Option<Time>,
+    /// When NetBird last saw the previous token used (by the server's clock), as the operator last
+    /// looked (at most once a minute): a consumer that has not restarted onto the new token still
+    /// holds it. Absent before the first use, and after the service-user exchange (not followed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token_last_used_at: Option<Time>,
 }
 
 /// Versions reported by the management server.
@@ -568,6 +596,10 @@ fn default_true() -> bool {
 fn default_interval() -> String {
     "1h".into()
 }
+fn default_retire_after_unused() -> String {
+    "15m".into()
+}
+
 fn default_grace_period() -> String {
     "24h".into()
 }

@@ -65,6 +65,7 @@ pub struct Metrics {
     /// returns to where it was when instances go away, whatever state they were in.
     pub remembered_instances: Gauge,
     pub instance_condition: Family<ConditionLabels, Gauge>,
+    pub previous_token_in_use: Family<InstanceLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -127,8 +128,17 @@ impl Default for Metrics {
                 0 when False or absent",
             instance_condition.clone(),
         );
+        let previous_token_in_use = Family::default();
+        registry.register(
+            "previous_token_in_use",
+            "1 while a consumer still uses the token a rotation replaced, with less than a quarter \
+                of its grace period left (restart the consumers of the token Secret); 0 while a \
+                replaced token is pending and followed; absent otherwise",
+            previous_token_in_use.clone(),
+        );
         Self {
             registry,
+            previous_token_in_use,
             remembered_instances,
             reconciles,
             reconcile_errors,
@@ -185,6 +195,7 @@ impl Metrics {
     /// Removes every per-instance series of a NetbirdInstance that is gone.
     pub fn forget_instance(&self, instance: &InstanceLabels) {
         self.token_expiry.remove(instance);
+        self.previous_token_in_use.remove(instance);
         for condition in CONDITION_TYPES {
             self.instance_condition.remove(&ConditionLabels {
                 namespace: instance.namespace.clone(),

@@ -174,6 +174,20 @@ impl OwnedSecret {
         self.time(ANN_PREVIOUS_DELETE_AT)
     }
 
+    /// Whether the previous token's use can be followed: it belongs to the current token's user (a
+    /// rotation). The service-user exchange records the owner as the previous user, and the
+    /// service user may not read the owner's tokens (reading them with the old token itself would
+    /// mark it used).
+    pub fn previous_use_followable(&self) -> bool {
+        self.annotation(ANN_PREVIOUS_TOKEN_ID).is_some()
+            && self.annotation(ANN_PREVIOUS_USER_ID).is_none()
+    }
+
+    /// When the token was last replaced (by the operator's clock).
+    pub fn rotated_at(&self) -> Option<jiff::Timestamp> {
+        self.time(ANN_ROTATED_AT)
+    }
+
     /// A setup call of the current claim got no answer.
     pub fn setup_unanswered(&self) -> bool {
         self.setup_started() && self.annotations.contains_key(ANN_SETUP_UNANSWERED)

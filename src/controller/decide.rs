@@ -66,6 +66,11 @@ pub struct Probes {
     pub token_list: Option<Result<Vec<PersonalAccessToken>, NetbirdError>>,
     pub orphans_cleaned: bool,
     pub previous_deleted: Option<Result<(), NetbirdError>>,
+    /// This pass's look at the previous token's use.
+    pub previous_use: Option<Result<super::previous_use::Observation, NetbirdError>>,
+    /// The previous token was deleted before its grace period ended: nothing used it for
+    /// `retireAfterUnused`.
+    pub previous_retired: bool,
     pub rotated: bool,
     /// A rotation that failed this pass (the current token still works).
     pub rotation_error: Option<NetbirdError>,
@@ -103,6 +108,10 @@ pub struct Facts<'a> {
     pub rotation_enabled: bool,
     /// spec.token.serviceUser.name
     pub service_user: Option<&'a str>,
+    /// spec.token.rotation.retireAfterUnused (zero: never early).
+    pub retire_after_unused: std::time::Duration,
+    /// A look at the previous token's use is due (see `previous_use::due`).
+    pub previous_use_due: bool,
     pub now: jiff::Timestamp,
     pub probes: &'a Probes,
     /// The credentials Secret's allow-list (`bootstrap.netbird.io/management-urls`), when it has
@@ -211,6 +220,11 @@ pub enum Step {
     IdentifyToken,
     /// Delete the token a rotation replaced.
     DeletePreviousToken,
+    /// List the user's tokens to see when the previous token was last used.
+    CheckPreviousTokenUse,
+    /// Delete the previous token before its grace period ends: nothing used it for
+    /// `retireAfterUnused`.
+    RetirePreviousToken,
     /// Create a new token, store it, then (next steps) verify it and delete the old one.
     RotateToken,
     /// Find or create the service user, store and verify its token, delete the old token.
@@ -512,6 +526,21 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<D
     if previous_pending && !in_grace && p.previous_deleted.is_none() {
         return Some(Continue(Step::DeletePreviousToken));
     }
+    // within the grace period, its use is followed (a rotation's previous token only: after the
+    // exchange it is the owner's, which the service user may not read), and once nothing used it
+    // for retireAfterUnused, as this pass's own look shows, it is retired early
+    if in_grace && s.previous_use_followable() {
+        match &p.previous_use {
+            None if f.previous_use_due => return Some(Continue(Step::CheckPreviousTokenUse)),
+            Some(Ok(seen))
+                if p.previous_deleted.is_none()
+                    && super::previous_use::retire(seen, f.retire_after_unused) =>
+            {
+                return Some(Continue(Step::RetirePreviousToken));
+            }
+            _ => {}
+        }
+    }
     // a token creation this spec asked for answered with a malformed token: not asked again until
     // the spec changes
     if let Some((generation, what, why)) = s
@@ -765,6 +794,8 @@ mod tests {
         setup_server_errors: u32,
         service_user: Option<&'static str>,
         insecure_skip_verify: bool,
+        retire_after: std::time::Duration,
+        previous_use_due: bool,
     }
 
     impl World {
@@ -784,6 +815,8 @@ mod tests {
                 setup_server_errors: 0,
                 service_user: None,
                 insecure_skip_verify: false,
+                retire_after: std::time::Duration::from_secs(900),
+                previous_use_due: false,
             }
         }
         fn decide(&self) -> Decision {
@@ -801,6 +834,8 @@ mod tests {
                 version_due: self.version_due,
                 rotation_enabled: true,
                 service_user: self.service_user,
+                retire_after_unused: self.retire_after,
+                previous_use_due: self.previous_use_due,
                 now: jiff::Timestamp::UNIX_EPOCH,
                 probes: &self.probes,
                 allowed_servers: self.allowed_servers,
@@ -1032,6 +1067,91 @@ mod tests {
         }));
         // now (the epoch) is inside the grace period: neither a deletion nor a new token
         assert_eq!(w.decide(), Break(Verdict::Ready));
+    }
+
+    /// A rotated-away token in its grace period: verified current token, previous token pending
+    /// until an hour after the epoch (the tests' now).
+    fn pending_previous(exchanged: bool) -> World {
+        let mut annotations = BTreeMap::new();
+        annotations.insert(ANN_TOKEN_ID.to_string(), "t2".to_string());
+        annotations.insert(ANN_PREVIOUS_TOKEN_ID.to_string(), "t1".to_string());
+        annotations.insert(
+            crate::token_secret::ANN_PREVIOUS_DELETE_AT.to_string(),
+            "1970-01-01T01:00:00Z".to_string(),
+        );
+        if exchanged {
+            annotations.insert(
+                crate::token_secret::ANN_PREVIOUS_USER_ID.to_string(),
+                "owner".to_string(),
+            );
+        }
+        let mut w = World::new(TokenSecret::Ours(OwnedSecret {
+            previous_token: None,
+            token: TokenValue::Present(SecretString::from("nbp_x")),
+            labels: BTreeMap::new(),
+            annotations,
+            owner_references: vec![],
+        }));
+        w.version_due = false;
+        w.probes.verify = Some(Ok(Verified {
+            user: user(),
+            at: jiff::Timestamp::UNIX_EPOCH,
+        }));
+        w
+    }
+
+    fn look(idle_secs: u64, listed: bool) -> super::super::previous_use::Observation {
+        super::super::previous_use::Observation {
+            token_id: "t1".into(),
+            at: jiff::Timestamp::UNIX_EPOCH,
+            listed,
+            last_used: None,
+            idle: std::time::Duration::from_secs(idle_secs),
+            used_since_change: false,
+        }
+    }
+
+    /// The previous token is retired early only on this pass's own look showing it unused for
+    /// retireAfterUnused (or gone), never with retireAfterUnused 0s, and never followed after the
+    /// service-user exchange.
+    #[test]
+    fn a_previous_token_is_retired_early_only_when_a_fresh_look_shows_it_unused() {
+        let mut w = pending_previous(false);
+        assert_eq!(
+            w.decide(),
+            Break(Verdict::Ready),
+            "no look due: nothing to do"
+        );
+        w.previous_use_due = true;
+        assert_eq!(w.decide(), Continue(Step::CheckPreviousTokenUse));
+        w.probes.previous_use = Some(Ok(look(899, true)));
+        assert_eq!(w.decide(), Break(Verdict::Ready), "used 899 s ago: kept");
+        w.probes.previous_use = Some(Err(api(500, "boom")));
+        assert_eq!(w.decide(), Break(Verdict::Ready), "a failed look: kept");
+        w.probes.previous_use = Some(Ok(look(900, true)));
+        assert_eq!(w.decide(), Continue(Step::RetirePreviousToken));
+        w.probes.previous_use = Some(Ok(look(0, false)));
+        assert_eq!(
+            w.decide(),
+            Continue(Step::RetirePreviousToken),
+            "gone: records cleared"
+        );
+        w.probes.previous_deleted = Some(Err(api(500, "boom")));
+        assert_eq!(w.decide(), Break(Verdict::Ready), "one try per pass");
+        w.probes.previous_deleted = None;
+        w.retire_after = std::time::Duration::ZERO;
+        w.probes.previous_use = Some(Ok(look(86_400, true)));
+        assert_eq!(w.decide(), Break(Verdict::Ready), "0s: never early");
+
+        let mut x = pending_previous(true);
+        x.previous_use_due = true;
+        assert_eq!(
+            x.decide(),
+            Break(Verdict::Ready),
+            "after the exchange: not followed"
+        );
+        x.probes.previous_use = Some(Ok(look(86_400, true)));
+        assert_eq!(x.decide(), Break(Verdict::Ready));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod cleanup;
 pub mod decide;
 mod namespaces;
+mod previous_use;
 mod recorder;
 mod refs;
 pub mod report;
@@ -141,6 +142,9 @@ struct InstanceMemory {
     /// A token Secret write that kept failing, held for the next passes (and the shutdown); boxed:
     /// most instances hold none.
     held_write: Option<Box<steps::HeldWrite>>,
+    /// The looks at a replaced token's use while it is in its grace period (boxed: most instances
+    /// have no previous token).
+    previous_use: Option<Box<previous_use::Watch>>,
 }
 
 /// The memory of every instance, and the uids of instances that went away (a uid is never used
@@ -396,6 +400,20 @@ impl Context {
     }
 
     /// Counts a failed attempt of the finalizer's token deletion; returns the count.
+    /// What the passes know about the previous token's use, if anything.
+    fn previous_use_watch(&self, uid: &str) -> Option<previous_use::Watch> {
+        self.recall(uid, |m| m.previous_use.as_deref().cloned())
+    }
+
+    fn set_previous_use_watch(&self, uid: &str, watch: Option<previous_use::Watch>) {
+        let had = self
+            .recall(uid, |m| m.previous_use.as_ref().map(|_| ()))
+            .is_some();
+        if had || watch.is_some() {
+            self.remember(uid, |m| m.previous_use = watch.map(Box::new));
+        }
+    }
+
     fn delete_attempt(&self, uid: &str) -> u32 {
         self.remember(uid, |m| {
             m.delete_failures = m.delete_failures.saturating_add(1);
@@ -788,7 +806,8 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         Err(wait) => return Ok(wait),
     };
     let (verdict, probes) = (&driven.verdict, &driven.probes);
-    let status = report::status(&report::ReportInput {
+    let watch = ctx.previous_use_watch(&uid);
+    let report_input = report::ReportInput {
         generation,
         previous: nbi.status.as_ref(),
         verdict,
@@ -801,7 +820,11 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         rotation_enabled: nbi.spec.token.rotation.enabled,
         now: ctx.now(),
         verify_interval: known.interval,
-    });
+        previous_use: watch.as_ref().and_then(|w| w.seen.as_ref()),
+        retire_after: nbi.spec.token.rotation.retire_after(),
+    };
+    let status = report::status(&report_input);
+    let in_use = report::previous_still_in_use(&report_input);
     let previous = nbi.status.clone();
     if previous.as_ref() != Some(&status) {
         let superseded = [nbi.metadata.resource_version.clone(), initial_rv]
@@ -815,7 +838,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     }
     publish_events(nbi, ctx, previous.as_ref(), &status, verdict, probes).await;
     steps::record_credentials_check(nbi, &secrets, &mut world).await;
-    observe(nbi, ctx, ns, &status, &world, verdict);
+    observe(nbi, ctx, ns, &status, &world, verdict, in_use);
 
     Ok(schedule(nbi, ctx, &known, &driven, &status, &world))
 }
@@ -849,6 +872,7 @@ fn schedule(
         interval: known.interval,
         backoff,
         max_backoff: ctx.settings.max_backoff,
+        previous_use_next: ctx.previous_use_watch(uid).map(|w| w.next),
     });
     if let Some(log) = next.log {
         info!(reason = report::verdict_reason(verdict), requeue_in = ?next.after, "{log}");
@@ -984,6 +1008,7 @@ impl Known {
         probes: &'a Probes,
         credentials_changed: bool,
         setup_server_errors: u32,
+        previous_use_due: bool,
         now: jiff::Timestamp,
     ) -> Facts<'a> {
         Facts {
@@ -1005,6 +1030,8 @@ impl Known {
                 .service_user
                 .as_ref()
                 .map(|s| s.name.as_str()),
+            retire_after_unused: nbi.spec.token.rotation.retire_after(),
+            previous_use_due,
             now,
             probes,
             allowed_servers: world.allowed_servers.as_deref(),
@@ -1071,14 +1098,26 @@ async fn drive(
     let setup_key = world.setup_key(known.generation);
     let setup_server_errors = ctx.setup_server_errors(uid, &setup_key);
     let mut verdict = None;
+    let watch = ctx.previous_use_watch(uid);
     for _ in 0..16 {
         let now = ctx.now();
+        let previous_use_due = world.token_secret.owned().is_some_and(|s| {
+            s.previous_use_followable()
+                && previous_use::due(
+                    watch.as_ref(),
+                    s.annotation(crate::token_secret::ANN_PREVIOUS_TOKEN_ID)
+                        .unwrap_or_default(),
+                    s.rotated_at(),
+                    now,
+                )
+        });
         let facts = known.facts(
             nbi,
             world,
             &probes,
             credentials_changed,
             setup_server_errors,
+            previous_use_due,
             now,
         );
         let step = decide::decide(&facts);
@@ -1118,6 +1157,7 @@ async fn drive(
     if let Some(decide::SetupOutcome::Failed(e)) = &probes.setup {
         ctx.count_setup_server_error(uid, setup_key, matches!(e.status(), Some(500..=599)));
     }
+    ctx.set_previous_use_watch(uid, follow_previous_use(nbi, ctx, world, watch, &probes));
     if probes.claimed {
         // the claim recorded the fingerprint of the credentials in use
         credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
@@ -1129,6 +1169,38 @@ async fn drive(
     })
 }
 
+/// What the passes keep about the previous token's use after this one: the watch moved on by this
+/// pass's look (a failed look tries again in a minute), kept while a followable previous token is
+/// pending, dropped once it is gone.
+fn follow_previous_use(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    world: &steps::World,
+    before: Option<previous_use::Watch>,
+    probes: &Probes,
+) -> Option<previous_use::Watch> {
+    let s = world
+        .token_secret
+        .owned()
+        .filter(|s| s.previous_use_followable())?;
+    let previous = s.annotation(crate::token_secret::ANN_PREVIOUS_TOKEN_ID)?;
+    let Some(look) = &probes.previous_use else {
+        return before.filter(|w| w.token_id == previous);
+    };
+    let warning_from = s
+        .rotated_at()
+        .zip(s.previous_delete_at())
+        .map(|(rotated, delete_at)| previous_use::warning_from(rotated, delete_at));
+    Some(previous_use::next_watch(
+        before.as_ref(),
+        previous,
+        look.as_ref().ok().cloned(),
+        ctx.now(),
+        nbi.spec.token.rotation.retire_after(),
+        warning_from,
+    ))
+}
+
 /// Per-instance gauges (the chart's alerts) from the status this pass wrote, and the count of
 /// passes that did not end Ready.
 fn observe(
@@ -1138,14 +1210,29 @@ fn observe(
     status: &NetbirdInstanceStatus,
     world: &steps::World,
     verdict: &Verdict,
+    previous_in_use: bool,
 ) {
     let labels = InstanceLabels {
         namespace: ns.to_string(),
         name: nbi.name_any(),
     };
     let expires = world.token_secret.owned().and_then(|s| s.lifetime());
+    // 1 while a consumer still uses the previous token near its grace period's end, 0 while a
+    // followed previous token is pending, absent otherwise
+    let previous_followed = world
+        .token_secret
+        .owned()
+        .is_some_and(|s| s.previous_use_followable());
     ctx.unless_gone(&nbi.uid().unwrap_or_default(), || {
         ctx.metrics.set_conditions(&labels, &status.conditions);
+        if previous_followed {
+            ctx.metrics
+                .previous_token_in_use
+                .get_or_create(&labels)
+                .set(i64::from(previous_in_use));
+        } else {
+            ctx.metrics.previous_token_in_use.remove(&labels);
+        }
         match expires {
             Some((_, expires)) => {
                 ctx.metrics
@@ -1197,6 +1284,8 @@ struct RequeueInput<'a> {
     /// The backoff after this pass's failure ([`counts_as_failure`]).
     backoff: Option<Duration>,
     max_backoff: Duration,
+    /// The next look at the previous token's use.
+    previous_use_next: Option<jiff::Timestamp>,
 }
 
 /// When the next pass runs.
@@ -1242,6 +1331,10 @@ fn requeue(r: &RequeueInput<'_>) -> Requeue {
                 })
                 .and_then(|s| s.previous_delete_at())
             {
+                next = next.min(wake(at));
+            }
+            // and the next look at its use
+            if let Some(at) = r.previous_use_next {
                 next = next.min(wake(at));
             }
             Requeue {
@@ -1364,6 +1457,42 @@ async fn publish_events(
         };
         events.push((ty, reason, message));
     }
+    if probes.previous_retired {
+        events.push((
+            EventType::Normal,
+            "PreviousTokenRetired",
+            format!(
+                "NetBird saw no use of the previous token for spec.token.rotation.\
+                 retireAfterUnused ({}) since Secret {} changed, or no longer lists it: every \
+                 consumer took the new token, and the previous one was deleted before its grace \
+                 period ended",
+                nbi.spec.token.rotation.retire_after_unused,
+                nbi.token_secret_name()
+            ),
+        ));
+    }
+    let reason_of = |s: Option<&NetbirdInstanceStatus>| {
+        s.and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == report::TOKEN_AVAILABLE)
+                .map(|c| c.reason.clone())
+        })
+    };
+    let in_use = Some(report::PREVIOUS_TOKEN_STILL_IN_USE.to_string());
+    if reason_of(Some(status)) == in_use && reason_of(previous) != in_use {
+        let note = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == report::TOKEN_AVAILABLE)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        events.push((
+            EventType::Warning,
+            report::PREVIOUS_TOKEN_STILL_IN_USE,
+            note,
+        ));
+    }
     let reference = nbi.object_ref(&());
     for (type_, reason, note) in events {
         let ev = Event {
@@ -1467,6 +1596,7 @@ mod tests {
             interval: Duration::from_secs(3600),
             backoff,
             max_backoff: Duration::from_secs(300),
+            previous_use_next: None,
         })
     }
 

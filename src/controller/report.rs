@@ -39,7 +39,15 @@ pub struct ReportInput<'a> {
     /// How often the token is checked (`versionCheck.interval`): `lastVerifiedAt` moves at most
     /// this often for one token.
     pub verify_interval: std::time::Duration,
+    /// The last look at the previous token's use (this pass's or an earlier one's).
+    pub previous_use: Option<&'a super::previous_use::Observation>,
+    /// spec.token.rotation.retireAfterUnused
+    pub retire_after: std::time::Duration,
 }
+
+/// The TokenAvailable reason (and Warning Event) while a consumer still uses the previous token
+/// near the end of its grace period.
+pub const PREVIOUS_TOKEN_STILL_IN_USE: &str = "PreviousTokenStillInUse";
 
 /// A timestamp as the apiserver stores it (whole seconds), so that an unchanged status compares
 /// equal.
@@ -280,6 +288,7 @@ fn token_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<TokenStatus>)
         .map(str::to_string)
         .or_else(|| p.token_id.clone());
     let verified_at = last_verified_at(seen, &p, token_id.as_deref(), r.verify_interval);
+    let previous_token_last_used_at = previous_last_used(r, seen, &p);
     TokenStatus {
         secret_name: r.secret_name.to_string(),
         user_id: seen
@@ -296,7 +305,46 @@ fn token_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<TokenStatus>)
         previous_token_deletion_at: seen
             .ann(ANN_PREVIOUS_TOKEN_ID)
             .and(parse_time(seen.ann(ANN_PREVIOUS_DELETE_AT))),
+        previous_token_last_used_at,
     }
+}
+
+/// When NetBird last saw the pending previous token used: from the last look at it, or (before
+/// the first look after a restart) as the status had it for the same token.
+fn previous_last_used(r: &ReportInput<'_>, seen: &Seen<'_>, prev: &TokenStatus) -> Option<Time> {
+    let previous = seen.ann(ANN_PREVIOUS_TOKEN_ID)?;
+    match r.previous_use.filter(|o| o.token_id == previous) {
+        Some(o) => o.last_used.map(to_time),
+        None => prev
+            .previous_token_last_used_at
+            .clone()
+            .filter(|_| prev.previous_token_id.as_deref() == Some(previous)),
+    }
+}
+
+/// Whether a consumer still uses the pending previous token near the end of its grace period.
+pub fn previous_still_in_use(r: &ReportInput<'_>) -> bool {
+    let Some(s) = r.token_secret.owned() else {
+        return false;
+    };
+    let (Some(previous), Some(rotated), Some(delete_at)) = (
+        s.annotation(ANN_PREVIOUS_TOKEN_ID),
+        s.rotated_at(),
+        s.previous_delete_at(),
+    ) else {
+        return false;
+    };
+    r.previous_use
+        .filter(|o| o.token_id == previous)
+        .is_some_and(|o| {
+            super::previous_use::still_in_use(
+                o,
+                r.now,
+                rotated,
+                delete_at,
+                super::previous_use::window(r.retire_after),
+            )
+        })
 }
 
 /// When the server last accepted the token. A check of the same token less than one interval after
@@ -452,6 +500,21 @@ fn token_available_condition(
                 "less than a third of the token's lifetime is left (it expires at {}) and rotation \
                     is off: put a new token in the Secret or set spec.token.rotation.enabled",
                 seen.ann(ANN_EXPIRES_AT).unwrap_or("?")
+            ),
+        )
+    } else if previous_still_in_use(r) {
+        (
+            PREVIOUS_TOKEN_STILL_IN_USE,
+            format!(
+                "the previous token {} is still in use: NetBird saw it used at {} and it is \
+                 deleted at {}. Restart the programs that read Secret {} (or give them Reloader's \
+                 annotation) so that they take the new token before then",
+                seen.ann(ANN_PREVIOUS_TOKEN_ID).unwrap_or("?"),
+                r.previous_use
+                    .and_then(|o| o.last_used)
+                    .map_or_else(|| "?".to_string(), |t| to_time(t).0.to_string()),
+                seen.ann(ANN_PREVIOUS_DELETE_AT).unwrap_or("?"),
+                r.secret_name
             ),
         )
     } else if seen.ann(ANN_ROTATED_AT).is_some() {
@@ -649,6 +712,7 @@ pub const CLOSED_REASONS: [(&str, &[&str]); 6] = [
             "TokenAdopted",
             "TokenRotated",
             "TokenExpiringSoon",
+            PREVIOUS_TOKEN_STILL_IN_USE,
         ],
     ),
     (
@@ -786,6 +850,8 @@ mod tests {
             rotation_enabled: true,
             now: t(1),
             verify_interval: HOUR,
+            previous_use: None,
+            retire_after: std::time::Duration::ZERO,
         };
         let ready = status(&input(&Verdict::Ready, &secrets[1], None));
         for v in &verdicts {
@@ -831,6 +897,8 @@ mod tests {
             rotation_enabled: true,
             now: t(1),
             verify_interval: HOUR,
+            previous_use: None,
+            retire_after: std::time::Duration::ZERO,
         });
         assert_eq!(s.observed_generation, Some(3));
         assert_eq!(get(&s, READY).unwrap().status, "True");
@@ -876,6 +944,8 @@ mod tests {
             rotation_enabled: true,
             now: t(500),
             verify_interval: HOUR,
+            previous_use: None,
+            retire_after: std::time::Duration::ZERO,
         });
         assert_eq!(
             again, s,
@@ -904,6 +974,8 @@ mod tests {
                 rotation_enabled: true,
                 now: t(when),
                 verify_interval: HOUR,
+                previous_use: None,
+                retire_after: std::time::Duration::ZERO,
             })
         };
         let verified_at = |s: &NetbirdInstanceStatus| {
@@ -945,6 +1017,8 @@ mod tests {
             rotation_enabled: true,
             now,
             verify_interval: HOUR,
+            previous_use: None,
+            retire_after: std::time::Duration::ZERO,
         };
         let first = initial(Some(1), t(0));
         let s = status(&input(Some(&first), t(10)));
@@ -986,6 +1060,8 @@ mod tests {
             rotation_enabled: true,
             now: t(1),
             verify_interval: HOUR,
+            previous_use: None,
+            retire_after: std::time::Duration::ZERO,
         });
         assert!(get(&s, READY).unwrap().message.contains("set up with"));
         assert_eq!(get(&s, UPDATE_AVAILABLE).unwrap().status, "Unknown");
@@ -1017,6 +1093,8 @@ mod tests {
             rotation_enabled: true,
             now: t(1),
             verify_interval: HOUR,
+            previous_use: None,
+            retire_after: std::time::Duration::ZERO,
         });
         assert_eq!(get(&s, TOKEN_AVAILABLE).unwrap().reason, "TokenAdopted");
         assert_eq!(get(&s, SETUP_COMPLETE).unwrap().reason, "AlreadySetUp");

@@ -364,6 +364,12 @@ pub async fn run(
         Step::CleanOrphans => s.clean_orphans().await,
         Step::IdentifyToken => s.identify_token().await,
         Step::DeletePreviousToken => s.delete_previous_token().await,
+        Step::CheckPreviousTokenUse => s.check_previous_token_use().await,
+        Step::RetirePreviousToken => {
+            s.delete_previous_token().await?;
+            s.probes.previous_retired = matches!(s.probes.previous_deleted, Some(Ok(())));
+            Ok(())
+        }
         Step::RotateToken => s.rotate_token().await,
         Step::ExchangeForServiceUser => s.exchange_for_service_user().await,
         Step::ReleaseClaim => s.release_claim().await,
@@ -660,6 +666,43 @@ impl Stepper<'_, '_> {
             }
         }
         self.probes.previous_deleted = Some(result);
+        Ok(())
+    }
+
+    /// Lists the user's tokens with the current token (never the previous one: a use would move
+    /// its `last_used`) to see when NetBird last saw the previous token used.
+    async fn check_previous_token_use(&mut self) -> Result<(), Verdict> {
+        let (token, user) = token_and_user(self.world, self.probes)?;
+        let Some(s) = self.world.token_secret.owned() else {
+            return Ok(());
+        };
+        let previous = s
+            .annotation(token_secret::ANN_PREVIOUS_TOKEN_ID)
+            .unwrap_or_default()
+            .to_string();
+        let (current, rotated_at) = (s.token_id().map(str::to_string), s.rotated_at());
+        let now = self.ctx.now();
+        let result = self
+            .client
+            .list_tokens_dated(&token, &user)
+            .await
+            .map(|(tokens, date)| {
+                super::previous_use::observe(
+                    &tokens,
+                    &previous,
+                    current.as_deref(),
+                    rotated_at,
+                    date,
+                    now,
+                )
+            });
+        match &result {
+            Ok(seen) => tracing::debug!(token_id = %previous, last_used = ?seen.last_used,
+                idle = ?seen.idle, "looked at the previous token's use"),
+            Err(e) => warn!(token_id = %previous, error = %e.with_request_id(), "failed to look \
+                at the previous token's use; looking again later"),
+        }
+        self.probes.previous_use = Some(result);
         Ok(())
     }
 

@@ -367,6 +367,26 @@ impl NetbirdClient {
         Ok(list.unwrap_or_default())
     }
 
+    /// `GET /api/users/{id}/tokens`, with the server's time of the answer (its `Date` header): a
+    /// token's `last_used` is compared with the server's own clock, never the operator's.
+    pub async fn list_tokens_dated(
+        &self,
+        token: &SecretString,
+        user_id: &str,
+    ) -> Result<(Vec<PersonalAccessToken>, Option<jiff::Timestamp>), NetbirdError> {
+        let path = format!("users/{}/tokens", segment(user_id));
+        let (list, date): (Option<Vec<PersonalAccessToken>>, _) = self
+            .call_dated(
+                Endpoint::ListTokens,
+                Method::GET,
+                &path,
+                Some(token),
+                None::<&()>,
+            )
+            .await?;
+        Ok((list.unwrap_or_default(), date))
+    }
+
     /// `POST /api/users/{id}/tokens`.
     pub async fn create_token(
         &self,
@@ -456,6 +476,20 @@ impl NetbirdClient {
         token: Option<&SecretString>,
         body: Option<&B>,
     ) -> Result<T, NetbirdError> {
+        self.call_dated(endpoint, method, path, token, body)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    /// A call, with the time the server's answer carries (its `Date` header), when it has one.
+    async fn call_dated<T: DeserializeOwned, B: Serialize>(
+        &self,
+        endpoint: Endpoint,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<&B>,
+    ) -> Result<(T, Option<jiff::Timestamp>), NetbirdError> {
         let result = self.call_inner(endpoint, method, path, token, body).await;
         if let Some(obs) = &self.observer {
             let status = match &result {
@@ -474,7 +508,7 @@ impl NetbirdClient {
         path: &str,
         token: Option<&SecretString>,
         body: Option<&B>,
-    ) -> Result<T, NetbirdError> {
+    ) -> Result<(T, Option<jiff::Timestamp>), NetbirdError> {
         let url = self.api.join(path).map_err(|e| NetbirdError::Transport {
             endpoint,
             kind: TransportKind::Other,
@@ -497,7 +531,7 @@ impl NetbirdClient {
             })?),
             None => None,
         };
-        let (status, request_id, location, buf) = match &self.http {
+        let (status, request_id, location, date, buf) = match &self.http {
             Transport::Http(http) => {
                 let mut req = http
                     .request(method, url)
@@ -522,6 +556,7 @@ impl NetbirdClient {
                         .map(str::to_string)
                 };
                 let (request_id, location) = (header("x-request-id"), header("location"));
+                let date = header("date");
                 let mut buf = Vec::new();
                 if !status.is_redirection() {
                     while let Some(chunk) = resp
@@ -538,7 +573,7 @@ impl NetbirdClient {
                         buf.extend_from_slice(&chunk);
                     }
                 }
-                (status, request_id, location, buf)
+                (status, request_id, location, date, buf)
             }
             Transport::Simulated { network, opts } => {
                 let mut headers = vec![("accept".to_string(), "application/json".to_string())];
@@ -572,6 +607,7 @@ impl NetbirdClient {
                         .map(|(_, v)| v.clone())
                 };
                 let (request_id, location) = (header("x-request-id"), header("location"));
+                let date = header("date");
                 if resp.body.len() > MAX_BODY_BYTES {
                     return Err(NetbirdError::TooLarge {
                         endpoint,
@@ -580,7 +616,7 @@ impl NetbirdClient {
                 }
                 let status =
                     StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                (status, request_id, location, resp.body)
+                (status, request_id, location, date, resp.body)
             }
         };
         let request_id = request_id.map(|s| s.chars().take(128).collect::<String>());
@@ -600,13 +636,20 @@ impl NetbirdClient {
         if !status.is_success() {
             return Err(api_error(endpoint, status, &buf, request_id));
         }
-        serde_json::from_slice(&buf).map_err(|e| NetbirdError::Decode {
+        let value = serde_json::from_slice(&buf).map_err(|e| NetbirdError::Decode {
             endpoint,
             status: status.as_u16(),
             detail: decode_detail(&e),
             request_id,
-        })
+        })?;
+        Ok((value, date.as_deref().and_then(http_date)))
     }
+}
+
+/// An HTTP `Date` header (`Fri, 04 Dec 2026 12:25:43 GMT`, RFC 9110's IMF-fixdate, a form of RFC
+/// 2822 that jiff reads), as a timestamp.
+fn http_date(value: &str) -> Option<jiff::Timestamp> {
+    jiff::fmt::rfc2822::parse(value).ok().map(|z| z.timestamp())
 }
 
 /// What a decode error says, without any part of the body: serde's own message quotes the value it
