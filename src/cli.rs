@@ -192,6 +192,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
             .map(|p| p.trim().to_string())
             .filter(|p| !p.is_empty())
             .collect(),
+        ..Settings::default()
     };
     let settings_namespaces = settings.namespaces.clone();
     let ctx = Arc::new(Context::new(

@@ -90,6 +90,9 @@ pub struct Settings {
     /// Key prefixes of `spec.token.secretLabels`/`secretAnnotations` refused besides the built-in
     /// ones (a Secret copier of this cluster): such an instance is Stalled/InvalidSpec.
     pub refused_secret_key_prefixes: Vec<String>,
+    /// The shortest time between two looks at a replaced token's use (a minute; tests shorten
+    /// it, as they move the clock to reach a rotation).
+    pub previous_use_interval: Duration,
 }
 
 impl Default for Settings {
@@ -103,6 +106,7 @@ impl Default for Settings {
             finalizer_timeout: Duration::from_secs(900),
             shutdown_timeout: Duration::from_secs(50),
             refused_secret_key_prefixes: Vec::new(),
+            previous_use_interval: previous_use::MIN_INTERVAL,
         }
     }
 }
@@ -1109,6 +1113,7 @@ async fn drive(
                         .unwrap_or_default(),
                     s.rotated_at(),
                     now,
+                    ctx.settings.previous_use_interval,
                 )
         });
         let facts = known.facts(
@@ -1184,8 +1189,17 @@ fn follow_previous_use(
         .owned()
         .filter(|s| s.previous_use_followable())?;
     let previous = s.annotation(crate::token_secret::ANN_PREVIOUS_TOKEN_ID)?;
+    let min = ctx.settings.previous_use_interval;
     let Some(look) = &probes.previous_use else {
-        return before.filter(|w| w.token_id == previous);
+        // the first look is scheduled a minute after the rotation
+        return before.filter(|w| w.token_id == previous).or_else(|| {
+            Some(previous_use::first_watch(
+                previous,
+                s.rotated_at(),
+                ctx.now(),
+                min,
+            ))
+        });
     };
     let warning_from = s
         .rotated_at()
@@ -1198,6 +1212,7 @@ fn follow_previous_use(
         ctx.now(),
         nbi.spec.token.rotation.retire_after(),
         warning_from,
+        min,
     ))
 }
 

@@ -13,7 +13,8 @@ use jiff::Timestamp;
 
 use crate::netbird::PersonalAccessToken;
 
-/// Not more than one look a minute per instance.
+/// Not more than one look a minute per instance (the operator's setting
+/// `Settings::previous_use_interval`; tests shorten it).
 pub const MIN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// While nothing changes, the interval doubles up to this.
@@ -101,17 +102,35 @@ pub fn due(
     previous_id: &str,
     rotated_at: Option<Timestamp>,
     now: Timestamp,
+    min: Duration,
 ) -> bool {
     match watch.filter(|w| w.token_id == previous_id) {
         Some(w) => now >= w.next,
-        None => rotated_at.is_none_or(|at| now >= add(at, MIN_INTERVAL)),
+        None => rotated_at.is_none_or(|at| now >= add(at, min)),
+    }
+}
+
+/// The watch of a previous token not looked at yet: the first look `min` (a minute) after the
+/// rotation, or at once when the rotation time is unknown.
+pub fn first_watch(
+    previous_id: &str,
+    rotated_at: Option<Timestamp>,
+    now: Timestamp,
+    min: Duration,
+) -> Watch {
+    Watch {
+        token_id: previous_id.to_string(),
+        seen: None,
+        interval: min,
+        next: rotated_at.map_or(now, |at| add(at, min)),
     }
 }
 
 /// The next look to take, and when, after one at `now` that found `seen` (None: the look
 /// failed). The interval goes back to the minimum when the token was used since the last look, and
 /// doubles otherwise; the next look never comes later than the moment the token could be retired
-/// (if nothing uses it meanwhile) or the warning window opens, and never sooner than a minute.
+/// (if nothing uses it meanwhile) or the warning window opens, and never sooner than `min` (a
+/// minute).
 pub fn next_watch(
     before: Option<&Watch>,
     previous_id: &str,
@@ -119,6 +138,7 @@ pub fn next_watch(
     now: Timestamp,
     retire_after: Duration,
     warning_from: Option<Timestamp>,
+    min: Duration,
 ) -> Watch {
     let before = before.filter(|w| w.token_id == previous_id);
     let used_meanwhile = match (before.and_then(|w| w.seen.as_ref()), &seen) {
@@ -126,11 +146,11 @@ pub fn next_watch(
         _ => true,
     };
     let interval = match before {
-        Some(w) if !used_meanwhile => (w.interval * 2).clamp(MIN_INTERVAL, MAX_INTERVAL),
-        _ => MIN_INTERVAL,
+        Some(w) if !used_meanwhile => (w.interval * 2).clamp(min, MAX_INTERVAL.max(min)),
+        _ => min,
     };
     let mut next = add(now, interval);
-    let soonest = add(now, MIN_INTERVAL);
+    let soonest = add(now, min);
     if let Some(s) = &seen
         && !retire_after.is_zero()
         && s.idle < retire_after
@@ -214,6 +234,29 @@ mod tests {
     }
 
     const MIN15: Duration = Duration::from_secs(15 * 60);
+
+    fn due(w: Option<&Watch>, id: &str, rotated: Option<Timestamp>, now: Timestamp) -> bool {
+        super::due(w, id, rotated, now, MIN_INTERVAL)
+    }
+
+    fn next_watch(
+        before: Option<&Watch>,
+        id: &str,
+        seen: Option<Observation>,
+        now: Timestamp,
+        retire_after: Duration,
+        warning_from: Option<Timestamp>,
+    ) -> Watch {
+        super::next_watch(
+            before,
+            id,
+            seen,
+            now,
+            retire_after,
+            warning_from,
+            MIN_INTERVAL,
+        )
+    }
 
     #[test]
     fn idle_time_is_measured_by_the_servers_clock_from_the_later_of_use_and_change() {

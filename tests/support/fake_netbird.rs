@@ -54,6 +54,8 @@ pub struct State {
     pub service_users: HashMap<String, String>,
     /// token -> (id, name, created, expires)
     pub pats: HashMap<String, (String, String, jiff::Timestamp, jiff::Timestamp)>,
+    /// token -> when a request last authenticated with it (NetBird's `last_used`)
+    pub last_used: HashMap<String, jiff::Timestamp>,
     /// calls per endpoint name
     pub calls: HashMap<String, u32>,
     /// faults per endpoint name (instance, setup, version, users_current, tokens_list, ...)
@@ -84,6 +86,7 @@ impl Default for State {
             tokens: HashMap::new(),
             users: HashMap::new(),
             pats: HashMap::new(),
+            last_used: HashMap::new(),
             service_users: HashMap::new(),
             calls: HashMap::new(),
             faults: HashMap::new(),
@@ -431,6 +434,16 @@ fn authenticate<'a>(s: &'a State, auth: Option<&str>) -> Result<&'a String, (u16
 }
 
 fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[u8]) -> Resp {
+    // as the real server's auth middleware: a request with a known token marks it used before
+    // anything else
+    if let Ok(user) = authenticate(s, auth)
+        && !user.is_empty()
+        && let Some(token) = auth
+            .and_then(|a| a.split_once(' '))
+            .map(|(_, t)| t.to_string())
+    {
+        s.last_used.insert(token, jiff::Timestamp::now());
+    }
     match endpoint {
         "instance" => reply(200, json!({"setup_required": s.setup_required})),
         "setup" => setup(s, body),
@@ -479,10 +492,15 @@ fn serve(s: &mut State, endpoint: &str, path: &str, auth: Option<&str>, body: &[
                     .tokens
                     .iter()
                     .filter(|(_, u)| **u == user)
-                    .filter_map(|(t, _)| s.pats.get(t))
-                    .map(|(id, name, created, expires)| {
-                        json!({"id": id, "name": name, "expiration_date": expires.to_string(),
-                               "created_by": user, "created_at": created.to_string()})
+                    .filter_map(|(t, _)| s.pats.get(t).map(|p| (t, p)))
+                    .map(|(t, (id, name, created, expires))| {
+                        let mut pat = json!({"id": id, "name": name,
+                            "expiration_date": expires.to_string(),
+                            "created_by": user, "created_at": created.to_string()});
+                        if let Some(used) = s.last_used.get(t) {
+                            pat["last_used"] = json!(used.to_string());
+                        }
+                        pat
                     })
                     .collect();
                 reply(

@@ -672,6 +672,8 @@ async fn start_operator_in_with(
         // the finalizer lets go after 10 s here (15 min by default)
         finalizer_timeout: Duration::from_secs(10),
         shutdown_timeout: Duration::from_secs(5),
+        // a look at a replaced token's use every 5 s at most (a minute by default)
+        previous_use_interval: Duration::from_secs(5),
         netbird: netbird_operator::netbird::ClientOptions {
             request_timeout: Duration::from_secs(3),
             ..Default::default()
