@@ -108,6 +108,7 @@ fn chart_alerts_pass_promtool_check_and_unit_tests() {
             "NetbirdInstanceStalled",
             "NetbirdOperatorDown",
             "NetbirdOperatorReconcileErrors",
+            "NetbirdPreviousTokenStillInUse",
             "NetbirdTokenExpiringSoon",
             "NetbirdUpdateAvailable",
         ]
@@ -153,7 +154,7 @@ fn chart_alerts_pass_promtool_check_and_unit_tests() {
         ),
         "promtool check rules",
     );
-    assert!(check.contains("SUCCESS: 6 rules found"), "{check}");
+    assert!(check.contains("SUCCESS: 7 rules found"), "{check}");
 
     // every alert has a case that fires and a case that does not
     let tests_file = format!("{ROOT}/tests/alerts/alerts-test.yaml");
