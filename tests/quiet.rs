@@ -158,3 +158,47 @@ async fn a_rate_limited_rotation_backs_off() {
         "the current token still works"
     );
 }
+
+/// An instance with a pending previous token (a rotation, `gracePeriod` 24h, nothing using the old
+/// token) looks at the old token's use with backoff and writes nothing while nothing changes. The
+/// tests look every 5 s at most (a minute in the product): after the first look, which records
+/// when the old token was last used, the looks come 5, 10, 20 and 40 s apart, so a 60 s window sees
+/// at most 5 listings and no status write.
+#[tokio::test]
+async fn a_pending_previous_token_is_looked_at_with_backoff() {
+    let Some(env) = TestEnv::new("quiet-previous").await else {
+        return;
+    };
+    let fake = FakeNetbird::start().await;
+    env.create_admin_secret().await;
+    let op = env.start_operator().await;
+    env.create_instance("nb", spec(&fake.url)).await.unwrap();
+    env.wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
+        .await;
+    op.stop().await;
+    let _op = env
+        .start_operator_ahead(Duration::from_secs(21 * 24 * 3600))
+        .await;
+    // the first look finds the old token last used by the operator itself, before the rotation
+    env.wait_instance("nb", "a pending previous token, looked at", T, |n| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.token.as_ref())
+            .is_some_and(|t| {
+                t.previous_token_id.is_some() && t.previous_token_last_used_at.is_some()
+            })
+    })
+    .await;
+    let lists = fake.calls("tokens_list");
+    let (calls, wrote) = quiet_window(&env, &fake, "nb").await;
+    let looks = fake.calls("tokens_list") - lists;
+    eprintln!("pending previous token: {looks} token listings, {calls} calls in 60 s");
+    assert!(
+        looks >= 2,
+        "the previous token's use is followed: {looks} looks"
+    );
+    assert!(calls <= 5, "{calls} NetBird calls in 60 s");
+    assert!(!wrote, "nothing changed, nothing written");
+    let n = env.instances().get("nb").await.unwrap();
+    assert!(condition(&n, "TokenAvailable").is_some_and(|(_, r, _)| r == "TokenRotated"));
+}
