@@ -49,6 +49,8 @@ pub struct Watch {
     pub token_id: String,
     /// The last successful look, if any.
     pub seen: Option<Observation>,
+    /// The token was used between the last two looks (or, at the first look, since the change).
+    pub active: bool,
     /// The interval that led to `next`.
     pub interval: Duration,
     /// The next look is due then (the operator's clock).
@@ -121,16 +123,19 @@ pub fn first_watch(
     Watch {
         token_id: previous_id.to_string(),
         seen: None,
+        active: false,
         interval: min,
         next: rotated_at.map_or(now, |at| add(at, min)),
     }
 }
 
 /// The next look to take, and when, after one at `now` that found `seen` (None: the look
-/// failed). The interval goes back to the minimum when the token was used since the last look, and
-/// doubles otherwise; the next look never comes later than the moment the token could be retired
-/// (if nothing uses it meanwhile) or the warning window opens, and never sooner than `min` (a
-/// minute).
+/// failed). The interval doubles (up to [`MAX_INTERVAL`]) while the token stays as it was, used
+/// between looks or not, and goes back to `min` (a minute) when that changes: a consumer that keeps
+/// using the old token costs a look (and a status write of `previousTokenLastUsedAt`) every 15
+/// minutes, not every minute. The next look never comes later than the moment the token could be
+/// retired (if nothing uses it meanwhile) or the warning window opens, and never sooner than
+/// `min`.
 pub fn next_watch(
     before: Option<&Watch>,
     previous_id: &str,
@@ -141,12 +146,16 @@ pub fn next_watch(
     min: Duration,
 ) -> Watch {
     let before = before.filter(|w| w.token_id == previous_id);
-    let used_meanwhile = match (before.and_then(|w| w.seen.as_ref()), &seen) {
+    let last = before.and_then(|w| w.seen.as_ref());
+    let active = match (last, &seen) {
         (Some(old), Some(new)) => old.last_used != new.last_used,
-        _ => true,
+        (None, Some(new)) => new.used_since_change,
+        (_, None) => before.is_some_and(|w| w.active),
     };
     let interval = match before {
-        Some(w) if !used_meanwhile => (w.interval * 2).clamp(min, MAX_INTERVAL.max(min)),
+        Some(w) if last.is_some() && seen.is_some() && active == w.active => {
+            (w.interval * 2).clamp(min, MAX_INTERVAL.max(min))
+        }
         _ => min,
     };
     let mut next = add(now, interval);
@@ -163,6 +172,7 @@ pub fn next_watch(
     Watch {
         token_id: previous_id.to_string(),
         seen: seen.or_else(|| before.and_then(|w| w.seen.clone())),
+        active,
         interval,
         next,
     }
@@ -182,7 +192,9 @@ pub fn warning_from(rotated_at: Timestamp, delete_at: Timestamp) -> Timestamp {
 }
 
 /// Whether a consumer still uses the previous token near the end of its grace period: less than a
-/// quarter of it left, and NetBird saw it used after the Secret changed, within `window` of now.
+/// quarter of it left, and the last look saw it used after the Secret changed, within `window` of
+/// that look (the verdict of a look holds until the next one: a pass between looks does not turn
+/// it off and on again).
 pub fn still_in_use(
     seen: &Observation,
     now: Timestamp,
@@ -190,12 +202,11 @@ pub fn still_in_use(
     delete_at: Timestamp,
     window: Duration,
 ) -> bool {
-    let idle_now = seen.idle + Duration::try_from(seen.at.duration_until(now)).unwrap_or_default();
     now >= warning_from(rotated_at, delete_at)
         && now < delete_at
         && seen.listed
         && seen.used_since_change
-        && idle_now < window
+        && seen.idle < window
 }
 
 /// The window of [`still_in_use`] for a `retireAfterUnused`.
@@ -353,7 +364,8 @@ mod tests {
             );
             intervals.push(w.interval.as_secs() / 60);
         }
-        assert_eq!(intervals, [2, 4, 8, 15, 15, 15, 15, 15]);
+        // the first repeat is a change (used at first, not since): back to a minute, then doubling
+        assert_eq!(intervals, [1, 2, 4, 8, 15, 15, 15, 15]);
         // a new use: back to a minute
         let now = w.next;
         let w = next_watch(
@@ -365,6 +377,22 @@ mod tests {
             None,
         );
         assert_eq!(w.interval, MIN_INTERVAL);
+        // and a consumer that keeps using it backs off too: a look every 15 minutes at most
+        let mut w = w;
+        let mut intervals = vec![];
+        for _ in 0..5 {
+            let now = w.next;
+            w = next_watch(
+                Some(&w),
+                "old",
+                Some(seen(&now.to_string(), &now.to_string())),
+                now,
+                far,
+                None,
+            );
+            intervals.push(w.interval.as_secs() / 60);
+        }
+        assert_eq!(intervals, [2, 4, 8, 15, 15]);
         // another previous token starts over
         assert!(due(
             Some(&w),
@@ -435,14 +463,20 @@ mod tests {
             delete_at,
             w
         ));
-        // fifteen minutes later without a new look: no longer "recent"
-        assert!(!still_in_use(
+        // a pass between looks keeps the last look's verdict; the deletion ends it
+        assert!(still_in_use(
             &seen,
-            t("2026-12-05T05:14:00Z"),
+            t("2026-12-05T05:20:00Z"),
             rotated,
             delete_at,
             w
         ));
+        assert!(!still_in_use(&seen, delete_at, rotated, delete_at, w));
+        let long_unused = Observation {
+            idle: MIN15,
+            ..seen.clone()
+        };
+        assert!(!still_in_use(&long_unused, seen.at, rotated, delete_at, w));
         let before_change = Observation {
             used_since_change: false,
             ..seen.clone()
