@@ -1171,7 +1171,7 @@ async fn write_until_stored(
             );
             return Err(storing_token(&name, &error));
         }
-        let mut wait = delay.mul_f64(0.5 + 0.5 * super::jitter_fraction());
+        let mut wait = delay.mul_f64(0.5 + 0.5 * super::schedule::jitter_fraction());
         if let Some(at) = deadline {
             // never sleep past the deadline
             wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
