@@ -1275,7 +1275,7 @@ async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str
     // the initial status of a first pass waits for this write, and is not written after it
     let gate = ctx.side_status(&nbi.uid().unwrap_or_default());
     let mut urgent_written = gate.lock().await;
-    match super::write_status(&api, &nbi.name_any(), &status).await {
+    match super::publish::write_status(&api, &nbi.name_any(), &status).await {
         Ok(_) => *urgent_written = true,
         Err(e) => warn!(error = %e, "failed to report the failing token write in the status"),
     }
