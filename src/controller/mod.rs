@@ -7,6 +7,7 @@
 
 pub mod cleanup;
 pub mod decide;
+mod memory;
 mod namespaces;
 mod previous_use;
 mod publish;
@@ -37,10 +38,10 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
-use crate::metrics::{InstanceLabels, Metrics, ReasonLabels, ResultLabels};
+use crate::crd::NetbirdInstance;
+use crate::metrics::{Metrics, ReasonLabels, ResultLabels};
 use crate::netbird::ClientOptions;
-use decide::{Facts, Probes, Verdict, Verified};
+use decide::{Facts, Probes, Verdict};
 pub use publish::instance_gauges;
 use publish::{observe, publish_events, write_status};
 pub use recorder::Recorder;
@@ -115,73 +116,6 @@ impl Default for Settings {
     }
 }
 
-/// What the passes remember about one instance between passes (never stored anywhere).
-#[derive(Default)]
-struct InstanceMemory {
-    /// Namespace and name, to remove the instance's metric series when it is forgotten.
-    key: (String, String),
-    /// Consecutive failures, for backoff.
-    failures: u32,
-    /// Failed attempts of the finalizer's token deletion.
-    delete_failures: u32,
-    /// A retry scheduled: not before this instant, unless the inputs (digest of generation and
-    /// Secret resourceVersions) changed. A pass woken by the operator's own status write then waits
-    /// for its retry instead of calling NetBird again.
-    retry: Option<(tokio::time::Instant, [u8; 32])>,
-    /// The token verified recently: digest of the token, the generation and the server, and the
-    /// result. A pass that changes nothing makes no call to NetBird; a new token or a spec change
-    /// verifies again.
-    verified: Option<([u8; 32], Verified)>,
-    /// The last fingerprint comparison: digest of (fingerprint, credentials), and whether they
-    /// matched.
-    fingerprint_check: Option<([u8; 32], bool)>,
-    /// The status the last pass wrote, and the resourceVersions that write superseded: a pass that
-    /// gets the instance at one of those (the watch has not delivered the write yet) takes this
-    /// status as the instance's, instead of writing the same status and Event again. Dropped once
-    /// a pass gets a newer copy (boxed: most instances hold none, about 1.5 KiB less each).
-    own_status: Option<Box<(Vec<String>, NetbirdInstanceStatus)>>,
-    /// Server errors (5xx) setup answered in a row, for the digest of the generation and the
-    /// credentials Secret's resourceVersion they were answered for.
-    setup_server_errors: Option<([u8; 32], u32)>,
-    /// Held across the status writes made during a pass besides its outcome (the initial status,
-    /// the report of a token held in memory); true once the urgent one was written, so the routine
-    /// one never replaces it. Made when first needed (most instances never need it).
-    side_status: Option<Arc<tokio::sync::Mutex<bool>>>,
-    /// A token Secret write that kept failing, held for the next passes (and the shutdown); boxed:
-    /// most instances hold none.
-    held_write: Option<Box<steps::HeldWrite>>,
-    /// The looks at a replaced token's use while it is in its grace period (boxed: most instances
-    /// have no previous token).
-    previous_use: Option<Box<previous_use::Watch>>,
-}
-
-/// The memory of every instance, and the uids of instances that went away (a uid is never used
-/// again, so a pass that ends after its instance's deletion cannot bring its memory back).
-#[derive(Default)]
-struct Memories {
-    live: HashMap<String, InstanceMemory>,
-    gone: std::collections::HashSet<String>,
-    /// The order `gone` was filled in, to keep it bounded.
-    gone_order: std::collections::VecDeque<String>,
-}
-
-impl Memories {
-    /// Enough for passes still in flight when their instances were deleted: a pass ends within
-    /// minutes, long before this many deletions follow it.
-    const MAX_GONE: usize = 16_384;
-
-    fn bury(&mut self, uid: &str) {
-        if self.gone.insert(uid.to_string()) {
-            self.gone_order.push_back(uid.to_string());
-        }
-        while self.gone_order.len() > Self::MAX_GONE {
-            if let Some(old) = self.gone_order.pop_front() {
-                self.gone.remove(&old);
-            }
-        }
-    }
-}
-
 /// Shared state of all passes.
 pub struct Context {
     pub client: Client,
@@ -190,7 +124,7 @@ pub struct Context {
     pub settings: Settings,
     /// What passes remember about each instance, by uid; forgotten in one piece when the
     /// instance goes away (see [`Context::forget`]).
-    memory: Mutex<Memories>,
+    memory: memory::Memory,
     /// HTTP clients for NetBird by TLS settings (digest), shared by all instances and passes.
     clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
     /// The Secrets passes read and wrote, used again while the watch reports them unchanged.
@@ -228,7 +162,7 @@ impl Context {
             client,
             metrics,
             settings,
-            memory: Mutex::default(),
+            memory: memory::Memory::default(),
             clients: Mutex::default(),
             secret_cache: secrets::SecretCache::default(),
             secret_refs: refs::SecretRefs::default(),
@@ -254,230 +188,14 @@ impl Context {
         Some(began + self.settings.shutdown_timeout)
     }
 
-    /// Runs `f` on the memory of instance `uid` (created empty when there is none). An instance
-    /// that went away is not remembered again by a pass that ends after its deletion: `f` then
-    /// runs on a memory that is dropped at once.
-    fn remember<T>(&self, uid: &str, f: impl FnOnce(&mut InstanceMemory) -> T) -> T {
-        let mut memory = lock(&self.memory);
-        if memory.gone.contains(uid) {
-            return f(&mut InstanceMemory::default());
-        }
-        f(memory.live.entry(uid.to_string()).or_default())
-    }
-
-    /// Reads the memory of instance `uid`, if there is any (never creates it).
-    fn recall<T>(&self, uid: &str, f: impl FnOnce(&InstanceMemory) -> Option<T>) -> Option<T> {
-        lock(&self.memory).live.get(uid).and_then(f)
-    }
-
-    /// Runs `f` (which sets the instance's metric series) unless the instance went away: checked
-    /// and done under the memory's lock, so a deletion cannot fall between the two.
-    fn unless_gone(&self, uid: &str, f: impl FnOnce()) {
-        let memory = lock(&self.memory);
-        if !memory.gone.contains(uid) {
-            f();
-        }
-    }
-
-    fn backoff(&self, uid: &str) -> Duration {
-        let n = self.remember(uid, |m| {
-            m.failures = m.failures.saturating_add(1);
-            m.failures
-        });
-        backoff_delay(n, self.settings.max_backoff)
-    }
-
-    fn reset_backoff(&self, uid: &str) {
-        if let Some(m) = lock(&self.memory).live.get_mut(uid) {
-            m.failures = 0;
-        }
-    }
-
-    /// How long a pass with these inputs still has to wait for its scheduled retry.
-    fn retry_pending(&self, uid: &str, inputs: &[u8; 32]) -> Option<Duration> {
-        let (at, scheduled_for) = self.recall(uid, |m| m.retry)?;
-        let left = at.saturating_duration_since(tokio::time::Instant::now());
-        (scheduled_for == *inputs && !left.is_zero()).then_some(left)
-    }
-
-    fn schedule_retry(&self, uid: &str, after: Option<Duration>, inputs: [u8; 32]) {
-        self.remember(uid, |m| {
-            m.retry = after.map(|d| (tokio::time::Instant::now() + d, inputs));
-        });
-    }
-
-    fn cached_verification(
-        &self,
-        uid: &str,
-        digest: &[u8; 32],
-        max_age: Duration,
-        now: jiff::Timestamp,
-    ) -> Option<Verified> {
-        let (d, v) = self.recall(uid, |m| m.verified.clone())?;
-        let age = now.duration_since(v.at).unsigned_abs();
-        (d == *digest && age < max_age).then_some(v)
-    }
-
-    fn remember_verification(&self, uid: &str, digest: [u8; 32], v: &Verified) {
-        self.remember(uid, |m| m.verified = Some((digest, v.clone())));
-    }
-
-    fn forget_verification(&self, uid: &str) {
-        if let Some(m) = lock(&self.memory).live.get_mut(uid) {
-            m.verified = None;
-        }
-    }
-
-    /// The gate of the status writes a pass makes besides its outcome (see
-    /// [`InstanceMemory::side_status`]).
-    pub(crate) fn side_status(&self, uid: &str) -> Arc<tokio::sync::Mutex<bool>> {
-        self.remember(uid, |m| {
-            m.side_status.get_or_insert_with(Arc::default).clone()
-        })
-    }
-
-    /// Holds a token Secret write that kept failing, for the instance's next pass.
-    pub(crate) fn hold_write(&self, uid: &str, write: steps::HeldWrite) {
-        self.remember(uid, |m| m.held_write = Some(Box::new(write)));
-    }
-
-    /// The write held for the instance, taken out of memory.
-    fn take_held_write(&self, uid: &str) -> Option<steps::HeldWrite> {
-        lock(&self.memory)
-            .live
-            .get_mut(uid)
-            .and_then(|m| m.held_write.take())
-            .map(|held| *held)
-    }
-
-    /// Every held write, taken out of memory (at shutdown).
-    fn take_all_held_writes(&self) -> Vec<steps::HeldWrite> {
-        lock(&self.memory)
-            .live
-            .values_mut()
-            .filter_map(|m| m.held_write.take())
-            .map(|held| *held)
-            .collect()
-    }
-
-    /// Server errors setup answered in a row for this spec and these credentials (`key`).
-    fn setup_server_errors(&self, uid: &str, key: &[u8; 32]) -> u32 {
-        self.recall(uid, |m| m.setup_server_errors)
-            .filter(|(k, _)| k == key)
-            .map_or(0, |(_, n)| n)
-    }
-
-    /// Counts a server error of setup for `key` (or starts the count again after another answer).
-    fn count_setup_server_error(&self, uid: &str, key: [u8; 32], server_error: bool) {
-        let before = self.setup_server_errors(uid, &key);
-        self.remember(uid, |m| {
-            m.setup_server_errors = server_error.then_some((key, before.saturating_add(1)));
-        });
-    }
-
-    /// The last fingerprint comparison for `uid`, when it was made for `key`.
-    pub(crate) fn fingerprint_check(&self, uid: &str, key: &[u8; 32]) -> Option<bool> {
-        self.recall(uid, |m| {
-            m.fingerprint_check
-                .filter(|(k, _)| k == key)
-                .map(|(_, same)| same)
-        })
-    }
-
-    pub(crate) fn remember_fingerprint_check(&self, uid: &str, key: [u8; 32], same: bool) {
-        self.remember(uid, |m| m.fingerprint_check = Some((key, same)));
-    }
-
-    /// The instance with the status this process wrote last, when `nbi` is a copy from before that
-    /// write (see [`InstanceMemory::own_status`]).
-    fn newer_own_status(&self, nbi: &NetbirdInstance) -> Option<NetbirdInstance> {
-        let rv = nbi.metadata.resource_version.as_ref()?;
-        let mut memory = lock(&self.memory);
-        let own = &mut memory.live.get_mut(&nbi.uid()?)?.own_status;
-        if !own.as_ref().is_some_and(|o| o.0.contains(rv)) {
-            // none, or this copy is from after the write and holds it
-            *own = None;
-            return None;
-        }
-        let status = own.as_ref()?.1.clone();
-        drop(memory);
-        Some(NetbirdInstance {
-            status: Some(status),
-            ..nbi.clone()
-        })
-    }
-
-    /// Counts a failed attempt of the finalizer's token deletion; returns the count.
-    /// What the passes know about the previous token's use, if anything.
-    fn previous_use_watch(&self, uid: &str) -> Option<previous_use::Watch> {
-        self.recall(uid, |m| m.previous_use.as_deref().cloned())
-    }
-
-    fn set_previous_use_watch(&self, uid: &str, watch: Option<previous_use::Watch>) {
-        let had = self
-            .recall(uid, |m| m.previous_use.as_ref().map(|_| ()))
-            .is_some();
-        if had || watch.is_some() {
-            self.remember(uid, |m| m.previous_use = watch.map(Box::new));
-        }
-    }
-
-    fn delete_attempt(&self, uid: &str) -> u32 {
-        self.remember(uid, |m| {
-            m.delete_failures = m.delete_failures.saturating_add(1);
-            m.delete_failures
-        })
-    }
-
-    /// Records where the instance lives (for its metric series).
-    fn remember_key(&self, uid: &str, namespace: &str, name: &str) {
-        self.remember(uid, |m| m.key = (namespace.to_string(), name.to_string()));
-    }
-
     /// Drops everything remembered about an instance that went away, and its metric series.
     pub fn forget(&self, uid: &str) {
-        let mut memory = lock(&self.memory);
-        let gone = memory.live.remove(uid);
-        memory.bury(uid);
-        if let Some(held) = gone.as_ref().and_then(|m| m.held_write.as_ref())
-            && held.holds_token
-        {
-            error!(
-                namespace = %held.namespace,
-                instance = %held.instance,
-                secret = %held.secret,
-                "the NetbirdInstance was deleted while its token could not be written: the token \
-                 NetBird issued is LOST (NetBird shows a token only once)"
-            );
-        }
-        if let Some(m) = gone {
-            self.metrics.forget_instance(&InstanceLabels {
-                namespace: m.key.0,
-                name: m.key.1,
-            });
-        }
-        drop(memory);
-        self.metrics
-            .remembered_instances
-            .set(self.remembered() as i64);
-    }
-
-    /// Forgets every instance not in `live` (uids), after a relist may have missed deletions.
-    fn forget_all_but(&self, live: &std::collections::HashSet<String>) {
-        let gone: Vec<String> = lock(&self.memory)
-            .live
-            .keys()
-            .filter(|uid| !live.contains(*uid))
-            .cloned()
-            .collect();
-        for uid in gone {
-            self.forget(&uid);
-        }
+        self.memory.forget(uid, &self.metrics);
     }
 
     /// How many instances the passes remember something about.
     pub fn remembered(&self) -> usize {
-        lock(&self.memory).live.len()
+        self.memory.remembered()
     }
 }
 
@@ -570,7 +288,7 @@ pub async fn run(
 /// At shutdown: the token writes held in memory are tried until the shutdown deadline; what is
 /// still not written is said loudly, instance by instance.
 async fn store_held_writes(ctx: &Context) {
-    for held in ctx.take_all_held_writes() {
+    for held in ctx.memory.take_all_held_writes() {
         let secrets = secrets::Secrets::new(ctx.client.clone(), &held.namespace, &ctx.secret_cache);
         let mut delay = Duration::from_millis(200);
         loop {
@@ -636,7 +354,7 @@ fn instance_events(
             Ok(watcher::Event::InitApply(nbi)) => {
                 listed.extend(nbi.uid());
             }
-            Ok(watcher::Event::InitDone) => forget_ctx.forget_all_but(&listed),
+            Ok(watcher::Event::InitDone) => forget_ctx.memory.forget_all_but(&listed, &forget_ctx.metrics),
             _ => {}
         })
         // the store keeps what the passes read and nothing more
@@ -708,7 +426,10 @@ fn error_policy(nbi: Arc<NetbirdInstance>, err: &Error, ctx: Arc<Context>) -> Ac
             reason: err.reason(),
         })
         .inc();
-    let delay = ctx.backoff(nbi.uid().as_deref().unwrap_or_default());
+    let delay = ctx.memory.backoff(
+        nbi.uid().as_deref().unwrap_or_default(),
+        ctx.settings.max_backoff,
+    );
     warn!(
         namespace = nbi.namespace().unwrap_or_default(),
         name = %nbi.name_any(),
@@ -755,7 +476,7 @@ pub async fn reconcile(nbi: Arc<NetbirdInstance>, ctx: Arc<Context>) -> Result<A
 }
 
 async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, Error> {
-    let newer = ctx.newer_own_status(nbi);
+    let newer = ctx.memory.newer_own_status(nbi);
     let nbi = newer.as_ref().unwrap_or(nbi);
     let name = nbi.name_any();
     let uid = nbi.uid().unwrap_or_default();
@@ -764,9 +485,9 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let generation = nbi.metadata.generation;
     let started = ctx.now();
 
-    ctx.remember_key(&uid, ns, &name);
+    ctx.memory.remember_key(&uid, ns, &name);
     if nbi.metadata.deletion_timestamp.is_some() {
-        let attempt = ctx.delete_attempt(&uid);
+        let attempt = ctx.memory.delete_attempt(&uid);
         return cleanup::on_delete(nbi, ctx, &api, &secrets, attempt).await;
     }
     // the pass goes on after adding the finalizer: what it reads next does not depend on it
@@ -787,7 +508,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         Err(wait) => return Ok(wait),
     };
     let (verdict, probes) = (&driven.verdict, &driven.probes);
-    let watch = ctx.previous_use_watch(&uid);
+    let watch = ctx.memory.previous_use_watch(&uid);
     let report_input = report::ReportInput {
         generation,
         previous: nbi.status.as_ref(),
@@ -813,9 +534,8 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             .flatten()
             .collect();
         write_status(&api, &name, &status).await?;
-        ctx.remember(&uid, |m| {
-            m.own_status = Some(Box::new((superseded, status.clone())));
-        });
+        ctx.memory
+            .remember_own_status(&uid, superseded, status.clone());
     }
     publish_events(nbi, ctx, previous.as_ref(), &status, verdict, probes).await;
     steps::record_credentials_check(nbi, &secrets, &mut world).await;
@@ -836,7 +556,10 @@ async fn read_and_drive(
 ) -> Result<Result<(steps::World, Known, Driven), Action>, Error> {
     let known = Known::new(nbi, started, &ctx.settings.refused_secret_key_prefixes);
     let mut world = steps::World::read(nbi, secrets, ctx).await?;
-    if let Some(left) = ctx.retry_pending(&known.uid, &world.inputs(known.generation)) {
+    if let Some(left) = ctx
+        .memory
+        .retry_pending(&known.uid, &world.inputs(known.generation))
+    {
         // woken by an event that changed nothing this pass depends on (typically its own status
         // write): the retry stays at its time, so a failing server is not called in a loop
         tracing::debug!(retry_in = ?left, "retry already scheduled and nothing changed");
@@ -877,7 +600,7 @@ async fn first_status_if_slow<T>(
     if !first {
         return (work.await, Ok(None));
     }
-    let gate = ctx.side_status(&nbi.uid().unwrap_or_default());
+    let gate = ctx.memory.side_status(&nbi.uid().unwrap_or_default());
     *gate.lock().await = false;
     let write_initial = || async {
         // a token held in memory already said so: that message stays (see report_storing_token)
@@ -1017,7 +740,7 @@ async fn drive(
     let uid = &known.uid;
     let mut probes = Probes::default();
     if let Some(token) = world.token()
-        && let Some(v) = ctx.cached_verification(
+        && let Some(v) = ctx.memory.cached_verification(
             uid,
             &known.verification_key(nbi, token),
             known.interval,
@@ -1028,7 +751,7 @@ async fn drive(
     }
     let mut credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
     // a token write an earlier pass could not make comes first
-    if let Some(held) = ctx.take_held_write(uid)
+    if let Some(held) = ctx.memory.take_held_write(uid)
         && let Err(verdict) = steps::store_held(ctx, nbi, secrets, world, held).await
     {
         return Ok(Driven {
@@ -1038,9 +761,9 @@ async fn drive(
         });
     }
     let setup_key = world.setup_key(known.generation);
-    let setup_server_errors = ctx.setup_server_errors(uid, &setup_key);
+    let setup_server_errors = ctx.memory.setup_server_errors(uid, &setup_key);
     let mut verdict = None;
-    let watch = ctx.previous_use_watch(uid);
+    let watch = ctx.memory.previous_use_watch(uid);
     for _ in 0..16 {
         let now = ctx.now();
         let previous_use_due = world.token_secret.owned().is_some_and(|s| {
@@ -1084,7 +807,8 @@ async fn drive(
         if let Some(Ok(v)) = &probes.verify
             && let Some(token) = world.token()
         {
-            ctx.remember_verification(uid, known.verification_key(nbi, token), v);
+            ctx.memory
+                .remember_verification(uid, known.verification_key(nbi, token), v);
         }
     }
     let verdict = verdict.unwrap_or(Verdict::Waiting {
@@ -1093,14 +817,16 @@ async fn drive(
         retry: true,
     });
     if matches!(&probes.verify, Some(Err(_))) {
-        ctx.forget_verification(uid);
+        ctx.memory.forget_verification(uid);
     }
     // a server error of setup counts towards giving up on it (see decide's
     // SETUP_SERVER_ERRORS_LIMIT); any other answer starts the count again
     if let Some(decide::SetupOutcome::Failed(e)) = &probes.setup {
-        ctx.count_setup_server_error(uid, setup_key, matches!(e.status(), Some(500..=599)));
+        ctx.memory
+            .count_setup_server_error(uid, setup_key, matches!(e.status(), Some(500..=599)));
     }
-    ctx.set_previous_use_watch(uid, follow_previous_use(nbi, ctx, world, watch, &probes));
+    ctx.memory
+        .set_previous_use_watch(uid, follow_previous_use(nbi, ctx, world, watch, &probes));
     if probes.claimed {
         // the claim recorded the fingerprint of the credentials in use
         credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
@@ -1157,42 +883,6 @@ fn follow_previous_use(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A pass that ends after its instance's Delete event (which forgot it) brings back neither
-    /// its memory nor its metric series (the Stalled alert kept firing for deleted instances).
-    #[tokio::test]
-    async fn a_pass_after_the_deletion_remembers_nothing() {
-        crate::tls::install_crypto_provider();
-        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
-        let client = Client::try_from(config).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let ctx = Context::new(
-            client,
-            metrics.clone(),
-            Settings::default(),
-            CancellationToken::new(),
-        );
-        ctx.remember_key("uid-1", "ns", "nb");
-        assert_eq!(ctx.remembered(), 1);
-        ctx.forget("uid-1");
-        assert_eq!(ctx.remembered(), 0);
-        // what a late pass does: its schedule, its backoff, its gauges
-        ctx.remember_key("uid-1", "ns", "nb");
-        let _ = ctx.backoff("uid-1");
-        let mut set = false;
-        ctx.unless_gone("uid-1", || set = true);
-        assert_eq!(
-            ctx.remembered(),
-            0,
-            "the deleted instance is not remembered again"
-        );
-        assert!(!set, "no metric series for a deleted instance");
-        // another instance is remembered as before
-        ctx.remember_key("uid-2", "ns", "nb2");
-        ctx.unless_gone("uid-2", || set = true);
-        assert_eq!(ctx.remembered(), 1);
-        assert!(set);
-    }
 
     #[test]
     fn each_error_has_its_own_reason() {

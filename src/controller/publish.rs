@@ -141,7 +141,7 @@ pub(super) fn observe(
         .token_secret
         .owned()
         .is_some_and(|s| s.previous_use_followable());
-    ctx.unless_gone(&nbi.uid().unwrap_or_default(), || {
+    ctx.memory.unless_gone(&nbi.uid().unwrap_or_default(), || {
         ctx.metrics.set_conditions(&labels, &status.conditions);
         if previous_followed {
             ctx.metrics

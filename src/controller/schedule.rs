@@ -50,9 +50,9 @@ pub(super) fn schedule(
 ) -> Action {
     let (verdict, uid) = (&driven.verdict, &known.uid);
     let backoff = match counts_as_failure(verdict, &driven.probes) {
-        Some(true) => Some(ctx.backoff(uid)),
+        Some(true) => Some(ctx.memory.backoff(uid, ctx.settings.max_backoff)),
         Some(false) => {
-            ctx.reset_backoff(uid);
+            ctx.memory.reset_backoff(uid);
             None
         }
         None => None,
@@ -67,12 +67,13 @@ pub(super) fn schedule(
         interval: known.interval,
         backoff,
         max_backoff: ctx.settings.max_backoff,
-        previous_use_next: ctx.previous_use_watch(uid).map(|w| w.next),
+        previous_use_next: ctx.memory.previous_use_watch(uid).map(|w| w.next),
     });
     if let Some(log) = next.log {
         info!(reason = report::verdict_reason(verdict), requeue_in = ?next.after, "{log}");
     }
-    ctx.schedule_retry(uid, next.retry, world.inputs(known.generation));
+    ctx.memory
+        .schedule_retry(uid, next.retry, world.inputs(known.generation));
     ctx.metrics
         .remembered_instances
         .set(ctx.remembered() as i64);
@@ -119,7 +120,7 @@ struct RequeueInput<'a> {
 struct Requeue {
     /// After this long; None: when something changes.
     after: Option<Duration>,
-    /// The retry kept through the retry gate ([`Context::retry_pending`]).
+    /// The retry kept through the retry gate ([`super::memory::Memory::retry_pending`]).
     retry: Option<Duration>,
     /// What the log says.
     log: Option<&'static str>,
