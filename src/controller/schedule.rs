@@ -8,7 +8,8 @@ use kube::runtime::controller::Action;
 use tracing::info;
 
 use super::decide::{Probes, Verdict};
-use super::{Context, Driven, Known, report, steps};
+use super::pass::{PassInputs, PassOutcome};
+use super::{Context, report, steps};
 use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
 
 /// Exponential backoff from 1 s, capped, with full jitter in the upper half.
@@ -43,8 +44,8 @@ pub(super) fn jitter_fraction() -> f64 {
 pub(super) fn schedule(
     nbi: &NetbirdInstance,
     ctx: &Context,
-    known: &Known,
-    driven: &Driven,
+    known: &PassInputs,
+    driven: &PassOutcome,
     status: &NetbirdInstanceStatus,
     world: &steps::World,
 ) -> Action {
