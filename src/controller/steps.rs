@@ -468,7 +468,7 @@ impl Stepper<'_, '_> {
                 retry: true,
             })?;
         // the fingerprint was just made from these credentials: no need to compare them again
-        ctx.remember_fingerprint_check(
+        ctx.memory.remember_fingerprint_check(
             &nbi.uid().unwrap_or_default(),
             fingerprint_key(&fp, &creds.fingerprint_input()),
             true,
@@ -1158,7 +1158,7 @@ async fn write_until_stored(
         // not shutting down: the write is held in memory and retried by the instance's next
         // passes (with backoff), so a Secret that cannot be written never holds a controller slot
         if deadline.is_none() && began.elapsed() >= HOLD_AFTER {
-            ctx.hold_write(
+            ctx.memory.hold_write(
                 &nbi.uid().unwrap_or_default(),
                 HeldWrite {
                     namespace: nbi.metadata.namespace.clone().unwrap_or_default(),
@@ -1171,7 +1171,7 @@ async fn write_until_stored(
             );
             return Err(storing_token(&name, &error));
         }
-        let mut wait = delay.mul_f64(0.5 + 0.5 * super::jitter_fraction());
+        let mut wait = delay.mul_f64(0.5 + 0.5 * super::schedule::jitter_fraction());
         if let Some(at) = deadline {
             // never sleep past the deadline
             wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
@@ -1241,7 +1241,7 @@ pub async fn store_held(
         }
         Err(e) => {
             let verdict = storing_token(&held.secret, &e.to_string());
-            ctx.hold_write(&nbi.uid().unwrap_or_default(), held);
+            ctx.memory.hold_write(&nbi.uid().unwrap_or_default(), held);
             Err(verdict)
         }
     }
@@ -1273,9 +1273,9 @@ async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str
         nbi.metadata.namespace.as_deref().unwrap_or_default(),
     );
     // the initial status of a first pass waits for this write, and is not written after it
-    let gate = ctx.side_status(&nbi.uid().unwrap_or_default());
+    let gate = ctx.memory.side_status(&nbi.uid().unwrap_or_default());
     let mut urgent_written = gate.lock().await;
-    match super::write_status(&api, &nbi.name_any(), &status).await {
+    match super::publish::write_status(&api, &nbi.name_any(), &status).await {
         Ok(_) => *urgent_written = true,
         Err(e) => warn!(error = %e, "failed to report the failing token write in the status"),
     }
@@ -1307,7 +1307,7 @@ pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &m
     let input = creds.fingerprint_input();
     let key = fingerprint_key(&fp, &input);
     let uid = nbi.uid().unwrap_or_default();
-    if let Some(same) = ctx.fingerprint_check(&uid, &key) {
+    if let Some(same) = ctx.memory.fingerprint_check(&uid, &key) {
         return !same;
     }
     let credentials_rv = world.input_rvs[0].clone().unwrap_or_default();
@@ -1325,7 +1325,7 @@ pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &m
             same
         }
     };
-    ctx.remember_fingerprint_check(&uid, key, same);
+    ctx.memory.remember_fingerprint_check(&uid, key, same);
     !same
 }
 
