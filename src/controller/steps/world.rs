@@ -8,7 +8,7 @@ use kube::ResourceExt;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 
-use super::patch_token_secret;
+use super::store::patch_token_secret;
 use crate::controller::decide::{Input, Verdict, Waiting};
 use crate::controller::secrets::{Lookup, Secrets};
 use crate::controller::{Context, Error, lock};

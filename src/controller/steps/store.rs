@@ -1,0 +1,236 @@
+//! Writing the token Secret: a patch whose failure becomes a verdict (`patch_token_secret`), and
+//! a write that carries what NetBird issued, retried until stored (`write_until_stored`): reported
+//! in the status at once when refused, held in memory between passes after a while
+//! ([`HeldWrite`], [`store_held`]), and given up loudly at the shutdown deadline.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use secrecy::SecretString;
+use tracing::{info, warn};
+
+use super::world::{World, progressing};
+use crate::controller::Context;
+use crate::controller::decide::{Verdict, Waiting};
+use crate::controller::secrets::Secrets;
+use crate::crd::NetbirdInstance;
+use crate::token_secret;
+
+pub(super) async fn patch_token_secret(
+    secrets: &Secrets<'_>,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<Secret, Verdict> {
+    secrets
+        .patch(name, patch)
+        .await
+        .map_err(|e| progressing(&format!("failed to update Secret {name}"), &e))
+}
+
+/// Writes `patch` to the token Secret, retrying with backoff: the token exists nowhere else. When
+/// the Secret vanished, it is created again with the token. A refusal that looks permanent (RBAC,
+/// validation) is put in the status at once, and retried all the same (an admin may fix it). After
+/// a shutdown began it keeps trying for `--shutdown-timeout`, then gives up and says loudly what
+/// is lost; it never holds the process beyond that.
+pub(super) async fn write_until_stored(
+    ctx: &Context,
+    secrets: &Secrets<'_>,
+    nbi: &NetbirdInstance,
+    patch: &serde_json::Value,
+    token: Option<&SecretString>,
+) -> Result<Option<Secret>, Verdict> {
+    let name = nbi.token_secret_name();
+    let began = tokio::time::Instant::now();
+    let attempt = || async {
+        match secrets.patch(&name, patch).await {
+            Ok(s) => Ok(s),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                secrets.create(&token_secret::recreated(nbi, patch)).await
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let mut delay = Duration::from_millis(200);
+    let mut reported = false;
+    loop {
+        // a write the apiserver does not answer is cut off at the shutdown deadline too
+        let write = attempt();
+        tokio::pin!(write);
+        let answered = tokio::select! {
+            r = &mut write => Some(r),
+            () = ctx.shutdown.cancelled() => None,
+        };
+        let answered = match answered {
+            Some(r) => Some(r),
+            None => match ctx.shutdown_deadline() {
+                Some(at) => tokio::time::timeout_at(at, &mut write).await.ok(),
+                None => Some(write.await),
+            },
+        };
+        let error = match answered {
+            Some(Ok(s)) => return Ok(Some(s)),
+            Some(Err(e)) => {
+                if token.is_some() && !reported && looks_permanent(&e) {
+                    reported = true;
+                    report_storing_token(ctx, nbi, &name, &e).await;
+                }
+                e.to_string()
+            }
+            None => "the apiserver did not answer before the shutdown deadline".to_string(),
+        };
+        warn!(
+            error = %error,
+            retry_in = ?delay,
+            secret = %name,
+            held_token = token.is_some(),
+            "failed to write the token Secret; retrying"
+        );
+        let deadline = ctx.shutdown_deadline();
+        if let Some(at) = deadline
+            && tokio::time::Instant::now() >= at
+        {
+            if token.is_none() {
+                warn!(
+                    secret = %name,
+                    error = %error,
+                    "shutting down with the setup outcome not recorded on the token Secret"
+                );
+                return Ok(None);
+            }
+            tracing::error!(
+                namespace = nbi.metadata.namespace.as_deref().unwrap_or_default(),
+                instance = %nbi.name_any(),
+                secret = %name,
+                error = %error,
+                "shutting down with the token not stored: the token NetBird issued is LOST \
+                 (NetBird shows a token only once). Log in to the dashboard as the owner, \
+                 create a personal access token and put it under the token Secret's key"
+            );
+            return Ok(None);
+        }
+        // not shutting down: the write is held in memory and retried by the instance's next
+        // passes (with backoff), so a Secret that cannot be written never holds a controller slot
+        if deadline.is_none() && began.elapsed() >= HOLD_AFTER {
+            ctx.memory.hold_write(
+                &nbi.uid().unwrap_or_default(),
+                HeldWrite {
+                    namespace: nbi.metadata.namespace.clone().unwrap_or_default(),
+                    instance: nbi.name_any(),
+                    secret: name.clone(),
+                    patch: patch.clone(),
+                    recreate: token_secret::recreated(nbi, patch),
+                    holds_token: token.is_some(),
+                },
+            );
+            return Err(storing_token(&name, &error));
+        }
+        let mut wait = delay.mul_f64(0.5 + 0.5 * crate::controller::schedule::jitter_fraction());
+        if let Some(at) = deadline {
+            // never sleep past the deadline
+            wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            // a shutdown starts the deadline at once
+            () = ctx.shutdown.cancelled(), if deadline.is_none() => {}
+        }
+    }
+}
+
+/// How long a pass retries a failing token write before it holds the write in memory and ends
+/// (the instance's next passes retry it with backoff).
+const HOLD_AFTER: Duration = Duration::from_secs(10);
+
+/// A token Secret write held in memory between passes: the patch (which may carry the token) and
+/// the Secret to create when the Secret is gone. Never stored anywhere.
+pub struct HeldWrite {
+    pub namespace: String,
+    pub instance: String,
+    pub secret: String,
+    patch: serde_json::Value,
+    recreate: Secret,
+    /// The patch carries a token NetBird issued (lost if the process ends before it is written).
+    pub holds_token: bool,
+}
+
+impl HeldWrite {
+    /// One attempt of the write.
+    pub async fn attempt(&self, secrets: &Secrets<'_>) -> Result<Secret, kube::Error> {
+        match secrets.patch(&self.secret, &self.patch).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => secrets.create(&self.recreate).await,
+            other => other,
+        }
+    }
+}
+
+/// The verdict while a token is held in memory because its Secret cannot be written.
+fn storing_token(secret: &str, error: &str) -> Verdict {
+    Verdict::Waiting {
+        reason: Waiting::StoringToken,
+        message: format!(
+            "the token NetBird returned is held in memory only: writing Secret {secret} failed \
+             ({error}); retrying with backoff, and the token is lost if the process ends first. \
+             The operator needs get, create and patch on secrets in this namespace"
+        ),
+        retry: true,
+    }
+}
+
+/// Writes a write held by an earlier pass, once; the world takes the Secret as written. A failure
+/// holds it again and ends the pass (StoringToken, with backoff).
+pub async fn store_held(
+    ctx: &Context,
+    nbi: &NetbirdInstance,
+    secrets: &Secrets<'_>,
+    world: &mut World,
+    held: HeldWrite,
+) -> Result<(), Verdict> {
+    match held.attempt(secrets).await {
+        Ok(written) => {
+            info!(secret = %held.secret, "stored the token Secret write held from an earlier pass");
+            world.set_token_secret(nbi, Some(written));
+            Ok(())
+        }
+        Err(e) => {
+            let verdict = storing_token(&held.secret, &e.to_string());
+            ctx.memory.hold_write(&nbi.uid().unwrap_or_default(), held);
+            Err(verdict)
+        }
+    }
+}
+
+/// A refusal that retrying as is will not change (an admin has to act): RBAC, validation.
+fn looks_permanent(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if matches!(s.code, 400 | 401 | 403 | 422))
+}
+
+/// Puts a failing token write in the status at once (Ready False, Reconciling/StoringToken).
+async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str, e: &kube::Error) {
+    let message = format!(
+        "the token NetBird returned is held in memory only: writing Secret {secret} failed ({e}). \
+            The \
+         operator needs get, create and patch on secrets in namespace {}; it keeps retrying with \
+             backoff, \
+         and the token is lost if the process ends first",
+        nbi.metadata.namespace.as_deref().unwrap_or_default()
+    );
+    let status = crate::controller::report::storing_token(
+        nbi.status.as_ref(),
+        nbi.metadata.generation,
+        &message,
+        ctx.now(),
+    );
+    let api: kube::Api<NetbirdInstance> = kube::Api::namespaced(
+        ctx.client.clone(),
+        nbi.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    // the initial status of a first pass waits for this write, and is not written after it
+    let gate = ctx.memory.side_status(&nbi.uid().unwrap_or_default());
+    let mut urgent_written = gate.lock().await;
+    match crate::controller::publish::write_status(&api, &nbi.name_any(), &status).await {
+        Ok(_) => *urgent_written = true,
+        Err(e) => warn!(error = %e, "failed to report the failing token write in the status"),
+    }
+}
