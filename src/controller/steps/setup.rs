@@ -1,0 +1,275 @@
+//! The bootstrap: claiming the token Secret, `POST /api/setup` with the token stored before
+//! anything else, and releasing the claim after a refusal; and whether the credentials Secret
+//! still matches the fingerprint NetBird was set up with ([`credentials_changed`], the comparison
+//! recorded on the token Secret by [`record_credentials_check`]).
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use super::Stepper;
+use super::store::write_until_stored;
+use super::world::{World, progressing};
+use crate::controller::Context;
+use crate::controller::decide::{Input, SetupOutcome, Verdict, Waiting};
+use crate::controller::secrets::Secrets;
+use crate::crd::NetbirdInstance;
+use crate::credentials::Credentials;
+use crate::fingerprint;
+use crate::netbird::pat::{self, PatFormatError};
+use crate::netbird::{NetbirdClient, SetupRequest};
+use crate::token_secret::{self, ANN_FINGERPRINT, TokenSecret};
+
+impl Stepper<'_, '_> {
+    pub(super) async fn claim_secret(&mut self) -> Result<(), Verdict> {
+        let (nbi, ctx, secrets) = (self.nbi, self.ctx, self.secrets);
+        let Input::Ready(creds) = &self.world.credentials else {
+            return Ok(());
+        };
+        let fp = fingerprint::hash(creds.fingerprint_input())
+            .await
+            .map_err(|e| Verdict::Waiting {
+                reason: Waiting::Progressing,
+                message: e.to_string(),
+                retry: true,
+            })?;
+        // the fingerprint was just made from these credentials: no need to compare them again
+        ctx.memory.remember_fingerprint_check(
+            &nbi.uid().unwrap_or_default(),
+            fingerprint_key(&fp, &creds.fingerprint_input()),
+            true,
+        );
+        let started = ctx.now().to_string();
+        let check = self.world.input_rvs[0]
+            .as_deref()
+            .map(|rv| token_secret::credentials_check(rv, &fp, true));
+        let secret_name = nbi.token_secret_name();
+        let result = match (&self.world.token_secret, &self.world.token_secret_rv) {
+            (TokenSecret::Ours(s), Some(rv)) => {
+                let patch = token_secret::claim_patch(nbi, s, rv, &started, &fp, check.as_deref());
+                secrets.patch(&secret_name, &patch).await
+            }
+            _ => {
+                let fresh = token_secret::new_claimed_checked(nbi, &started, &fp, check.as_deref());
+                secrets.create(&fresh).await
+            }
+        };
+        let claimed = match result {
+            // created a moment ago by someone else (the watch had not reported it): read it and
+            // decide again
+            Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {
+                return self.world.written(nbi, secrets, None).await;
+            }
+            r => r.map_err(|e| {
+                progressing(
+                    &format!("failed to claim Secret {secret_name} before setup"),
+                    &e,
+                )
+            })?,
+        };
+        info!(secret = %secret_name, "claimed the token Secret for setup");
+        self.world.set_token_secret(nbi, Some(claimed));
+        self.probes.claimed = true;
+        Ok(())
+    }
+
+    pub(super) async fn setup(&mut self) -> Result<(), Verdict> {
+        let Input::Ready(creds) = &self.world.credentials else {
+            return Ok(());
+        };
+        let (outcome, written, malformed) =
+            setup(self.nbi, self.ctx, &self.client, creds, self.secrets).await?;
+        match &outcome {
+            // no answer: the server may have done it; a later "already set up" is then not taken
+            // for someone else's setup
+            SetupOutcome::Failed(e) if e.status().is_none() => {
+                let at = self.ctx.now().to_string();
+                self.patch(&token_secret::setup_unanswered_patch(&at))
+                    .await?;
+            }
+            SetupOutcome::Failed(_) | SetupOutcome::TokenLost { .. } => {}
+            _ => self.written(written).await?,
+        }
+        self.probes.setup = Some(outcome);
+        self.probes.malformed_token = malformed.map(|why| ("setup", why));
+        Ok(())
+    }
+
+    pub(super) async fn release_claim(&mut self) -> Result<(), Verdict> {
+        let rejection = match &self.probes.setup {
+            // the decision asks for this step after a definitive answer only
+            Some(SetupOutcome::Failed(e)) if e.status().is_some() => Some((
+                self.nbi.metadata.generation.unwrap_or_default(),
+                e.status().unwrap_or_default(),
+                e.server_message().unwrap_or_default(),
+            )),
+            _ => None,
+        };
+        let patch = token_secret::release_patch(rejection);
+        self.patch(&patch).await?;
+        self.probes.claim_released = true;
+        Ok(())
+    }
+}
+
+/// `POST /api/setup`, and on success the token into the Secret before anything else (the Secret as
+/// written is returned beside the outcome).
+async fn setup(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    client: &NetbirdClient,
+    creds: &Credentials,
+    secrets: &Secrets<'_>,
+) -> Result<(SetupOutcome, Option<Secret>, Option<PatFormatError>), Verdict> {
+    let req = SetupRequest {
+        email: creds.email.clone(),
+        password: creds.password.clone(),
+        name: creds.name.clone(),
+        create_pat: true,
+        pat_expire_in: nbi.spec.token.expires_in_days,
+    };
+    info!(email = %creds.email, "calling setup");
+    let resp = match client.setup(&req).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e.with_request_id(), "setup failed");
+            return Ok((SetupOutcome::Failed(e), None, None));
+        }
+    };
+    let completed = ctx.now();
+    // what the server returns is checked as strictly as what the client sends: a malformed token is
+    // never stored
+    let malformed = resp
+        .personal_access_token
+        .as_ref()
+        .and_then(|t| pat::check(t.expose_secret()).err());
+    let token = match resp.personal_access_token {
+        Some(token) if malformed.is_none() => token,
+        _ => {
+            let outcome = if malformed.is_some() {
+                warn!(user_id = %resp.user_id, "setup succeeded but returned a malformed token; \
+                    not stored");
+                token_secret::OUTCOME_TOKEN_MALFORMED
+            } else {
+                warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks \
+                    NB_SETUP_PAT_ENABLED=true)");
+                token_secret::OUTCOME_TOKEN_NOT_ISSUED
+            };
+            let patch =
+                token_secret::no_token_patch(&resp.user_id, &completed.to_string(), outcome);
+            let written = write_until_stored(ctx, secrets, nbi, &patch, None).await?;
+            let outcome = SetupOutcome::NoToken {
+                user_id: resp.user_id,
+                email: resp.email,
+            };
+            return Ok((outcome, written, malformed));
+        }
+    };
+    let expires = completed
+        .checked_add(jiff::SignedDuration::from_hours(
+            24 * i64::from(nbi.spec.token.expires_in_days),
+        ))
+        .unwrap_or(completed);
+    let patch = token_secret::store_patch(
+        nbi,
+        &token,
+        &resp.user_id,
+        &expires.to_string(),
+        &completed.to_string(),
+    );
+    let written = write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await?;
+    if written.is_none() {
+        // given up at shutdown, and said loudly there: never also reported stored
+        let outcome = SetupOutcome::TokenLost {
+            user_id: resp.user_id,
+            email: resp.email,
+        };
+        return Ok((outcome, None, None));
+    }
+    info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token \
+        stored");
+    let outcome = SetupOutcome::TokenStored {
+        user_id: resp.user_id,
+        email: resp.email,
+    };
+    Ok((outcome, written, None))
+}
+
+/// What the in-memory cache of fingerprint comparisons is keyed by (never stored anywhere).
+fn fingerprint_key(fp: &str, input: &SecretString) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(fp.as_bytes());
+    h.update([0]);
+    h.update(input.expose_secret().as_bytes());
+    h.finalize().into()
+}
+
+/// Whether the credentials Secret now differs from the credentials NetBird was set up with. The
+/// argon2 comparison runs only when the fingerprint or the credentials changed since the last one,
+/// in this process (memory) or before (recorded on the token Secret, then kept for recording).
+pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &mut World) -> bool {
+    let Input::Ready(creds) = &world.credentials else {
+        return false;
+    };
+    let fp = world
+        .token_secret
+        .owned()
+        .and_then(|s| s.annotation(ANN_FINGERPRINT).map(str::to_string));
+    let Some(fp) = fp.filter(|f| !f.is_empty()) else {
+        return false;
+    };
+    let input = creds.fingerprint_input();
+    let key = fingerprint_key(&fp, &input);
+    let uid = nbi.uid().unwrap_or_default();
+    if let Some(same) = ctx.memory.fingerprint_check(&uid, &key) {
+        return !same;
+    }
+    let credentials_rv = world.input_rvs[0].clone().unwrap_or_default();
+    let recorded = world
+        .token_secret
+        .owned()
+        .and_then(|s| s.annotation(token_secret::ANN_CREDENTIALS_CHECKED))
+        .and_then(|v| token_secret::recorded_check(v, &credentials_rv, &fp));
+    let same = match recorded {
+        Some(same) => same,
+        None => {
+            let same = fingerprint::matches(fp.clone(), input).await;
+            world.unrecorded_check = (!credentials_rv.is_empty())
+                .then(|| token_secret::credentials_check(&credentials_rv, &fp, same));
+            same
+        }
+    };
+    ctx.memory.remember_fingerprint_check(&uid, key, same);
+    !same
+}
+
+/// Records on the token Secret a comparison this pass made (a restart then need not repeat it).
+/// Bookkeeping: a failure is logged and the comparison is made again after a restart.
+pub async fn record_credentials_check(
+    nbi: &NetbirdInstance,
+    secrets: &Secrets<'_>,
+    world: &mut World,
+) {
+    let Some(check) = world.unrecorded_check.take() else {
+        return;
+    };
+    if nbi.spec.suspend {
+        return;
+    }
+    let recorded = world
+        .token_secret
+        .owned()
+        .map(|s| s.annotation(token_secret::ANN_CREDENTIALS_CHECKED) == Some(check.as_str()));
+    if recorded != Some(false) {
+        return;
+    }
+    let patch = token_secret::credentials_checked_patch(&check);
+    match secrets.patch(&nbi.token_secret_name(), &patch).await {
+        Ok(written) => world.set_token_secret(nbi, Some(written)),
+        Err(e) => {
+            warn!(error = %e, "failed to record the credentials comparison on the token Secret")
+        }
+    }
+}
