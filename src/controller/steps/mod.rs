@@ -6,20 +6,23 @@ use secrecy::{ExposeSecret, SecretString};
 use tracing::{info, warn};
 
 use super::Context;
-use super::decide::{Probes, Step, Verdict, Verified, Waiting};
+use super::decide::{Probes, Step, Verdict, Waiting};
 use super::secrets::Secrets;
 use crate::crd::NetbirdInstance;
 use crate::netbird::NetbirdClient;
 use crate::netbird::pat::{self, PatFormatError};
 use crate::token_secret;
 use store::write_until_stored;
+use token::seconds;
 
 mod setup;
 mod store;
+mod token;
 mod world;
 
 pub use setup::{credentials_changed, record_credentials_check};
 pub use store::{HeldWrite, store_held};
+pub(super) use token::verify;
 pub use world::World;
 
 /// Does one step. A Kubernetes failure ends the pass with a verdict that retries.
@@ -124,213 +127,6 @@ impl Stepper<'_, '_> {
             self.patch(&patch).await?;
         }
         self.probes.metadata_synced = true;
-        Ok(())
-    }
-
-    async fn verify_token(&mut self) -> Result<(), Verdict> {
-        let token = self.stored_token();
-        let service_user_id = self
-            .world
-            .token_secret
-            .owned()
-            .filter(|s| s.annotation(token_secret::ANN_SERVICE_USER).is_some())
-            .and_then(|s| s.annotation(token_secret::ANN_USER_ID))
-            .map(str::to_string);
-        let verified = verify(&self.client, &token, service_user_id.as_deref()).await;
-        let ctx = self.ctx;
-        self.probes.verify = Some(verified.map(|user| Verified {
-            user,
-            at: ctx.now(),
-        }));
-        // the first verification binds the token to this server (Secrets written before the
-        // operator recorded it, and tokens put in by hand)
-        if matches!(self.probes.verify, Some(Ok(_)))
-            && self
-                .world
-                .token_secret
-                .owned()
-                .is_some_and(|s| s.binding_outdated(self.nbi))
-        {
-            self.patch(&token_secret::home_server_patch(self.nbi))
-                .await?;
-        }
-        Ok(())
-    }
-
-    async fn clean_orphans(&mut self) -> Result<(), Verdict> {
-        let (token, user) = token_and_user(self.world, self.probes)?;
-        // the interrupted step minted for the token's own user (rotation) or for the service user
-        // of the spec (exchange)
-        let mut users = vec![user.clone()];
-        if let Some(name) = self
-            .nbi
-            .spec
-            .token
-            .service_user
-            .as_ref()
-            .map(|s| s.name.as_str())
-            && let Ok(svcs) = self.client.list_service_users(&token).await
-            && let Some(svc) = svcs.into_iter().find(|u| u.name == name && u.id != user)
-        {
-            users.push(svc.id);
-        }
-        let keep = self
-            .world
-            .token_secret
-            .owned()
-            .and_then(|s| s.token_id())
-            .map(str::to_string);
-        let mut list = Ok(());
-        for owner in &users {
-            list = self.delete_own_tokens(&token, owner, keep.as_deref()).await;
-            if list.is_err() {
-                break;
-            }
-        }
-        if list.is_ok() {
-            self.patch(&token_secret::rotation_ended_patch()).await?;
-        }
-        self.probes.token_list = Some(list.map(|()| Vec::new()));
-        self.probes.orphans_cleaned = true;
-        Ok(())
-    }
-
-    /// Deletes the tokens of `owner` this instance created, but `keep` (best effort: a failed
-    /// deletion is logged). Only a failure to list them is returned.
-    async fn delete_own_tokens(
-        &self,
-        token: &SecretString,
-        owner: &str,
-        keep: Option<&str>,
-    ) -> Result<(), crate::netbird::NetbirdError> {
-        let tokens = self.client.list_tokens(token, owner).await?;
-        let ns = self.nbi.namespace().unwrap_or_default();
-        // only tokens this instance created: another NetbirdInstance on the same server, or
-        // sharing the service user, keeps its own
-        for t in tokens
-            .iter()
-            .filter(|t| crate::binding::is_own_token(&t.name, &ns, &self.nbi.name_any()))
-            .filter(|t| Some(t.id.as_str()) != keep)
-        {
-            match self.client.delete_token(token, owner, &t.id).await {
-                Ok(()) => {
-                    info!(token_id = %t.id, "deleted a token left on the server by an interrupted \
-                        rotation")
-                }
-                Err(e) => {
-                    warn!(token_id = %t.id, error = %e.with_request_id(), "failed to delete a \
-                        leftover token")
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn identify_token(&mut self) -> Result<(), Verdict> {
-        let (token, user) = token_and_user(self.world, self.probes)?;
-        let list = self.client.list_tokens(&token, &user).await;
-        if let (Ok(tokens), Some(s)) = (&list, self.world.token_secret.owned()) {
-            let from_setup = s.annotation(token_secret::ANN_SETUP_COMPLETED_AT).is_some()
-                && s.annotation(token_secret::ANN_ROTATED_AT).is_none();
-            let candidates: Vec<_> = tokens
-                .iter()
-                .filter(|t| !from_setup || t.name == token_secret::SETUP_TOKEN_NAME)
-                .collect();
-            let patch = match candidates.as_slice() {
-                [t] => token_secret::identified_patch(
-                    &t.id,
-                    Some(&seconds(t.created_at)),
-                    Some(&seconds(t.expiration_date)),
-                ),
-                _ => token_secret::identified_patch("unknown", None, None),
-            };
-            self.patch(&patch).await?;
-        }
-        self.probes.token_list = Some(list);
-        Ok(())
-    }
-
-    async fn delete_previous_token(&mut self) -> Result<(), Verdict> {
-        let (token, user) = token_and_user(self.world, self.probes)?;
-        let annotation = |key| {
-            self.world
-                .token_secret
-                .owned()
-                .and_then(|s| s.annotation(key))
-                .map(str::to_string)
-        };
-        let previous = annotation(token_secret::ANN_PREVIOUS_TOKEN_ID).unwrap_or_default();
-        let owner = annotation(token_secret::ANN_PREVIOUS_USER_ID).unwrap_or(user);
-        // a token the exchange replaced is deleted with itself (kept in the Secret until then); a
-        // rotated one with the current token of the same user
-        let result = match self.world.previous_token() {
-            Some(old) => match self.client.delete_token(old, &owner, &previous).await {
-                // it no longer works: expired, or deleted already
-                Err(e) if e.is_token_rejected() => Ok(()),
-                other => other,
-            },
-            None => self.client.delete_token(&token, &owner, &previous).await,
-        };
-        let result = match result {
-            // the stored token was just verified: NetBird's 404 is about the old one, already gone
-            Err(e) if e.is_not_found() => Ok(()),
-            // another user's token this one may not delete (a service user's token cannot delete
-            // the owner's): it is left to expire
-            Err(e) if e.status() == Some(403) => {
-                warn!(token_id = %previous, error = %e.with_request_id(), "the replaced token \
-                    cannot be deleted with the new one; it is left to expire");
-                Ok(())
-            }
-            other => other,
-        };
-        match &result {
-            Ok(()) => {
-                info!(token_id = %previous, "deleted the replaced token");
-                self.patch(&token_secret::previous_deleted_patch()).await?;
-            }
-            Err(e) => {
-                warn!(token_id = %previous, error = %e.with_request_id(), "failed to delete the \
-                    replaced token; retrying later")
-            }
-        }
-        self.probes.previous_deleted = Some(result);
-        Ok(())
-    }
-
-    /// Lists the user's tokens with the current token (never the previous one: a use would move
-    /// its `last_used`) to see when NetBird last saw the previous token used.
-    async fn check_previous_token_use(&mut self) -> Result<(), Verdict> {
-        let (token, user) = token_and_user(self.world, self.probes)?;
-        let Some(s) = self.world.token_secret.owned() else {
-            return Ok(());
-        };
-        let previous = s
-            .annotation(token_secret::ANN_PREVIOUS_TOKEN_ID)
-            .unwrap_or_default()
-            .to_string();
-        let (current, rotated_at) = (s.token_id().map(str::to_string), s.rotated_at());
-        let now = self.ctx.now();
-        let result = self
-            .client
-            .list_tokens_dated(&token, &user)
-            .await
-            .map(|(tokens, date)| {
-                super::previous_use::observe(
-                    &tokens,
-                    &previous,
-                    current.as_deref(),
-                    rotated_at,
-                    date,
-                    now,
-                )
-            });
-        match &result {
-            Ok(seen) => tracing::debug!(token_id = %previous, last_used = ?seen.last_used,
-                idle = ?seen.idle, "looked at the previous token's use"),
-            Err(e) => warn!(token_id = %previous, error = %e.with_request_id(), "failed to look \
-                at the previous token's use; looking again later"),
-        }
-        self.probes.previous_use = Some(result);
         Ok(())
     }
 
@@ -510,30 +306,6 @@ fn previous_delete_at(nbi: &NetbirdInstance, world: &World, now: jiff::Timestamp
         .map_or(after_grace, |e| e.min(after_grace))
         .min(new_renewal);
     seconds(at)
-}
-
-/// A timestamp in whole seconds, as annotations and the status keep it.
-fn seconds(t: jiff::Timestamp) -> String {
-    super::report::to_time(t).0.to_string()
-}
-
-/// Verifies a token: `GET /api/users/current`. NetBird answers 403 there for service users, so the
-/// token of the service user the Secret names is verified by reading that user from
-/// `GET /api/users?service_user=true` (admin only) instead.
-pub(super) async fn verify(
-    client: &NetbirdClient,
-    token: &SecretString,
-    service_user_id: Option<&str>,
-) -> Result<crate::netbird::User, crate::netbird::NetbirdError> {
-    match (client.current_user(token).await, service_user_id) {
-        (Err(e), Some(id)) if e.status() == Some(403) => client
-            .list_service_users(token)
-            .await?
-            .into_iter()
-            .find(|u| u.id == id)
-            .ok_or(e),
-        (result, _) => result,
-    }
 }
 
 /// The stored token and its verified user, for token calls.
