@@ -1,4 +1,10 @@
-//! Reading the world and doing the steps the decision asks for. Each step is one side effect.
+//! The steps the decision asks for, each one side effect: [`run`] does one [`Step`] through a
+//! `Stepper` (what a step borrows: the instance, the context, the Secrets, the NetBird client, and
+//! what the pass read and found so far). The small steps (metadata sync, instance and version
+//! checks) are here; the others are `impl Stepper` blocks in the module of their concern: `setup`
+//! (the bootstrap, and the credentials comparison), `token` (the stored token's upkeep), `mint`
+//! (every token creation) and `store` (writing the token Secret, [`HeldWrite`]). What a pass read
+//! is a [`World`] (`world`).
 
 use k8s_openapi::api::core::v1::Secret;
 use secrecy::SecretString;
