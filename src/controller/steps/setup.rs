@@ -42,7 +42,9 @@ impl Stepper<'_, '_> {
             true,
         );
         let started = ctx.now().to_string();
-        let check = self.world.input_rvs[0]
+        let check = self
+            .world
+            .credentials_rv
             .as_deref()
             .map(|rv| token_secret::credentials_check(rv, &fp, true));
         let secret_name = nbi.token_secret_name();
@@ -226,7 +228,7 @@ pub async fn credentials_changed(nbi: &NetbirdInstance, ctx: &Context, world: &m
     if let Some(same) = ctx.memory.fingerprint_check(&uid, &key) {
         return !same;
     }
-    let credentials_rv = world.input_rvs[0].clone().unwrap_or_default();
+    let credentials_rv = world.credentials_rv.clone().unwrap_or_default();
     let recorded = world
         .token_secret
         .owned()

@@ -24,8 +24,10 @@ pub struct World {
     pub token_secret: TokenSecret,
     /// resourceVersion of the token Secret, for optimistic concurrency on the claim.
     pub token_secret_rv: Option<String>,
-    /// resourceVersions of the credentials and CA Secrets as read.
-    pub(super) input_rvs: [Option<String>; 2],
+    /// resourceVersion of the credentials Secret as read.
+    pub(super) credentials_rv: Option<String>,
+    /// resourceVersion of the CA Secret as read.
+    ca_rv: Option<String>,
     pub(super) client: Option<NetbirdClient>,
     /// A comparison of the credentials with the fingerprint made by this pass, to be recorded on
     /// the
@@ -142,7 +144,8 @@ impl World {
             ca,
             token_secret,
             token_secret_rv,
-            input_rvs: [credentials_rv, ca_rv],
+            credentials_rv,
+            ca_rv,
             client: None,
             unrecorded_check: None,
             allowed_servers,
@@ -159,7 +162,7 @@ impl World {
     pub fn inputs(&self, generation: Option<i64>) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(generation.unwrap_or_default().to_le_bytes());
-        for rv in self.input_rvs.iter().chain([&self.token_secret_rv]) {
+        for rv in [&self.credentials_rv, &self.ca_rv, &self.token_secret_rv] {
             h.update(rv.as_deref().unwrap_or("-").as_bytes());
             h.update([0]);
         }
@@ -171,7 +174,7 @@ impl World {
     pub fn setup_key(&self, generation: Option<i64>) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(generation.unwrap_or_default().to_le_bytes());
-        h.update(self.input_rvs[0].as_deref().unwrap_or("-").as_bytes());
+        h.update(self.credentials_rv.as_deref().unwrap_or("-").as_bytes());
         h.finalize().into()
     }
 
