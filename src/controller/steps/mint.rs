@@ -28,8 +28,8 @@ impl Stepper<'_, '_> {
             }
             Minted::Malformed => {}
             Minted::Failed(e) => {
-                warn!(error = %e.with_request_id(), "failed to create a new token; the current one \
-                    stays");
+                warn!(error = %e.with_request_id(),
+                    "failed to create a new token; the current one stays");
                 self.probes.rotation_error = Some(e);
             }
         }
@@ -54,8 +54,8 @@ impl Stepper<'_, '_> {
             }
             Minted::Malformed => Ok(()),
             Minted::Failed(e) => {
-                warn!(error = %e.with_request_id(), service_user = %name, "the service-user \
-                    exchange failed; the current token stays");
+                warn!(error = %e.with_request_id(), service_user = %name,
+                    "the service-user exchange failed; the current token stays");
                 self.probes.exchange_error = Some(e);
                 self.written(None).await
             }
@@ -63,9 +63,9 @@ impl Stepper<'_, '_> {
     }
 
     /// Marks a token creation in flight, creates a token for `user` (or for the service user
-    /// `svc`, id and name, trading the current token of `user` for it) named for this instance, and
-    /// stores it
-    /// with the id of the token it replaces. A malformed answer is refused and recorded.
+    /// `svc`, id and name, trading the current token of `user` for it) named for this instance,
+    /// and stores it with the id of the token it replaces. A malformed answer is refused and
+    /// recorded.
     async fn mint_and_store(
         &mut self,
         token: &SecretString,
@@ -220,13 +220,13 @@ async fn refuse_malformed(
     why: PatFormatError,
 ) {
     let id = &created.personal_access_token.id;
-    warn!(token_id = %id, error = %why, "the server answered the token creation with a malformed \
-        token; not stored");
+    warn!(token_id = %id, error = %why,
+        "the server answered the token creation with a malformed token; not stored");
     if !id.is_empty()
         && let Err(e) = client.delete_token(token, user, id).await
     {
-        warn!(token_id = %id, error = %e.with_request_id(), "failed to delete the malformed \
-            token's record on the server");
+        warn!(token_id = %id, error = %e.with_request_id(),
+            "failed to delete the malformed token's record on the server");
     }
 }
 

@@ -151,12 +151,12 @@ async fn setup(
         Some(token) if malformed.is_none() => token,
         _ => {
             let outcome = if malformed.is_some() {
-                warn!(user_id = %resp.user_id, "setup succeeded but returned a malformed token; \
-                    not stored");
+                warn!(user_id = %resp.user_id,
+                    "setup succeeded but returned a malformed token; not stored");
                 token_secret::OUTCOME_TOKEN_MALFORMED
             } else {
-                warn!(user_id = %resp.user_id, "setup succeeded without a token (server lacks \
-                    NB_SETUP_PAT_ENABLED=true)");
+                warn!(user_id = %resp.user_id,
+                    "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
                 token_secret::OUTCOME_TOKEN_NOT_ISSUED
             };
             let patch =
@@ -190,8 +190,8 @@ async fn setup(
         };
         return Ok((outcome, None, None));
     }
-    info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(), "setup succeeded; token \
-        stored");
+    info!(user_id = %resp.user_id, secret = %nbi.token_secret_name(),
+        "setup succeeded; token stored");
     let outcome = SetupOutcome::TokenStored {
         user_id: resp.user_id,
         email: resp.email,

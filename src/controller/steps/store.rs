@@ -210,10 +210,8 @@ fn looks_permanent(e: &kube::Error) -> bool {
 async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str, e: &kube::Error) {
     let message = format!(
         "the token NetBird returned is held in memory only: writing Secret {secret} failed ({e}). \
-            The \
-         operator needs get, create and patch on secrets in namespace {}; it keeps retrying with \
-             backoff, \
-         and the token is lost if the process ends first",
+         The operator needs get, create and patch on secrets in namespace {}; it keeps retrying \
+         with backoff, and the token is lost if the process ends first",
         nbi.metadata.namespace.as_deref().unwrap_or_default()
     );
     let status = crate::controller::report::storing_token(

@@ -99,12 +99,12 @@ impl Stepper<'_, '_> {
         {
             match self.client.delete_token(token, owner, &t.id).await {
                 Ok(()) => {
-                    info!(token_id = %t.id, "deleted a token left on the server by an interrupted \
-                        rotation")
+                    info!(token_id = %t.id,
+                        "deleted a token left on the server by an interrupted rotation")
                 }
                 Err(e) => {
-                    warn!(token_id = %t.id, error = %e.with_request_id(), "failed to delete a \
-                        leftover token")
+                    warn!(token_id = %t.id, error = %e.with_request_id(),
+                        "failed to delete a leftover token")
                 }
             }
         }
@@ -162,8 +162,8 @@ impl Stepper<'_, '_> {
             // another user's token this one may not delete (a service user's token cannot delete
             // the owner's): it is left to expire
             Err(e) if e.status() == Some(403) => {
-                warn!(token_id = %previous, error = %e.with_request_id(), "the replaced token \
-                    cannot be deleted with the new one; it is left to expire");
+                warn!(token_id = %previous, error = %e.with_request_id(),
+                    "the replaced token cannot be deleted with the new one; it is left to expire");
                 Ok(())
             }
             other => other,
@@ -174,8 +174,8 @@ impl Stepper<'_, '_> {
                 self.patch(&token_secret::previous_deleted_patch()).await?;
             }
             Err(e) => {
-                warn!(token_id = %previous, error = %e.with_request_id(), "failed to delete the \
-                    replaced token; retrying later")
+                warn!(token_id = %previous, error = %e.with_request_id(),
+                    "failed to delete the replaced token; retrying later")
             }
         }
         self.probes.previous_deleted = Some(result);
@@ -212,8 +212,8 @@ impl Stepper<'_, '_> {
         match &result {
             Ok(seen) => tracing::debug!(token_id = %previous, last_used = ?seen.last_used,
                 idle = ?seen.idle, "looked at the previous token's use"),
-            Err(e) => warn!(token_id = %previous, error = %e.with_request_id(), "failed to look \
-                at the previous token's use; looking again later"),
+            Err(e) => warn!(token_id = %previous, error = %e.with_request_id(),
+                "failed to look at the previous token's use; looking again later"),
         }
         self.probes.previous_use = Some(result);
         Ok(())

@@ -30,8 +30,7 @@ pub struct World {
     ca_rv: Option<String>,
     pub(super) client: Option<NetbirdClient>,
     /// A comparison of the credentials with the fingerprint made by this pass, to be recorded on
-    /// the
-    /// token Secret (see `token_secret::ANN_CREDENTIALS_CHECKED`).
+    /// the token Secret (see `token_secret::ANN_CREDENTIALS_CHECKED`).
     pub(super) unrecorded_check: Option<String>,
     /// The credentials Secret's allow-list of servers for its password, when it has one.
     pub allowed_servers: Option<String>,
@@ -115,8 +114,8 @@ impl World {
             .cloned();
         let credentials = match credentials_secret {
             None => Input::Missing(format!(
-                "waiting for the credentials Secret {} (keys {}, {} and optionally {}); the \
-                    operator continues as soon as it exists",
+                "waiting for the credentials Secret {} (keys {}, {} and optionally {}); \
+                 the operator continues as soon as it exists",
                 cref.name, cref.email_key, cref.password_key, cref.name_key
             )),
             Some(s) => match credentials::parse(&cref.name, &s.data.unwrap_or_default(), cref) {
