@@ -515,6 +515,39 @@ pub fn store_patch(
     })
 }
 
+/// The write of setup's token: [`store_patch`], and the records of any earlier token's life
+/// removed (its id, rotation, service user, and a replaced token the Secret kept). Setup gives the
+/// Secret a new token of a new server binding; records left from a token of another server would
+/// describe a token that is not there, and a replaced token kept for its own deletion would be sent
+/// to the new server (found by the history explorer). Such a token stays valid on its own server
+/// until it expires.
+pub fn setup_store_patch(
+    nbi: &NetbirdInstance,
+    token: &SecretString,
+    user_id: &str,
+    expires_at: &str,
+    completed_at: &str,
+) -> Value {
+    let mut patch = store_patch(nbi, token, user_id, expires_at, completed_at);
+    let ann = &mut patch["metadata"]["annotations"];
+    for key in [
+        ANN_TOKEN_ID,
+        ANN_ROTATED_AT,
+        ANN_ROTATION_STARTED_AT,
+        ANN_SERVICE_USER,
+        ANN_PREVIOUS_TOKEN_ID,
+        ANN_PREVIOUS_USER_ID,
+        ANN_PREVIOUS_DELETE_AT,
+        ANN_MALFORMED_TOKEN,
+    ] {
+        ann[key] = Value::Null;
+    }
+    if nbi.spec.token.secret_key != PREVIOUS_TOKEN_KEY {
+        patch["data"][PREVIOUS_TOKEN_KEY] = Value::Null;
+    }
+    patch
+}
+
 /// The message of a token Secret write the apiserver refused as invalid (422): `what` failed, and
 /// the apiserver's reason. Such a refusal answers the spec (labels, annotations, the Secret's name or
 /// key), so the instance stalls until the spec changes.
@@ -917,6 +950,30 @@ mod tests {
             Value::Null
         );
         assert_eq!(p["data"]["NB_API_KEY"], json!("bmJwX2FiYw=="));
+    }
+
+    #[test]
+    fn setup_store_drops_the_records_of_an_earlier_token() {
+        let p = setup_store_patch(
+            &nbi(DeletionPolicy::Retain),
+            &SecretString::from("nbp_abc"),
+            "u1",
+            "2027-01-01T00:00:00Z",
+            "now",
+        );
+        let ann = &p["metadata"]["annotations"];
+        for key in [
+            ANN_TOKEN_ID,
+            ANN_PREVIOUS_TOKEN_ID,
+            ANN_PREVIOUS_USER_ID,
+            ANN_PREVIOUS_DELETE_AT,
+            ANN_SERVICE_USER,
+        ] {
+            assert_eq!(ann[key], Value::Null, "{key}");
+        }
+        assert_eq!(p["data"][PREVIOUS_TOKEN_KEY], Value::Null);
+        assert_eq!(p["data"]["NB_API_KEY"], json!("bmJwX2FiYw=="));
+        assert_eq!(ann[ANN_USER_ID], json!("u1"));
     }
 
     fn owned_with(annotations: &[(&str, &str)]) -> OwnedSecret {

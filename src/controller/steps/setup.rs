@@ -81,8 +81,21 @@ impl Stepper<'_, '_> {
         let Input::Ready(creds) = &self.world.credentials else {
             return Ok(());
         };
+        // a replaced token the Secret still records belongs to another server's life: setup's
+        // write drops the record (see token_secret::setup_store_patch), and says so here
+        let earlier = self
+            .world
+            .token_secret
+            .owned()
+            .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_TOKEN_ID))
+            .map(str::to_string);
         let (outcome, written, malformed) =
             setup(self.nbi, self.ctx, &self.client, creds, self.secrets).await?;
+        if let (Some(id), SetupOutcome::TokenStored { .. }) = (&earlier, &outcome) {
+            warn!(token_id = %id, "setup stored a new token in a Secret that recorded a replaced \
+                token of an earlier setup; that token is no longer followed and stays valid on \
+                its own server until it expires");
+        }
         match &outcome {
             // no answer: the server may have done it; a later "already set up" is then not taken
             // for someone else's setup
@@ -174,7 +187,7 @@ async fn setup(
             24 * i64::from(nbi.spec.token.expires_in_days),
         ))
         .unwrap_or(completed);
-    let patch = token_secret::store_patch(
+    let patch = token_secret::setup_store_patch(
         nbi,
         &token,
         &resp.user_id,
