@@ -273,7 +273,13 @@ impl NetbirdState {
             })
             .map(str::to_string);
         if let Some(t) = &token {
-            self.check_token_travel(s, t, req.insecure_skip_verify);
+            // a DELETE of the token itself (how a replaced token of the service-user exchange
+            // is deleted)
+            let target = match path.split('/').collect::<Vec<_>>()[..] {
+                ["users", _, "tokens", id] if req.method == "DELETE" => Some(id),
+                _ => None,
+            };
+            self.check_token_travel(s, t, req.insecure_skip_verify, target);
         }
         let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
         let (code, value) = self.api(s, &req.method, &path, token.as_deref(), &body, &req.url);
@@ -281,7 +287,7 @@ impl NetbirdState {
     }
 
     /// Invariant 3: a token only to the server that issued it, never with weaker trust.
-    fn check_token_travel(&mut self, s: usize, plain: &str, insecure: bool) {
+    fn check_token_travel(&mut self, s: usize, plain: &str, insecure: bool, deleted: Option<&str>) {
         let home = self
             .servers
             .iter()
@@ -300,13 +306,18 @@ impl NetbirdState {
                 .iter()
                 .any(|t| t.plain == plain && t.by_hand);
             let first_use = !self.first_trust.iter().any(|(p, _)| p == plain);
+            let itself = self.servers[home]
+                .tokens
+                .iter()
+                .any(|t| t.plain == plain && Some(t.id.as_str()) == deleted);
             self.violations.push(format!(
                 "invariant 3: a token of server {} was sent to server {}{}",
                 self.servers[home].host,
                 self.servers[s].host,
-                match (by_hand, first_use) {
-                    (true, true) => " (a token put in by hand, on its first use)",
-                    (true, false) => " (a token put in by hand, used before)",
+                match (by_hand, first_use, itself) {
+                    (true, true, _) => " (a token put in by hand, on its first use)",
+                    (true, false, _) => " (a token put in by hand, used before)",
+                    (false, _, true) => " (to delete itself: a replaced token the Secret keeps)",
                     _ => "",
                 }
             ));
