@@ -7,7 +7,6 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use netbird_operator::netbird::{SimRequest, SimResponse, SimulatedNetwork, TransportKind, pat};
 use serde_json::{Value, json};
@@ -234,6 +233,15 @@ impl NetbirdState {
             return Err(TransportKind::Dns);
         };
         self.calls += 1;
+        let token = req
+            .headers
+            .iter()
+            .find(|(n, _)| n == "authorization")
+            .and_then(|(_, v)| {
+                v.strip_prefix("Token ")
+                    .or_else(|| v.strip_prefix("Bearer "))
+            })
+            .map(str::to_string);
         let mut no_answer = false;
         match self.servers[s].faults.pop_front() {
             Some(Fault::Timeout) => return Err(TransportKind::Timeout),
@@ -263,15 +271,6 @@ impl NetbirdState {
             // a reverse proxy in front: the wrong prefix is its plain page
             return Ok((404, Value::Null, no_answer));
         };
-        let token = req
-            .headers
-            .iter()
-            .find(|(n, _)| n == "authorization")
-            .and_then(|(_, v)| {
-                v.strip_prefix("Token ")
-                    .or_else(|| v.strip_prefix("Bearer "))
-            })
-            .map(str::to_string);
         if let Some(t) = &token {
             // a DELETE of the token itself (how a replaced token of the service-user exchange
             // is deleted)
@@ -333,6 +332,7 @@ impl NetbirdState {
         }
     }
 
+    /// The user a request authenticates as (the auth middleware).
     fn caller(&mut self, s: usize, token: Option<&str>) -> Result<User, (u16, Value)> {
         let Some(token) = token else {
             return Err(json_error(401, "no valid authentication provided"));
@@ -351,13 +351,16 @@ impl NetbirdState {
         if t.expires_at <= now {
             return Err(json_error(401, "token invalid"));
         }
-        t.last_used = Some(now);
-        let user = t.user.clone();
-        srv.users
+        let user = srv
+            .users
             .iter()
-            .find(|u| u.id == user)
+            .find(|u| u.id == t.user)
             .cloned()
-            .ok_or_else(|| json_error(401, "token invalid"))
+            .ok_or_else(|| json_error(401, "token invalid"))?;
+        // as NetBird's auth middleware: a known, unexpired token of a known user is marked used
+        // (`last_used`), whatever the handler then answers
+        t.last_used = Some(now);
+        Ok(user)
     }
 
     fn may_act_on(srv: &Server, caller: &User, target: &str) -> bool {
@@ -377,12 +380,22 @@ impl NetbirdState {
     ) -> (u16, Value) {
         let segments: Vec<&str> = path.split('?').next().unwrap_or("").split('/').collect();
         match (method, segments.as_slice()) {
-            ("GET", ["instance"]) => (
-                200,
-                json!({"setup_required": self.servers[s].setup_required}),
-            ),
-            ("POST", ["setup"]) => self.setup(s, body, url),
-            ("GET", ["instance", "version"]) => match self.caller(s, token) {
+            ("GET", ["instance"]) => {
+                return (
+                    200,
+                    json!({"setup_required": self.servers[s].setup_required}),
+                );
+            }
+            ("POST", ["setup"]) => return self.setup(s, body, url),
+            (_, ["instance", "version"] | ["users", ..]) => {}
+            // no route: the middleware does not run
+            _ => return (404, Value::Null),
+        }
+        // the auth middleware: every other route authenticates the request, and marks its token
+        // used, before the handler runs
+        let caller = self.caller(s, token);
+        match (method, segments.as_slice()) {
+            ("GET", ["instance", "version"]) => match caller {
                 Err(e) => e,
                 Ok(_) => {
                     let mut v = json!({"management_current_version": "0.77.1",
@@ -397,12 +410,12 @@ impl NetbirdState {
                     (200, v)
                 }
             },
-            ("GET", ["users", "current"]) => match self.caller(s, token) {
+            ("GET", ["users", "current"]) => match caller {
                 Err(e) => e,
                 Ok(u) if u.service => json_error(403, "service users cannot use this endpoint"),
                 Ok(u) => (200, user_json(&u)),
             },
-            ("GET", ["users"]) => match self.caller(s, token) {
+            ("GET", ["users"]) => match caller {
                 Err(e) => e,
                 Ok(u) if !matches!(u.role.as_str(), "owner" | "admin") => {
                     json_error(403, "permission denied")
@@ -417,7 +430,7 @@ impl NetbirdState {
                     (200, json!(list))
                 }
             },
-            ("POST", ["users"]) => match self.caller(s, token) {
+            ("POST", ["users"]) => match caller {
                 Err(e) => e,
                 Ok(u) if !matches!(u.role.as_str(), "owner" | "admin") => {
                     json_error(403, "permission denied")
@@ -435,7 +448,7 @@ impl NetbirdState {
                     (200, user_json(&user))
                 }
             },
-            ("GET", ["users", target, "tokens"]) => match self.caller(s, token) {
+            ("GET", ["users", target, "tokens"]) => match caller {
                 Err(e) => e,
                 Ok(u) if !Self::may_act_on(&self.servers[s], &u, target) => {
                     json_error(403, "permission denied")
@@ -457,7 +470,7 @@ impl NetbirdState {
                     )
                 }
             },
-            ("POST", ["users", target, "tokens"]) => match self.caller(s, token) {
+            ("POST", ["users", target, "tokens"]) => match caller {
                 Err(e) => e,
                 Ok(u) if !Self::may_act_on(&self.servers[s], &u, target) => {
                     json_error(403, "permission denied")
@@ -483,7 +496,7 @@ impl NetbirdState {
                     )
                 }
             },
-            ("DELETE", ["users", target, "tokens", id]) => match self.caller(s, token) {
+            ("DELETE", ["users", target, "tokens", id]) => match caller {
                 Err(e) => e,
                 Ok(u) if !Self::may_act_on(&self.servers[s], &u, target) => {
                     json_error(403, "permission denied")
@@ -505,7 +518,10 @@ impl NetbirdState {
                     (200, json!({}))
                 }
             },
-            ("GET", ["users", _, "tokens", _]) => json_error(405, "not used by the operator"),
+            ("GET", ["users", _, "tokens", _]) => match caller {
+                Err(e) => e,
+                Ok(_) => json_error(405, "not used by the operator"),
+            },
             _ => (404, Value::Null),
         }
     }
@@ -610,9 +626,10 @@ impl SimulatedNetwork for Network {
             if crash == Some(false) {
                 futures::future::pending::<()>().await;
             }
-            let handled = {
+            let (handled, date) = {
                 let mut st = state.lock().unwrap();
                 let out = st.handle(&request);
+                let date = http_date((st.now)());
                 if let Ok((200, body, false)) = &out {
                     let plain = body["personal_access_token"]
                         .as_str()
@@ -626,7 +643,7 @@ impl SimulatedNetwork for Network {
                         }
                     }
                 }
-                out
+                (out, date)
             };
             super::trace(|| {
                 let auth = request.headers.iter().any(|(n, _)| n == "authorization");
@@ -665,19 +682,31 @@ impl SimulatedNetwork for Network {
             if code == 404 && body.is_null() {
                 return Ok(SimResponse {
                     status: 404,
-                    headers: vec![("content-type".into(), "text/plain".into())],
+                    headers: vec![
+                        ("content-type".into(), "text/plain".into()),
+                        ("date".into(), date),
+                    ],
                     body: b"404 page not found\n".to_vec(),
                 });
             }
-            let _ = Duration::ZERO;
             Ok(SimResponse {
                 status: code,
                 headers: vec![
                     ("content-type".into(), "application/json".into()),
                     ("x-request-id".into(), rid),
+                    ("date".into(), date),
                 ],
                 body: serde_json::to_vec(&body).unwrap(),
             })
         })
     }
+}
+
+/// An HTTP `Date` header of `t` (RFC 9110's IMF-fixdate, `Fri, 04 Dec 2026 12:25:43 GMT`): the
+/// whole seconds, as a real server's (never ahead of its clock).
+pub fn http_date(t: jiff::Timestamp) -> String {
+    let whole = jiff::Timestamp::from_second(t.as_second()).unwrap_or(t);
+    jiff::fmt::rfc2822::DateTimePrinter::new()
+        .timestamp_to_rfc9110_string(&whole)
+        .expect("a timestamp of the simulation prints")
 }
