@@ -94,8 +94,11 @@ pub struct Server {
 
 /// What the world checks at the moment of a call (it knows the Kubernetes side).
 pub enum Check<'a> {
-    /// A token deleted on `server`.
-    Delete { plain: &'a str },
+    /// A token deleted on a server: the token as it was (its `last_used` included).
+    Delete { plain: &'a str, token: &'a Token },
+    /// `GET /api/users/{id}/tokens` arrived (before any fault), authenticated with `plain`; the
+    /// server's tokens as they are then.
+    List { plain: &'a str, tokens: &'a [Token] },
     /// A password sent to `url`.
     Password { url: &'a str, password: &'a str },
 }
@@ -242,6 +245,24 @@ impl NetbirdState {
                     .or_else(|| v.strip_prefix("Bearer "))
             })
             .map(str::to_string);
+        // a listing of a user's tokens, as it arrives (a fault's answer included): the operator's
+        // look at a replaced token's use is one
+        if req.method == "GET"
+            && let Some(p) = &path
+            && let ["users", _, "tokens"] = p
+                .split('?')
+                .next()
+                .unwrap_or("")
+                .split('/')
+                .collect::<Vec<_>>()[..]
+            && let (Some(check), Some(plain)) = (&self.checker, &token)
+        {
+            let v = check(Check::List {
+                plain,
+                tokens: &self.servers[s].tokens,
+            });
+            self.violations.extend(v);
+        }
         let mut no_answer = false;
         match self.servers[s].faults.pop_front() {
             Some(Fault::Timeout) => return Err(TransportKind::Timeout),
@@ -283,6 +304,24 @@ impl NetbirdState {
         let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
         let (code, value) = self.api(s, &req.method, &path, token.as_deref(), &body, &req.url);
         Ok((code, value, no_answer))
+    }
+
+    /// A consumer of a token Secret (not the operator) makes a request with `plain` to the server
+    /// that knows it, `GET /api/users/current`, straight to the handler (no fault, not counted
+    /// among the operator's calls); returns the answer's status, None when no server knows it.
+    pub fn consume(&mut self, plain: &str) -> Option<u16> {
+        let s = self
+            .servers
+            .iter()
+            .position(|srv| srv.tokens.iter().any(|t| t.plain == plain))?;
+        let url = format!(
+            "https://{}{}/api/users/current",
+            self.servers[s].host, self.servers[s].prefix
+        );
+        Some(
+            self.api(s, "GET", "users/current", Some(plain), &Value::Null, &url)
+                .0,
+        )
     }
 
     /// Invariant 3: a token only to the server that issued it, never with weaker trust.
@@ -512,7 +551,10 @@ impl NetbirdState {
                     };
                     let gone = srv.tokens.remove(i);
                     if let Some(check) = &self.checker {
-                        let v = check(Check::Delete { plain: &gone.plain });
+                        let v = check(Check::Delete {
+                            plain: &gone.plain,
+                            token: &gone,
+                        });
                         self.violations.extend(v);
                     }
                     (200, json!({}))
