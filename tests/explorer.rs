@@ -2004,6 +2004,13 @@ const KNOWN_DEFECTS: &[&str] = &[
 ];
 
 fn is_known(v: &str) -> bool {
+    // NBOP_FOCUS=<text>: only violations that say it count (a long search for one invariant's
+    // breaks, e.g. NBOP_FOCUS='invariant 8', goes on past the open defects of the others)
+    if let Ok(focus) = std::env::var("NBOP_FOCUS")
+        && !v.contains(&focus)
+    {
+        return true;
+    }
     // NBOP_KNOWN=off: every violation counts (to check that each regression still finds its
     // defect)
     if std::env::var("NBOP_KNOWN").is_ok_and(|v| v == "off") {
@@ -2053,9 +2060,19 @@ fn explore(histories: u32, seed: u64, max_len: usize) {
     );
     let started = std::time::Instant::now();
     let reached = Mutex::new(Reach::default());
+    // histories run, and the number of the first that broke an invariant (the rest shrink it)
+    let (runs, first) = (Mutex::new(0u32), Mutex::new(None::<u32>));
     let result = runner.run(&history(max_len), |h| {
         let (result, reach) = run_reach(&h);
         reached.lock().unwrap().add(reach);
+        let n = {
+            let mut runs = runs.lock().unwrap();
+            *runs += 1;
+            *runs
+        };
+        if result.is_err() {
+            first.lock().unwrap().get_or_insert(n);
+        }
         result.map_err(|e| {
             TestCaseError::fail(format!(
                 "{e}\nreplay: NBOP_REPLAY='{}'",
@@ -2080,10 +2097,17 @@ fn explore(histories: u32, seed: u64, max_len: usize) {
             reach.retired_early,
             reach.uses_of_previous,
         ),
-        Err(e) => panic!(
-            "explorer: a history broke an invariant (seed {seed}; replay with NBOP_SEED={seed} \
-             NBOP_HISTORIES={histories}):\n{e}"
-        ),
+        Err(e) => {
+            let (runs, first) = (runs.into_inner().unwrap(), first.into_inner().unwrap());
+            let first = first.unwrap_or_default();
+            panic!(
+                "explorer: history {first} broke an invariant (seed {seed}; shrunk in {} more \
+                 runs, {:.1} s in all; replay with NBOP_SEED={seed} \
+                 NBOP_HISTORIES={histories}):\n{e}",
+                runs - first,
+                took.as_secs_f64()
+            )
+        }
     }
 }
 
