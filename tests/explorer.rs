@@ -50,6 +50,8 @@ const SECRET_NAMES: [&str; 3] = ["", "shared-token", "nb-token"];
 const SECRET_KEYS: [&str; 2] = ["NB_API_KEY", "token"];
 const SERVICE_USERS: [&str; 2] = ["netbird-operator", "ops"];
 const GRACES: [&str; 3] = ["0s", "10m", "24h"];
+/// spec.token.rotation.retireAfterUnused (15m: the CRD's default).
+const RETIRES: [&str; 3] = ["0s", "1m", "15m"];
 const EXPIRES: [i32; 3] = [1, 7, 30];
 
 // ---------------------------------------------------------------------------------------------
@@ -63,6 +65,7 @@ pub enum Edit {
     ServiceUser(Option<u8>),
     Rotation(bool),
     Grace(u8),
+    RetireAfterUnused(u8),
     ExpiresInDays(u8),
     DeletePolicy(bool),
     Insecure(bool),
@@ -113,6 +116,17 @@ pub enum Op {
     KubeFault(KubeFault),
     /// The clock moves forward by this many seconds.
     Advance(u32),
+    /// The clock moves forward to a second past the renewal of the token in the slot's Secret (a
+    /// third of its lifetime left, by its issued-at and expires-at), when that is ahead: a
+    /// rotation, whatever the token's lifetime.
+    ToRenewal(u8),
+    /// A consumer of the slot's token Secret makes a request with a token it read there: the last
+    /// one the Secret held (0), or the one before (1: the token a rotation replaced), and so on.
+    Use(u8, u8),
+    /// The slot's consumer (it reads the token Secret when it starts, and uses that token halfway
+    /// through every clock move; after a rotation it is on the previous token until it restarts)
+    /// restarts (true), or stops (false).
+    Consumer(u8, bool),
     /// A pass of the slot during which the process dies at the n-th external call, before or
     /// after it is handled; a new process starts.
     Crash(u8, u8, bool),
@@ -138,6 +152,7 @@ fn edit() -> impl Strategy<Value = Edit> {
         3 => proptest::option::of(0u8..2).prop_map(Edit::ServiceUser),
         2 => any::<bool>().prop_map(Edit::Rotation),
         2 => (0u8..3).prop_map(Edit::Grace),
+        2 => (0u8..3).prop_map(Edit::RetireAfterUnused),
         2 => (0u8..3).prop_map(Edit::ExpiresInDays),
         2 => any::<bool>().prop_map(Edit::DeletePolicy),
         1 => any::<bool>().prop_map(Edit::Insecure),
@@ -199,7 +214,11 @@ fn kube_fault() -> impl Strategy<Value = KubeFault> {
 fn advance() -> impl Strategy<Value = u32> {
     prop_oneof![
         3 => 1u32..120,
+        // the shortest interval between looks at a previous token's use; retireAfterUnused 15m
+        1 => Just(60u32),
+        2 => Just(300u32),
         2 => Just(600u32),
+        1 => Just(900u32),
         2 => Just(3600u32),
         1 => Just(25 * 3600u32),
         2 => Just(3 * 86400u32),
@@ -224,6 +243,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..2, any::<bool>()).prop_map(|(s, b)| Op::TellsLatest(s, b)),
         2 => kube_fault().prop_map(Op::KubeFault),
         5 => advance().prop_map(Op::Advance),
+        3 => slot().prop_map(Op::ToRenewal),
+        4 => (slot(), prop_oneof![1 => Just(0u8), 3 => Just(1u8), 1 => Just(2u8)])
+            .prop_map(|(s, back)| Op::Use(s, back)),
+        2 => (slot(), any::<bool>()).prop_map(|(s, on)| Op::Consumer(s, on)),
         3 => (slot(), 1u8..10, any::<bool>()).prop_map(|(s, n, a)| Op::Crash(s, n, a)),
         1 => slot().prop_map(Op::Sigterm),
         1 => Just(Op::LeaderChange),
@@ -248,6 +271,7 @@ struct Spec {
     service_user: Option<u8>,
     rotation: bool,
     grace: u8,
+    retire: u8,
     expires: u8,
     delete: bool,
     insecure: bool,
@@ -266,6 +290,7 @@ impl Default for Spec {
             service_user: None,
             rotation: true,
             grace: 2,
+            retire: 2,
             expires: 2,
             delete: false,
             insecure: false,
@@ -286,6 +311,7 @@ impl Spec {
             Edit::ServiceUser(s) => self.service_user = s,
             Edit::Rotation(b) => self.rotation = b,
             Edit::Grace(g) => self.grace = g,
+            Edit::RetireAfterUnused(r) => self.retire = r,
             Edit::ExpiresInDays(d) => self.expires = d,
             Edit::DeletePolicy(b) => self.delete = b,
             Edit::Insecure(b) => self.insecure = b,
@@ -302,7 +328,8 @@ impl Spec {
             "secretKey": SECRET_KEYS[self.secret_key as usize],
             "expiresInDays": EXPIRES[self.expires as usize],
             "deletionPolicy": if self.delete { "Delete" } else { "Retain" },
-            "rotation": {"enabled": self.rotation, "gracePeriod": GRACES[self.grace as usize]},
+            "rotation": {"enabled": self.rotation, "gracePeriod": GRACES[self.grace as usize],
+                "retireAfterUnused": RETIRES[self.retire as usize]},
         });
         if self.labels > 0 {
             token["secretLabels"] = json!({"team": format!("l{}", self.labels)});
@@ -355,9 +382,30 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ErrorLog {
     }
 }
 
+/// A slot's consumer of its token Secret (a workload that reads the token when it starts).
+#[derive(Clone, Debug, PartialEq)]
+enum Consumer {
+    /// Starts with the first token the Secret holds.
+    Waiting,
+    /// Uses this token.
+    Using(String),
+    Stopped,
+}
+
 struct World {
     /// The instance whose pass runs (namespace, name), for the messages of invariant 1.
     current: Arc<Mutex<Option<(String, String)>>>,
+    /// The instances whose passes run, as the copies the passes act on, for invariant 8.
+    acting: Arc<Mutex<Vec<Acting>>>,
+    /// Per slot, the tokens its token Secret held (under the spec's key), oldest first: what its
+    /// consumers may have read.
+    held: [Vec<String>; 3],
+    /// The rotations' previous tokens the slots' Secrets recorded (ids).
+    followed: Vec<String>,
+    /// Per slot, its consumer.
+    consumers: [Consumer; 3],
+    /// Invariant 8's memory, and what the history reached of the previous token's upkeep.
+    follow: Arc<Mutex<Follow>>,
     kube: simkube::Shared,
     nb: sim::netbird::Shared,
     calls: Arc<Calls>,
@@ -459,6 +507,217 @@ fn managed(secret: &Value) -> bool {
         && secret["metadata"]["labels"][simkube::INSTANCE_LABEL].is_string()
 }
 
+// ---------------------------------------------------------------------------------------------
+// Invariant 8: the previous token's use (spec.token.rotation.retireAfterUnused)
+
+const ANN_PREVIOUS_ID: &str = "bootstrap.netbird.io/previous-token-id";
+const ANN_PREVIOUS_USER: &str = "bootstrap.netbird.io/previous-user-id";
+const ANN_DELETE_AT: &str = "bootstrap.netbird.io/previous-token-delete-at";
+const ANN_ROTATED_AT: &str = "bootstrap.netbird.io/rotated-at";
+
+fn ann_time(secret: &Value, key: &str) -> Option<jiff::Timestamp> {
+    secret["metadata"]["annotations"][key]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+}
+
+/// Whole seconds from `a` to `b`, for messages.
+fn secs(a: jiff::Timestamp, b: jiff::Timestamp) -> i64 {
+    a.duration_until(b).as_secs()
+}
+
+/// The retireAfterUnused an instance's pass acts on: its own copy's while a pass of it runs,
+/// else the apiserver's (the CRD's default when absent).
+fn retire_after(k: &KubeState, acting: &[Acting], ns: &str, instance: &str) -> Duration {
+    acting
+        .iter()
+        .find(|a| a.ns == ns && a.name == instance)
+        .map(|a| a.retire_after)
+        .unwrap_or_else(|| {
+            k.get("netbirdinstances", ns, instance)
+                .and_then(|i| i["spec"]["token"]["rotation"]["retireAfterUnused"].as_str())
+                .and_then(|v| netbird_operator::duration::parse(v).ok())
+                .unwrap_or(Duration::from_secs(15 * 60))
+        })
+}
+
+/// What a history reached of the previous token's upkeep (summed over a run, printed after it).
+#[derive(Clone, Copy, Debug, Default)]
+struct Reach {
+    /// Previous tokens of a rotation recorded in a slot's Secret (followed).
+    pending: u64,
+    /// Looks at a followed previous token's use.
+    looks: u64,
+    /// Of these, looks at a token a consumer used since the Secret changed, less than
+    /// retireAfterUnused before: the token must stay.
+    looks_in_use: u64,
+    /// Previous tokens deleted before their grace period ended.
+    retired_early: u64,
+    /// Consumers' requests with a pending previous token.
+    uses_of_previous: u64,
+}
+
+/// What invariant 8's checks keep through a history.
+#[derive(Default)]
+struct Follow {
+    /// The last look at each previous token's use: (process, instance uid, token id) -> when.
+    looks: BTreeMap<(u64, String, String), jiff::Timestamp>,
+    reach: Reach,
+}
+
+impl Reach {
+    fn add(&mut self, o: Reach) {
+        self.pending += o.pending;
+        self.looks += o.looks;
+        self.looks_in_use += o.looks_in_use;
+        self.retired_early += o.retired_early;
+        self.uses_of_previous += o.uses_of_previous;
+    }
+}
+
+/// Invariant 8 at the moment of a DELETE: a rotation's previous token deleted before the grace
+/// end its Secret records (retired early) was unused for retireAfterUnused by NetBird's record
+/// (`last_used`), the Secret changed (rotated-at) at least that long ago, and retireAfterUnused
+/// (of the copy of the instance the pass acts on) is not 0s. The exchange's previous token is
+/// invariant 1's (never before its grace end).
+fn check_early_retirement(
+    k: &KubeState,
+    acting: &[Acting],
+    follow: &mut Follow,
+    now: jiff::Timestamp,
+    token: &sim::netbird::Token,
+    by: Option<&(String, String)>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for ((r, ns, name), s) in &k.objects {
+        let ann = &s["metadata"]["annotations"];
+        if r != "secrets"
+            || !managed(s)
+            || ann[ANN_PREVIOUS_ID].as_str() != Some(token.id.as_str())
+            || !ann[ANN_PREVIOUS_USER].is_null()
+        {
+            continue;
+        }
+        let instance = s["metadata"]["labels"][simkube::INSTANCE_LABEL]
+            .as_str()
+            .unwrap_or_default();
+        // the finalizer of deletionPolicy Delete ends it all
+        if k.get("netbirdinstances", ns, instance)
+            .is_some_and(|i| !i["metadata"]["deletionTimestamp"].is_null())
+        {
+            continue;
+        }
+        let Some(delete_at) = ann_time(s, ANN_DELETE_AT).filter(|at| *at > now) else {
+            continue;
+        };
+        follow.reach.retired_early += 1;
+        let after = retire_after(k, acting, ns, instance);
+        let other = match by {
+            Some((bns, bname)) if (bns.as_str(), bname.as_str()) != (ns.as_str(), instance) => {
+                format!(" by another instance, {bns}/{bname},")
+            }
+            _ => String::new(),
+        };
+        let what = format!(
+            "invariant 8: the previous token {} of Secret {ns}/{name} deleted{other} {} s before \
+             its grace period ends",
+            token.id,
+            secs(now, delete_at)
+        );
+        if after.is_zero() {
+            out.push(format!("{what}, with retireAfterUnused 0s (never early)"));
+            continue;
+        }
+        let limit = jiff::SignedDuration::try_from(after).unwrap_or_default();
+        if let Some(used) = token.last_used
+            && now.duration_since(used) < limit
+        {
+            out.push(format!(
+                "{what}, {} s after its last use (retireAfterUnused {after:?})",
+                secs(used, now)
+            ));
+        }
+        if let Some(changed) = ann_time(s, ANN_ROTATED_AT)
+            && now.duration_since(changed) < limit
+        {
+            out.push(format!(
+                "{what}, {} s after the Secret changed (rotated-at; retireAfterUnused {after:?})",
+                secs(changed, now)
+            ));
+        }
+    }
+    out
+}
+
+/// A listing of tokens authenticated with `plain`: the look at a followed previous token's use
+/// when the managed Secret holding `plain` records a rotation's previous token in its grace period
+/// and nothing else of a pass lists tokens (the token identified, no rotation interrupted, the
+/// instance not being deleted). Invariant 8: at most one look per `previous_use_interval` per
+/// process, instance and previous token (a new process has no memory of the last look).
+fn check_look(
+    k: &KubeState,
+    acting: &[Acting],
+    follow: &mut Follow,
+    epoch: u64,
+    now: jiff::Timestamp,
+    plain: &str,
+    tokens: &[sim::netbird::Token],
+) -> Option<String> {
+    let ((_, ns, _), s) = k.objects.iter().find(|((r, _, _), s)| {
+        r == "secrets"
+            && managed(s)
+            && s["data"].as_object().is_some_and(|d| {
+                d.iter().any(|(key, v)| {
+                    key != "previous-token" && unb64(v.as_str().unwrap_or("")).trim() == plain
+                })
+            })
+    })?;
+    let ann = &s["metadata"]["annotations"];
+    let previous = ann[ANN_PREVIOUS_ID].as_str()?;
+    if !ann[ANN_PREVIOUS_USER].is_null()
+        || ann["bootstrap.netbird.io/token-id"].is_null()
+        || !ann["bootstrap.netbird.io/rotation-started-at"].is_null()
+        || ann_time(s, ANN_DELETE_AT).is_none_or(|at| at <= now)
+    {
+        return None;
+    }
+    let instance = s["metadata"]["labels"][simkube::INSTANCE_LABEL].as_str()?;
+    let object = k.get("netbirdinstances", ns, instance)?;
+    if !object["metadata"]["deletionTimestamp"].is_null() {
+        return None;
+    }
+    follow.reach.looks += 1;
+    let after = retire_after(k, acting, ns, instance);
+    let changed = ann_time(s, ANN_ROTATED_AT);
+    if let Some(t) = tokens.iter().find(|t| t.id == previous)
+        && let (Some(used), Some(changed)) = (t.last_used, changed)
+        && used > changed
+        && now.duration_since(used) < jiff::SignedDuration::try_from(after).unwrap_or_default()
+    {
+        follow.reach.looks_in_use += 1;
+    }
+    let uid = acting
+        .iter()
+        .find(|a| a.ns == *ns && a.name == instance)
+        .map_or_else(
+            || object["metadata"]["uid"].as_str().unwrap_or_default(),
+            |a| a.uid.as_str(),
+        );
+    let interval = settings().previous_use_interval;
+    let last = follow
+        .looks
+        .insert((epoch, uid.to_string(), previous.to_string()), now)?;
+    (now.duration_since(last) < jiff::SignedDuration::try_from(interval).unwrap_or_default()).then(
+        || {
+            format!(
+                "invariant 8: {ns}/{instance} looked at the use of the previous token {previous} \
+                 {} s after its last look (previous_use_interval {interval:?})",
+                secs(last, now)
+            )
+        },
+    )
+}
+
 const CLOSED: &[(&str, &[&str])] = &[
     (
         "Ready",
@@ -513,6 +772,7 @@ const CLOSED: &[(&str, &[&str])] = &[
             "TokenAdopted",
             "TokenRotated",
             "TokenExpiringSoon",
+            "PreviousTokenStillInUse",
         ],
     ),
     (
@@ -565,6 +825,11 @@ impl World {
         let ctx = Self::context(&kube, &nb, &calls, &metrics, &clock, 0);
         let mut w = World {
             current: Arc::default(),
+            acting: Arc::default(),
+            held: Default::default(),
+            followed: Vec::new(),
+            consumers: [Consumer::Waiting, Consumer::Waiting, Consumer::Waiting],
+            follow: Arc::default(),
             kube,
             nb,
             calls,
@@ -641,13 +906,35 @@ impl World {
         let kube = self.kube.clone();
         let clock = self.clock.clone();
         let current = self.current.clone();
+        let acting = self.acting.clone();
+        let calls = self.calls.clone();
+        let follow = self.follow.clone();
         let check = move |c: Check<'_>| -> Vec<String> {
             let by = current.lock().unwrap().clone();
             let k = kube.lock().unwrap();
             let mut out = Vec::new();
             match c {
-                Check::Delete { plain } => {
+                Check::List { plain, tokens } => {
+                    let acting = acting.lock().unwrap();
+                    let epoch = calls.epoch.load(std::sync::atomic::Ordering::SeqCst);
+                    let mut follow = follow.lock().unwrap();
+                    if let Some(v) =
+                        check_look(&k, &acting, &mut follow, epoch, clock(), plain, tokens)
+                    {
+                        out.push(v);
+                    }
+                }
+                Check::Delete { plain, token } => {
                     let now = clock();
+                    let acting = acting.lock().unwrap();
+                    out.extend(check_early_retirement(
+                        &k,
+                        &acting,
+                        &mut follow.lock().unwrap(),
+                        now,
+                        token,
+                        by.as_ref(),
+                    ));
                     for ((r, ns, name), s) in &k.objects {
                         if r != "secrets" || !managed(s) {
                             continue;
@@ -960,6 +1247,7 @@ impl World {
             nbi.metadata.namespace.clone().unwrap_or_default(),
             nbi.metadata.name.clone().unwrap_or_default(),
         ));
+        *self.acting.lock().unwrap() = vec![acting(&nbi)];
         let (calls0, writes0, versions0) = self.counters();
         let versions0 = versions0.len();
         let mut crashed = self.calls.crashed.subscribe();
@@ -970,9 +1258,13 @@ impl World {
             _ = crashed.wait_for(|c| *c) => None,
         };
         *self.current.lock().unwrap() = None;
+        self.acting.lock().unwrap().clear();
+        self.record_held();
         let (calls1, writes1, versions1) = self.counters();
         sim::trace(|| format!("pass of slot {slot} ended: {outcome:?}"));
-        if versions1.len() > versions0 {
+        // an answer the process died with, or whose status write failed, was never recorded: the
+        // status keeps the one before (until the next version check)
+        if versions1.len() > versions0 && matches!(outcome, Some(Ok(_))) {
             self.told_latest[slot] = versions1.last().copied();
         }
         self.collect_violations();
@@ -993,6 +1285,7 @@ impl World {
         };
         self.snapshots[a] = Some(x.clone());
         self.snapshots[b] = Some(y.clone());
+        *self.acting.lock().unwrap() = vec![acting(&x), acting(&y)];
         let (ca, cb) = (self.ctx.clone(), self.ctx.clone());
         let mut crashed = self.calls.crashed.subscribe();
         tokio::select! {
@@ -1005,7 +1298,114 @@ impl World {
             } => {}
             _ = crashed.wait_for(|c| *c) => {}
         }
+        self.acting.lock().unwrap().clear();
+        self.record_held();
         self.collect_violations();
+    }
+
+    /// The clock moves forward; running consumers use their tokens halfway.
+    async fn advance(&mut self, secs: u64) {
+        tokio::time::advance(Duration::from_secs(secs - secs / 2)).await;
+        for slot in 0..3 {
+            if let Consumer::Using(plain) = &self.consumers[slot] {
+                let previous = self.is_previous(slot, plain);
+                let answer = self.nb.lock().unwrap().consume(plain);
+                if previous {
+                    self.follow.lock().unwrap().reach.uses_of_previous += 1;
+                }
+                sim::trace(|| format!("slot {slot}'s running consumer used its token: {answer:?}"));
+            }
+        }
+        tokio::time::advance(Duration::from_secs(secs / 2)).await;
+    }
+
+    /// Whether `plain` is the rotation's previous token the slot's Secret records.
+    fn is_previous(&self, slot: usize, plain: &str) -> bool {
+        let (_, secret) = self.token_secret(slot);
+        let Some(previous) = secret
+            .as_ref()
+            .and_then(|s| s["metadata"]["annotations"][ANN_PREVIOUS_ID].as_str())
+        else {
+            return false;
+        };
+        let nb = self.nb.lock().unwrap();
+        nb.servers
+            .iter()
+            .flat_map(|s| &s.tokens)
+            .any(|t| t.plain == plain && t.id == previous)
+    }
+
+    /// Whether some slot's Secret records a rotation's previous token in its grace period.
+    fn previous_pending(&self) -> bool {
+        let now = self.now();
+        (0..3).any(|slot| {
+            let (_, secret) = self.token_secret(slot);
+            secret.is_some_and(|s| {
+                s["metadata"]["annotations"][ANN_PREVIOUS_USER].is_null()
+                    && ann_time(&s, ANN_DELETE_AT).is_some_and(|at| at > now)
+            })
+        })
+    }
+
+    /// Seconds from now to a second past the renewal of the token in the slot's Secret (0 when
+    /// that is not ahead or not known).
+    fn to_renewal(&self, slot: usize) -> u64 {
+        let (_, secret) = self.token_secret(slot);
+        let Some(s) = secret else {
+            return 0;
+        };
+        let (Some(issued), Some(expires)) = (
+            ann_time(&s, "bootstrap.netbird.io/issued-at"),
+            ann_time(&s, "bootstrap.netbird.io/expires-at"),
+        ) else {
+            return 0;
+        };
+        let renew = expires - issued.duration_until(expires) / 3;
+        u64::try_from(self.now().duration_until(renew).as_secs() + 1).unwrap_or(0)
+    }
+
+    /// Records the token each slot's Secret holds now, when it is a new one.
+    fn record_held(&mut self) {
+        let k = self.kube.lock().unwrap();
+        for (slot, (ns, name)) in SLOTS.iter().enumerate() {
+            let spec = &self.specs[slot];
+            let key = SECRET_KEYS[spec.secret_key as usize];
+            let secret = k.get("secrets", ns, &spec.secret_name(name));
+            let ann = secret.map(|s| &s["metadata"]["annotations"]);
+            if let Some(previous) = ann.and_then(|a| a[ANN_PREVIOUS_ID].as_str())
+                && ann.is_some_and(|a| a[ANN_PREVIOUS_USER].is_null())
+                && !self.followed.iter().any(|f| f == previous)
+            {
+                self.followed.push(previous.to_string());
+                self.follow.lock().unwrap().reach.pending += 1;
+            }
+            let Some(plain) = secret
+                .and_then(|s| s["data"][key].as_str())
+                .map(|v| unb64(v).trim().to_string())
+            else {
+                continue;
+            };
+            if self.held[slot].last() != Some(&plain) {
+                if self.consumers[slot] == Consumer::Waiting {
+                    self.consumers[slot] = Consumer::Using(plain.clone());
+                }
+                self.held[slot].push(plain);
+            }
+        }
+    }
+
+    /// A consumer of the slot's token Secret uses the token it read there `back` changes ago.
+    fn consume(&mut self, slot: usize, back: usize) {
+        let Some(plain) = self.held[slot].iter().rev().nth(back) else {
+            return;
+        };
+        if self.is_previous(slot, plain) {
+            self.follow.lock().unwrap().reach.uses_of_previous += 1;
+        }
+        let answer = self.nb.lock().unwrap().consume(plain);
+        sim::trace(|| {
+            format!("a consumer of slot {slot} used its token of {back} changes ago: {answer:?}")
+        });
     }
 
     /// NetBird calls answered, Kubernetes writes (not Events), version answers.
@@ -1162,6 +1562,30 @@ impl World {
                 found.push(format!(
                     "status: {ns}/{name} status.token is there while the token Secret holds no token"
                 ));
+            }
+            if let Some(at) = &t.previous_token_last_used_at {
+                let previous = ann(ANN_PREVIOUS_ID);
+                if previous.is_none() {
+                    found.push(format!(
+                        "status: {ns}/{name} status.token.previousTokenLastUsedAt stays while the \
+                         Secret records no previous token"
+                    ));
+                }
+                // what a look saw: NetBird's record moves forward only
+                let nb = self.nb.lock().unwrap();
+                if let Some(token) = nb
+                    .servers
+                    .iter()
+                    .flat_map(|s| &s.tokens)
+                    .find(|t| Some(&t.id) == previous.as_ref())
+                    && token.last_used.is_none_or(|u| u < at.0)
+                {
+                    found.push(format!(
+                        "status: {ns}/{name} status.token.previousTokenLastUsedAt {} is later \
+                         than NetBird's last_used of {} ({:?})",
+                        at.0, token.id, token.last_used
+                    ));
+                }
             }
         }
         let raw = self
@@ -1362,8 +1786,13 @@ impl World {
             Op::ServerMode(s, m) => self.nb.lock().unwrap().servers[s as usize].set_mode(m),
             Op::TellsLatest(s, b) => self.nb.lock().unwrap().servers[s as usize].tells_latest = b,
             Op::KubeFault(f) => self.kube.lock().unwrap().faults.push_back(f),
-            Op::Advance(secs) => {
-                tokio::time::advance(Duration::from_secs(u64::from(secs))).await;
+            Op::Advance(_) | Op::ToRenewal(_) => {
+                let secs = match op {
+                    Op::ToRenewal(s) => self.to_renewal(s as usize),
+                    Op::Advance(secs) => u64::from(secs),
+                    _ => 0,
+                };
+                self.advance(secs).await;
                 // requeues that came due
                 for s in 0..3 {
                     if self.live(s) {
@@ -1391,7 +1820,16 @@ impl World {
                 self.deliver(reorder);
             }
             Op::Relist => self.relist(),
+            Op::Use(s, back) => self.consume(s as usize, back as usize),
+            Op::Consumer(s, on) => {
+                self.consumers[s as usize] = match self.held[s as usize].last() {
+                    Some(plain) if on => Consumer::Using(plain.clone()),
+                    None if on => Consumer::Waiting,
+                    _ => Consumer::Stopped,
+                };
+            }
         }
+        self.record_held();
         self.collect_violations();
     }
 
@@ -1405,11 +1843,35 @@ impl World {
         self.hold_watch = false;
         self.deliver(false);
         self.settle().await;
+        // a rotation's previous token still in its grace period is looked at (ten minutes on: a
+        // consumer's last use may be recent, or not) before the grace periods end
+        if self.previous_pending() {
+            self.advance(600).await;
+            self.settle().await;
+        }
         for _ in 0..2 {
-            tokio::time::advance(Duration::from_secs(2 * 86400)).await;
+            self.advance(2 * 86400).await;
             self.settle().await;
         }
         self.check_lost_tokens();
+    }
+}
+
+/// The instance of a pass as the pass has it (a late pass's copy may be older than the
+/// apiserver's, even of an instance since deleted and created again).
+struct Acting {
+    ns: String,
+    name: String,
+    uid: String,
+    retire_after: Duration,
+}
+
+fn acting(nbi: &NetbirdInstance) -> Acting {
+    Acting {
+        ns: nbi.metadata.namespace.clone().unwrap_or_default(),
+        name: nbi.metadata.name.clone().unwrap_or_default(),
+        uid: nbi.metadata.uid.clone().unwrap_or_default(),
+        retire_after: nbi.spec.token.rotation.retire_after(),
     }
 }
 
@@ -1425,8 +1887,14 @@ fn run(history: &[Op]) -> Result<(), String> {
     run_with(history, false).0
 }
 
+/// Runs one history; also what it reached.
+fn run_reach(history: &[Op]) -> (Result<(), String>, Reach) {
+    let (result, _, reach) = run_with(history, false);
+    (result, reach)
+}
+
 /// Runs one history, and returns what happened to the apiserver when `record`.
-fn run_with(history: &[Op], record: bool) -> (Result<(), String>, Vec<simkube::Rec>) {
+fn run_with(history: &[Op], record: bool) -> (Result<(), String>, Vec<simkube::Rec>, Reach) {
     // a thread of its own with room for the debug build's deep futures (two passes at once)
     let history = history.to_vec();
     std::thread::Builder::new()
@@ -1437,7 +1905,7 @@ fn run_with(history: &[Op], record: bool) -> (Result<(), String>, Vec<simkube::R
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
-fn run_here(history: &[Op], record: bool) -> (Result<(), String>, Vec<simkube::Rec>) {
+fn run_here(history: &[Op], record: bool) -> (Result<(), String>, Vec<simkube::Rec>, Reach) {
     netbird_operator::fingerprint::simulate();
     controller::set_jitter_source(jitter);
     JITTER.with(|s| s.set(history.len() as u64 + 1));
@@ -1499,7 +1967,8 @@ fn run_here(history: &[Op], record: bool) -> (Result<(), String>, Vec<simkube::R
         } else {
             Err(known.join("\n"))
         };
-        (result, log)
+        let reach = w.follow.lock().unwrap().reach;
+        (result, log, reach)
     }))
 }
 
@@ -1526,9 +1995,22 @@ const KNOWN_DEFECTS: &[&str] = &[
     "(a token put in by hand, used before)",
     // - two instances on one server set up at once both call setup (the second gets 412)
     "(two passes raced: no instance check since that setup)",
+    // Found by the explorer on issue 22's branch (its new histories; the defect is older, not
+    // of the previous token's use): after the service-user exchange the Secret keeps the
+    // owner's token as its previous token (`previous-token`); a managementURL changed to another
+    // server within the grace period makes the operator set up that server and then send the
+    // kept token there, to delete itself
+    "(to delete itself: a replaced token the Secret keeps)",
 ];
 
 fn is_known(v: &str) -> bool {
+    // NBOP_FOCUS=<text>: only violations that say it count (a long search for one invariant's
+    // breaks, e.g. NBOP_FOCUS='invariant 8', goes on past the open defects of the others)
+    if let Ok(focus) = std::env::var("NBOP_FOCUS")
+        && !v.contains(&focus)
+    {
+        return true;
+    }
     // NBOP_KNOWN=off: every violation counts (to check that each regression still finds its
     // defect)
     if std::env::var("NBOP_KNOWN").is_ok_and(|v| v == "off") {
@@ -1577,8 +2059,21 @@ fn explore(histories: u32, seed: u64, max_len: usize) {
          (NBOP_SEED={seed} NBOP_HISTORIES={histories} replays this run)"
     );
     let started = std::time::Instant::now();
+    let reached = Mutex::new(Reach::default());
+    // histories run, and the number of the first that broke an invariant (the rest shrink it)
+    let (runs, first) = (Mutex::new(0u32), Mutex::new(None::<u32>));
     let result = runner.run(&history(max_len), |h| {
-        run(&h).map_err(|e| {
+        let (result, reach) = run_reach(&h);
+        reached.lock().unwrap().add(reach);
+        let n = {
+            let mut runs = runs.lock().unwrap();
+            *runs += 1;
+            *runs
+        };
+        if result.is_err() {
+            first.lock().unwrap().get_or_insert(n);
+        }
+        result.map_err(|e| {
             TestCaseError::fail(format!(
                 "{e}\nreplay: NBOP_REPLAY='{}'",
                 serde_json::to_string(&h).unwrap()
@@ -1586,17 +2081,33 @@ fn explore(histories: u32, seed: u64, max_len: usize) {
         })
     });
     let took = started.elapsed();
+    let reach = reached.into_inner().unwrap();
     match result {
         Ok(()) => eprintln!(
             "explorer: {histories} histories of up to {max_len} steps, seed {seed}: no violation \
-             in {:.1} s ({:.0} histories/s)",
+             in {:.1} s ({:.0} histories/s); reached: {} rotations' previous tokens followed, {} \
+             looks at their use ({} at \
+             one a consumer used since the change, within retireAfterUnused), {} early \
+             retirements, {} uses of a pending previous token",
             took.as_secs_f64(),
-            f64::from(histories) / took.as_secs_f64()
+            f64::from(histories) / took.as_secs_f64(),
+            reach.pending,
+            reach.looks,
+            reach.looks_in_use,
+            reach.retired_early,
+            reach.uses_of_previous,
         ),
-        Err(e) => panic!(
-            "explorer: a history broke an invariant (seed {seed}; replay with NBOP_SEED={seed} \
-             NBOP_HISTORIES={histories}):\n{e}"
-        ),
+        Err(e) => {
+            let (runs, first) = (runs.into_inner().unwrap(), first.into_inner().unwrap());
+            let first = first.unwrap_or_default();
+            panic!(
+                "explorer: history {first} broke an invariant (seed {seed}; shrunk in {} more \
+                 runs, {:.1} s in all; replay with NBOP_SEED={seed} \
+                 NBOP_HISTORIES={histories}):\n{e}",
+                runs - first,
+                took.as_secs_f64()
+            )
+        }
     }
 }
 
@@ -1728,6 +2239,10 @@ const REGRESSIONS: &[(&str, &str)] = &[
         r#"[{"ServerMode":[0,"LocalUsersDisabled"]},{"KubeFault":"ConflictStatus"},{"Pass":0},{"Pass":0},{"Advance":1},{"Advance":2},{"TellsLatest":[0,false]},{"Sigterm":0}]"#,
     ),
     (
+        "the exchange's previous token sent to another server to delete itself",
+        r#"[{"Spec":[0,{"ServiceUser":0}]},"Settle",{"Spec":[0,{"SecretKey":1}]},{"Spec":[0,{"Url":2}]}]"#,
+    ),
+    (
         "the finalizer takes a proxy's plain 404 for a deleted token",
         r#"[{"Spec":[0,{"DeletePolicy":true}]},{"Pass":0},{"Fault":[0,"ProxyNotFound",1]},{"Delete":0},"Settle"]"#,
     ),
@@ -1772,7 +2287,7 @@ fn the_model_matches_the_real_apiserver() {
                     .filter(|op| !matches!(op, Op::KubeFault(_)))
                     .collect();
             let hh = h.clone();
-            let (_, log) = std::thread::spawn(move || run_with(&hh, true))
+            let (_, log, _) = std::thread::spawn(move || run_with(&hh, true))
                 .join()
                 .unwrap();
             let nsmap = [

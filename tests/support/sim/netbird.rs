@@ -7,7 +7,6 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use netbird_operator::netbird::{SimRequest, SimResponse, SimulatedNetwork, TransportKind, pat};
 use serde_json::{Value, json};
@@ -95,8 +94,11 @@ pub struct Server {
 
 /// What the world checks at the moment of a call (it knows the Kubernetes side).
 pub enum Check<'a> {
-    /// A token deleted on `server`.
-    Delete { plain: &'a str },
+    /// A token deleted on a server: the token as it was (its `last_used` included).
+    Delete { plain: &'a str, token: &'a Token },
+    /// `GET /api/users/{id}/tokens` arrived (before any fault), authenticated with `plain`; the
+    /// server's tokens as they are then.
+    List { plain: &'a str, tokens: &'a [Token] },
     /// A password sent to `url`.
     Password { url: &'a str, password: &'a str },
 }
@@ -234,6 +236,33 @@ impl NetbirdState {
             return Err(TransportKind::Dns);
         };
         self.calls += 1;
+        let token = req
+            .headers
+            .iter()
+            .find(|(n, _)| n == "authorization")
+            .and_then(|(_, v)| {
+                v.strip_prefix("Token ")
+                    .or_else(|| v.strip_prefix("Bearer "))
+            })
+            .map(str::to_string);
+        // a listing of a user's tokens, as it arrives (a fault's answer included): the operator's
+        // look at a replaced token's use is one
+        if req.method == "GET"
+            && let Some(p) = &path
+            && let ["users", _, "tokens"] = p
+                .split('?')
+                .next()
+                .unwrap_or("")
+                .split('/')
+                .collect::<Vec<_>>()[..]
+            && let (Some(check), Some(plain)) = (&self.checker, &token)
+        {
+            let v = check(Check::List {
+                plain,
+                tokens: &self.servers[s].tokens,
+            });
+            self.violations.extend(v);
+        }
         let mut no_answer = false;
         match self.servers[s].faults.pop_front() {
             Some(Fault::Timeout) => return Err(TransportKind::Timeout),
@@ -263,25 +292,40 @@ impl NetbirdState {
             // a reverse proxy in front: the wrong prefix is its plain page
             return Ok((404, Value::Null, no_answer));
         };
-        let token = req
-            .headers
-            .iter()
-            .find(|(n, _)| n == "authorization")
-            .and_then(|(_, v)| {
-                v.strip_prefix("Token ")
-                    .or_else(|| v.strip_prefix("Bearer "))
-            })
-            .map(str::to_string);
         if let Some(t) = &token {
-            self.check_token_travel(s, t, req.insecure_skip_verify);
+            // a DELETE of the token itself (how a replaced token of the service-user exchange
+            // is deleted)
+            let target = match path.split('/').collect::<Vec<_>>()[..] {
+                ["users", _, "tokens", id] if req.method == "DELETE" => Some(id),
+                _ => None,
+            };
+            self.check_token_travel(s, t, req.insecure_skip_verify, target);
         }
         let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
         let (code, value) = self.api(s, &req.method, &path, token.as_deref(), &body, &req.url);
         Ok((code, value, no_answer))
     }
 
+    /// A consumer of a token Secret (not the operator) makes a request with `plain` to the server
+    /// that knows it, `GET /api/users/current`, straight to the handler (no fault, not counted
+    /// among the operator's calls); returns the answer's status, None when no server knows it.
+    pub fn consume(&mut self, plain: &str) -> Option<u16> {
+        let s = self
+            .servers
+            .iter()
+            .position(|srv| srv.tokens.iter().any(|t| t.plain == plain))?;
+        let url = format!(
+            "https://{}{}/api/users/current",
+            self.servers[s].host, self.servers[s].prefix
+        );
+        Some(
+            self.api(s, "GET", "users/current", Some(plain), &Value::Null, &url)
+                .0,
+        )
+    }
+
     /// Invariant 3: a token only to the server that issued it, never with weaker trust.
-    fn check_token_travel(&mut self, s: usize, plain: &str, insecure: bool) {
+    fn check_token_travel(&mut self, s: usize, plain: &str, insecure: bool, deleted: Option<&str>) {
         let home = self
             .servers
             .iter()
@@ -300,13 +344,18 @@ impl NetbirdState {
                 .iter()
                 .any(|t| t.plain == plain && t.by_hand);
             let first_use = !self.first_trust.iter().any(|(p, _)| p == plain);
+            let itself = self.servers[home]
+                .tokens
+                .iter()
+                .any(|t| t.plain == plain && Some(t.id.as_str()) == deleted);
             self.violations.push(format!(
                 "invariant 3: a token of server {} was sent to server {}{}",
                 self.servers[home].host,
                 self.servers[s].host,
-                match (by_hand, first_use) {
-                    (true, true) => " (a token put in by hand, on its first use)",
-                    (true, false) => " (a token put in by hand, used before)",
+                match (by_hand, first_use, itself) {
+                    (true, true, _) => " (a token put in by hand, on its first use)",
+                    (true, false, _) => " (a token put in by hand, used before)",
+                    (false, _, true) => " (to delete itself: a replaced token the Secret keeps)",
                     _ => "",
                 }
             ));
@@ -322,6 +371,7 @@ impl NetbirdState {
         }
     }
 
+    /// The user a request authenticates as (the auth middleware).
     fn caller(&mut self, s: usize, token: Option<&str>) -> Result<User, (u16, Value)> {
         let Some(token) = token else {
             return Err(json_error(401, "no valid authentication provided"));
@@ -340,13 +390,16 @@ impl NetbirdState {
         if t.expires_at <= now {
             return Err(json_error(401, "token invalid"));
         }
-        t.last_used = Some(now);
-        let user = t.user.clone();
-        srv.users
+        let user = srv
+            .users
             .iter()
-            .find(|u| u.id == user)
+            .find(|u| u.id == t.user)
             .cloned()
-            .ok_or_else(|| json_error(401, "token invalid"))
+            .ok_or_else(|| json_error(401, "token invalid"))?;
+        // as NetBird's auth middleware: a known, unexpired token of a known user is marked used
+        // (`last_used`), whatever the handler then answers
+        t.last_used = Some(now);
+        Ok(user)
     }
 
     fn may_act_on(srv: &Server, caller: &User, target: &str) -> bool {
@@ -366,12 +419,22 @@ impl NetbirdState {
     ) -> (u16, Value) {
         let segments: Vec<&str> = path.split('?').next().unwrap_or("").split('/').collect();
         match (method, segments.as_slice()) {
-            ("GET", ["instance"]) => (
-                200,
-                json!({"setup_required": self.servers[s].setup_required}),
-            ),
-            ("POST", ["setup"]) => self.setup(s, body, url),
-            ("GET", ["instance", "version"]) => match self.caller(s, token) {
+            ("GET", ["instance"]) => {
+                return (
+                    200,
+                    json!({"setup_required": self.servers[s].setup_required}),
+                );
+            }
+            ("POST", ["setup"]) => return self.setup(s, body, url),
+            (_, ["instance", "version"] | ["users", ..]) => {}
+            // no route: the middleware does not run
+            _ => return (404, Value::Null),
+        }
+        // the auth middleware: every other route authenticates the request, and marks its token
+        // used, before the handler runs
+        let caller = self.caller(s, token);
+        match (method, segments.as_slice()) {
+            ("GET", ["instance", "version"]) => match caller {
                 Err(e) => e,
                 Ok(_) => {
                     let mut v = json!({"management_current_version": "0.77.1",
@@ -386,12 +449,12 @@ impl NetbirdState {
                     (200, v)
                 }
             },
-            ("GET", ["users", "current"]) => match self.caller(s, token) {
+            ("GET", ["users", "current"]) => match caller {
                 Err(e) => e,
                 Ok(u) if u.service => json_error(403, "service users cannot use this endpoint"),
                 Ok(u) => (200, user_json(&u)),
             },
-            ("GET", ["users"]) => match self.caller(s, token) {
+            ("GET", ["users"]) => match caller {
                 Err(e) => e,
                 Ok(u) if !matches!(u.role.as_str(), "owner" | "admin") => {
                     json_error(403, "permission denied")
@@ -406,7 +469,7 @@ impl NetbirdState {
                     (200, json!(list))
                 }
             },
-            ("POST", ["users"]) => match self.caller(s, token) {
+            ("POST", ["users"]) => match caller {
                 Err(e) => e,
                 Ok(u) if !matches!(u.role.as_str(), "owner" | "admin") => {
                     json_error(403, "permission denied")
@@ -424,7 +487,7 @@ impl NetbirdState {
                     (200, user_json(&user))
                 }
             },
-            ("GET", ["users", target, "tokens"]) => match self.caller(s, token) {
+            ("GET", ["users", target, "tokens"]) => match caller {
                 Err(e) => e,
                 Ok(u) if !Self::may_act_on(&self.servers[s], &u, target) => {
                     json_error(403, "permission denied")
@@ -446,7 +509,7 @@ impl NetbirdState {
                     )
                 }
             },
-            ("POST", ["users", target, "tokens"]) => match self.caller(s, token) {
+            ("POST", ["users", target, "tokens"]) => match caller {
                 Err(e) => e,
                 Ok(u) if !Self::may_act_on(&self.servers[s], &u, target) => {
                     json_error(403, "permission denied")
@@ -472,7 +535,7 @@ impl NetbirdState {
                     )
                 }
             },
-            ("DELETE", ["users", target, "tokens", id]) => match self.caller(s, token) {
+            ("DELETE", ["users", target, "tokens", id]) => match caller {
                 Err(e) => e,
                 Ok(u) if !Self::may_act_on(&self.servers[s], &u, target) => {
                     json_error(403, "permission denied")
@@ -488,13 +551,19 @@ impl NetbirdState {
                     };
                     let gone = srv.tokens.remove(i);
                     if let Some(check) = &self.checker {
-                        let v = check(Check::Delete { plain: &gone.plain });
+                        let v = check(Check::Delete {
+                            plain: &gone.plain,
+                            token: &gone,
+                        });
                         self.violations.extend(v);
                     }
                     (200, json!({}))
                 }
             },
-            ("GET", ["users", _, "tokens", _]) => json_error(405, "not used by the operator"),
+            ("GET", ["users", _, "tokens", _]) => match caller {
+                Err(e) => e,
+                Ok(_) => json_error(405, "not used by the operator"),
+            },
             _ => (404, Value::Null),
         }
     }
@@ -599,9 +668,10 @@ impl SimulatedNetwork for Network {
             if crash == Some(false) {
                 futures::future::pending::<()>().await;
             }
-            let handled = {
+            let (handled, date) = {
                 let mut st = state.lock().unwrap();
                 let out = st.handle(&request);
+                let date = http_date((st.now)());
                 if let Ok((200, body, false)) = &out {
                     let plain = body["personal_access_token"]
                         .as_str()
@@ -615,7 +685,7 @@ impl SimulatedNetwork for Network {
                         }
                     }
                 }
-                out
+                (out, date)
             };
             super::trace(|| {
                 let auth = request.headers.iter().any(|(n, _)| n == "authorization");
@@ -654,19 +724,31 @@ impl SimulatedNetwork for Network {
             if code == 404 && body.is_null() {
                 return Ok(SimResponse {
                     status: 404,
-                    headers: vec![("content-type".into(), "text/plain".into())],
+                    headers: vec![
+                        ("content-type".into(), "text/plain".into()),
+                        ("date".into(), date),
+                    ],
                     body: b"404 page not found\n".to_vec(),
                 });
             }
-            let _ = Duration::ZERO;
             Ok(SimResponse {
                 status: code,
                 headers: vec![
                     ("content-type".into(), "application/json".into()),
                     ("x-request-id".into(), rid),
+                    ("date".into(), date),
                 ],
                 body: serde_json::to_vec(&body).unwrap(),
             })
         })
     }
+}
+
+/// An HTTP `Date` header of `t` (RFC 9110's IMF-fixdate, `Fri, 04 Dec 2026 12:25:43 GMT`): the
+/// whole seconds, as a real server's (never ahead of its clock).
+pub fn http_date(t: jiff::Timestamp) -> String {
+    let whole = jiff::Timestamp::from_second(t.as_second()).unwrap_or(t);
+    jiff::fmt::rfc2822::DateTimePrinter::new()
+        .timestamp_to_rfc9110_string(&whole)
+        .expect("a timestamp of the simulation prints")
 }
