@@ -1995,12 +1995,6 @@ const KNOWN_DEFECTS: &[&str] = &[
     "(a token put in by hand, used before)",
     // - two instances on one server set up at once both call setup (the second gets 412)
     "(two passes raced: no instance check since that setup)",
-    // Found by the explorer on issue 22's branch (its new histories; the defect is older, not
-    // of the previous token's use): after the service-user exchange the Secret keeps the
-    // owner's token as its previous token (`previous-token`); a managementURL changed to another
-    // server within the grace period makes the operator set up that server and then send the
-    // kept token there, to delete itself
-    "(to delete itself: a replaced token the Secret keeps)",
 ];
 
 fn is_known(v: &str) -> bool {
