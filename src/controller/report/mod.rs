@@ -1,7 +1,24 @@
 //! The report: the status a pass writes, computed from its verdict and what it learned. Pure.
+//!
+//! This module holds the status and its fields (`status`, `initial`, `storing_token`; the setup,
+//! token and version status, `previous_last_used`, `last_verified_at`); the conditions, their
+//! closed sets of reasons and `merge` are in `conditions`.
+
+mod conditions;
+
+pub use conditions::{
+    CLOSED_REASONS, ConditionStatus, PREVIOUS_TOKEN_STILL_IN_USE, READY, RECONCILING,
+    SETUP_COMPLETE, STALLED, TOKEN_AVAILABLE, UPDATE_AVAILABLE, outside_closed_sets, ready_of,
+    verdict_reason,
+};
+
+use self::conditions::{
+    cond, merge, progress_conditions, ready_condition, set, setup_complete_condition,
+    token_available_condition, update_available_condition,
+};
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::decide::{Probes, SetupOutcome, Stall, Verdict, Verified};
 use crate::crd::{NetbirdInstanceStatus, SetupState, SetupStatus, TokenStatus, VersionStatus};
@@ -10,13 +27,6 @@ use crate::token_secret::{
     ANN_SETUP_COMPLETED_AT, ANN_SETUP_OUTCOME, ANN_SETUP_STARTED_AT, ANN_USER_ID, OwnedSecret,
     TokenSecret,
 };
-
-pub const READY: &str = "Ready";
-pub const RECONCILING: &str = "Reconciling";
-pub const STALLED: &str = "Stalled";
-pub const SETUP_COMPLETE: &str = "SetupComplete";
-pub const TOKEN_AVAILABLE: &str = "TokenAvailable";
-pub const UPDATE_AVAILABLE: &str = "UpdateAvailable";
 
 /// Inputs of the report.
 pub struct ReportInput<'a> {
@@ -44,10 +54,6 @@ pub struct ReportInput<'a> {
     /// spec.token.rotation.retireAfterUnused
     pub retire_after: std::time::Duration,
 }
-
-/// The TokenAvailable reason (and Warning Event) while a consumer still uses the previous token
-/// near the end of its grace period.
-pub const PREVIOUS_TOKEN_STILL_IN_USE: &str = "PreviousTokenStillInUse";
 
 /// A timestamp as the apiserver stores it (whole seconds), so that an unchanged status compares
 /// equal.
@@ -98,50 +104,14 @@ pub fn initial(generation: Option<i64>, now: Timestamp) -> NetbirdInstanceStatus
     }
 }
 
-/// The status of a condition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConditionStatus {
-    True,
-    False,
-    Unknown,
-}
-
-impl ConditionStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConditionStatus::True => "True",
-            ConditionStatus::False => "False",
-            ConditionStatus::Unknown => "Unknown",
-        }
-    }
-}
-
-/// One condition as a pass sees it: its type and what it says (the generation and the transition
-/// time are added where the conditions are merged, see [`merge`]).
-struct Cond {
-    type_: &'static str,
-    status: ConditionStatus,
-    reason: String,
-    message: String,
-}
-
-fn c(type_: &'static str, status: ConditionStatus, reason: &str, message: &str) -> Cond {
-    Cond {
-        type_,
-        status,
-        reason: reason.into(),
-        message: message.into(),
-    }
-}
-
 /// What the report reads from the token Secret and the probes, once.
-struct Seen<'a> {
-    owned: Option<&'a OwnedSecret>,
-    verified: Option<&'a Verified>,
+pub(super) struct Seen<'a> {
+    pub(super) owned: Option<&'a OwnedSecret>,
+    pub(super) verified: Option<&'a Verified>,
     /// (user id, email) of the setup this pass performed.
-    setup_result: Option<(String, String)>,
+    pub(super) setup_result: Option<(String, String)>,
     /// The operator performed the setup (this pass or before).
-    performed_by_us: bool,
+    pub(super) performed_by_us: bool,
 }
 
 impl<'a> Seen<'a> {
@@ -167,7 +137,7 @@ impl<'a> Seen<'a> {
         }
     }
 
-    fn ann(&self, key: &str) -> Option<&'a str> {
+    pub(super) fn ann(&self, key: &str) -> Option<&'a str> {
         self.owned.and_then(|s| s.annotation(key))
     }
 }
@@ -214,27 +184,6 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
         token,
         version,
     }
-}
-
-/// Sets the conditions that are present and removes those that are absent, in that order. The one
-/// place that handles transition times: a condition keeps its lastTransitionTime when its status
-/// did not change.
-fn merge<const N: usize>(
-    mut conditions: Vec<Condition>,
-    updates: [(&str, Option<Cond>); N],
-    generation: Option<i64>,
-    now: Timestamp,
-) -> Vec<Condition> {
-    for (type_, update) in updates {
-        match update {
-            Some(u) => set(
-                &mut conditions,
-                cond(u.type_, u.status, &u.reason, &u.message, generation, now),
-            ),
-            None => remove(&mut conditions, type_),
-        }
-    }
-    conditions
 }
 
 fn setup_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<&SetupStatus>) -> SetupStatus {
@@ -387,241 +336,6 @@ fn version_status(r: &ReportInput<'_>, prev: Option<VersionStatus>) -> Option<Ve
     }
 }
 
-fn ready_condition(r: &ReportInput<'_>) -> Cond {
-    use ConditionStatus::{False, Unknown};
-    match r.verdict {
-        Verdict::Ready => {
-            let mut m = format!(
-                "NetBird is set up and a verified token is in Secret {}",
-                r.secret_name
-            );
-            if r.credentials_gone {
-                m.push_str(
-                    "; note: the credentials Secret is gone (it is needed for setup only), so \
-                     whether the owner's credentials changed is not checked",
-                );
-            }
-            if r.credentials_changed {
-                m.push_str(
-                    "; note: the credentials Secret no longer matches the credentials NetBird was \
-                        set up with. \
-                     The operator never changes the owner's password: change it in the NetBird \
-                         dashboard",
-                );
-            }
-            c(READY, ConditionStatus::True, "Bootstrapped", &m)
-        }
-        Verdict::Waiting {
-            reason, message, ..
-        } => c(READY, False, reason.as_str(), message),
-        Verdict::Stalled { reason, message } => c(READY, False, reason.as_str(), message),
-        // handled by the caller: a suspended pass keeps the previous status
-        Verdict::Suspended => c(READY, Unknown, "Suspended", "reconciling is suspended"),
-    }
-}
-
-/// Reconciling while the operator works on it, Stalled when it needs a person (never both).
-fn progress_conditions(verdict: &Verdict) -> (Option<Cond>, Option<Cond>) {
-    match verdict {
-        Verdict::Waiting {
-            reason, message, ..
-        } => (
-            Some(c(
-                RECONCILING,
-                ConditionStatus::True,
-                reason.as_str(),
-                message,
-            )),
-            None,
-        ),
-        Verdict::Stalled { reason, message } => (
-            None,
-            Some(c(STALLED, ConditionStatus::True, reason.as_str(), message)),
-        ),
-        _ => (None, None),
-    }
-}
-
-/// SetupComplete, once the instance has its owner. Its reasons are a closed set that has no word
-/// for "not yet": until then the condition is absent (Ready says why).
-fn setup_complete_condition(setup: &SetupStatus) -> Option<Cond> {
-    match setup.state {
-        SetupState::Completed => Some(c(
-            SETUP_COMPLETE,
-            ConditionStatus::True,
-            "SetupPerformed",
-            "this operator ran the one-time setup",
-        )),
-        SetupState::AlreadySetUp | SetupState::Unavailable => Some(c(
-            SETUP_COMPLETE,
-            ConditionStatus::True,
-            "AlreadySetUp",
-            "NetBird was set up before this operator looked at it",
-        )),
-        SetupState::Pending | SetupState::InProgress => None,
-    }
-}
-
-/// TokenAvailable while a verified token is in the token Secret: set by a Ready pass, kept as it
-/// was through a pass that waits (the server unreachable a moment) while the Secret still holds a
-/// token, and absent otherwise (its closed set of reasons has no word for "no token": Ready says
-/// why).
-fn token_available_condition(
-    r: &ReportInput<'_>,
-    seen: &Seen<'_>,
-    prev: &NetbirdInstanceStatus,
-) -> Option<Cond> {
-    if *r.verdict != Verdict::Ready {
-        let holds_token = seen
-            .owned
-            .is_some_and(|s| matches!(s.token, crate::token_secret::TokenValue::Present(_)));
-        let waiting = matches!(r.verdict, Verdict::Waiting { .. });
-        return prev
-            .conditions
-            .iter()
-            .find(|c| c.type_ == TOKEN_AVAILABLE && c.status == "True")
-            .filter(|_| waiting && holds_token)
-            .map(|old| Cond {
-                type_: TOKEN_AVAILABLE,
-                status: ConditionStatus::True,
-                reason: old.reason.clone(),
-                message: old.message.clone(),
-            });
-    }
-    let expiring = !r.rotation_enabled
-        && seen
-            .owned
-            .and_then(|s| s.renew_at())
-            .is_some_and(|at| r.now >= at);
-    let (reason, message) = if expiring {
-        (
-            "TokenExpiringSoon",
-            format!(
-                "less than a third of the token's lifetime is left (it expires at {}) and rotation \
-                    is off: put a new token in the Secret or set spec.token.rotation.enabled",
-                seen.ann(ANN_EXPIRES_AT).unwrap_or("?")
-            ),
-        )
-    } else if previous_still_in_use(r) {
-        (
-            PREVIOUS_TOKEN_STILL_IN_USE,
-            format!(
-                "the previous token {} is still in use: NetBird saw it used at {} and it is \
-                 deleted at {}. Restart the programs that read Secret {} (or give them Reloader's \
-                 annotation) so that they take the new token before then",
-                seen.ann(ANN_PREVIOUS_TOKEN_ID).unwrap_or("?"),
-                r.previous_use
-                    .and_then(|o| o.last_used)
-                    .map_or_else(|| "?".to_string(), |t| to_time(t).0.to_string()),
-                seen.ann(ANN_PREVIOUS_DELETE_AT).unwrap_or("?"),
-                r.secret_name
-            ),
-        )
-    } else if seen.ann(ANN_ROTATED_AT).is_some() {
-        (
-            "TokenRotated",
-            "the token was renewed before it expired; the new one is stored and verified"
-                .to_string(),
-        )
-    } else if seen.performed_by_us
-        && seen
-            .ann(ANN_USER_ID)
-            .is_some_and(|u| seen.verified.is_none_or(|v| v.user.id == u))
-    {
-        (
-            "TokenStored",
-            "the token from setup is stored and verified".to_string(),
-        )
-    } else {
-        (
-            "TokenAdopted",
-            "a token put into the Secret was verified and adopted".to_string(),
-        )
-    };
-    let rotation_failed = r
-        .probes
-        .rotation_error
-        .as_ref()
-        .map(|e| format!("; renewing it failed ({e}), retrying"));
-    let message = format!("{message}{}", rotation_failed.unwrap_or_default());
-    Some(c(TOKEN_AVAILABLE, ConditionStatus::True, reason, &message))
-}
-
-fn update_available_condition(r: &ReportInput<'_>, version: Option<&VersionStatus>) -> Cond {
-    use ConditionStatus::{False, True, Unknown};
-    let (status, reason, message) = match (version, &r.probes.version) {
-        _ if !r.version_check_enabled => (
-            Unknown,
-            "Unknown",
-            "the version check is disabled".to_string(),
-        ),
-        (_, Some(Err(e))) => (
-            Unknown,
-            "Unknown",
-            format!("the last version check failed: {e}"),
-        ),
-        (Some(v), _) if v.update_available == Some(true) => (
-            True,
-            "UpdateAvailable",
-            format!(
-                "management {} is available (running {})",
-                v.management_available.as_deref().unwrap_or("?"),
-                v.management.as_deref().unwrap_or("?")
-            ),
-        ),
-        (Some(v), _) if v.management_available.is_some() => (
-            False,
-            "UpToDate",
-            format!(
-                "running the latest management release {}",
-                v.management.as_deref().unwrap_or("?")
-            ),
-        ),
-        (Some(_), _) => (
-            Unknown,
-            "Unknown",
-            "the server could not tell the latest release (it may have no internet access)"
-                .to_string(),
-        ),
-        (None, _) => (Unknown, "Unknown", "versions not checked yet".to_string()),
-    };
-    c(UPDATE_AVAILABLE, status, reason, &message)
-}
-
-fn cond(
-    type_: &str,
-    status: ConditionStatus,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: Timestamp,
-) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: status.as_str().into(),
-        reason: reason.into(),
-        message: message.chars().take(32768).collect(),
-        observed_generation: generation,
-        last_transition_time: to_time(now),
-    }
-}
-
-/// Sets a condition; keeps its lastTransitionTime when its status did not change.
-fn set(conditions: &mut Vec<Condition>, mut c: Condition) {
-    if let Some(old) = conditions.iter_mut().find(|o| o.type_ == c.type_) {
-        if old.status == c.status {
-            c.last_transition_time = old.last_transition_time.clone();
-        }
-        *old = c;
-    } else {
-        conditions.push(c);
-    }
-}
-
-fn remove(conditions: &mut Vec<Condition>, type_: &str) {
-    conditions.retain(|c| c.type_ != type_);
-}
-
 /// The status while a token the operator holds in memory cannot be written to its Secret: Ready
 /// False and Reconciling True with reason StoringToken and what failed, so a person knows before
 /// the process ends. The rest of the previous status is kept.
@@ -657,108 +371,13 @@ pub fn storing_token(
     status
 }
 
-/// Every condition type with its closed set of reasons (the contract's table; Ready also takes the
-/// reason of the condition that blocks it, and StoringToken while a token is held in memory).
-pub const CLOSED_REASONS: [(&str, &[&str]); 6] = [
-    (
-        READY,
-        &[
-            "Bootstrapped",
-            "Progressing",
-            "WaitingForCredentials",
-            "ManagementUnreachable",
-            "SettingUp",
-            "StoringToken",
-            "RotatingToken",
-            "InvalidSpec",
-            "CredentialsRejected",
-            "SetupUnavailable",
-            "TokenNotIssued",
-            "TokenLost",
-            "TokenRejected",
-            "SecretConflict",
-            "ServerNotAllowed",
-        ],
-    ),
-    (
-        RECONCILING,
-        &[
-            "Progressing",
-            "WaitingForCredentials",
-            "ManagementUnreachable",
-            "SettingUp",
-            "StoringToken",
-            "RotatingToken",
-        ],
-    ),
-    (
-        STALLED,
-        &[
-            "InvalidSpec",
-            "CredentialsRejected",
-            "SetupUnavailable",
-            "TokenNotIssued",
-            "TokenLost",
-            "TokenRejected",
-            "SecretConflict",
-            "ServerNotAllowed",
-        ],
-    ),
-    (SETUP_COMPLETE, &["SetupPerformed", "AlreadySetUp"]),
-    (
-        TOKEN_AVAILABLE,
-        &[
-            "TokenStored",
-            "TokenAdopted",
-            "TokenRotated",
-            "TokenExpiringSoon",
-            PREVIOUS_TOKEN_STILL_IN_USE,
-        ],
-    ),
-    (
-        UPDATE_AVAILABLE,
-        &["UpdateAvailable", "UpToDate", "Unknown"],
-    ),
-];
-
-/// The first condition whose type or reason is outside the closed sets, if any.
-pub fn outside_closed_sets(status: &NetbirdInstanceStatus) -> Option<(String, String)> {
-    status
-        .conditions
-        .iter()
-        .find(|c| {
-            !CLOSED_REASONS
-                .iter()
-                .any(|(ty, reasons)| *ty == c.type_ && reasons.contains(&c.reason.as_str()))
-        })
-        .map(|c| (c.type_.clone(), c.reason.clone()))
-}
-
-/// The Ready condition's (status, reason), to detect transitions.
-pub fn ready_of(status: Option<&NetbirdInstanceStatus>) -> Option<(String, String)> {
-    status?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY)
-        .map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-/// Reason of the Reconciling condition for a verdict (for Events and metrics).
-pub fn verdict_reason(v: &Verdict) -> &'static str {
-    match v {
-        Verdict::Ready => "Bootstrapped",
-        Verdict::Suspended => "Suspended",
-        Verdict::Waiting { reason, .. } => reason.as_str(),
-        Verdict::Stalled { reason, .. } => reason.as_str(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::controller::decide::Verified;
     use crate::netbird::{User, VersionInfo};
     use crate::token_secret::{OwnedSecret, TokenValue};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
     use secrecy::SecretString;
     use std::collections::BTreeMap;
 
