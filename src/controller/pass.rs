@@ -327,6 +327,7 @@ async fn drive(
     let setup_server_errors = ctx.memory.setup_server_errors(uid, &setup_key);
     let mut verdict = None;
     let watch = ctx.memory.previous_use_watch(uid);
+    let mut read_fresh_for_setup = false;
     for _ in 0..16 {
         let now = ctx.now();
         let previous_use_due = world.token_secret.owned().is_some_and(|s| {
@@ -363,6 +364,15 @@ async fn drive(
             }
             ControlFlow::Continue(step) => step,
         };
+        // the password goes only where the credentials Secret allows: setup is decided again on
+        // the Secrets as the apiserver has them now, not as a lagging watch cache may (an
+        // allow-list just added would otherwise be missed; found by the history explorer)
+        if step == decide::Step::Setup && !read_fresh_for_setup {
+            read_fresh_for_setup = true;
+            *world = steps::World::read_fresh(nbi, secrets, ctx).await?;
+            credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
+            continue;
+        }
         if let Err(v) = steps::run(step, nbi, ctx, secrets, world, &mut probes).await {
             verdict = Some(v);
             break;

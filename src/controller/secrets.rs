@@ -312,6 +312,12 @@ impl<'a> Secrets<'a> {
         got
     }
 
+    /// The Secret as the apiserver has it now, whatever the cache holds (a lagging watch cannot
+    /// tell that its copy is old).
+    pub async fn get_uncached(&self, name: &str) -> Result<Option<Secret>, kube::Error> {
+        self.api.get_opt(name).await
+    }
+
     /// A JSON merge patch; returns the Secret as written.
     pub async fn patch(
         &self,

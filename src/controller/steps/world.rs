@@ -51,7 +51,7 @@ impl World {
         secrets: &Secrets<'_>,
         ctx: &Context,
     ) -> Result<Self, Error> {
-        Self::read_with(nbi, secrets, ctx, true).await
+        Self::read_with(nbi, secrets, ctx, Source::Watch).await
     }
 
     /// Whether an absence known only from the watch was read again (the world is then read anew
@@ -65,24 +65,35 @@ impl World {
         if !self.unseen.contains(&true) {
             return Ok(false);
         }
-        *self = Self::read_with(nbi, secrets, ctx, false).await?;
+        *self = Self::read_with(nbi, secrets, ctx, Source::Cache).await?;
         Ok(true)
+    }
+
+    /// The world read from the apiserver itself, never the watch cache, which may lag without
+    /// knowing it (before setup sends the password).
+    pub async fn read_fresh(
+        nbi: &NetbirdInstance,
+        secrets: &Secrets<'_>,
+        ctx: &Context,
+    ) -> Result<Self, Error> {
+        Self::read_with(nbi, secrets, ctx, Source::Apiserver).await
     }
 
     async fn read_with(
         nbi: &NetbirdInstance,
         secrets: &Secrets<'_>,
         ctx: &Context,
-        trust_watch: bool,
+        source: Source,
     ) -> Result<Self, Error> {
         let get = |name: String| async move {
-            let found = if trust_watch {
-                secrets.lookup(&name).await
-            } else {
-                secrets.get(&name).await.map(|s| match s {
-                    Some(s) => Lookup::Found(Box::new(s)),
-                    None => Lookup::Gone,
-                })
+            let found_or_gone = |s: Option<Secret>| match s {
+                Some(s) => Lookup::Found(Box::new(s)),
+                None => Lookup::Gone,
+            };
+            let found = match source {
+                Source::Watch => secrets.lookup(&name).await,
+                Source::Cache => secrets.get(&name).await.map(found_or_gone),
+                Source::Apiserver => secrets.get_uncached(&name).await.map(found_or_gone),
             };
             found.map_err(|error| Error::ReadSecret { name, error })
         };
@@ -319,4 +330,15 @@ pub(super) fn progressing(what: &str, e: &kube::Error) -> Verdict {
         message: format!("{what}: {e}; retrying with backoff"),
         retry: true,
     }
+}
+
+/// Where [`World::read_with`] reads the Secrets from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The watch cache, and its word that a Secret does not exist.
+    Watch,
+    /// The watch cache when it holds a current copy, else the apiserver.
+    Cache,
+    /// The apiserver.
+    Apiserver,
 }
