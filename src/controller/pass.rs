@@ -365,11 +365,11 @@ async fn drive(
             ControlFlow::Continue(step) => step,
         };
         // the password goes only where the credentials Secret allows: setup is decided again on
-        // the Secrets as the apiserver has them now, not as a lagging watch cache may (an
+        // the credentials Secret as the apiserver has it now, not as a lagging watch cache may (an
         // allow-list just added would otherwise be missed; found by the history explorer)
         if step == decide::Step::Setup && !read_fresh_for_setup {
             read_fresh_for_setup = true;
-            *world = steps::World::read_fresh(nbi, secrets, ctx).await?;
+            world.refresh_credentials(nbi, secrets).await?;
             credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
             continue;
         }

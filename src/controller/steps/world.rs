@@ -51,7 +51,7 @@ impl World {
         secrets: &Secrets<'_>,
         ctx: &Context,
     ) -> Result<Self, Error> {
-        Self::read_with(nbi, secrets, ctx, Source::Watch).await
+        Self::read_with(nbi, secrets, ctx, true).await
     }
 
     /// Whether an absence known only from the watch was read again (the world is then read anew
@@ -65,35 +65,46 @@ impl World {
         if !self.unseen.contains(&true) {
             return Ok(false);
         }
-        *self = Self::read_with(nbi, secrets, ctx, Source::Cache).await?;
+        *self = Self::read_with(nbi, secrets, ctx, false).await?;
         Ok(true)
     }
 
-    /// The world read from the apiserver itself, never the watch cache, which may lag without
-    /// knowing it (before setup sends the password).
-    pub async fn read_fresh(
+    /// Reads the credentials Secret again from the apiserver itself, never the watch cache (which
+    /// may lag without knowing it): what setup decides on before it sends the password (an
+    /// allow-list just added must not be missed).
+    pub async fn refresh_credentials(
+        &mut self,
         nbi: &NetbirdInstance,
         secrets: &Secrets<'_>,
-        ctx: &Context,
-    ) -> Result<Self, Error> {
-        Self::read_with(nbi, secrets, ctx, Source::Apiserver).await
+    ) -> Result<(), Error> {
+        let cref = &nbi.spec.credentials_secret_ref;
+        let secret = secrets
+            .get_uncached(&cref.name)
+            .await
+            .map_err(|error| Error::ReadSecret {
+                name: cref.name.clone(),
+                error,
+            })?;
+        self.credentials_rv = resource_version(&secret);
+        self.allowed_servers = allow_list(&secret);
+        self.credentials = credentials_input(cref, secret);
+        Ok(())
     }
 
     async fn read_with(
         nbi: &NetbirdInstance,
         secrets: &Secrets<'_>,
         ctx: &Context,
-        source: Source,
+        trust_watch: bool,
     ) -> Result<Self, Error> {
         let get = |name: String| async move {
-            let found_or_gone = |s: Option<Secret>| match s {
-                Some(s) => Lookup::Found(Box::new(s)),
-                None => Lookup::Gone,
-            };
-            let found = match source {
-                Source::Watch => secrets.lookup(&name).await,
-                Source::Cache => secrets.get(&name).await.map(found_or_gone),
-                Source::Apiserver => secrets.get_uncached(&name).await.map(found_or_gone),
+            let found = if trust_watch {
+                secrets.lookup(&name).await
+            } else {
+                secrets.get(&name).await.map(|s| match s {
+                    Some(s) => Lookup::Found(Box::new(s)),
+                    None => Lookup::Gone,
+                })
             };
             found.map_err(|error| Error::ReadSecret { name, error })
         };
@@ -118,22 +129,8 @@ impl World {
             secret.into_option(),
         );
         let credentials_rv = resource_version(&credentials_secret);
-        let allowed_servers = credentials_secret
-            .as_ref()
-            .and_then(|s| s.metadata.annotations.as_ref())
-            .and_then(|a| a.get(crate::binding::ANN_ALLOWED_URLS))
-            .cloned();
-        let credentials = match credentials_secret {
-            None => Input::Missing(format!(
-                "waiting for the credentials Secret {} (keys {}, {} and optionally {}); \
-                 the operator continues as soon as it exists",
-                cref.name, cref.email_key, cref.password_key, cref.name_key
-            )),
-            Some(s) => match credentials::parse(&cref.name, &s.data.unwrap_or_default(), cref) {
-                Ok(c) => Input::Ready(c),
-                Err(e) => Input::Invalid(e.to_string()),
-            },
-        };
+        let allowed_servers = allow_list(&credentials_secret);
+        let credentials = credentials_input(cref, credentials_secret);
         let ca_rv = resource_version(&ca_secret);
         let ca = match (ca_ref, ca_secret) {
             (None, _) => Input::NotNeeded,
@@ -332,13 +329,29 @@ pub(super) fn progressing(what: &str, e: &kube::Error) -> Verdict {
     }
 }
 
-/// Where [`World::read_with`] reads the Secrets from.
-#[derive(Clone, Copy)]
-enum Source {
-    /// The watch cache, and its word that a Secret does not exist.
-    Watch,
-    /// The watch cache when it holds a current copy, else the apiserver.
-    Cache,
-    /// The apiserver.
-    Apiserver,
+/// The credentials Secret's allow-list of servers for its password, when it has one.
+fn allow_list(secret: &Option<Secret>) -> Option<String> {
+    secret
+        .as_ref()
+        .and_then(|s| s.metadata.annotations.as_ref())
+        .and_then(|a| a.get(crate::binding::ANN_ALLOWED_URLS))
+        .cloned()
+}
+
+/// The credentials as the decision reads them, from the credentials Secret (or its absence).
+fn credentials_input(
+    cref: &crate::crd::CredentialsSecretRef,
+    secret: Option<Secret>,
+) -> Input<crate::credentials::Credentials> {
+    match secret {
+        None => Input::Missing(format!(
+            "waiting for the credentials Secret {} (keys {}, {} and optionally {}); the operator \
+             continues as soon as it exists",
+            cref.name, cref.email_key, cref.password_key, cref.name_key
+        )),
+        Some(s) => match credentials::parse(&cref.name, &s.data.unwrap_or_default(), cref) {
+            Ok(c) => Input::Ready(c),
+            Err(e) => Input::Invalid(e.to_string()),
+        },
+    }
 }
