@@ -53,7 +53,19 @@ async fn read_once_consumer_works_with_the_stored_token_and_is_refused_once_it_i
         .wait_instance("nb", "Ready", T, |n| ready_is(n, "True", "Bootstrapped"))
         .await;
 
-    // the per-instance gauges the alerts read
+    // the per-instance gauges the alerts read (set just after the status write that made the
+    // instance Ready: waited for, not raced)
+    let lines = [
+        condition_line(&env.ns, "nb", "Ready", 1),
+        condition_line(&env.ns, "nb", "Stalled", 0),
+        condition_line(&env.ns, "nb", "UpdateAvailable", 0),
+    ];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while !lines.iter().all(|l| op.metrics.encode().contains(l)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     let metrics = op.metrics.encode();
     for line in [
         condition_line(&env.ns, "nb", "Ready", 1),
