@@ -354,17 +354,9 @@ impl NetbirdClient {
         token: &SecretString,
         user_id: &str,
     ) -> Result<Vec<PersonalAccessToken>, NetbirdError> {
-        let path = format!("users/{}/tokens", segment(user_id));
-        let list: Option<Vec<PersonalAccessToken>> = self
-            .call(
-                Endpoint::ListTokens,
-                Method::GET,
-                &path,
-                Some(token),
-                None::<&()>,
-            )
-            .await?;
-        Ok(list.unwrap_or_default())
+        self.list_tokens_dated(token, user_id)
+            .await
+            .map(|(list, _)| list)
     }
 
     /// `GET /api/users/{id}/tokens`, with the server's time of the answer (its `Date` header): a
