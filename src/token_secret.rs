@@ -460,6 +460,19 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
+/// `patch` made to apply only to the version of the Secret it was decided on: a Secret changed
+/// since (a person removed its labels behind a lagging watch) makes the write fail with a
+/// conflict instead of writing into it. A patch that names a version already keeps its own.
+pub fn guarded(patch: &Value, resource_version: Option<&str>) -> Value {
+    let mut patch = patch.clone();
+    if let Some(rv) = resource_version
+        && patch["metadata"]["resourceVersion"].is_null()
+    {
+        patch["metadata"]["resourceVersion"] = json!(rv);
+    }
+    patch
+}
+
 /// Claims an existing owned Secret for setup. `resource_version` makes the write fail on a
 /// concurrent change, so the claim is known to hold before the one-time call. `check` is the
 /// comparison of the credentials the claim made (see [`ANN_CREDENTIALS_CHECKED`]).
@@ -1065,6 +1078,25 @@ mod tests {
         assert_eq!(recorded_check(&same, "41", "$argon2id$fp"), Some(true));
         assert_eq!(recorded_check("41 same", "41", "$argon2id$fp"), None);
         assert_eq!(recorded_check("garbage", "41", "$argon2id$fp"), None);
+    }
+
+    #[test]
+    fn a_guarded_patch_applies_to_the_version_it_was_decided_on() {
+        let patch = json!({"metadata": {"labels": {"a": "b"}}});
+        let guarded = guarded(&patch, Some("7"));
+        assert_eq!(guarded["metadata"]["resourceVersion"], "7");
+        assert_eq!(guarded["metadata"]["labels"], patch["metadata"]["labels"]);
+        // a claim names its own version; nothing known, nothing added
+        let claim = json!({"metadata": {"resourceVersion": "3"}});
+        assert_eq!(guarded_rv(&claim, Some("7")), "3");
+        assert!(super::guarded(&patch, None)["metadata"]["resourceVersion"].is_null());
+    }
+
+    fn guarded_rv(patch: &Value, rv: Option<&str>) -> String {
+        guarded(patch, rv)["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     #[test]

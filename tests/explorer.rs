@@ -1976,9 +1976,6 @@ fn run_here(history: &[Op], record: bool) -> (Result<(), String>, Vec<simkube::R
 /// until the fixes are merged (then this list goes). Everything else fails it.
 const KNOWN_DEFECTS: &[&str] = &[
     // Found by the explorer, not triaged yet (reported on issue 20):
-    // - with the Secret watch lagging, a patch built from the cache (no resourceVersion
-    //   precondition) writes into a token Secret whose labels a person removed meanwhile
-    "which lacks its labels",
     // - a setup whose answer was lost (crash), then a token put in by hand and adopted: the
     //   setup token stays valid on the server and nothing reports it
     "(setup-token, delivered:",

@@ -318,16 +318,30 @@ impl<'a> Secrets<'a> {
         self.api.get_opt(name).await
     }
 
-    /// A JSON merge patch; returns the Secret as written.
+    /// A JSON merge patch; returns the Secret as written. A conflict (the patch named a version
+    /// that is not the current one) drops the kept copy.
     pub async fn patch(
         &self,
         name: &str,
         patch: &serde_json::Value,
     ) -> Result<Secret, kube::Error> {
-        let written = self
+        let written = match self
             .api
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
-            .await?;
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                if let kube::Error::Api(s) = &e
+                    && s.code == 409
+                {
+                    // changed since the version the patch named: the kept copy is old, whatever
+                    // the watch says yet (the next get reads it)
+                    self.cache.forget(&self.ns, name);
+                }
+                return Err(e);
+            }
+        };
         self.cache.wrote(&self.ns, name, &written);
         Ok(written)
     }

@@ -103,7 +103,7 @@ pub async fn run(
 /// At shutdown: the token writes held in memory are tried until the shutdown deadline; what is
 /// still not written is said loudly, instance by instance.
 async fn store_held_writes(ctx: &Context) {
-    for held in ctx.memory.take_all_held_writes() {
+    for mut held in ctx.memory.take_all_held_writes() {
         let secrets = secrets::Secrets::new(ctx.client.clone(), &held.namespace, &ctx.secret_cache);
         let mut delay = Duration::from_millis(200);
         loop {

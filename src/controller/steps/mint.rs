@@ -120,10 +120,16 @@ impl Stepper<'_, '_> {
             previous_token: token,
         });
         let patch = token_secret::rotated_patch(nbi, &new, exchange.as_ref());
-        let written =
-            write_until_stored(ctx, self.secrets, nbi, &patch, Some(&created.plain_token))
-                .await?
-                .map(Box::new);
+        let written = write_until_stored(
+            ctx,
+            self.secrets,
+            nbi,
+            self.world.token_secret_rv.as_deref(),
+            &patch,
+            Some(&created.plain_token),
+        )
+        .await?
+        .map(Box::new);
         // a token given up at shutdown was reported lost (ERROR) and is never also "stored"
         match (svc, &written) {
             (_, None) => {}

@@ -89,8 +89,15 @@ impl Stepper<'_, '_> {
             .owned()
             .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_TOKEN_ID))
             .map(str::to_string);
-        let (outcome, written, malformed) =
-            setup(self.nbi, self.ctx, &self.client, creds, self.secrets).await?;
+        let (outcome, written, malformed) = setup(
+            self.nbi,
+            self.ctx,
+            &self.client,
+            creds,
+            self.secrets,
+            self.world.token_secret_rv.as_deref(),
+        )
+        .await?;
         if let (Some(id), SetupOutcome::TokenStored { .. }) = (&earlier, &outcome) {
             warn!(token_id = %id, "setup stored a new token in a Secret that recorded a replaced \
                 token of an earlier setup; that token is no longer followed and stays valid on \
@@ -137,6 +144,7 @@ async fn setup(
     client: &NetbirdClient,
     creds: &Credentials,
     secrets: &Secrets<'_>,
+    claimed: Option<&str>,
 ) -> Result<(SetupOutcome, Option<Secret>, Option<PatFormatError>), Verdict> {
     let req = SetupRequest {
         email: creds.email.clone(),
@@ -174,7 +182,7 @@ async fn setup(
             };
             let patch =
                 token_secret::no_token_patch(&resp.user_id, &completed.to_string(), outcome);
-            let written = write_until_stored(ctx, secrets, nbi, &patch, None).await?;
+            let written = write_until_stored(ctx, secrets, nbi, claimed, &patch, None).await?;
             let outcome = SetupOutcome::NoToken {
                 user_id: resp.user_id,
                 email: resp.email,
@@ -194,7 +202,7 @@ async fn setup(
         &expires.to_string(),
         &completed.to_string(),
     );
-    let written = write_until_stored(ctx, secrets, nbi, &patch, Some(&token)).await?;
+    let written = write_until_stored(ctx, secrets, nbi, claimed, &patch, Some(&token)).await?;
     if written.is_none() {
         // given up at shutdown, and said loudly there: never also reported stored
         let outcome = SetupOutcome::TokenLost {
@@ -280,7 +288,10 @@ pub async fn record_credentials_check(
     if recorded != Some(false) {
         return;
     }
-    let patch = token_secret::credentials_checked_patch(&check);
+    let patch = token_secret::guarded(
+        &token_secret::credentials_checked_patch(&check),
+        world.token_secret_rv.as_deref(),
+    );
     match secrets.patch(&nbi.token_secret_name(), &patch).await {
         Ok(written) => world.set_token_secret(nbi, Some(written)),
         Err(e) => {

@@ -37,36 +37,39 @@ pub(super) async fn write_until_stored(
     ctx: &Context,
     secrets: &Secrets<'_>,
     nbi: &NetbirdInstance,
+    based_on: Option<&str>,
     patch: &serde_json::Value,
     token: Option<&SecretString>,
 ) -> Result<Option<Secret>, Verdict> {
     let name = nbi.token_secret_name();
     let began = tokio::time::Instant::now();
-    let attempt = || async {
-        match secrets.patch(&name, patch).await {
-            Ok(s) => Ok(s),
-            Err(kube::Error::Api(s)) if s.code == 404 => {
-                secrets.create(&token_secret::recreated(nbi, patch)).await
-            }
-            Err(e) => Err(e),
-        }
+    let mut write = HeldWrite {
+        namespace: nbi.metadata.namespace.clone().unwrap_or_default(),
+        instance: nbi.name_any(),
+        secret: name.clone(),
+        based_on: based_on.map(str::to_string),
+        patch: patch.clone(),
+        recreate: token_secret::recreated(nbi, patch),
+        holds_token: token.is_some(),
     };
     let mut delay = Duration::from_millis(200);
     let mut reported = false;
     loop {
         // a write the apiserver does not answer is cut off at the shutdown deadline too
-        let write = attempt();
-        tokio::pin!(write);
-        let answered = tokio::select! {
-            r = &mut write => Some(r),
-            () = ctx.shutdown.cancelled() => None,
-        };
-        let answered = match answered {
-            Some(r) => Some(r),
-            None => match ctx.shutdown_deadline() {
-                Some(at) => tokio::time::timeout_at(at, &mut write).await.ok(),
-                None => Some(write.await),
-            },
+        let answered = {
+            let attempt = write.attempt(secrets);
+            tokio::pin!(attempt);
+            let answered = tokio::select! {
+                r = &mut attempt => Some(r),
+                () = ctx.shutdown.cancelled() => None,
+            };
+            match answered {
+                Some(r) => Some(r),
+                None => match ctx.shutdown_deadline() {
+                    Some(at) => tokio::time::timeout_at(at, &mut attempt).await.ok(),
+                    None => Some(attempt.await),
+                },
+            }
         };
         let error = match answered {
             Some(Ok(s)) => return Ok(Some(s)),
@@ -112,17 +115,7 @@ pub(super) async fn write_until_stored(
         // not shutting down: the write is held in memory and retried by the instance's next
         // passes (with backoff), so a Secret that cannot be written never holds a controller slot
         if deadline.is_none() && began.elapsed() >= HOLD_AFTER {
-            ctx.memory.hold_write(
-                &nbi.uid().unwrap_or_default(),
-                HeldWrite {
-                    namespace: nbi.metadata.namespace.clone().unwrap_or_default(),
-                    instance: nbi.name_any(),
-                    secret: name.clone(),
-                    patch: patch.clone(),
-                    recreate: token_secret::recreated(nbi, patch),
-                    holds_token: token.is_some(),
-                },
-            );
+            ctx.memory.hold_write(&nbi.uid().unwrap_or_default(), write);
             return Err(storing_token(&name, &error));
         }
         let mut wait = delay.mul_f64(0.5 + 0.5 * crate::controller::schedule::jitter_fraction());
@@ -149,6 +142,8 @@ pub struct HeldWrite {
     pub namespace: String,
     pub instance: String,
     pub secret: String,
+    /// The version of the Secret the write applies to (see [`token_secret::guarded`]).
+    based_on: Option<String>,
     patch: serde_json::Value,
     recreate: Secret,
     /// The patch carries a token NetBird issued (lost if the process ends before it is written).
@@ -156,13 +151,52 @@ pub struct HeldWrite {
 }
 
 impl HeldWrite {
-    /// One attempt of the write.
-    pub async fn attempt(&self, secrets: &Secrets<'_>) -> Result<Secret, kube::Error> {
-        match secrets.patch(&self.secret, &self.patch).await {
-            Err(kube::Error::Api(s)) if s.code == 404 => secrets.create(&self.recreate).await,
-            other => other,
+    /// One attempt of the write, on the version of the Secret it was decided on; the Secret is
+    /// created again when it is gone. When the Secret changed meanwhile (a conflict), it is read
+    /// again and the next attempt applies to what it is now, but only while it still carries the
+    /// operator's labels: the operator never writes into a Secret that lacks them.
+    pub async fn attempt(&mut self, secrets: &Secrets<'_>) -> Result<Secret, kube::Error> {
+        let patch = token_secret::guarded(&self.patch, self.based_on.as_deref());
+        let conflict = match secrets.patch(&self.secret, &patch).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                return secrets.create(&self.recreate).await;
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => kube::Error::Api(s),
+            other => return other,
+        };
+        match secrets.get(&self.secret).await? {
+            None => secrets.create(&self.recreate).await,
+            Some(now) => {
+                let labelled = token_secret::classify(Some(now.clone()), &self.instance, "")
+                    .owned()
+                    .is_some();
+                if labelled {
+                    self.based_on = now.metadata.resource_version;
+                    Err(conflict)
+                } else {
+                    Err(unlabelled(&self.secret))
+                }
+            }
         }
     }
+}
+
+/// The answer of a write the operator will not make: the Secret lost its labels.
+fn unlabelled(secret: &str) -> kube::Error {
+    kube::Error::Api(
+        kube::core::Status::failure(
+            &format!(
+                "Secret {secret} no longer carries the labels {}={} and {}=<instance>; the \
+                 operator writes only into Secrets that do (put them back)",
+                token_secret::LABEL_MANAGED_BY,
+                token_secret::MANAGED_BY,
+                token_secret::LABEL_INSTANCE
+            ),
+            "Conflict",
+        )
+        .with_code(409)
+        .boxed(),
+    )
 }
 
 /// The verdict while a token is held in memory because its Secret cannot be written.
@@ -185,7 +219,7 @@ pub async fn store_held(
     nbi: &NetbirdInstance,
     secrets: &Secrets<'_>,
     world: &mut World,
-    held: HeldWrite,
+    mut held: HeldWrite,
 ) -> Result<(), Verdict> {
     match held.attempt(secrets).await {
         Ok(written) => {

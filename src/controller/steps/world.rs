@@ -273,14 +273,17 @@ impl World {
             token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
     }
 
-    /// Patches the token Secret and takes the result as the new state (no read-back).
+    /// Patches the token Secret as this world read it (a Secret changed since is not written: the
+    /// write fails with a conflict and the next pass reads it again), and takes the result as the
+    /// new state (no read-back).
     pub(super) async fn patch(
         &mut self,
         nbi: &NetbirdInstance,
         secrets: &Secrets<'_>,
         patch: &serde_json::Value,
     ) -> Result<(), Verdict> {
-        let written = patch_token_secret(secrets, &nbi.token_secret_name(), patch).await?;
+        let patch = token_secret::guarded(patch, self.token_secret_rv.as_deref());
+        let written = patch_token_secret(secrets, &nbi.token_secret_name(), &patch).await?;
         self.set_token_secret(nbi, Some(written));
         Ok(())
     }
