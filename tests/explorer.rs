@@ -1990,8 +1990,6 @@ const KNOWN_DEFECTS: &[&str] = &[
     //   write; when that write fails (RBAC, conflict) the token is used all the same, and a
     //   spec edited later sends it to another server
     "(a token put in by hand, used before)",
-    // - two instances on one server set up at once both call setup (the second gets 412)
-    "(two passes raced: no instance check since that setup)",
 ];
 
 fn is_known(v: &str) -> bool {

@@ -21,6 +21,7 @@ mod refs;
 pub mod report;
 mod schedule;
 mod secrets;
+mod setup_gates;
 mod status_patch;
 mod steps;
 mod trim;
@@ -129,6 +130,8 @@ pub struct Context {
     secret_cache: secrets::SecretCache,
     /// Which instances reference which Secret (the Secret watch's mapper asks it).
     secret_refs: refs::SecretRefs,
+    /// One setup call at a time per NetBird server (two instances may name one server).
+    setup_gates: setup_gates::SetupGates,
     pub shutdown: CancellationToken,
     /// When the shutdown began (set by [`run`] as `shutdown` is cancelled): the deadline of a
     /// token write still pending counts from it, not from that write's next failure.
@@ -164,6 +167,7 @@ impl Context {
             clients: Mutex::default(),
             secret_cache: secrets::SecretCache::default(),
             secret_refs: refs::SecretRefs::default(),
+            setup_gates: setup_gates::SetupGates::default(),
             shutdown,
             shutdown_began: std::sync::OnceLock::new(),
             clock: Arc::new(jiff::Timestamp::now),

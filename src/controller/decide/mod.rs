@@ -219,6 +219,15 @@ fn after_setup_call(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Option<Decisi
                 retry: true,
             }));
         }
+        Some(SetupOutcome::SetUpMeanwhile) => {
+            if owned.is_some_and(|s| s.setup_started()) && !p.claim_released {
+                return Some(Continue(Step::ReleaseClaim));
+            }
+            return Some(stalled(
+                Stall::SetupUnavailable,
+                setup_unavailable_message(f, true),
+            ));
+        }
         Some(SetupOutcome::Failed(e)) => {
             // "already set up" after an unanswered call of this claim: that call may have been the
             // one that set it up, and its token is lost; the claim is kept as the evidence

@@ -41,6 +41,9 @@ pub enum SetupOutcome {
         email: String,
     },
     Failed(NetbirdError),
+    /// Not called: another instance's pass called setup on the same server after this pass asked
+    /// whether it needs one, and the server now says it does not.
+    SetUpMeanwhile,
 }
 
 /// A token the server accepted, and when.
@@ -56,6 +59,9 @@ pub struct Probes {
     pub metadata_synced: bool,
     pub verify: Option<Result<Verified, NetbirdError>>,
     pub instance: Option<Result<InstanceStatus, NetbirdError>>,
+    /// When this pass asked for `instance` (a setup this process called on the same server since
+    /// makes the answer old: see `setup_gates.rs`).
+    pub instance_asked_at: Option<tokio::time::Instant>,
     pub claimed: bool,
     pub setup: Option<SetupOutcome>,
     pub claim_released: bool,

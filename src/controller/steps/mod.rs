@@ -59,6 +59,7 @@ pub async fn run(
         Step::SyncSecretMetadata => s.sync_secret_metadata().await,
         Step::VerifyToken => s.verify_token().await,
         Step::CheckInstance => {
+            s.probes.instance_asked_at = Some(tokio::time::Instant::now());
             s.probes.instance = Some(s.client.instance_status().await);
             Ok(())
         }

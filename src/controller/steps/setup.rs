@@ -12,9 +12,9 @@ use tracing::{info, warn};
 use super::Stepper;
 use super::store::write_until_stored;
 use super::world::{World, progressing};
-use crate::controller::Context;
 use crate::controller::decide::{Input, SetupOutcome, Verdict, Waiting};
 use crate::controller::secrets::Secrets;
+use crate::controller::{Context, setup_gates};
 use crate::crd::NetbirdInstance;
 use crate::credentials::Credentials;
 use crate::fingerprint;
@@ -89,6 +89,27 @@ impl Stepper<'_, '_> {
             .owned()
             .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_TOKEN_ID))
             .map(str::to_string);
+        // one setup call at a time per server: when another instance's pass called setup there
+        // since this pass asked whether the server needs one, it asks again first
+        let gate = self.ctx.setup_gates.gate(&self.nbi.spec.management_url);
+        let mut last_setup = gate.lock().await;
+        if setup_gates::set_up_since(*last_setup, self.probes.instance_asked_at) {
+            self.probes.instance_asked_at = Some(tokio::time::Instant::now());
+            let fresh = self.client.instance_status().await;
+            let required = matches!(&fresh, Ok(i) if i.setup_required);
+            if !required {
+                if fresh.is_ok() {
+                    info!(
+                        "another NetbirdInstance's setup of this server came first; not calling \
+                        setup"
+                    );
+                    self.probes.setup = Some(SetupOutcome::SetUpMeanwhile);
+                }
+                self.probes.instance = Some(fresh);
+                return Ok(());
+            }
+        }
+        *last_setup = Some(tokio::time::Instant::now());
         let (outcome, written, malformed) = setup(
             self.nbi,
             self.ctx,
