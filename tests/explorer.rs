@@ -1983,13 +1983,6 @@ const KNOWN_DEFECTS: &[&str] = &[
     //   after a person's token is adopted; with a new secretKey the old key keeps the old
     //   token, which the next rotation deletes at once as "the previous token"
     "under a key the spec no longer names",
-    // - a token put in by hand is bound to the server the spec names at its first
-    //   verification: a spec edited before that sends it to a server that did not issue it
-    "(a token put in by hand, on its first use)",
-    // - the first verification of a token put in by hand binds it to the server by a Secret
-    //   write; when that write fails (RBAC, conflict) the token is used all the same, and a
-    //   spec edited later sends it to another server
-    "(a token put in by hand, used before)",
 ];
 
 fn is_known(v: &str) -> bool {

@@ -13,6 +13,19 @@ use crate::token_secret;
 
 impl Stepper<'_, '_> {
     pub(super) async fn verify_token(&mut self) -> Result<(), Verdict> {
+        // a token no server is recorded for (put in by hand, or written before the operator
+        // recorded servers) is bound to this server before its first use: when the binding cannot
+        // be written, the token is not sent at all (a spec edited later could otherwise send a
+        // token already used here to another server)
+        if self
+            .world
+            .token_secret
+            .owned()
+            .is_some_and(|s| s.home_server().is_none())
+        {
+            self.patch(&token_secret::home_server_patch(self.nbi))
+                .await?;
+        }
         let token = self.stored_token();
         let service_user_id = self
             .world
@@ -27,8 +40,7 @@ impl Stepper<'_, '_> {
             user,
             at: ctx.now(),
         }));
-        // the first verification binds the token to this server (Secrets written before the
-        // operator recorded it, and tokens put in by hand)
+        // a token bound without TLS verification and now verified is bound as verified
         if matches!(self.probes.verify, Some(Ok(_)))
             && self
                 .world

@@ -111,6 +111,10 @@ pub struct NetbirdState {
     pub issued: Vec<Issued>,
     /// Where each token was first sent with (insecure_skip_verify): its trust binding.
     pub first_trust: Vec<(String, bool)>,
+    /// Tokens put in by hand, and the server each was first sent to: its home as the contract
+    /// defines it ("the managementURL it was issued by or first verified against"; the operator
+    /// cannot know which dashboard a person made it in).
+    pub hand_homes: Vec<(String, usize)>,
     pub violations: Vec<String>,
     /// Calls answered (for the quiet-world check).
     pub calls: u64,
@@ -184,6 +188,7 @@ impl NetbirdState {
             next: 0,
             issued: Vec::new(),
             first_trust: Vec::new(),
+            hand_homes: Vec::new(),
             violations: Vec::new(),
             calls: 0,
             version_answers: Vec::new(),
@@ -336,14 +341,26 @@ impl NetbirdState {
                     .find(|i| i.plain == plain)
                     .map(|i| i.server)
             });
+        let by_hand = home.is_some_and(|h| {
+            self.servers[h]
+                .tokens
+                .iter()
+                .any(|t| t.plain == plain && t.by_hand)
+        });
+        let home = if by_hand {
+            match self.hand_homes.iter().find(|(p, _)| p == plain) {
+                Some((_, first)) => Some(*first),
+                None => {
+                    self.hand_homes.push((plain.to_string(), s));
+                    Some(s)
+                }
+            }
+        } else {
+            home
+        };
         if let Some(home) = home
             && home != s
         {
-            let by_hand = self.servers[home]
-                .tokens
-                .iter()
-                .any(|t| t.plain == plain && t.by_hand);
-            let first_use = !self.first_trust.iter().any(|(p, _)| p == plain);
             let itself = self.servers[home]
                 .tokens
                 .iter()
@@ -352,10 +369,9 @@ impl NetbirdState {
                 "invariant 3: a token of server {} was sent to server {}{}",
                 self.servers[home].host,
                 self.servers[s].host,
-                match (by_hand, first_use, itself) {
-                    (true, true, _) => " (a token put in by hand, on its first use)",
-                    (true, false, _) => " (a token put in by hand, used before)",
-                    (false, _, true) => " (to delete itself: a replaced token the Secret keeps)",
+                match (by_hand, itself) {
+                    (true, _) => " (a token put in by hand, used before)",
+                    (false, true) => " (to delete itself: a replaced token the Secret keeps)",
                     _ => "",
                 }
             ));
