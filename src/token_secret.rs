@@ -495,6 +495,14 @@ pub fn claim_patch(
     patch
 }
 
+/// Ends the in-flight marker of a setup that a token put in by hand replaced.
+pub fn abandoned_setup_patch() -> Value {
+    json!({"metadata": {"annotations": {
+        ANN_SETUP_STARTED_AT: Value::Null,
+        ANN_SETUP_UNANSWERED: Value::Null,
+    }}})
+}
+
 /// Records that a setup call got no answer (its outcome is unknown).
 pub fn setup_unanswered_patch(at: &str) -> Value {
     json!({"metadata": {"annotations": {ANN_SETUP_UNANSWERED: at}}})

@@ -269,6 +269,21 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, De
         Err(e) if e.is_token_rejected() => return Ok("the token was already invalid".into()),
         Err(e) => return Err(e.into()),
     };
+    // a rotation's replaced token still in its grace period: the Secret that holds the current
+    // token goes with the instance, so the grace promised its consumers ends here too; left
+    // behind it would stay valid, recorded nowhere
+    if world.previous_token().is_none()
+        && let Some(old_id) = secret.and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_TOKEN_ID))
+    {
+        let owner = secret
+            .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_USER_ID))
+            .unwrap_or(&user.id);
+        match client.delete_token(token, owner, old_id).await {
+            Ok(()) => info!(token_id = %old_id, "deleted the token the last rotation replaced"),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let id = match world
         .token_secret
         .owned()

@@ -68,6 +68,20 @@ pub(super) async fn publish_events(
         };
         events.push((ty, reason, message));
     }
+    if probes.abandoned_setup_ended {
+        events.push((
+            EventType::Warning,
+            "TokenLost",
+            format!(
+                "a token was put into Secret {} while a setup of this operator was in flight; \
+                 the token that setup may have issued was never stored, and stays valid on the \
+                 server until it expires: delete it in the NetBird dashboard (the owner's \
+                 personal access tokens, named {})",
+                nbi.token_secret_name(),
+                crate::token_secret::SETUP_TOKEN_NAME
+            ),
+        ));
+    }
     if probes.previous_retired {
         events.push((
             EventType::Normal,

@@ -293,6 +293,11 @@ fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
 /// The work a verified token may need: cleanup after a crash, identification, rotation.
 fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<Decision> {
     let p = f.probes;
+    // a verified token beside the marker of a setup in flight: a person put it in while (or after)
+    // that setup ran; the setup's own token, if the call reached NetBird, was never stored
+    if s.setup_started() && p.setup.is_none() && !p.abandoned_setup_ended {
+        return Some(Continue(Step::EndAbandonedSetup));
+    }
     let listing_failed = matches!(p.token_list, Some(Err(_)));
     if s.annotation(ANN_ROTATION_STARTED_AT).is_some() && !p.orphans_cleaned && !listing_failed {
         return Some(Continue(Step::CleanOrphans));

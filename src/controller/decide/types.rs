@@ -65,6 +65,8 @@ pub struct Probes {
     pub claimed: bool,
     pub setup: Option<SetupOutcome>,
     pub claim_released: bool,
+    /// This pass ended the marker of a setup that a token put in by hand replaced.
+    pub abandoned_setup_ended: bool,
     pub version: Option<Result<VersionInfo, NetbirdError>>,
     /// Tokens of the token's user, listed to identify the stored token or to clean up.
     pub token_list: Option<Result<Vec<PersonalAccessToken>, NetbirdError>>,
@@ -217,6 +219,9 @@ pub enum Step {
     ReleaseClaim,
     /// `GET /api/instance/version`.
     CheckVersion,
+    /// A token was put into the Secret while a setup of the operator was in flight: end that
+    /// setup's marker, and say that its token (if the call reached NetBird) was never stored.
+    EndAbandonedSetup,
     /// List the user's tokens; delete tokens the operator created that the Secret does not hold
     /// (left by a crash during rotation).
     CleanOrphans,

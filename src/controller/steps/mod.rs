@@ -80,6 +80,7 @@ pub async fn run(
         }
         Step::RotateToken => s.rotate_token().await,
         Step::ExchangeForServiceUser => s.exchange_for_service_user().await,
+        Step::EndAbandonedSetup => s.end_abandoned_setup().await,
         Step::ReleaseClaim => s.release_claim().await,
     }
 }

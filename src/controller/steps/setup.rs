@@ -140,6 +140,30 @@ impl Stepper<'_, '_> {
         Ok(())
     }
 
+    /// A token was put into the Secret while the operator's setup was in flight (its answer lost
+    /// in a crash, or not yet given): that setup is over, and its token, if the call reached
+    /// NetBird, exists only on the server. Said loudly here and in an Event (see `publish.rs`).
+    pub(super) async fn end_abandoned_setup(&mut self) -> Result<(), Verdict> {
+        let started = self
+            .world
+            .token_secret
+            .owned()
+            .and_then(|s| s.annotation(token_secret::ANN_SETUP_STARTED_AT))
+            .unwrap_or_default()
+            .to_string();
+        self.patch(&token_secret::abandoned_setup_patch()).await?;
+        tracing::error!(
+            namespace = self.nbi.metadata.namespace.as_deref().unwrap_or_default(),
+            instance = %self.nbi.name_any(),
+            setup_started_at = %started,
+            "a token was put into the token Secret while a setup was in flight: the token that \
+             setup may have issued was never stored and is LOST to the operator; it stays valid \
+             on the server until it expires (delete it in the dashboard)"
+        );
+        self.probes.abandoned_setup_ended = true;
+        Ok(())
+    }
+
     pub(super) async fn release_claim(&mut self) -> Result<(), Verdict> {
         let rejection = match &self.probes.setup {
             // the decision asks for this step after a definitive answer only
