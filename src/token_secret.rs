@@ -27,6 +27,9 @@ pub const ANN_SETUP_OUTCOME: &str = "bootstrap.netbird.io/setup-outcome";
 pub const ANN_FINGERPRINT: &str = "bootstrap.netbird.io/credentials-fingerprint";
 /// NetBird id of the stored token, when known.
 pub const ANN_TOKEN_ID: &str = "bootstrap.netbird.io/token-id";
+/// The key of the token the records (id, issued-at, expires-at) describe: after a change of
+/// `spec.token.secretKey` they describe a token the spec no longer names.
+pub const ANN_TOKEN_KEY: &str = "bootstrap.netbird.io/token-key";
 /// When the stored token was issued (its lifetime runs from here to expires-at).
 pub const ANN_ISSUED_AT: &str = "bootstrap.netbird.io/issued-at";
 /// Set before a new token is created, removed when it is stored: a crash in between leaves an
@@ -165,6 +168,13 @@ impl OwnedSecret {
         self.annotation(ANN_TOKEN_ID)
             .filter(|id| !id.is_empty() && *id != "unknown")
     }
+    /// The records describe the token under another key than `key` (the spec's key changed, and
+    /// a token was put under the new one). Secrets written before the key was recorded describe
+    /// the spec's key.
+    pub fn records_describe_another_key(&self, key: &str) -> bool {
+        self.annotation(ANN_TOKEN_KEY).is_some_and(|k| k != key)
+    }
+
     pub fn setup_started(&self) -> bool {
         self.annotations.contains_key(ANN_SETUP_STARTED_AT)
     }
@@ -503,6 +513,18 @@ pub fn abandoned_setup_patch() -> Value {
     }}})
 }
 
+/// Records of a token under another key forgotten: the token under `key` (put there by a person)
+/// is one the operator cannot tell among its user's tokens, so it is recorded as "unknown" (kept
+/// and verified, never rotated or deleted by its id).
+pub fn other_key_records_patch(key: &str) -> Value {
+    json!({"metadata": {"annotations": {
+        ANN_TOKEN_KEY: key,
+        ANN_TOKEN_ID: "unknown",
+        ANN_ISSUED_AT: Value::Null,
+        ANN_EXPIRES_AT: Value::Null,
+    }}})
+}
+
 /// Records that a setup call got no answer (its outcome is unknown).
 pub fn setup_unanswered_patch(at: &str) -> Value {
     json!({"metadata": {"annotations": {ANN_SETUP_UNANSWERED: at}}})
@@ -523,6 +545,7 @@ pub fn store_patch(
             "labels": desired_labels(nbi),
             "annotations": {
                 ANN_USER_ID: user_id,
+                ANN_TOKEN_KEY: nbi.spec.token.secret_key,
                 ANN_EXPIRES_AT: expires_at,
                 ANN_ISSUED_AT: completed_at,
                 ANN_SETUP_COMPLETED_AT: completed_at,
@@ -755,11 +778,12 @@ pub fn parse_rejection(value: &str) -> Option<(i64, u16, &str)> {
 
 /// Records what the token list told about the stored token.
 pub fn identified_patch(
+    key: &str,
     token_id: &str,
     issued_at: Option<&str>,
     expires_at: Option<&str>,
 ) -> Value {
-    let mut ann = json!({ANN_TOKEN_ID: token_id});
+    let mut ann = json!({ANN_TOKEN_ID: token_id, ANN_TOKEN_KEY: key});
     if let Some(i) = issued_at {
         ann[ANN_ISSUED_AT] = json!(i);
     }

@@ -298,6 +298,12 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<D
     if s.setup_started() && p.setup.is_none() && !p.abandoned_setup_ended {
         return Some(Continue(Step::EndAbandonedSetup));
     }
+    // the records describe the token under the key the spec named before: the token under the
+    // spec's key now is another (put in by a person), and a rotation would take the old one for
+    // "the previous token" and delete it while the Secret still holds it under the old key
+    if s.records_describe_another_key(f.secret_key) && !p.other_key_records_forgotten {
+        return Some(Continue(Step::ForgetOtherKeyRecords));
+    }
     let listing_failed = matches!(p.token_list, Some(Err(_)));
     if s.annotation(ANN_ROTATION_STARTED_AT).is_some() && !p.orphans_cleaned && !listing_failed {
         return Some(Continue(Step::CleanOrphans));

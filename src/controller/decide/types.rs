@@ -67,6 +67,8 @@ pub struct Probes {
     pub claim_released: bool,
     /// This pass ended the marker of a setup that a token put in by hand replaced.
     pub abandoned_setup_ended: bool,
+    /// This pass forgot records of a token under another key.
+    pub other_key_records_forgotten: bool,
     pub version: Option<Result<VersionInfo, NetbirdError>>,
     /// Tokens of the token's user, listed to identify the stored token or to clean up.
     pub token_list: Option<Result<Vec<PersonalAccessToken>, NetbirdError>>,
@@ -219,6 +221,8 @@ pub enum Step {
     ReleaseClaim,
     /// `GET /api/instance/version`.
     CheckVersion,
+    /// The Secret's records describe a token under a key the spec no longer names: forget them.
+    ForgetOtherKeyRecords,
     /// A token was put into the Secret while a setup of the operator was in flight: end that
     /// setup's marker, and say that its token (if the call reached NetBird) was never stored.
     EndAbandonedSetup,

@@ -81,6 +81,12 @@ pub async fn run(
         Step::RotateToken => s.rotate_token().await,
         Step::ExchangeForServiceUser => s.exchange_for_service_user().await,
         Step::EndAbandonedSetup => s.end_abandoned_setup().await,
+        Step::ForgetOtherKeyRecords => {
+            let key = &s.nbi.spec.token.secret_key;
+            s.patch(&token_secret::other_key_records_patch(key)).await?;
+            s.probes.other_key_records_forgotten = true;
+            Ok(())
+        }
         Step::ReleaseClaim => s.release_claim().await,
     }
 }

@@ -135,11 +135,17 @@ impl Stepper<'_, '_> {
                 .collect();
             let patch = match candidates.as_slice() {
                 [t] => token_secret::identified_patch(
+                    &self.nbi.spec.token.secret_key,
                     &t.id,
                     Some(&seconds(t.created_at)),
                     Some(&seconds(t.expiration_date)),
                 ),
-                _ => token_secret::identified_patch("unknown", None, None),
+                _ => token_secret::identified_patch(
+                    &self.nbi.spec.token.secret_key,
+                    "unknown",
+                    None,
+                    None,
+                ),
             };
             self.patch(&patch).await?;
         }
