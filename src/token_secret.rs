@@ -264,23 +264,25 @@ pub fn classify(secret: Option<Secret>, instance: &str, key: &str) -> TokenSecre
     let Some(secret) = secret else {
         return TokenSecret::Absent;
     };
+    if let Some(why) = not_ours(&secret, instance) {
+        // a setup of this operator was in flight when a person took the Secret over: its token,
+        // if the call reached NetBird, can never be stored (the message says so)
+        let lost = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANN_SETUP_STARTED_AT))
+            .map(|at| {
+                format!(
+                    "; it records a setup of this operator in flight since {at}: the token that \
+                     setup may have issued was never stored and is lost (delete the owner's \
+                     token named {SETUP_TOKEN_NAME} in the NetBird dashboard)"
+                )
+            })
+            .unwrap_or_default();
+        return TokenSecret::Foreign(format!("{why}{lost}"));
+    }
     let labels = secret.metadata.labels.clone().unwrap_or_default();
-    if labels.get(LABEL_MANAGED_BY).map(String::as_str) != Some(MANAGED_BY) {
-        return TokenSecret::Foreign(format!(
-            "it lacks the label {LABEL_MANAGED_BY}={MANAGED_BY}"
-        ));
-    }
-    match labels.get(LABEL_INSTANCE) {
-        Some(owner) if owner == instance => {}
-        Some(other) => {
-            return TokenSecret::Foreign(format!(
-                "it belongs to NetbirdInstance {other:?} ({LABEL_INSTANCE}={other})"
-            ));
-        }
-        None => {
-            return TokenSecret::Foreign(format!("it lacks the label {LABEL_INSTANCE}={instance}"));
-        }
-    }
     let token = match secret.data.as_ref().and_then(|d| d.get(key)) {
         None => TokenValue::Missing,
         Some(v) if v.0.is_empty() => TokenValue::Missing,
@@ -305,6 +307,24 @@ pub fn classify(secret: Option<Secret>, instance: &str, key: &str) -> TokenSecre
         annotations: secret.metadata.annotations.unwrap_or_default(),
         owner_references: secret.metadata.owner_references.unwrap_or_default(),
     })
+}
+
+/// Why a Secret is not the operator's for `instance` (None: it is).
+fn not_ours(secret: &Secret, instance: &str) -> Option<String> {
+    let labels = secret.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    if label(LABEL_MANAGED_BY) != Some(MANAGED_BY) {
+        return Some(format!(
+            "it lacks the label {LABEL_MANAGED_BY}={MANAGED_BY}"
+        ));
+    }
+    match label(LABEL_INSTANCE) {
+        Some(owner) if owner == instance => None,
+        Some(other) => Some(format!(
+            "it belongs to NetbirdInstance {other:?} ({LABEL_INSTANCE}={other})"
+        )),
+        None => Some(format!("it lacks the label {LABEL_INSTANCE}={instance}")),
+    }
 }
 
 /// The annotations `spec.token.secretAnnotations` adds: those under `bootstrap.netbird.io/` are

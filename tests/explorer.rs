@@ -424,6 +424,9 @@ struct World {
     dropped_by_person: Vec<String>,
     /// Per slot: whether the last version answer it got told the latest release.
     told_latest: [Option<bool>; 3],
+    /// The slot's last pass failed (a request answered an error): the operator retries it after
+    /// its backoff, and until then the status may be behind.
+    failed_pass: [bool; 3],
     violations: Vec<String>,
     step: usize,
 }
@@ -844,6 +847,7 @@ impl World {
             errors: ErrorLog::default(),
             dropped_by_person: Vec::new(),
             told_latest: [None; 3],
+            failed_pass: [false; 3],
             violations: Vec::new(),
             step: 0,
         };
@@ -1262,6 +1266,9 @@ impl World {
         self.record_held();
         let (calls1, writes1, versions1) = self.counters();
         sim::trace(|| format!("pass of slot {slot} ended: {outcome:?}"));
+        if !late {
+            self.failed_pass[slot] = matches!(outcome, Some(Err(_)));
+        }
         // an answer the process died with, or whose status write failed, was never recorded: the
         // status keeps the one before (until the next version check)
         if versions1.len() > versions0 && matches!(outcome, Some(Ok(_))) {
@@ -1525,8 +1532,16 @@ impl World {
             }
         }
         // suspended: nothing observed; the Secrets' watch held: a person's edit the watch has
-        // not delivered is not known to the operator yet (the status follows when it is)
-        if nbi.spec.suspend || self.hold_watch {
+        // not delivered is not known to the operator yet (the status follows when it is); the
+        // last status write or the last pass failed: it is retried after the operator's backoff,
+        // with the clock moved (the checks after the end's advances hold it to what is)
+        let write_failed = self
+            .kube
+            .lock()
+            .unwrap()
+            .status_write_failed
+            .contains(&(ns.to_string(), name.to_string()));
+        if nbi.spec.suspend || self.hold_watch || write_failed || self.failed_pass[slot] {
             for v in found {
                 self.violate(v);
             }
@@ -1662,9 +1677,14 @@ impl World {
                 .any(|e| matches!(e["reason"].as_str(), Some("TokenLost" | "TokenNotDeleted")));
             let status = k.objects.iter().any(|((r, _, _), v)| {
                 r == "netbirdinstances"
-                    && v["status"]["conditions"]
-                        .as_array()
-                        .is_some_and(|c| c.iter().any(|c| c["reason"] == "TokenLost"))
+                    && v["status"]["conditions"].as_array().is_some_and(|c| {
+                        c.iter().any(|c| {
+                            c["reason"] == "TokenLost"
+                                || c["message"]
+                                    .as_str()
+                                    .is_some_and(|m| m.contains("never stored and is lost"))
+                        })
+                    })
             });
             let logs = self
                 .errors
@@ -1718,7 +1738,14 @@ impl World {
             .unwrap()
             .events
             .iter()
-            .any(|e| e["reason"] == "TokenNotDeleted");
+            .any(|e| e["reason"] == "TokenNotDeleted")
+            || self
+                .errors
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("TokenNotDeleted"));
         let nb = self.nb.lock().unwrap();
         for plain in &finalized {
             let alive = nb
@@ -1743,7 +1770,8 @@ impl World {
     }
 
     async fn apply(&mut self, op: Op) {
-        // setup may be tried again once the spec, the credentials or the process changed
+        // setup may be tried again once the spec, the credentials or the process changed (a new
+        // instance is a new spec: each gives up after a few tries of its own)
         if matches!(
             op,
             Op::Spec(..)
@@ -1752,6 +1780,7 @@ impl World {
                 | Op::Sigterm(_)
                 | Op::LeaderChange
                 | Op::ServerMode(..)
+                | Op::Create(..)
         ) {
             for s in &mut self.nb.lock().unwrap().servers {
                 s.setup_500s = 0;
@@ -2189,6 +2218,10 @@ const REGRESSIONS: &[(&str, &str)] = &[
         r#"[{"Crash":[0,3,true]},{"Person":{"HandToken":0}}]"#,
     ),
     (
+        "setup answer lost in a crash, then something that is not a token put in: never reported",
+        r#"[{"Crash":[0,3,true]},{"Person":{"GarbageToken":0}}]"#,
+    ),
+    (
         "crash before the setup token is stored, then a hand token adopted",
         r#"[{"Crash":[0,4,false]},{"Spec":[0,{"Url":0}]},{"Person":{"HandToken":0}}]"#,
     ),
@@ -2211,6 +2244,26 @@ const REGRESSIONS: &[(&str, &str)] = &[
     (
         "Delete policy: the finalizer leaves a rotation's previous token valid, recorded nowhere",
         r#"[{"Pass":0},{"Create":1},{"ToRenewal":0},{"Spec":[0,{"DeletePolicy":true}]},{"Pass":0},{"Delete":0}]"#,
+    ),
+    (
+        "a failed status write: passes woken meanwhile call NetBird and write again (no backoff)",
+        r#"[{"Delete":1},{"Pass":0},{"KubeFault":"ServerError"},{"Spec":[0,{"Url":0}]},{"KubeFault":"ServerError"},{"Spec":[0,{"Grace":0}]},{"KubeFault":"ServerError"},"Settle"]"#,
+    ),
+    (
+        "setup answer lost in a crash, then the claimed Secret's labels removed: never reported",
+        r#"[{"Crash":[0,3,true]},{"Person":{"StripLabels":0}}]"#,
+    ),
+    (
+        "Delete policy, a hand token put in (same key): the finalizer deletes the recorded token",
+        r#"[{"Spec":[0,{"DeletePolicy":true}]},"Settle",{"Person":{"HandToken":0}},{"Delete":0},{"Pass":0}]"#,
+    ),
+    (
+        "Delete policy, a hand token behind a lagging watch: the finalizer deletes the old one",
+        r#"[{"Spec":[0,{"DeletePolicy":true}]},"HoldWatch","Settle",{"Person":{"HandToken":0}},{"Delete":0},{"Pass":0}]"#,
+    ),
+    (
+        "Delete policy: the Event that says the token stays valid fails, and nothing else says so",
+        r#"[{"Spec":[0,{"DeletePolicy":true}]},{"Advance":1},{"Spec":[0,{"Url":1}]},{"Delete":0},{"KubeFault":"ServerError"},{"Pass":0}]"#,
     ),
     (
         "two instances on one server both call setup",

@@ -74,6 +74,9 @@ pub async fn on_delete(
     if !has_finalizer(nbi) {
         return Ok(Action::await_change());
     }
+    // the token to delete is the one the Secret holds now, not the one a lagging watch last
+    // reported (a person may have put another in)
+    secrets.read_fresh_next(&nbi.token_secret_name());
     let world = World::read(nbi, secrets, ctx).await?;
     if let crate::token_secret::TokenSecret::Foreign(why) = &world.token_secret {
         // a person took the Secret over (removed the operator's labels): its token is not the
@@ -221,6 +224,11 @@ enum DeleteTokenError {
     NoClient,
     #[error("the token's id is unknown (the user has several tokens)")]
     UnknownId,
+    #[error(
+        "the token the Secret holds still works after the operator deleted the token its \
+         records name: it is not the token the operator recorded (put in by hand?)"
+    )]
+    NotTheRecordedToken,
     /// NetBird's error says which call failed.
     #[error(transparent)]
     Netbird(#[from] crate::netbird::NetbirdError),
@@ -231,7 +239,9 @@ impl DeleteTokenError {
     fn is_transient(&self) -> bool {
         match self {
             DeleteTokenError::Netbird(e) => e.is_transient(),
-            DeleteTokenError::NoClient | DeleteTokenError::UnknownId => false,
+            DeleteTokenError::NoClient
+            | DeleteTokenError::UnknownId
+            | DeleteTokenError::NotTheRecordedToken => false,
         }
     }
 }
@@ -301,7 +311,15 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, De
         }
     };
     match client.delete_token(token, &user.id, &id).await {
-        Ok(()) => Ok(format!("deleted token {id} of {}", nbi.name_any())),
+        // the records may describe a token a person replaced (same key): the held token must be
+        // gone now, or it is not the one deleted
+        Ok(()) => match verify(client, token, service_user_id).await {
+            Err(e) if e.is_token_rejected() => {
+                Ok(format!("deleted token {id} of {}", nbi.name_any()))
+            }
+            Ok(_) => Err(DeleteTokenError::NotTheRecordedToken),
+            Err(e) => Err(e.into()),
+        },
         Err(e) if e.is_token_rejected() => Ok("the token was already deleted".into()),
         Err(e) => Err(e.into()),
     }
@@ -322,6 +340,12 @@ async fn publish(
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&ev, &nbi.object_ref(&())).await {
-        warn!(error = %e, "failed to publish an Event");
+        if reason == "TokenNotDeleted" {
+            // the instance goes, and with it the only place this was said: the log keeps it
+            tracing::error!(error = %e, reason, note = %ev.note.as_deref().unwrap_or_default(),
+                "failed to publish the Event that says a token stays valid on the server");
+        } else {
+            warn!(error = %e, "failed to publish an Event");
+        }
     }
 }

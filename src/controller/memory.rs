@@ -124,6 +124,13 @@ impl Memory {
         backoff_delay(n, max_backoff)
     }
 
+    /// The backoff the next failure will get (what `backoff` is about to return), without
+    /// counting one.
+    pub(super) fn next_backoff(&self, uid: &str, max_backoff: Duration) -> Duration {
+        let n = self.recall(uid, |m| Some(m.failures)).unwrap_or_default();
+        backoff_delay(n.saturating_add(1), max_backoff)
+    }
+
     pub(super) fn reset_backoff(&self, uid: &str) {
         if let Some(m) = lock(&self.memories).live.get_mut(uid) {
             m.failures = 0;

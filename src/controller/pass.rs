@@ -96,7 +96,15 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
             .into_iter()
             .flatten()
             .collect();
-        write_status(&api, &name, &status).await?;
+        if let Err(e) = write_status(&api, &name, &status).await {
+            // the pass is retried with backoff (error_policy); one woken sooner by an event that
+            // changed nothing (a Secret write of this pass) waits for it too, instead of calling
+            // NetBird and failing the same write again
+            let after = ctx.memory.next_backoff(&uid, ctx.settings.max_backoff);
+            ctx.memory
+                .schedule_retry(&uid, Some(after), world.inputs(known.generation));
+            return Err(e);
+        }
         ctx.memory
             .remember_own_status(&uid, superseded, status.clone());
     }

@@ -318,6 +318,12 @@ impl<'a> Secrets<'a> {
         self.api.get_opt(name).await
     }
 
+    /// Drops the kept copy of a Secret: the next get reads it from the apiserver (a lagging watch
+    /// cannot tell that its copy is old).
+    pub fn read_fresh_next(&self, name: &str) {
+        self.cache.forget(&self.ns, name);
+    }
+
     /// A JSON merge patch; returns the Secret as written. A conflict (the patch named a version
     /// that is not the current one) drops the kept copy.
     pub async fn patch(

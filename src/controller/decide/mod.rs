@@ -110,6 +110,16 @@ fn from_token_secret(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
     if !f.secret_metadata_in_sync && !p.metadata_synced {
         return Some(Continue(Step::SyncSecretMetadata));
     }
+    // something under the key beside the marker of a setup in flight: a person put it in while
+    // (or after) the operator's setup ran, whatever it is; that setup's own token, if the call
+    // reached NetBird, was never stored
+    if !matches!(s.token, TokenValue::Missing)
+        && s.setup_started()
+        && p.setup.is_none()
+        && !p.abandoned_setup_ended
+    {
+        return Some(Continue(Step::EndAbandonedSetup));
+    }
     match &s.token {
         TokenValue::Present(_) if !s.may_send_token_to(f.management_url) => {
             return Some(stalled(
@@ -293,11 +303,6 @@ fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
 /// The work a verified token may need: cleanup after a crash, identification, rotation.
 fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<Decision> {
     let p = f.probes;
-    // a verified token beside the marker of a setup in flight: a person put it in while (or after)
-    // that setup ran; the setup's own token, if the call reached NetBird, was never stored
-    if s.setup_started() && p.setup.is_none() && !p.abandoned_setup_ended {
-        return Some(Continue(Step::EndAbandonedSetup));
-    }
     // the records describe the token under the key the spec named before: the token under the
     // spec's key now is another (put in by a person), and a rotation would take the old one for
     // "the previous token" and delete it while the Secret still holds it under the old key

@@ -54,6 +54,9 @@ pub struct KubeState {
     pub deleted_with_instance: Vec<String>,
     /// Everything that happened, when `recording`.
     pub log: Vec<Rec>,
+    /// Instances (namespace, name) whose last status write failed: the operator retries it after
+    /// its backoff, and until then the status may be behind.
+    pub status_write_failed: std::collections::BTreeSet<(String, String)>,
     pub recording: bool,
     /// Inside a request or a composite change (its parts are not recorded on their own).
     depth: u32,
@@ -302,6 +305,29 @@ impl KubeState {
         self.depth += 1;
         let (code, value) = self.handle_inner(method, path, body);
         self.depth -= 1;
+        if method == "PATCH"
+            && let [
+                "apis",
+                _,
+                _,
+                "namespaces",
+                ns,
+                "netbirdinstances",
+                name,
+                "status",
+            ] = path
+                .trim_matches('/')
+                .split('/')
+                .collect::<Vec<_>>()
+                .as_slice()
+        {
+            let key = (ns.to_string(), name.to_string());
+            if code >= 400 {
+                self.status_write_failed.insert(key);
+            } else {
+                self.status_write_failed.remove(&key);
+            }
+        }
         if self.recording && !path.contains("/events") {
             self.log.push(Rec::Http {
                 method: method.into(),

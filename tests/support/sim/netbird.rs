@@ -630,10 +630,11 @@ impl NetbirdState {
         }
         if self.servers[s].mode == Mode::LocalUsersDisabled {
             self.servers[s].setup_500s += 1;
-            if self.servers[s].setup_500s == 7 {
+            // each of the (up to three) instances naming the server gives up after a few tries
+            if self.servers[s].setup_500s == 3 * 3 + 1 {
                 self.violations.push(format!(
-                    "answers that will not change: setup on {} answered 500 six times to the same \
-                     credentials and is tried again",
+                    "answers that will not change: setup on {} answered 500 nine times to the same \
+                     credentials (three instances, three tries each) and is tried again",
                     self.servers[s].host
                 ));
             }
