@@ -10,8 +10,8 @@ use std::time::Duration;
 use kube::ResourceExt;
 use tracing::error;
 
+use super::backoff::backoff_delay;
 use super::decide::Verified;
-use super::schedule::backoff_delay;
 use super::{lock, previous_use, steps};
 use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
 use crate::metrics::{InstanceLabels, Metrics};

@@ -1,15 +1,23 @@
-//! The NetbirdInstance controller. This module owns the shared state of all passes ([`Context`]),
-//! the [`Settings`], and the [`Error`]s that end a pass early; the rest lives in its modules:
-//! `watch` (the watches and their wiring, [`run`]), `pass` (one pass, [`reconcile`]), `memory`
-//! (what the passes remember about each instance), `schedule` (when the next pass runs, and the
-//! backoff) and `publish` (the status, Events and metrics a pass reports).
+//! The NetbirdInstance controller, by floor, each module saying what it owns:
+//! - `watch` (the watches and their wiring, [`run`]) and `pass` (one pass, [`reconcile`]: read,
+//!   decide, do, report);
+//! - below the pass: `steps` (the one step a decision asks for, and the world it reads),
+//!   `decide` (the pure decision), `report` (the status a pass reports), `publish` (the status
+//!   write, Events and metrics), `schedule` (when the next pass runs, and the backoff),
+//!   `cleanup` (the finalizer);
+//! - at the bottom, read by all and calling none: `context` (what every pass shares, the
+//!   [`Settings`] and the [`Error`]s that end a pass early), `memory` (what the passes remember
+//!   about each instance), `secrets` and `refs` (the Secret cache and who references what),
+//!   `setup_gates`, `previous_use`, `status_patch`, `trim`, `namespaces`, `recorder`, `backoff`
+//!   (the one backoff).
 //!
 //! A pass reads the world (the instance and its Secrets), asks [`decide::decide`] for the next
-//! step,
-//! does that one step, and asks again until the decision is a verdict; then it writes the status
-//! (only when it changed) and Events for transitions.
+//! step, does that one step, and asks again until the decision is a verdict; then it writes the
+//! status (only when it changed) and Events for transitions.
 
+mod backoff;
 pub mod cleanup;
+mod context;
 pub mod decide;
 mod memory;
 mod namespaces;
@@ -27,203 +35,10 @@ mod steps;
 mod trim;
 mod watch;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use k8s_openapi::api::core::v1::Secret;
-use kube::Client;
-use kube::core::PartialObjectMeta;
-use kube::runtime::events::Reporter;
-use kube::runtime::watcher;
-use tokio_util::sync::CancellationToken;
-
-use crate::metrics::Metrics;
-use crate::netbird::ClientOptions;
+pub use backoff::{backoff_delay, set_jitter_source};
+use context::lock;
+pub use context::{Context, Error, Settings};
 pub use pass::reconcile;
 pub use publish::instance_gauges;
 pub use recorder::Recorder;
-pub use schedule::{backoff_delay, set_jitter_source};
 pub use watch::run;
-
-/// Errors that end a pass early (the Kubernetes API failed); retried with backoff. Each message
-/// names what failed and the Kubernetes error once (the error is not also a `source`).
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("failed to read Secret {name}: {error}")]
-    ReadSecret { name: String, error: kube::Error },
-    #[error("failed to write the status: {0}")]
-    WriteStatus(kube::Error),
-    #[error("failed to update the finalizers: {0}")]
-    WriteFinalizer(kube::Error),
-    #[error("the NetbirdInstance has no namespace")]
-    NoNamespace,
-}
-
-impl Error {
-    /// A bounded label for metrics and logs: one per kind of failure, never the error text.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Error::ReadSecret { .. } => "ReadSecretFailed",
-            Error::WriteStatus(_) => "WriteStatusFailed",
-            Error::WriteFinalizer(_) => "WriteFinalizerFailed",
-            Error::NoNamespace => "NoNamespace",
-        }
-    }
-}
-
-/// Settings of the controller.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// Watch these namespaces (one namespaced watch each), or all when empty.
-    pub namespaces: Vec<String>,
-    /// Reconciles run at once.
-    pub concurrency: u16,
-    /// Connect and request timeouts for NetBird.
-    pub netbird: ClientOptions,
-    /// Identity in Events (pod name).
-    pub instance_id: Option<String>,
-    /// Longest backoff between retries of a failing instance.
-    pub max_backoff: Duration,
-    /// How long the finalizer of `deletionPolicy: Delete` keeps trying to delete the token on the
-    /// server (from the deletion request) before it lets go.
-    pub finalizer_timeout: Duration,
-    /// How long a token write still in flight keeps trying after a shutdown began (within the
-    /// pod's termination grace period).
-    pub shutdown_timeout: Duration,
-    /// Key prefixes of `spec.token.secretLabels`/`secretAnnotations` refused besides the built-in
-    /// ones (a Secret copier of this cluster): such an instance is Stalled/InvalidSpec.
-    pub refused_secret_key_prefixes: Vec<String>,
-    /// The shortest time between two looks at a replaced token's use (a minute; tests shorten
-    /// it, as they move the clock to reach a rotation).
-    pub previous_use_interval: Duration,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            namespaces: Vec::new(),
-            concurrency: 32,
-            netbird: ClientOptions::default(),
-            instance_id: None,
-            max_backoff: Duration::from_secs(300),
-            finalizer_timeout: Duration::from_secs(900),
-            shutdown_timeout: Duration::from_secs(50),
-            refused_secret_key_prefixes: Vec::new(),
-            previous_use_interval: previous_use::MIN_INTERVAL,
-        }
-    }
-}
-
-/// Shared state of all passes.
-pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub metrics: Arc<Metrics>,
-    pub settings: Settings,
-    /// What passes remember about each instance, by uid; forgotten in one piece when the
-    /// instance goes away (see [`Context::forget`]).
-    memory: memory::Memory,
-    /// HTTP clients for NetBird by TLS settings (digest), shared by all instances and passes.
-    clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
-    /// The Secrets passes read and wrote, used again while the watch reports them unchanged.
-    secret_cache: secrets::SecretCache,
-    /// Which instances reference which Secret (the Secret watch's mapper asks it).
-    secret_refs: refs::SecretRefs,
-    /// One setup call at a time per NetBird server (two instances may name one server).
-    setup_gates: setup_gates::SetupGates,
-    pub shutdown: CancellationToken,
-    /// When the shutdown began (set by [`run`] as `shutdown` is cancelled): the deadline of a
-    /// token write still pending counts from it, not from that write's next failure.
-    shutdown_began: std::sync::OnceLock<tokio::time::Instant>,
-    /// The clock (tests move it forward to reach a token's rotation time).
-    pub clock: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
-    /// Test seam: NetBird servers simulated in memory instead of reqwest (the history explorer).
-    pub netbird_network: Option<Arc<dyn crate::netbird::SimulatedNetwork>>,
-}
-
-impl Context {
-    /// Now, in whole seconds (what the apiserver keeps in timestamps).
-    pub fn now(&self) -> jiff::Timestamp {
-        report::to_time((self.clock)()).0
-    }
-
-    pub fn new(
-        client: Client,
-        metrics: Arc<Metrics>,
-        settings: Settings,
-        shutdown: CancellationToken,
-    ) -> Self {
-        let reporter = Reporter {
-            controller: "netbird-operator".into(),
-            instance: settings.instance_id.clone(),
-        };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            settings,
-            memory: memory::Memory::default(),
-            clients: Mutex::default(),
-            secret_cache: secrets::SecretCache::default(),
-            secret_refs: refs::SecretRefs::default(),
-            setup_gates: setup_gates::SetupGates::default(),
-            shutdown,
-            shutdown_began: std::sync::OnceLock::new(),
-            clock: Arc::new(jiff::Timestamp::now),
-            netbird_network: None,
-        }
-    }
-
-    /// Test seam: an event of the Secrets' metadata watch, delivered by a simulation.
-    pub fn observe_secret(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
-        self.secret_cache.observe(event);
-    }
-
-    /// When a write that holds a token must give up: `shutdown_timeout` after the shutdown began
-    /// (None while the process is not shutting down).
-    pub(crate) fn shutdown_deadline(&self) -> Option<tokio::time::Instant> {
-        if !self.shutdown.is_cancelled() {
-            return None;
-        }
-        let began = *self.shutdown_began.get_or_init(tokio::time::Instant::now);
-        Some(began + self.settings.shutdown_timeout)
-    }
-
-    /// Drops everything remembered about an instance that went away, and its metric series.
-    pub fn forget(&self, uid: &str) {
-        self.memory.forget(uid, &self.metrics);
-    }
-
-    /// How many instances the passes remember something about.
-    pub fn remembered(&self) -> usize {
-        self.memory.remembered()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_error_has_its_own_reason() {
-        let kube = || kube::Error::LinesCodecMaxLineLengthExceeded;
-        let reasons: std::collections::HashSet<_> = [
-            Error::ReadSecret {
-                name: "s".into(),
-                error: kube(),
-            },
-            Error::WriteStatus(kube()),
-            Error::WriteFinalizer(kube()),
-            Error::NoNamespace,
-        ]
-        .iter()
-        .map(Error::reason)
-        .collect();
-        assert_eq!(reasons.len(), 4);
-    }
-}

@@ -16,7 +16,7 @@ use tracing::{Instrument, info_span};
 
 use super::decide::{self, Facts, Probes, Verdict};
 use super::publish::{observe, publish_events, write_status};
-use super::{Context, Error, cleanup, previous_use, report, schedule, secrets, steps};
+use super::{Context, Error, cleanup, previous_use, publish, report, schedule, secrets, steps};
 use crate::crd::NetbirdInstance;
 use crate::metrics::ResultLabels;
 
@@ -300,6 +300,18 @@ pub(super) struct PassOutcome {
     credentials_changed: bool,
 }
 
+/// What a step says at once through its pass (see [`steps::UrgentReport`]).
+struct Urgent<'a> {
+    ctx: &'a Context,
+    nbi: &'a NetbirdInstance,
+}
+
+impl steps::UrgentReport for Urgent<'_> {
+    fn storing_token(&self, message: String) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move { publish::storing_token(self.ctx, self.nbi, &message).await })
+    }
+}
+
 /// Asks the decision for the next step and does it, until the decision is a verdict.
 async fn drive(
     nbi: &NetbirdInstance,
@@ -381,7 +393,8 @@ async fn drive(
             credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
             continue;
         }
-        if let Err(v) = steps::run(step, nbi, ctx, secrets, world, &mut probes).await {
+        let urgent = Urgent { ctx, nbi };
+        if let Err(v) = steps::run(step, nbi, ctx, secrets, world, &mut probes, &urgent).await {
             verdict = Some(v);
             break;
         }

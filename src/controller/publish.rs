@@ -24,6 +24,28 @@ pub(super) async fn write_status(
         .map_err(Error::WriteStatus)
 }
 
+/// Puts a failing token write in the status at once (Ready False, Reconciling/StoringToken),
+/// while the step that holds the token keeps retrying it (see [`steps::UrgentReport`]).
+pub(super) async fn storing_token(ctx: &Context, nbi: &NetbirdInstance, message: &str) {
+    let status = report::storing_token(
+        nbi.status.as_ref(),
+        nbi.metadata.generation,
+        message,
+        ctx.now(),
+    );
+    let api: Api<NetbirdInstance> = Api::namespaced(
+        ctx.client.clone(),
+        nbi.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    // the initial status of a first pass waits for this write, and is not written after it
+    let gate = ctx.memory.side_status(&nbi.uid().unwrap_or_default());
+    let mut urgent_written = gate.lock().await;
+    match write_status(&api, &nbi.name_any(), &status).await {
+        Ok(_) => *urgent_written = true,
+        Err(e) => warn!(error = %e, "failed to report the failing token write in the status"),
+    }
+}
+
 pub(super) async fn publish_events(
     nbi: &NetbirdInstance,
     ctx: &Context,

@@ -1,6 +1,6 @@
 //! When the next pass runs: the schedule a pass ends with (from its verdict, its status, the token
-//! Secret and the clock), what counts as a failure, the backoff of a failing instance and its
-//! jitter, and when the version check is due.
+//! Secret and the clock), what counts as a failure, and when the version check is due (the
+//! backoff itself is `backoff.rs`).
 
 use std::time::Duration;
 
@@ -11,33 +11,6 @@ use super::decide::{Probes, Verdict};
 use super::pass::{PassInputs, PassOutcome};
 use super::{Context, report, steps};
 use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
-
-/// Exponential backoff from 1 s, capped, with full jitter in the upper half.
-pub fn backoff_delay(failures: u32, max: Duration) -> Duration {
-    let base = Duration::from_secs(1).saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let capped = base.min(max);
-    let jitter = jitter_fraction();
-    capped.mul_f64(0.5 + 0.5 * jitter)
-}
-
-/// Test seam: where jitter comes from in a deterministic simulation (set once per process).
-static JITTER_SOURCE: std::sync::OnceLock<fn() -> f64> = std::sync::OnceLock::new();
-
-/// Test seam: makes jitter come from `source` (a simulation's seeded generator).
-pub fn set_jitter_source(source: fn() -> f64) {
-    let _ = JITTER_SOURCE.set(source);
-}
-
-/// A number in [0, 1) from the system's random hasher seed (no extra dependency for jitter).
-pub(super) fn jitter_fraction() -> f64 {
-    if let Some(source) = JITTER_SOURCE.get() {
-        return source();
-    }
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(jiff::Timestamp::now().as_nanosecond() as u64);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
 
 /// Schedules the next pass: counts or resets the backoff, keeps the retry for the retry gate with
 /// what this pass read (after its own writes: see `retry_pending`), and logs the verdict.
@@ -233,21 +206,6 @@ fn next_check(
 mod tests {
     use super::*;
     use crate::controller::decide;
-
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let max = Duration::from_secs(300);
-        for n in 1..40 {
-            let d = backoff_delay(n, max);
-            let base = Duration::from_secs(1)
-                .saturating_mul(1u32 << (n - 1).min(16))
-                .min(max);
-            assert!(d >= base / 2 && d <= base, "n={n} d={d:?}");
-        }
-        let samples: std::collections::HashSet<_> =
-            (0..20).map(|_| backoff_delay(10, max)).collect();
-        assert!(samples.len() > 1, "jitter varies the delay");
-    }
 
     fn requeue_of(verdict: &Verdict, backoff: Option<Duration>) -> Requeue {
         let now = jiff::Timestamp::UNIX_EPOCH;

@@ -100,24 +100,31 @@ pub async fn run(
     store_held_writes(&ctx).await;
 }
 
+/// The retries of a held token write at shutdown (short: the deadline is near).
+const SHUTDOWN_RETRY: super::backoff::Backoff = super::backoff::Backoff {
+    first: Duration::from_millis(200),
+    max: Duration::from_secs(5),
+};
+
 /// At shutdown: the token writes held in memory are tried until the shutdown deadline; what is
 /// still not written is said loudly, instance by instance.
 async fn store_held_writes(ctx: &Context) {
     for mut held in ctx.memory.take_all_held_writes() {
         let secrets = secrets::Secrets::new(ctx.client.clone(), &held.namespace, &ctx.secret_cache);
-        let mut delay = Duration::from_millis(200);
+        let mut failures = 0;
         loop {
             let deadline = ctx
                 .shutdown_deadline()
                 .unwrap_or_else(tokio::time::Instant::now);
             let attempt = tokio::time::timeout_at(deadline, held.attempt(&secrets)).await;
+            let wait = SHUTDOWN_RETRY.delay(failures + 1);
             match attempt {
                 Ok(Ok(_)) => {
                     info!(namespace = %held.namespace, instance = %held.instance, "stored the \
                         held token Secret write at shutdown");
                     break;
                 }
-                _ if tokio::time::Instant::now() + delay >= deadline => {
+                _ if tokio::time::Instant::now() + wait >= deadline => {
                     if held.holds_token {
                         error!(
                             namespace = %held.namespace,
@@ -132,8 +139,8 @@ async fn store_held_writes(ctx: &Context) {
                     break;
                 }
                 _ => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    failures += 1;
+                    tokio::time::sleep(wait).await;
                 }
             }
         }

@@ -122,6 +122,7 @@ impl Stepper<'_, '_> {
         let patch = token_secret::rotated_patch(nbi, &new, exchange.as_ref());
         let written = write_until_stored(
             ctx,
+            self.urgent,
             self.secrets,
             nbi,
             self.world.token_secret_rv.as_deref(),

@@ -9,9 +9,9 @@
 use k8s_openapi::api::core::v1::Secret;
 use secrecy::SecretString;
 
-use super::Context;
 use super::decide::{Probes, Step, Verdict, Waiting};
 use super::secrets::Secrets;
+use crate::controller::context::Context;
 use crate::crd::NetbirdInstance;
 use crate::netbird::NetbirdClient;
 use crate::token_secret;
@@ -27,6 +27,13 @@ pub use store::{HeldWrite, store_held};
 pub(super) use token::verify;
 pub use world::World;
 
+/// How a step says, while it still runs, what cannot wait for the end of its pass: a token
+/// NetBird issued that is held in memory only because its Secret cannot be written. The pass
+/// provides it (it writes the status); steps never write the status themselves.
+pub trait UrgentReport: Sync {
+    fn storing_token(&self, message: String) -> futures::future::BoxFuture<'_, ()>;
+}
+
 /// Does one step. A Kubernetes failure ends the pass with a verdict that retries.
 pub async fn run(
     step: Step,
@@ -35,6 +42,7 @@ pub async fn run(
     secrets: &Secrets<'_>,
     world: &mut World,
     probes: &mut Probes,
+    urgent: &dyn UrgentReport,
 ) -> Result<(), Verdict> {
     let Some(client) = world
         .client
@@ -54,6 +62,7 @@ pub async fn run(
         client,
         world,
         probes,
+        urgent,
     };
     match step {
         Step::SyncSecretMetadata => s.sync_secret_metadata().await,
@@ -100,6 +109,7 @@ struct Stepper<'a, 's> {
     client: NetbirdClient,
     world: &'a mut World,
     probes: &'a mut Probes,
+    urgent: &'a dyn UrgentReport,
 }
 
 /// What became of a token creation (rotation, service-user exchange).

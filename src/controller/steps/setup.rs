@@ -12,9 +12,10 @@ use tracing::{info, warn};
 use super::Stepper;
 use super::store::write_until_stored;
 use super::world::{World, progressing};
+use crate::controller::context::Context;
 use crate::controller::decide::{Input, SetupOutcome, Verdict, Waiting};
 use crate::controller::secrets::Secrets;
-use crate::controller::{Context, setup_gates};
+use crate::controller::setup_gates;
 use crate::crd::NetbirdInstance;
 use crate::credentials::Credentials;
 use crate::fingerprint;
@@ -113,6 +114,7 @@ impl Stepper<'_, '_> {
         let (outcome, written, malformed) = setup(
             self.nbi,
             self.ctx,
+            self.urgent,
             &self.client,
             creds,
             self.secrets,
@@ -186,6 +188,7 @@ impl Stepper<'_, '_> {
 async fn setup(
     nbi: &NetbirdInstance,
     ctx: &Context,
+    urgent: &dyn super::UrgentReport,
     client: &NetbirdClient,
     creds: &Credentials,
     secrets: &Secrets<'_>,
@@ -227,7 +230,8 @@ async fn setup(
             };
             let patch =
                 token_secret::no_token_patch(&resp.user_id, &completed.to_string(), outcome);
-            let written = write_until_stored(ctx, secrets, nbi, claimed, &patch, None).await?;
+            let written =
+                write_until_stored(ctx, urgent, secrets, nbi, claimed, &patch, None).await?;
             let outcome = SetupOutcome::NoToken {
                 user_id: resp.user_id,
                 email: resp.email,
@@ -247,7 +251,8 @@ async fn setup(
         &expires.to_string(),
         &completed.to_string(),
     );
-    let written = write_until_stored(ctx, secrets, nbi, claimed, &patch, Some(&token)).await?;
+    let written =
+        write_until_stored(ctx, urgent, secrets, nbi, claimed, &patch, Some(&token)).await?;
     if written.is_none() {
         // given up at shutdown, and said loudly there: never also reported stored
         let outcome = SetupOutcome::TokenLost {

@@ -11,7 +11,8 @@ use secrecy::SecretString;
 use tracing::{info, warn};
 
 use super::world::{World, progressing};
-use crate::controller::Context;
+use crate::controller::backoff::Backoff;
+use crate::controller::context::Context;
 use crate::controller::decide::{Verdict, Waiting};
 use crate::controller::secrets::Secrets;
 use crate::crd::NetbirdInstance;
@@ -35,6 +36,7 @@ pub(super) async fn patch_token_secret(
 /// is lost; it never holds the process beyond that.
 pub(super) async fn write_until_stored(
     ctx: &Context,
+    urgent: &dyn super::UrgentReport,
     secrets: &Secrets<'_>,
     nbi: &NetbirdInstance,
     based_on: Option<&str>,
@@ -52,7 +54,7 @@ pub(super) async fn write_until_stored(
         recreate: token_secret::recreated(nbi, patch),
         holds_token: token.is_some(),
     };
-    let mut delay = Duration::from_millis(200);
+    let mut failures = 0;
     let mut reported = false;
     loop {
         // a write the apiserver does not answer is cut off at the shutdown deadline too
@@ -76,12 +78,16 @@ pub(super) async fn write_until_stored(
             Some(Err(e)) => {
                 if token.is_some() && !reported && looks_permanent(&e) {
                     reported = true;
-                    report_storing_token(ctx, nbi, &name, &e).await;
+                    urgent
+                        .storing_token(storing_token_message(nbi, &name, &e))
+                        .await;
                 }
                 e.to_string()
             }
             None => "the apiserver did not answer before the shutdown deadline".to_string(),
         };
+        failures += 1;
+        let delay = WRITE_RETRY.delay(failures);
         warn!(
             error = %error,
             retry_in = ?delay,
@@ -118,12 +124,11 @@ pub(super) async fn write_until_stored(
             ctx.memory.hold_write(&nbi.uid().unwrap_or_default(), write);
             return Err(storing_token(&name, &error));
         }
-        let mut wait = delay.mul_f64(0.5 + 0.5 * crate::controller::schedule::jitter_fraction());
+        let mut wait = delay;
         if let Some(at) = deadline {
             // never sleep past the deadline
             wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             // a shutdown starts the deadline at once
@@ -131,6 +136,12 @@ pub(super) async fn write_until_stored(
         }
     }
 }
+
+/// The retries of a failing token write within a pass (and at shutdown).
+pub(crate) const WRITE_RETRY: Backoff = Backoff {
+    first: Duration::from_millis(200),
+    max: Duration::from_secs(30),
+};
 
 /// How long a pass retries a failing token write before it holds the write in memory and ends
 /// (the instance's next passes retry it with backoff).
@@ -240,29 +251,13 @@ fn looks_permanent(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if matches!(s.code, 400 | 401 | 403 | 422))
 }
 
-/// Puts a failing token write in the status at once (Ready False, Reconciling/StoringToken).
-async fn report_storing_token(ctx: &Context, nbi: &NetbirdInstance, secret: &str, e: &kube::Error) {
-    let message = format!(
+/// What the status says at once when a token write fails in a way retrying will not change
+/// (Ready False, Reconciling/StoringToken).
+fn storing_token_message(nbi: &NetbirdInstance, secret: &str, e: &kube::Error) -> String {
+    format!(
         "the token NetBird returned is held in memory only: writing Secret {secret} failed ({e}). \
          The operator needs get, create and patch on secrets in namespace {}; it keeps retrying \
          with backoff, and the token is lost if the process ends first",
         nbi.metadata.namespace.as_deref().unwrap_or_default()
-    );
-    let status = crate::controller::report::storing_token(
-        nbi.status.as_ref(),
-        nbi.metadata.generation,
-        &message,
-        ctx.now(),
-    );
-    let api: kube::Api<NetbirdInstance> = kube::Api::namespaced(
-        ctx.client.clone(),
-        nbi.metadata.namespace.as_deref().unwrap_or_default(),
-    );
-    // the initial status of a first pass waits for this write, and is not written after it
-    let gate = ctx.memory.side_status(&nbi.uid().unwrap_or_default());
-    let mut urgent_written = gate.lock().await;
-    match crate::controller::publish::write_status(&api, &nbi.name_any(), &status).await {
-        Ok(_) => *urgent_written = true,
-        Err(e) => warn!(error = %e, "failed to report the failing token write in the status"),
-    }
+    )
 }

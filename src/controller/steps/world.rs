@@ -9,9 +9,9 @@ use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 
 use super::store::patch_token_secret;
+use crate::controller::context::{Context, Error, lock};
 use crate::controller::decide::{Input, Verdict, Waiting};
 use crate::controller::secrets::{Lookup, Secrets};
-use crate::controller::{Context, Error, lock};
 use crate::crd::NetbirdInstance;
 use crate::credentials::{self, Credentials};
 use crate::netbird::{ClientOptions, NetbirdClient};
