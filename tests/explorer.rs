@@ -1881,8 +1881,96 @@ impl World {
         for _ in 0..2 {
             self.advance(2 * 86400).await;
             self.settle().await;
+            self.check_upkeep();
         }
         self.check_lost_tokens();
+    }
+
+    /// The upkeep never stops (issue 20: "no combination ... stops the upkeep"): after a settle,
+    /// a live, unsuspended instance with rotation on that the operator does not report Stalled
+    /// (a person's turn) holds no token past its renewal time, when the Secret's records describe
+    /// a token its server still accepts and no previous token is pending (a rotation waits for
+    /// that one's grace period).
+    fn check_upkeep(&mut self) {
+        let now = self.now();
+        let mut found = Vec::new();
+        for slot in 0..3 {
+            let Some(nbi) = self.instance(slot) else {
+                continue;
+            };
+            let spec = &nbi.spec;
+            if !self.live(slot)
+                || nbi.metadata.deletion_timestamp.is_some()
+                || spec.suspend
+                || !spec.token.rotation.enabled
+            {
+                continue;
+            }
+            let ready = nbi.status.as_ref().and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == "Ready")
+                    .map(|c| (c.status.clone(), c.reason.clone()))
+            });
+            let waiting = matches!(
+                ready.as_ref().map(|(s, r)| (s.as_str(), r.as_str())),
+                Some(("True", _))
+                    | Some((
+                        _,
+                        "Progressing" | "WaitingForCredentials" | "ManagementUnreachable"
+                    ))
+            );
+            if !waiting {
+                continue;
+            }
+            let (_, secret) = self.token_secret(slot);
+            // a Secret without the operator's labels is a person's: it is never written
+            let Some(s) = secret.filter(|s| {
+                managed(s) && s["metadata"]["labels"][simkube::INSTANCE_LABEL] == SLOTS[slot].1
+            }) else {
+                continue;
+            };
+            let ann = |k: &str| s["metadata"]["annotations"][k].as_str().map(str::to_string);
+            let key = spec.token.secret_key.as_str();
+            let (Some(id), Some(issued), Some(expires)) = (
+                ann("bootstrap.netbird.io/token-id"),
+                ann("bootstrap.netbird.io/issued-at"),
+                ann("bootstrap.netbird.io/expires-at"),
+            ) else {
+                continue;
+            };
+            if ann("bootstrap.netbird.io/previous-token-id").is_some() {
+                continue;
+            }
+            let (Ok(issued), Ok(expires)) = (
+                issued.parse::<jiff::Timestamp>(),
+                expires.parse::<jiff::Timestamp>(),
+            ) else {
+                continue;
+            };
+            let plain = s["data"][key].as_str().map(unb64).unwrap_or_default();
+            let accepted = {
+                let nb = self.nb.lock().unwrap();
+                nb.servers
+                    .iter()
+                    .flat_map(|srv| &srv.tokens)
+                    .any(|t| t.plain == plain.trim() && t.id == id && t.expires_at > now)
+            };
+            if !accepted {
+                continue;
+            }
+            let renew_at = expires - (expires.duration_since(issued) / 3);
+            if now > renew_at + jiff::SignedDuration::from_hours(1) {
+                found.push(format!(
+                    "upkeep: {}/{} holds token {id} past its renewal time ({renew_at}; now {now}) \
+                     with Ready {ready:?}: the rotation stopped",
+                    SLOTS[slot].0, SLOTS[slot].1
+                ));
+            }
+        }
+        for v in found {
+            self.violate(v);
+        }
     }
 }
 
@@ -2264,6 +2352,10 @@ const REGRESSIONS: &[(&str, &str)] = &[
     (
         "Delete policy: the Event that says the token stays valid fails, and nothing else says so",
         r#"[{"Spec":[0,{"DeletePolicy":true}]},{"Advance":1},{"Spec":[0,{"Url":1}]},{"Delete":0},{"KubeFault":"ServerError"},{"Pass":0}]"#,
+    ),
+    (
+        "the credentials Secret deleted after the bootstrap, a rotation due: never rotated",
+        r#"[{"Pass":0},{"Person":{"DeleteCredentials":0}},{"ToRenewal":0}]"#,
     ),
     (
         "two instances on one server both call setup",
