@@ -1894,7 +1894,7 @@ impl World {
     fn check_upkeep(&mut self) {
         let now = self.now();
         let mut found = Vec::new();
-        for slot in 0..3 {
+        for (slot, (ns, name)) in SLOTS.iter().enumerate() {
             let Some(nbi) = self.instance(slot) else {
                 continue;
             };
@@ -1926,7 +1926,7 @@ impl World {
             let (_, secret) = self.token_secret(slot);
             // a Secret without the operator's labels is a person's: it is never written
             let Some(s) = secret.filter(|s| {
-                managed(s) && s["metadata"]["labels"][simkube::INSTANCE_LABEL] == SLOTS[slot].1
+                managed(s) && s["metadata"]["labels"][simkube::INSTANCE_LABEL] == *name
             }) else {
                 continue;
             };
@@ -1962,9 +1962,8 @@ impl World {
             let renew_at = expires - (expires.duration_since(issued) / 3);
             if now > renew_at + jiff::SignedDuration::from_hours(1) {
                 found.push(format!(
-                    "upkeep: {}/{} holds token {id} past its renewal time ({renew_at}; now {now}) \
-                     with Ready {ready:?}: the rotation stopped",
-                    SLOTS[slot].0, SLOTS[slot].1
+                    "upkeep: {ns}/{name} holds token {id} past its renewal time ({renew_at}; now \
+                     {now}) with Ready {ready:?}: the rotation stopped"
                 ));
             }
         }
