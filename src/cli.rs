@@ -173,27 +173,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         })?;
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
-    let settings = Settings {
-        namespaces: watched_namespaces(&args.namespaces),
-        concurrency: args.concurrency.max(1),
-        netbird: ClientOptions {
-            connect_timeout: Duration::from_secs(args.netbird_connect_timeout.max(1)),
-            request_timeout: Duration::from_secs(args.netbird_request_timeout.max(1)),
-            proxy: netbird_proxy()?,
-            ..ClientOptions::default()
-        },
-        instance_id: args.pod_name.clone(),
-        max_backoff: Duration::from_secs(args.max_backoff.max(1)),
-        finalizer_timeout: Duration::from_secs(args.finalizer_timeout),
-        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
-        refused_secret_key_prefixes: args
-            .refused_secret_key_prefixes
-            .iter()
-            .map(|p| p.trim().to_string())
-            .filter(|p| !p.is_empty())
-            .collect(),
-        ..Settings::default()
-    };
+    let settings = settings(&args)?;
     let settings_namespaces = settings.namespaces.clone();
     let ctx = Arc::new(Context::new(
         client,
@@ -202,16 +182,8 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         shutdown.clone(),
     ));
 
-    let store_slot: Arc<OnceLock<kube::runtime::reflector::Store<crate::crd::NetbirdInstance>>> =
-        Arc::default();
-    let gauges_store = store_slot.clone();
-    let gauges_metrics = metrics.clone();
-    let health = Arc::new(Health::new(move || {
-        if let Some(store) = gauges_store.get() {
-            let (r, n, u, up) = controller::instance_gauges(store);
-            gauges_metrics.set_instances(r, n, u, up);
-        }
-    }));
+    let store_slot: Arc<OnceLock<InstanceStore>> = Arc::default();
+    let health = health_with_gauges(&store_slot, &metrics);
     let http_task = tokio::spawn(http::serve(
         listener,
         health.clone(),
@@ -248,6 +220,49 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     result
 }
 
+/// The controller's settings from the command line (and the egress proxy from the environment).
+fn settings(args: &RunArgs) -> Result<Settings, RunError> {
+    Ok(Settings {
+        namespaces: watched_namespaces(&args.namespaces),
+        concurrency: args.concurrency.max(1),
+        netbird: ClientOptions {
+            connect_timeout: Duration::from_secs(args.netbird_connect_timeout.max(1)),
+            request_timeout: Duration::from_secs(args.netbird_request_timeout.max(1)),
+            proxy: netbird_proxy()?,
+            ..ClientOptions::default()
+        },
+        instance_id: args.pod_name.clone(),
+        max_backoff: Duration::from_secs(args.max_backoff.max(1)),
+        finalizer_timeout: Duration::from_secs(args.finalizer_timeout),
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        refused_secret_key_prefixes: args
+            .refused_secret_key_prefixes
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+        ..Settings::default()
+    })
+}
+
+/// The health endpoints, refreshing the instance gauges from the controller's store.
+fn health_with_gauges(
+    store_slot: &Arc<OnceLock<InstanceStore>>,
+    metrics: &Arc<Metrics>,
+) -> Arc<Health> {
+    let gauges_store = store_slot.clone();
+    let gauges_metrics = metrics.clone();
+    Arc::new(Health::new(move || {
+        if let Some(store) = gauges_store.get() {
+            let (r, n, u, up) = controller::instance_gauges(store);
+            gauges_metrics.set_instances(r, n, u, up);
+        }
+    }))
+}
+
+/// The controller's store of NetbirdInstances (set once the controller runs).
+type InstanceStore = kube::runtime::reflector::Store<crate::crd::NetbirdInstance>;
+
 /// Reconciles only while this replica holds the Lease. Losing it stops the process: the controller
 /// stops taking work at once, and the pod restarts as a follower (the controller-runtime
 /// convention),
@@ -255,7 +270,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
 async fn run_as_leader(
     args: &RunArgs,
     ctx: Arc<Context>,
-    store_slot: Arc<OnceLock<kube::runtime::reflector::Store<crate::crd::NetbirdInstance>>>,
+    store_slot: Arc<OnceLock<InstanceStore>>,
     health: Arc<Health>,
 ) -> Result<(), RunError> {
     let namespace = args
@@ -273,13 +288,59 @@ async fn run_as_leader(
     // a follower is ready: it serves health and waits
     health.set_ready();
     info!(lease = %lease, identity = %identity, "waiting to become leader");
+    if !wait_to_lead(
+        &ctx,
+        &leases,
+        &namespace,
+        &identity,
+        &lease,
+        &mut leader,
+        &mut lease_task,
+    )
+    .await?
+    {
+        return Ok(());
+    }
+    info!(identity = %identity, "became leader; reconciling");
+    let stopped = lead(ctx, store_slot, leader).await;
+    // the renewals stop only now: a token write still retrying at SIGTERM kept the Lease
+    lease_task.abort();
+    let _ = lease_task.await;
+    if let Some(e) = stopped {
+        return Err(e);
+    }
+    // a normal stop (SIGTERM, the controller drained): free the Lease so that the next leader
+    // need not wait for it to expire
+    match release_lease(&leases, &identity).await {
+        Ok(true) => info!(lease = %lease, "released the leader Lease"),
+        Ok(false) => info!(lease = %lease, "the leader Lease was no longer ours; left as is"),
+        Err(e) => warn!(lease = %lease, error = %e, "failed to release the leader Lease; the next \
+            leader takes it when it expires"),
+    }
+    Ok(())
+}
+
+/// The lease manager's task (it takes and renews the Lease).
+type LeaseTask =
+    tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>;
+
+/// Waits as a follower until this replica leads (`true`) or a shutdown comes (`false`).
+async fn wait_to_lead(
+    ctx: &Context,
+    leases: &kube::Api<Lease>,
+    namespace: &str,
+    identity: &str,
+    lease: &str,
+    leader: &mut tokio::sync::watch::Receiver<bool>,
+    lease_task: &mut LeaseTask,
+) -> Result<bool, RunError> {
     let shutdown = ctx.shutdown.clone();
     // the lease manager sleeps until the holder's Lease expires; a holder that stops normally
     // releases it, which a GET every second notices, and a new manager takes it at once
     let mut poll = tokio::time::interval(RELEASE_POLL);
     loop {
         if *leader.borrow_and_update() {
-            break;
+            return Ok(true);
         }
         tokio::select! {
             changed = leader.changed() => {
@@ -288,13 +349,13 @@ async fn run_as_leader(
                 }
             }
             _ = poll.tick() => {
-                if lease_is_free(&leases).await {
+                if lease_is_free(leases).await {
                     info!(lease = %lease, "the leader released the Lease; taking it");
-                    match watch_lease(&ctx.client, &namespace, &identity, &lease).await {
+                    match watch_lease(&ctx.client, namespace, identity, lease).await {
                         Ok((new_leader, new_task)) => {
                             lease_task.abort();
-                            let _ = lease_task.await;
-                            (leader, lease_task) = (new_leader, new_task);
+                            let _ = (&mut *lease_task).await;
+                            (*leader, *lease_task) = (new_leader, new_task);
                         }
                         Err(e) => warn!(error = %e, "failed to restart the lease manager"),
                     }
@@ -302,11 +363,18 @@ async fn run_as_leader(
             }
             _ = shutdown.cancelled() => {
                 lease_task.abort();
-                return Ok(());
+                return Ok(false);
             }
         }
     }
-    info!(identity = %identity, "became leader; reconciling");
+}
+
+/// Runs the controller while this replica leads; losing the Lease stops it (`LostLease`).
+async fn lead(
+    ctx: Arc<Context>,
+    store_slot: Arc<OnceLock<InstanceStore>>,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+) -> Option<RunError> {
     let stop = ctx.shutdown.clone();
     let args_shutdown_timeout = ctx.settings.shutdown_timeout;
     let lost = async move {
@@ -332,21 +400,7 @@ async fn run_as_leader(
         }
     };
     stop.cancel();
-    // the renewals stop only now: a token write still retrying at SIGTERM kept the Lease
-    lease_task.abort();
-    let _ = lease_task.await;
-    if let Some(e) = stopped {
-        return Err(e);
-    }
-    // a normal stop (SIGTERM, the controller drained): free the Lease so that the next leader
-    // need not wait for it to expire
-    match release_lease(&leases, &identity).await {
-        Ok(true) => info!(lease = %lease, "released the leader Lease"),
-        Ok(false) => info!(lease = %lease, "the leader Lease was no longer ours; left as is"),
-        Err(e) => warn!(lease = %lease, error = %e, "failed to release the leader Lease; the next \
-            leader takes it when it expires"),
-    }
-    Ok(())
+    stopped
 }
 
 /// Name of the leader Lease (in the release namespace).

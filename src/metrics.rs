@@ -7,7 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::netbird::{CallObserver, Endpoint, status_class};
 
@@ -71,85 +71,63 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("netbird_operator");
-        let reconciles = Family::default();
-        registry.register(
-            "reconciles",
-            "Reconcile passes, by result (ok or error)",
-            reconciles.clone(),
-        );
-        let reconcile_errors = Family::default();
-        registry.register(
-            "reconcile_errors",
-            "Passes that ended not Ready, by condition reason (or the Kubernetes failure)",
-            reconcile_errors.clone(),
-        );
-        let netbird_requests = Family::default();
-        registry.register(
-            "netbird_requests",
-            "Calls to NetBird management servers, by endpoint and status class (error: no answer)",
-            netbird_requests.clone(),
-        );
-        let setup_calls = Counter::default();
-        registry.register(
-            "setup_calls",
-            "POST /api/setup calls made",
-            setup_calls.clone(),
-        );
-        let instances = Family::default();
-        registry.register(
-            "instances",
-            "NetbirdInstances by Ready condition status",
-            instances.clone(),
-        );
-        let update_available = Gauge::default();
-        registry.register(
-            "instances_update_available",
-            "NetbirdInstances whose server reports a newer management release",
-            update_available.clone(),
-        );
-        let token_expiry = Family::default();
-        registry.register(
-            "token_expiry_seconds",
-            "Seconds until the stored token expires, per NetbirdInstance (when the expiry is \
-             known)",
-            token_expiry.clone(),
-        );
-        let remembered_instances = Gauge::default();
-        registry.register(
-            "remembered_instances",
-            "NetbirdInstances the operator keeps per-instance memory about (a debugging figure: it \
-                follows the number of instances)",
-            remembered_instances.clone(),
-        );
-        let instance_condition = Family::default();
-        registry.register(
-            "instance_condition",
-            "1 when the condition (Ready, Stalled, UpdateAvailable) of a NetbirdInstance is True, \
-                0 when False or absent",
-            instance_condition.clone(),
-        );
-        let previous_token_in_use = Family::default();
-        registry.register(
-            "previous_token_in_use",
-            "1 while a consumer still uses the token a rotation replaced, with less than a quarter \
-                of its grace period left (restart the consumers of the token Secret); 0 while a \
-                replaced token is pending and followed; absent otherwise",
-            previous_token_in_use.clone(),
-        );
+        let r = &mut registry;
+        // registered in the order written here, the order of the exposition
         Self {
+            reconciles: register(r, "reconciles", "Reconcile passes, by result (ok or error)"),
+            reconcile_errors: register(
+                r,
+                "reconcile_errors",
+                "Passes that ended not Ready, by condition reason (or the Kubernetes failure)",
+            ),
+            netbird_requests: register(
+                r,
+                "netbird_requests",
+                "Calls to NetBird management servers, by endpoint and status class (error: no \
+                 answer)",
+            ),
+            setup_calls: register(r, "setup_calls", "POST /api/setup calls made"),
+            instances: register(r, "instances", "NetbirdInstances by Ready condition status"),
+            update_available: register(
+                r,
+                "instances_update_available",
+                "NetbirdInstances whose server reports a newer management release",
+            ),
+            token_expiry: register(
+                r,
+                "token_expiry_seconds",
+                "Seconds until the stored token expires, per NetbirdInstance (when the expiry is \
+                 known)",
+            ),
+            remembered_instances: register(
+                r,
+                "remembered_instances",
+                "NetbirdInstances the operator keeps per-instance memory about (a debugging \
+                 figure: it follows the number of instances)",
+            ),
+            instance_condition: register(
+                r,
+                "instance_condition",
+                "1 when the condition (Ready, Stalled, UpdateAvailable) of a NetbirdInstance is \
+                 True, 0 when False or absent",
+            ),
+            previous_token_in_use: register(
+                r,
+                "previous_token_in_use",
+                "1 while a consumer still uses the token a rotation replaced, with less than a \
+                 quarter of its grace period left (restart the consumers of the token Secret); 0 \
+                 while a replaced token is pending and followed; absent otherwise",
+            ),
             registry,
-            previous_token_in_use,
-            remembered_instances,
-            reconciles,
-            reconcile_errors,
-            netbird_requests,
-            setup_calls,
-            instances,
-            update_available,
-            token_expiry,
-            instance_condition,
         }
     }
+}
+
+/// A new metric, registered under `name` with `help` (the registry keeps a handle to it).
+fn register<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {

@@ -9,12 +9,14 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
+use secrecy::SecretString;
 use serde_json::json;
 use tracing::{info, warn};
 
 use super::steps::{World, verify};
 use super::{Context, Error};
 use crate::crd::{DeletionPolicy, NetbirdInstance};
+use crate::netbird::NetbirdClient;
 use crate::token_secret;
 
 /// The finalizer's name (domain-qualified).
@@ -78,56 +80,10 @@ pub async fn on_delete(
     // reported (a person may have put another in)
     secrets.read_fresh_next(&nbi.token_secret_name());
     let world = World::read(nbi, secrets, ctx).await?;
-    if let crate::token_secret::TokenSecret::Foreign(why) = &world.token_secret {
-        // a person took the Secret over (removed the operator's labels): its token is not the
-        // operator's to send any more, and whoever holds it is told it stays valid
-        let note = format!(
-            "Secret {} no longer carries this operator's labels ({why}): its token was not sent \
-             to be deleted and stays valid on the NetBird server. Delete it in the NetBird \
-             dashboard if nothing uses it",
-            nbi.token_secret_name()
-        );
-        warn!("the token Secret is no longer the operator's; the token is not deleted");
-        publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
-        return remove_finalizer(nbi, api).await;
-    }
-    if let Some(s) = world.token_secret.owned().filter(|s| {
-        s.may_send_token_to(&nbi.spec.management_url)
-            && !s.may_send_token_with(
-                &nbi.spec.management_url,
-                crate::token_secret::spec_trust(nbi),
-            )
-    }) {
-        // bound to a verified server, and the spec skips verification: not sent either
-        let note = format!(
-            "{} It was not sent to be deleted: delete it in the NetBird dashboard, or let it expire",
-            crate::binding::weaker_trust_message(
-                &nbi.token_secret_name(),
-                s.home_server().unwrap_or(&nbi.spec.management_url),
-            )
-        );
-        warn!(
-            "the token is bound to a verified server and the spec skips verification; not \
-            deleted"
-        );
-        publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
-        return remove_finalizer(nbi, api).await;
-    }
-    if let Some(home) = world
-        .token_secret
-        .owned()
-        .filter(|s| !s.may_send_token_to(&nbi.spec.management_url))
-        .and_then(|s| s.home_server())
+    if let Some(note) = foreign_secret(nbi, &world)
+        .or_else(|| weaker_trust(nbi, &world))
+        .or_else(|| another_server(nbi, &world))
     {
-        // the token belongs to another server than the spec names now: it is not sent anywhere
-        let note = format!(
-            "the token in Secret {} belongs to the NetBird server at {home}, and \
-                spec.managementURL is {}: \
-             it was not sent there to be deleted. Delete it in the dashboard of {home}",
-            nbi.token_secret_name(),
-            nbi.spec.management_url
-        );
-        warn!(home = %home, "the token belongs to another server; not deleted");
         publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
         return remove_finalizer(nbi, api).await;
     }
@@ -159,6 +115,66 @@ pub async fn on_delete(
         .await;
     }
     remove_finalizer(nbi, api).await
+}
+
+/// A token not sent because a person took the Secret over: logs it, and returns the Event's note.
+fn foreign_secret(nbi: &NetbirdInstance, world: &World) -> Option<String> {
+    let crate::token_secret::TokenSecret::Foreign(why) = &world.token_secret else {
+        return None;
+    };
+    // a person took the Secret over (removed the operator's labels): its token is not the
+    // operator's to send any more, and whoever holds it is told it stays valid
+    let note = format!(
+        "Secret {} no longer carries this operator's labels ({why}): its token was not sent \
+         to be deleted and stays valid on the NetBird server. Delete it in the NetBird \
+         dashboard if nothing uses it",
+        nbi.token_secret_name()
+    );
+    warn!("the token Secret is no longer the operator's; the token is not deleted");
+    Some(note)
+}
+
+/// A token not sent because the spec skips verification: logs it, returns the Event's note.
+fn weaker_trust(nbi: &NetbirdInstance, world: &World) -> Option<String> {
+    let s = world.token_secret.owned().filter(|s| {
+        s.may_send_token_to(&nbi.spec.management_url)
+            && !s.may_send_token_with(
+                &nbi.spec.management_url,
+                crate::token_secret::spec_trust(nbi),
+            )
+    })?;
+    // bound to a verified server, and the spec skips verification: not sent either
+    let note = format!(
+        "{} It was not sent to be deleted: delete it in the NetBird dashboard, or let it expire",
+        crate::binding::weaker_trust_message(
+            &nbi.token_secret_name(),
+            s.home_server().unwrap_or(&nbi.spec.management_url),
+        )
+    );
+    warn!(
+        "the token is bound to a verified server and the spec skips verification; not \
+        deleted"
+    );
+    Some(note)
+}
+
+/// A token not sent because it is another server's: logs it, and returns the Event's note.
+fn another_server(nbi: &NetbirdInstance, world: &World) -> Option<String> {
+    let home = world
+        .token_secret
+        .owned()
+        .filter(|s| !s.may_send_token_to(&nbi.spec.management_url))
+        .and_then(|s| s.home_server())?;
+    // the token belongs to another server than the spec names now: it is not sent anywhere
+    let note = format!(
+        "the token in Secret {} belongs to the NetBird server at {home}, and \
+            spec.managementURL is {}: \
+         it was not sent there to be deleted. Delete it in the dashboard of {home}",
+        nbi.token_secret_name(),
+        nbi.spec.management_url
+    );
+    warn!(home = %home, "the token belongs to another server; not deleted");
+    Some(note)
 }
 
 /// A failed deletion of the token: retried with backoff until `finalizerTimeout` after the deletion
@@ -260,6 +276,35 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, De
     let service_user_id = secret
         .filter(|s| s.annotation(token_secret::ANN_SERVICE_USER).is_some())
         .and_then(|s| s.annotation(token_secret::ANN_USER_ID));
+    delete_exchange_replaced(client, world).await?;
+    let user = match verify(client, token, service_user_id).await {
+        Ok(u) => u,
+        Err(e) if e.is_token_rejected() => return Ok("the token was already invalid".into()),
+        Err(e) => return Err(e.into()),
+    };
+    delete_rotation_replaced(client, world, token, &user.id).await?;
+    let id = token_id(client, world, token, &user.id).await?;
+    match client.delete_token(token, &user.id, &id).await {
+        // the records may describe a token a person replaced (same key): the held token must be
+        // gone now, or it is not the one deleted
+        Ok(()) => match verify(client, token, service_user_id).await {
+            Err(e) if e.is_token_rejected() => {
+                Ok(format!("deleted token {id} of {}", nbi.name_any()))
+            }
+            Ok(_) => Err(DeleteTokenError::NotTheRecordedToken),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) if e.is_token_rejected() => Ok("the token was already deleted".into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes the token a service-user exchange replaced, if still pending (with itself).
+async fn delete_exchange_replaced(
+    client: &NetbirdClient,
+    world: &World,
+) -> Result<(), DeleteTokenError> {
+    let secret = world.token_secret.owned();
     // a token a service-user exchange replaced and that is still pending: deleted with itself
     if let (Some(old), Some(old_id)) = (
         world.previous_token(),
@@ -274,11 +319,17 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, De
             Err(e) => return Err(e.into()),
         }
     }
-    let user = match verify(client, token, service_user_id).await {
-        Ok(u) => u,
-        Err(e) if e.is_token_rejected() => return Ok("the token was already invalid".into()),
-        Err(e) => return Err(e.into()),
-    };
+    Ok(())
+}
+
+/// Deletes the token the last rotation replaced, if still in its grace period.
+async fn delete_rotation_replaced(
+    client: &NetbirdClient,
+    world: &World,
+    token: &SecretString,
+    user_id: &str,
+) -> Result<(), DeleteTokenError> {
+    let secret = world.token_secret.owned();
     // a rotation's replaced token still in its grace period: the Secret that holds the current
     // token goes with the instance, so the grace promised its consumers ends here too; left
     // behind it would stay valid, recorded nowhere
@@ -287,41 +338,36 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, De
     {
         let owner = secret
             .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_USER_ID))
-            .unwrap_or(&user.id);
+            .unwrap_or(user_id);
         match client.delete_token(token, owner, old_id).await {
             Ok(()) => info!(token_id = %old_id, "deleted the token the last rotation replaced"),
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
     }
-    let id = match world
+    Ok(())
+}
+
+/// The id of the token to delete: the one the Secret records, else the user's only token.
+async fn token_id(
+    client: &NetbirdClient,
+    world: &World,
+    token: &SecretString,
+    user_id: &str,
+) -> Result<String, DeleteTokenError> {
+    if let Some(id) = world
         .token_secret
         .owned()
         .and_then(|s| s.token_id())
         .map(str::to_string)
     {
-        Some(id) => id,
-        None => {
-            // identify it: the only token of the user
-            let tokens = client.list_tokens(token, &user.id).await?;
-            match tokens.as_slice() {
-                [t] => t.id.clone(),
-                _ => return Err(DeleteTokenError::UnknownId),
-            }
-        }
-    };
-    match client.delete_token(token, &user.id, &id).await {
-        // the records may describe a token a person replaced (same key): the held token must be
-        // gone now, or it is not the one deleted
-        Ok(()) => match verify(client, token, service_user_id).await {
-            Err(e) if e.is_token_rejected() => {
-                Ok(format!("deleted token {id} of {}", nbi.name_any()))
-            }
-            Ok(_) => Err(DeleteTokenError::NotTheRecordedToken),
-            Err(e) => Err(e.into()),
-        },
-        Err(e) if e.is_token_rejected() => Ok("the token was already deleted".into()),
-        Err(e) => Err(e.into()),
+        return Ok(id);
+    }
+    // identify it: the only token of the user
+    let tokens = client.list_tokens(token, user_id).await?;
+    match tokens.as_slice() {
+        [t] => Ok(t.id.clone()),
+        _ => Err(DeleteTokenError::UnknownId),
     }
 }
 

@@ -92,21 +92,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let in_use = report::previous_still_in_use(&report_input);
     let previous = nbi.status.clone();
     if previous.as_ref() != Some(&status) {
-        let superseded = [nbi.metadata.resource_version.clone(), initial_rv]
-            .into_iter()
-            .flatten()
-            .collect();
-        if let Err(e) = write_status(&api, &name, &status).await {
-            // the pass is retried with backoff (error_policy); one woken sooner by an event that
-            // changed nothing (a Secret write of this pass) waits for it too, instead of calling
-            // NetBird and failing the same write again
-            let after = ctx.memory.next_backoff(&uid, ctx.settings.max_backoff);
-            ctx.memory
-                .schedule_retry(&uid, Some(after), world.inputs(known.generation));
-            return Err(e);
-        }
-        ctx.memory
-            .remember_own_status(&uid, superseded, status.clone());
+        write_new_status(nbi, ctx, &api, &status, initial_rv, &world, &known).await?;
     }
     publish_events(nbi, ctx, previous.as_ref(), &status, verdict, probes).await;
     steps::record_credentials_check(nbi, &secrets, &mut world).await;
@@ -115,6 +101,35 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     Ok(schedule::schedule(
         nbi, ctx, &known, &driven, &status, &world,
     ))
+}
+
+/// Writes the new status and remembers it; a failed write schedules the retry with backoff.
+async fn write_new_status(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    api: &Api<NetbirdInstance>,
+    status: &crate::crd::NetbirdInstanceStatus,
+    initial_rv: Option<String>,
+    world: &steps::World,
+    known: &PassInputs,
+) -> Result<(), Error> {
+    let uid = &known.uid;
+    let superseded = [nbi.metadata.resource_version.clone(), initial_rv]
+        .into_iter()
+        .flatten()
+        .collect();
+    if let Err(e) = write_status(api, &nbi.name_any(), status).await {
+        // the pass is retried with backoff (error_policy); one woken sooner by an event that
+        // changed nothing (a Secret write of this pass) waits for it too, instead of calling
+        // NetBird and failing the same write again
+        let after = ctx.memory.next_backoff(uid, ctx.settings.max_backoff);
+        ctx.memory
+            .schedule_retry(uid, Some(after), world.inputs(known.generation));
+        return Err(e);
+    }
+    ctx.memory
+        .remember_own_status(uid, superseded, status.clone());
+    Ok(())
 }
 
 /// Reads the world and drives the steps. `Err(action)`: a retry is already scheduled and nothing
@@ -320,107 +335,30 @@ async fn drive(
     world: &mut steps::World,
     known: &PassInputs,
 ) -> Result<PassOutcome, Error> {
+    let driver = Driver {
+        nbi,
+        ctx,
+        secrets,
+        known,
+    };
     let uid = &known.uid;
-    let mut probes = Probes::default();
-    if let Some(token) = world.token()
-        && let Some(v) = ctx.memory.cached_verification(
-            uid,
-            &known.verification_key(nbi, token),
-            known.interval,
-            known.started,
-        )
-    {
-        probes.verify = Some(Ok(v));
-    }
-    let mut credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
-    // a token write an earlier pass could not make comes first
-    if let Some(held) = ctx.memory.take_held_write(uid)
-        && let Err(verdict) = steps::store_held(ctx, nbi, secrets, world, held).await
-    {
-        return Ok(PassOutcome {
-            verdict,
-            probes,
-            credentials_changed,
-        });
-    }
+    let (mut probes, mut credentials_changed) = match driver.prelude(world).await {
+        ControlFlow::Continue(start) => start,
+        ControlFlow::Break(outcome) => return Ok(outcome),
+    };
     let setup_key = world.setup_key(known.generation);
     let setup_server_errors = ctx.memory.setup_server_errors(uid, &setup_key);
-    let mut verdict = None;
     let watch = ctx.memory.previous_use_watch(uid);
-    let mut read_fresh_for_setup = false;
-    for _ in 0..16 {
-        let now = ctx.now();
-        let previous_use_due = world.token_secret.owned().is_some_and(|s| {
-            s.previous_use_followable()
-                && previous_use::due(
-                    watch.as_ref(),
-                    s.annotation(crate::token_secret::ANN_PREVIOUS_TOKEN_ID)
-                        .unwrap_or_default(),
-                    s.rotated_at(),
-                    now,
-                    ctx.settings.previous_use_interval,
-                )
-        });
-        let facts = known.facts(
-            nbi,
+    let verdict = driver
+        .until_verdict(
             world,
-            &probes,
-            credentials_changed,
+            &mut probes,
+            &mut credentials_changed,
             setup_server_errors,
-            previous_use_due,
-            now,
-        );
-        let step = decide::decide(&facts);
-        tracing::debug!(?step, "decided");
-        let step = match step {
-            ControlFlow::Break(v) => {
-                // a verdict never rests on an absence only the watch reported: read again first
-                if world.confirm(nbi, secrets, ctx).await? {
-                    credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
-                    continue;
-                }
-                verdict = Some(v);
-                break;
-            }
-            ControlFlow::Continue(step) => step,
-        };
-        // the password goes only where the credentials Secret allows: setup is decided again on
-        // the credentials Secret as the apiserver has it now, not as a lagging watch cache may (an
-        // allow-list just added would otherwise be missed; found by the history explorer)
-        if step == decide::Step::Setup && !read_fresh_for_setup {
-            read_fresh_for_setup = true;
-            world.refresh_credentials(nbi, secrets).await?;
-            credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
-            continue;
-        }
-        let urgent = Urgent { ctx, nbi };
-        if let Err(v) = steps::run(step, nbi, ctx, secrets, world, &mut probes, &urgent).await {
-            verdict = Some(v);
-            break;
-        }
-        if let Some(Ok(v)) = &probes.verify
-            && let Some(token) = world.token()
-        {
-            ctx.memory
-                .remember_verification(uid, known.verification_key(nbi, token), v);
-        }
-    }
-    let verdict = verdict.unwrap_or(Verdict::Waiting {
-        reason: decide::Waiting::Progressing,
-        message: "the pass took more steps than expected; continuing in the next pass".into(),
-        retry: true,
-    });
-    if matches!(&probes.verify, Some(Err(_))) {
-        ctx.memory.forget_verification(uid);
-    }
-    // a server error of setup counts towards giving up on it (see decide's
-    // SETUP_SERVER_ERRORS_LIMIT); any other answer starts the count again
-    if let Some(decide::SetupOutcome::Failed(e)) = &probes.setup {
-        ctx.memory
-            .count_setup_server_error(uid, setup_key, matches!(e.status(), Some(500..=599)));
-    }
-    ctx.memory
-        .set_previous_use_watch(uid, follow_previous_use(nbi, ctx, world, watch, &probes));
+            watch.as_ref(),
+        )
+        .await?;
+    driver.remember_after_steps(world, setup_key, watch, &probes);
     if probes.claimed {
         // the claim recorded the fingerprint of the credentials in use
         credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
@@ -429,6 +367,176 @@ async fn drive(
         verdict,
         probes,
         credentials_changed,
+    })
+}
+
+/// What a pass drives its steps with: the instance, the context, the Secrets, its inputs.
+#[derive(Clone, Copy)]
+struct Driver<'a, 's> {
+    nbi: &'a NetbirdInstance,
+    ctx: &'a Context,
+    secrets: &'a secrets::Secrets<'s>,
+    known: &'a PassInputs,
+}
+
+impl Driver<'_, '_> {
+    /// Before the first decision: probes, credentials check, held write (`Break`: its verdict).
+    async fn prelude(self, world: &mut steps::World) -> ControlFlow<PassOutcome, (Probes, bool)> {
+        let Driver {
+            nbi,
+            ctx,
+            secrets,
+            known,
+        } = self;
+        let uid = &known.uid;
+        let mut probes = Probes::default();
+        if let Some(token) = world.token()
+            && let Some(v) = ctx.memory.cached_verification(
+                uid,
+                &known.verification_key(nbi, token),
+                known.interval,
+                known.started,
+            )
+        {
+            probes.verify = Some(Ok(v));
+        }
+        let credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
+        // a token write an earlier pass could not make comes first
+        if let Some(held) = ctx.memory.take_held_write(uid)
+            && let Err(verdict) = steps::store_held(ctx, nbi, secrets, world, held).await
+        {
+            return ControlFlow::Break(PassOutcome {
+                verdict,
+                probes,
+                credentials_changed,
+            });
+        }
+        ControlFlow::Continue((probes, credentials_changed))
+    }
+
+    /// Decides and does the next step until a verdict (Progressing after 16 steps).
+    async fn until_verdict(
+        self,
+        world: &mut steps::World,
+        probes: &mut Probes,
+        credentials_changed: &mut bool,
+        setup_server_errors: u32,
+        watch: Option<&previous_use::Watch>,
+    ) -> Result<Verdict, Error> {
+        let Driver {
+            nbi,
+            ctx,
+            secrets,
+            known,
+        } = self;
+        let mut read_fresh_for_setup = false;
+        for _ in 0..16 {
+            let now = ctx.now();
+            let previous_use_due = previous_use_due(ctx, world, watch, now);
+            let facts = known.facts(
+                nbi,
+                world,
+                probes,
+                *credentials_changed,
+                setup_server_errors,
+                previous_use_due,
+                now,
+            );
+            let step = decide::decide(&facts);
+            tracing::debug!(?step, "decided");
+            let step = match step {
+                ControlFlow::Break(v) => {
+                    // a verdict never rests on an absence only the watch reported: read again
+                    // first
+                    if world.confirm(nbi, secrets, ctx).await? {
+                        *credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
+                        continue;
+                    }
+                    return Ok(v);
+                }
+                ControlFlow::Continue(step) => step,
+            };
+            // the password goes only where the credentials Secret allows: setup is decided again
+            // on the credentials Secret as the apiserver has it now, not as a lagging watch cache
+            // may (an allow-list just added would otherwise be missed; found by the history
+            // explorer)
+            if step == decide::Step::Setup && !read_fresh_for_setup {
+                read_fresh_for_setup = true;
+                world.refresh_credentials(nbi, secrets).await?;
+                *credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
+                continue;
+            }
+            let urgent = Urgent { ctx, nbi };
+            if let Err(v) = steps::run(step, nbi, ctx, secrets, world, probes, &urgent).await {
+                return Ok(v);
+            }
+            self.remember_verification(world, probes);
+        }
+        Ok(Verdict::Waiting {
+            reason: decide::Waiting::Progressing,
+            message: "the pass took more steps than expected; continuing in the next pass".into(),
+            retry: true,
+        })
+    }
+
+    /// After a step: a successful verification of the token is remembered for the next passes.
+    fn remember_verification(self, world: &steps::World, probes: &Probes) {
+        if let Some(Ok(v)) = &probes.verify
+            && let Some(token) = world.token()
+        {
+            self.ctx.memory.remember_verification(
+                &self.known.uid,
+                self.known.verification_key(self.nbi, token),
+                v,
+            );
+        }
+    }
+
+    /// After the last step: forgets a failed verification, counts setup errors, moves the watch.
+    fn remember_after_steps(
+        self,
+        world: &steps::World,
+        setup_key: [u8; 32],
+        watch: Option<previous_use::Watch>,
+        probes: &Probes,
+    ) {
+        let (ctx, uid) = (self.ctx, &self.known.uid);
+        if matches!(&probes.verify, Some(Err(_))) {
+            ctx.memory.forget_verification(uid);
+        }
+        // a server error of setup counts towards giving up on it (see decide's
+        // SETUP_SERVER_ERRORS_LIMIT); any other answer starts the count again
+        if let Some(decide::SetupOutcome::Failed(e)) = &probes.setup {
+            ctx.memory.count_setup_server_error(
+                uid,
+                setup_key,
+                matches!(e.status(), Some(500..=599)),
+            );
+        }
+        ctx.memory.set_previous_use_watch(
+            uid,
+            follow_previous_use(self.nbi, ctx, world, watch, probes),
+        );
+    }
+}
+
+/// Whether the previous token's use is due for a look now (a followable previous token only).
+fn previous_use_due(
+    ctx: &Context,
+    world: &steps::World,
+    watch: Option<&previous_use::Watch>,
+    now: jiff::Timestamp,
+) -> bool {
+    world.token_secret.owned().is_some_and(|s| {
+        s.previous_use_followable()
+            && previous_use::due(
+                watch,
+                s.annotation(crate::token_secret::ANN_PREVIOUS_TOKEN_ID)
+                    .unwrap_or_default(),
+                s.rotated_at(),
+                now,
+                ctx.settings.previous_use_interval,
+            )
     })
 }
 

@@ -46,6 +46,9 @@ pub(super) async fn storing_token(ctx: &Context, nbi: &NetbirdInstance, message:
     }
 }
 
+/// An Event a pass publishes: its type, reason and note.
+type EventOf = (EventType, &'static str, String);
+
 pub(super) async fn publish_events(
     nbi: &NetbirdInstance,
     ctx: &Context,
@@ -60,86 +63,24 @@ pub(super) async fn publish_events(
         Some(decide::SetupOutcome::TokenStored { .. })
     );
     if setup_performed {
-        // the usual case: the same pass made the instance Ready, and one Event tells both
-        let note = match verdict {
-            Verdict::Ready => {
-                "the one-time setup succeeded; its token is stored and verified, and the instance \
-                    is Ready"
-            }
-            _ => "the one-time setup succeeded and its token is stored",
-        };
-        events.push((EventType::Normal, "SetupPerformed", note.to_string()));
+        events.push(setup_performed_event(verdict));
     }
     if report::ready_of(previous) != report::ready_of(Some(status))
         && !(setup_performed && matches!(verdict, Verdict::Ready))
     {
-        let ready = status.conditions.iter().find(|c| c.type_ == report::READY);
-        let message = ready.map(|c| c.message.clone()).unwrap_or_default();
-        let (ty, reason) = match verdict {
-            Verdict::Ready => (EventType::Normal, "Bootstrapped"),
-            Verdict::Suspended => return,
-            Verdict::Waiting { reason, retry, .. } => (
-                if *retry {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason.as_str(),
-            ),
-            Verdict::Stalled { reason, .. } => (EventType::Warning, reason.as_str()),
+        // a suspended instance's change of Ready publishes no Event at all
+        let Some(event) = ready_event(status, verdict) else {
+            return;
         };
-        events.push((ty, reason, message));
+        events.push(event);
     }
     if probes.abandoned_setup_ended {
-        events.push((
-            EventType::Warning,
-            "TokenLost",
-            format!(
-                "a token was put into Secret {} while a setup of this operator was in flight; \
-                 the token that setup may have issued was never stored, and stays valid on the \
-                 server until it expires: delete it in the NetBird dashboard (the owner's \
-                 personal access tokens, named {})",
-                nbi.token_secret_name(),
-                crate::token_secret::SETUP_TOKEN_NAME
-            ),
-        ));
+        events.push(token_lost_event(nbi));
     }
     if probes.previous_retired {
-        events.push((
-            EventType::Normal,
-            "PreviousTokenRetired",
-            format!(
-                "NetBird saw no use of the previous token for spec.token.rotation.\
-                 retireAfterUnused ({}) since Secret {} changed, or no longer lists it: every \
-                 consumer took the new token, and the previous one was deleted before its grace \
-                 period ended",
-                nbi.spec.token.rotation.retire_after_unused,
-                nbi.token_secret_name()
-            ),
-        ));
+        events.push(previous_retired_event(nbi));
     }
-    let reason_of = |s: Option<&NetbirdInstanceStatus>| {
-        s.and_then(|s| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == report::TOKEN_AVAILABLE)
-                .map(|c| c.reason.clone())
-        })
-    };
-    let in_use = Some(report::PREVIOUS_TOKEN_STILL_IN_USE.to_string());
-    if reason_of(Some(status)) == in_use && reason_of(previous) != in_use {
-        let note = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == report::TOKEN_AVAILABLE)
-            .map(|c| c.message.clone())
-            .unwrap_or_default();
-        events.push((
-            EventType::Warning,
-            report::PREVIOUS_TOKEN_STILL_IN_USE,
-            note,
-        ));
-    }
+    events.extend(previous_still_in_use_event(previous, status));
     let reference = nbi.object_ref(&());
     for (type_, reason, note) in events {
         let ev = Event {
@@ -153,6 +94,101 @@ pub(super) async fn publish_events(
             warn!(error = %e, reason, "failed to publish an Event");
         }
     }
+}
+
+/// SetupPerformed: the one-time setup succeeded (and, in the usual case, made the instance Ready).
+fn setup_performed_event(verdict: &Verdict) -> EventOf {
+    // the usual case: the same pass made the instance Ready, and one Event tells both
+    let note = match verdict {
+        Verdict::Ready => {
+            "the one-time setup succeeded; its token is stored and verified, and the instance \
+                is Ready"
+        }
+        _ => "the one-time setup succeeded and its token is stored",
+    };
+    (EventType::Normal, "SetupPerformed", note.to_string())
+}
+
+/// The Event of a change of Ready (the verdict's reason); `None` when suspended.
+fn ready_event(status: &NetbirdInstanceStatus, verdict: &Verdict) -> Option<EventOf> {
+    let ready = status.conditions.iter().find(|c| c.type_ == report::READY);
+    let message = ready.map(|c| c.message.clone()).unwrap_or_default();
+    let (ty, reason) = match verdict {
+        Verdict::Ready => (EventType::Normal, "Bootstrapped"),
+        Verdict::Suspended => return None,
+        Verdict::Waiting { reason, retry, .. } => (
+            if *retry {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason.as_str(),
+        ),
+        Verdict::Stalled { reason, .. } => (EventType::Warning, reason.as_str()),
+    };
+    Some((ty, reason, message))
+}
+
+/// TokenLost: a token was stored while a setup was in flight, whose token was never stored.
+fn token_lost_event(nbi: &NetbirdInstance) -> EventOf {
+    (
+        EventType::Warning,
+        "TokenLost",
+        format!(
+            "a token was put into Secret {} while a setup of this operator was in flight; \
+             the token that setup may have issued was never stored, and stays valid on the \
+             server until it expires: delete it in the NetBird dashboard (the owner's \
+             personal access tokens, named {})",
+            nbi.token_secret_name(),
+            crate::token_secret::SETUP_TOKEN_NAME
+        ),
+    )
+}
+
+/// PreviousTokenRetired: the previous token, unused, was deleted before its grace period ended.
+fn previous_retired_event(nbi: &NetbirdInstance) -> EventOf {
+    (
+        EventType::Normal,
+        "PreviousTokenRetired",
+        format!(
+            "NetBird saw no use of the previous token for spec.token.rotation.\
+             retireAfterUnused ({}) since Secret {} changed, or no longer lists it: every \
+             consumer took the new token, and the previous one was deleted before its grace \
+             period ended",
+            nbi.spec.token.rotation.retire_after_unused,
+            nbi.token_secret_name()
+        ),
+    )
+}
+
+/// PreviousTokenStillInUse, when TokenAvailable has just taken that reason, with its message.
+fn previous_still_in_use_event(
+    previous: Option<&NetbirdInstanceStatus>,
+    status: &NetbirdInstanceStatus,
+) -> Option<EventOf> {
+    let reason_of = |s: Option<&NetbirdInstanceStatus>| {
+        s.and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == report::TOKEN_AVAILABLE)
+                .map(|c| c.reason.clone())
+        })
+    };
+    let in_use = Some(report::PREVIOUS_TOKEN_STILL_IN_USE.to_string());
+    if reason_of(Some(status)) != in_use || reason_of(previous) == in_use {
+        return None;
+    }
+    let note = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == report::TOKEN_AVAILABLE)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    Some((
+        EventType::Warning,
+        report::PREVIOUS_TOKEN_STILL_IN_USE,
+        note,
+    ))
 }
 
 /// Per-instance gauges (the chart's alerts) from the status this pass wrote, and the count of

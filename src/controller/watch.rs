@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -29,15 +29,7 @@ pub async fn run(
     store_slot: Arc<std::sync::OnceLock<Store<NetbirdInstance>>>,
     on_synced: impl FnOnce() + Send + 'static,
 ) {
-    let client = ctx.client.clone();
-    // the moment the shutdown begins, for the deadline of pending token writes
-    let began_ctx = ctx.clone();
-    tokio::spawn(async move {
-        began_ctx.shutdown.cancelled().await;
-        began_ctx
-            .shutdown_began
-            .get_or_init(tokio::time::Instant::now);
-    });
+    spawn_shutdown_clock(&ctx);
     let (store, writer) = reflector::store();
     let instance_events = instance_events(&ctx, writer);
     let controller = Controller::for_stream(instance_events, store.clone());
@@ -46,26 +38,8 @@ pub async fn run(
     // Secrets are watched by metadata only: memory does not grow with the Secrets of the cluster.
     // The watch keeps the cache of the Secrets passes use current (see `secrets`), and an event for
     // a Secret that a NetbirdInstance references triggers its pass.
-    let cache_ctx = ctx.clone();
-    let secret_events = watch_each::<PartialObjectMeta<Secret>>(&client, &ctx.settings.namespaces)
-        .modify(trim::secret_meta)
-        .inspect(move |event| {
-            if let Ok(event) = event {
-                cache_ctx.secret_cache.observe(event);
-            }
-        })
-        .touched_objects();
-    let mapper_ctx = ctx.clone();
-    let mapper = move |secret: PartialObjectMeta<Secret>| {
-        let (Some(ns), Some(name)) = (&secret.metadata.namespace, &secret.metadata.name) else {
-            return Vec::new();
-        };
-        // the echo of an own token Secret write brings that instance nothing new
-        let own = mapper_ctx.secret_cache.own_write(&secret.metadata);
-        mapper_ctx
-            .secret_refs
-            .referencing(ns, name, own.then_some(refs::Role::Token))
-    };
+    let secret_events = secret_events(&ctx);
+    let mapper = instances_referencing(&ctx);
 
     tokio::spawn(notify_when_synced(
         store.clone(),
@@ -98,6 +72,50 @@ pub async fn run(
         })
         .await;
     store_held_writes(&ctx).await;
+}
+
+/// Notes the moment the shutdown begins, for the deadline of pending token writes.
+fn spawn_shutdown_clock(ctx: &Arc<Context>) {
+    let began_ctx = ctx.clone();
+    tokio::spawn(async move {
+        began_ctx.shutdown.cancelled().await;
+        began_ctx
+            .shutdown_began
+            .get_or_init(tokio::time::Instant::now);
+    });
+}
+
+/// The Secrets' metadata watch, which keeps the Secret cache current.
+fn secret_events(
+    ctx: &Arc<Context>,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static
+{
+    let cache_ctx = ctx.clone();
+    watch_each::<PartialObjectMeta<Secret>>(&ctx.client, &ctx.settings.namespaces)
+        .modify(trim::secret_meta)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                cache_ctx.secret_cache.observe(event);
+            }
+        })
+        .touched_objects()
+}
+
+/// The instances whose pass a Secret's event triggers (not for the echo of an own write).
+fn instances_referencing(
+    ctx: &Arc<Context>,
+) -> impl Fn(PartialObjectMeta<Secret>) -> Vec<ObjectRef<NetbirdInstance>> + Send + Sync + 'static {
+    let mapper_ctx = ctx.clone();
+    move |secret: PartialObjectMeta<Secret>| {
+        let (Some(ns), Some(name)) = (&secret.metadata.namespace, &secret.metadata.name) else {
+            return Vec::new();
+        };
+        // the echo of an own token Secret write brings that instance nothing new
+        let own = mapper_ctx.secret_cache.own_write(&secret.metadata);
+        mapper_ctx
+            .secret_refs
+            .referencing(ns, name, own.then_some(refs::Role::Token))
+    }
 }
 
 /// The retries of a held token write at shutdown (short: the deadline is near).

@@ -120,63 +120,73 @@ fn from_token_secret(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
     {
         return Some(Continue(Step::EndAbandonedSetup));
     }
+    stored_token(f, s).or_else(|| recorded_setup_outcome(f, s))
+}
+
+/// What the token under the key decides (where it may go, its verification); `None`: none.
+fn stored_token(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
     match &s.token {
-        TokenValue::Present(_) if !s.may_send_token_to(f.management_url) => {
-            return Some(stalled(
-                Stall::ServerNotAllowed,
-                token_not_allowed_message(f, s.home_server().unwrap_or_default()),
-            ));
-        }
+        TokenValue::Present(_) if !s.may_send_token_to(f.management_url) => Some(stalled(
+            Stall::ServerNotAllowed,
+            token_not_allowed_message(f, s.home_server().unwrap_or_default()),
+        )),
         TokenValue::Present(_)
             if !s.may_send_token_with(
                 f.management_url,
                 crate::binding::Trust::of(f.insecure_skip_verify),
             ) =>
         {
-            return Some(stalled(
+            Some(stalled(
                 Stall::ServerNotAllowed,
                 crate::binding::weaker_trust_message(
                     f.secret_name,
                     s.home_server().unwrap_or(f.management_url),
                 ),
-            ));
+            ))
         }
-        TokenValue::Present(_) => {
-            return Some(match &p.verify {
-                None => Continue(Step::VerifyToken),
-                Some(Err(e)) if e.is_token_rejected() => stalled(
-                    Stall::TokenRejected,
-                    format!(
-                        "the token in key {} of Secret {} was rejected: {e}. Create a personal \
-                            access \
-                         token in the NetBird dashboard and put it under that key; the \
-                             operator adopts it",
-                        f.secret_key, f.secret_name
-                    ),
-                ),
-                Some(Err(e)) => unreachable_or_stalled(e, "could not verify the stored token"),
-                Some(Ok(_)) => token_upkeep(f, s).unwrap_or_else(|| {
-                    if f.version_due && p.version.is_none() {
-                        Continue(Step::CheckVersion)
-                    } else {
-                        Break(Verdict::Ready)
-                    }
-                }),
-            });
-        }
-        TokenValue::NotText => {
-            return Some(stalled(
-                Stall::TokenRejected,
-                format!(
-                    "key {} of Secret {} holds binary data, not a token. Put a personal access \
-                        token \
-                     (nbp_...) there; the operator adopts it",
-                    f.secret_key, f.secret_name
-                ),
-            ));
-        }
-        TokenValue::Missing => {}
+        TokenValue::Present(_) => Some(verified_token(f, s)),
+        TokenValue::NotText => Some(stalled(
+            Stall::TokenRejected,
+            format!(
+                "key {} of Secret {} holds binary data, not a token. Put a personal access \
+                    token \
+                 (nbp_...) there; the operator adopts it",
+                f.secret_key, f.secret_name
+            ),
+        )),
+        TokenValue::Missing => None,
     }
+}
+
+/// What the token's verification decides: verify, stop, or its upkeep, the version, Ready.
+fn verified_token(f: &Facts<'_>, s: &OwnedSecret) -> Decision {
+    let p = f.probes;
+    match &p.verify {
+        None => Continue(Step::VerifyToken),
+        Some(Err(e)) if e.is_token_rejected() => stalled(
+            Stall::TokenRejected,
+            format!(
+                "the token in key {} of Secret {} was rejected: {e}. Create a personal \
+                    access \
+                 token in the NetBird dashboard and put it under that key; the \
+                     operator adopts it",
+                f.secret_key, f.secret_name
+            ),
+        ),
+        Some(Err(e)) => unreachable_or_stalled(e, "could not verify the stored token"),
+        Some(Ok(_)) => token_upkeep(f, s).unwrap_or_else(|| {
+            if f.version_due && p.version.is_none() {
+                Continue(Step::CheckVersion)
+            } else {
+                Break(Verdict::Ready)
+            }
+        }),
+    }
+}
+
+/// What a setup outcome recorded on the Secret decides (no token, malformed, refused).
+fn recorded_setup_outcome(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
+    let p = f.probes;
     if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_NOT_ISSUED) {
         return Some(stalled(Stall::TokenNotIssued, token_not_issued_message(f)));
     }
@@ -238,45 +248,49 @@ fn after_setup_call(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Option<Decisi
                 setup_unavailable_message(f, true),
             ));
         }
-        Some(SetupOutcome::Failed(e)) => {
-            // "already set up" after an unanswered call of this claim: that call may have been the
-            // one that set it up, and its token is lost; the claim is kept as the evidence
-            if e.status() == Some(412) && owned.is_some_and(|s| s.setup_unanswered()) {
-                return Some(stalled(Stall::TokenLost, token_lost_message(f, true)));
-            }
-            let gives_up = server_error_gives_up(f, e);
-            let definitive = matches!(e.status(), Some(400 | 412 | 422)) || gives_up;
-            if definitive && owned.is_some_and(|s| s.setup_started()) && !p.claim_released {
-                return Some(Continue(Step::ReleaseClaim));
-            }
-            return Some(match e.status() {
-                _ if gives_up => stalled(
-                    Stall::SetupUnavailable,
-                    setup_server_error_message(f, &e.to_string()),
-                ),
-                Some(412) => stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true)),
-                Some(422)
-                    if e.server_message()
-                        .is_some_and(|m| m.contains("pat_expire_in")) =>
-                {
-                    stalled(
-                        Stall::InvalidSpec,
-                        format!("spec.token.expiresInDays was refused by NetBird: {e}"),
-                    )
-                }
-                Some(400 | 422) => stalled(
-                    Stall::CredentialsRejected,
-                    format!(
-                        "NetBird refused the credentials: {e}. Fix the credentials Secret; the \
-                            operator retries when it changes"
-                    ),
-                ),
-                _ => unreachable_or_stalled(e, "setup failed"),
-            });
-        }
+        Some(SetupOutcome::Failed(e)) => return Some(setup_failed(f, owned, e)),
         None => {}
     }
     None
+}
+
+/// What a failed setup call decides: token lost, claim released, or the stall it calls for.
+fn setup_failed(f: &Facts<'_>, owned: Option<&OwnedSecret>, e: &NetbirdError) -> Decision {
+    let p = f.probes;
+    // "already set up" after an unanswered call of this claim: that call may have been the
+    // one that set it up, and its token is lost; the claim is kept as the evidence
+    if e.status() == Some(412) && owned.is_some_and(|s| s.setup_unanswered()) {
+        return stalled(Stall::TokenLost, token_lost_message(f, true));
+    }
+    let gives_up = server_error_gives_up(f, e);
+    let definitive = matches!(e.status(), Some(400 | 412 | 422)) || gives_up;
+    if definitive && owned.is_some_and(|s| s.setup_started()) && !p.claim_released {
+        return Continue(Step::ReleaseClaim);
+    }
+    match e.status() {
+        _ if gives_up => stalled(
+            Stall::SetupUnavailable,
+            setup_server_error_message(f, &e.to_string()),
+        ),
+        Some(412) => stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true)),
+        Some(422)
+            if e.server_message()
+                .is_some_and(|m| m.contains("pat_expire_in")) =>
+        {
+            stalled(
+                Stall::InvalidSpec,
+                format!("spec.token.expiresInDays was refused by NetBird: {e}"),
+            )
+        }
+        Some(400 | 422) => stalled(
+            Stall::CredentialsRejected,
+            format!(
+                "NetBird refused the credentials: {e}. Fix the credentials Secret; the \
+                    operator retries when it changes"
+            ),
+        ),
+        _ => unreachable_or_stalled(e, "setup failed"),
+    }
 }
 
 /// The way to the one-time setup: the instance status, the claim, the call.
@@ -303,38 +317,15 @@ fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
 /// The work a verified token may need: cleanup after a crash, identification, rotation.
 fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<Decision> {
     let p = f.probes;
-    // the records describe the token under the key the spec named before: the token under the
-    // spec's key now is another (put in by a person), and a rotation would take the old one for
-    // "the previous token" and delete it while the Secret still holds it under the old key
-    if s.records_describe_another_key(f.secret_key) && !p.other_key_records_forgotten {
-        return Some(Continue(Step::ForgetOtherKeyRecords));
+    if let Some(d) = leftovers(f, s) {
+        return Some(d);
     }
-    let listing_failed = matches!(p.token_list, Some(Err(_)));
-    if s.annotation(ANN_ROTATION_STARTED_AT).is_some() && !p.orphans_cleaned && !listing_failed {
-        return Some(Continue(Step::CleanOrphans));
-    }
-    let renewal_due = f.rotation_enabled && s.renew_at().is_some_and(|at| f.now >= at);
     // the replaced token is deleted when its grace period ends (the pass is scheduled for then),
     // never before: consumers that read it once keep working until then
     let previous_pending = s.annotation(ANN_PREVIOUS_TOKEN_ID).is_some();
     let in_grace = previous_pending && s.previous_delete_at().is_some_and(|at| f.now < at);
-    if previous_pending && !in_grace && p.previous_deleted.is_none() {
-        return Some(Continue(Step::DeletePreviousToken));
-    }
-    // within the grace period, its use is followed (a rotation's previous token only: after the
-    // exchange it is the owner's, which the service user may not read), and once nothing used it
-    // for retireAfterUnused, as this pass's own look shows, it is retired early
-    if in_grace && s.previous_use_followable() {
-        match &p.previous_use {
-            None if f.previous_use_due => return Some(Continue(Step::CheckPreviousTokenUse)),
-            Some(Ok(seen))
-                if p.previous_deleted.is_none()
-                    && super::previous_use::retire(seen, f.retire_after_unused) =>
-            {
-                return Some(Continue(Step::RetirePreviousToken));
-            }
-            _ => {}
-        }
+    if let Some(d) = previous_token(f, s, previous_pending, in_grace) {
+        return Some(d);
     }
     // a token creation this spec asked for answered with a malformed token: not asked again until
     // the spec changes
@@ -362,6 +353,57 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<D
     if in_grace {
         return None;
     }
+    new_token(f, s)
+}
+
+/// What an earlier key or an interrupted rotation left: records to forget, orphans to clean.
+fn leftovers(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
+    let p = f.probes;
+    // the records describe the token under the key the spec named before: the token under the
+    // spec's key now is another (put in by a person), and a rotation would take the old one for
+    // "the previous token" and delete it while the Secret still holds it under the old key
+    if s.records_describe_another_key(f.secret_key) && !p.other_key_records_forgotten {
+        return Some(Continue(Step::ForgetOtherKeyRecords));
+    }
+    let listing_failed = matches!(p.token_list, Some(Err(_)));
+    if s.annotation(ANN_ROTATION_STARTED_AT).is_some() && !p.orphans_cleaned && !listing_failed {
+        return Some(Continue(Step::CleanOrphans));
+    }
+    None
+}
+
+/// The replaced token: deleted after its grace period, or within it followed and retired.
+fn previous_token(
+    f: &Facts<'_>,
+    s: &OwnedSecret,
+    previous_pending: bool,
+    in_grace: bool,
+) -> Option<Decision> {
+    let p = f.probes;
+    if previous_pending && !in_grace && p.previous_deleted.is_none() {
+        return Some(Continue(Step::DeletePreviousToken));
+    }
+    // within the grace period, its use is followed (a rotation's previous token only: after the
+    // exchange it is the owner's, which the service user may not read), and once nothing used it
+    // for retireAfterUnused, as this pass's own look shows, it is retired early
+    if in_grace && s.previous_use_followable() {
+        match &p.previous_use {
+            None if f.previous_use_due => return Some(Continue(Step::CheckPreviousTokenUse)),
+            Some(Ok(seen))
+                if p.previous_deleted.is_none()
+                    && super::previous_use::retire(seen, f.retire_after_unused) =>
+            {
+                return Some(Continue(Step::RetirePreviousToken));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A new token outside a grace period: the service-user exchange, then the due renewal.
+fn new_token(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
+    let p = f.probes;
     if let Some(name) = f.service_user
         && s.annotation(ANN_TOKEN_ID).is_some()
         && s.annotation(crate::token_secret::ANN_SERVICE_USER) != Some(name)
@@ -370,6 +412,7 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<D
     {
         return Some(Continue(Step::ExchangeForServiceUser));
     }
+    let renewal_due = f.rotation_enabled && s.renew_at().is_some_and(|at| f.now >= at);
     if renewal_due && !p.rotated && p.rotation_error.is_none() {
         return Some(Continue(Step::RotateToken));
     }

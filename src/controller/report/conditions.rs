@@ -166,28 +166,48 @@ pub(super) fn token_available_condition(
     prev: &NetbirdInstanceStatus,
 ) -> Option<Cond> {
     if *r.verdict != Verdict::Ready {
-        let holds_token = seen
-            .owned
-            .is_some_and(|s| matches!(s.token, crate::token_secret::TokenValue::Present(_)));
-        let waiting = matches!(r.verdict, Verdict::Waiting { .. });
-        return prev
-            .conditions
-            .iter()
-            .find(|c| c.type_ == TOKEN_AVAILABLE && c.status == "True")
-            .filter(|_| waiting && holds_token)
-            .map(|old| Cond {
-                type_: TOKEN_AVAILABLE,
-                status: ConditionStatus::True,
-                reason: old.reason.clone(),
-                message: old.message.clone(),
-            });
+        return kept_token_available(r, seen, prev);
     }
+    let (reason, message) = token_reason(r, seen);
+    let rotation_failed = r
+        .probes
+        .rotation_error
+        .as_ref()
+        .map(|e| format!("; renewing it failed ({e}), retrying"));
+    let message = format!("{message}{}", rotation_failed.unwrap_or_default());
+    Some(c(TOKEN_AVAILABLE, ConditionStatus::True, reason, &message))
+}
+
+/// TokenAvailable in a pass not Ready: kept while it waits and the Secret holds a token.
+fn kept_token_available(
+    r: &ReportInput<'_>,
+    seen: &Seen<'_>,
+    prev: &NetbirdInstanceStatus,
+) -> Option<Cond> {
+    let holds_token = seen
+        .owned
+        .is_some_and(|s| matches!(s.token, crate::token_secret::TokenValue::Present(_)));
+    let waiting = matches!(r.verdict, Verdict::Waiting { .. });
+    prev.conditions
+        .iter()
+        .find(|c| c.type_ == TOKEN_AVAILABLE && c.status == "True")
+        .filter(|_| waiting && holds_token)
+        .map(|old| Cond {
+            type_: TOKEN_AVAILABLE,
+            status: ConditionStatus::True,
+            reason: old.reason.clone(),
+            message: old.message.clone(),
+        })
+}
+
+/// TokenAvailable's reason and message in a Ready pass (the first case that holds).
+fn token_reason(r: &ReportInput<'_>, seen: &Seen<'_>) -> (&'static str, String) {
     let expiring = !r.rotation_enabled
         && seen
             .owned
             .and_then(|s| s.renew_at())
             .is_some_and(|at| r.now >= at);
-    let (reason, message) = if expiring {
+    if expiring {
         (
             "TokenExpiringSoon",
             format!(
@@ -231,14 +251,7 @@ pub(super) fn token_available_condition(
             "TokenAdopted",
             "a token put into the Secret was verified and adopted".to_string(),
         )
-    };
-    let rotation_failed = r
-        .probes
-        .rotation_error
-        .as_ref()
-        .map(|e| format!("; renewing it failed ({e}), retrying"));
-    let message = format!("{message}{}", rotation_failed.unwrap_or_default());
-    Some(c(TOKEN_AVAILABLE, ConditionStatus::True, reason, &message))
+    }
 }
 
 pub(super) fn update_available_condition(

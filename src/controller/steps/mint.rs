@@ -98,28 +98,7 @@ impl Stepper<'_, '_> {
             self.patch(&malformed_patch(nbi, what, why)).await?;
             return Ok(Minted::Malformed);
         }
-        let replaced = self
-            .world
-            .token_secret
-            .owned()
-            .and_then(|s| s.token_id())
-            .map(str::to_string);
-        let pat = &created.personal_access_token;
-        let delete_at = previous_delete_at(nbi, self.world, now);
-        let new = token_secret::NewToken {
-            token: &created.plain_token,
-            id: &pat.id,
-            expires_at: &seconds(pat.expiration_date),
-            issued_at: &now.to_string(),
-            previous: replaced.as_deref().map(|id| (id, delete_at.as_str())),
-        };
-        let exchange = svc.map(|(id, name)| token_secret::Exchange {
-            service_user_id: id,
-            service_user: name,
-            previous_user: user,
-            previous_token: token,
-        });
-        let patch = token_secret::rotated_patch(nbi, &new, exchange.as_ref());
+        let patch = stored_patch(nbi, self.world, &created, now, token, user, svc);
         let written = write_until_stored(
             ctx,
             self.urgent,
@@ -131,6 +110,7 @@ impl Stepper<'_, '_> {
         )
         .await?
         .map(Box::new);
+        let pat = &created.personal_access_token;
         // a token given up at shutdown was reported lost (ERROR) and is never also "stored"
         match (svc, &written) {
             (_, None) => {}
@@ -177,6 +157,39 @@ impl Stepper<'_, '_> {
         info!(service_user = %name, user_id = %u.id, "created the service user");
         Ok(u)
     }
+}
+
+/// The patch storing a created token with the record of the one it replaces (and the exchange).
+fn stored_patch(
+    nbi: &NetbirdInstance,
+    world: &World,
+    created: &crate::netbird::CreatedToken,
+    now: jiff::Timestamp,
+    token: &SecretString,
+    user: &str,
+    svc: Option<(&str, &str)>,
+) -> serde_json::Value {
+    let replaced = world
+        .token_secret
+        .owned()
+        .and_then(|s| s.token_id())
+        .map(str::to_string);
+    let pat = &created.personal_access_token;
+    let delete_at = previous_delete_at(nbi, world, now);
+    let new = token_secret::NewToken {
+        token: &created.plain_token,
+        id: &pat.id,
+        expires_at: &seconds(pat.expiration_date),
+        issued_at: &now.to_string(),
+        previous: replaced.as_deref().map(|id| (id, delete_at.as_str())),
+    };
+    let exchange = svc.map(|(id, name)| token_secret::Exchange {
+        service_user_id: id,
+        service_user: name,
+        previous_user: user,
+        previous_token: token,
+    });
+    token_secret::rotated_patch(nbi, &new, exchange.as_ref())
 }
 
 /// When the token being replaced is deleted: after the grace period, never after its own expiry

@@ -219,17 +219,7 @@ async fn setup(
     let token = match resp.personal_access_token {
         Some(token) if malformed.is_none() => token,
         _ => {
-            let outcome = if malformed.is_some() {
-                warn!(user_id = %resp.user_id,
-                    "setup succeeded but returned a malformed token; not stored");
-                token_secret::OUTCOME_TOKEN_MALFORMED
-            } else {
-                warn!(user_id = %resp.user_id,
-                    "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
-                token_secret::OUTCOME_TOKEN_NOT_ISSUED
-            };
-            let patch =
-                token_secret::no_token_patch(&resp.user_id, &completed.to_string(), outcome);
+            let patch = no_token_patch(&resp.user_id, completed, malformed.is_some());
             let written =
                 write_until_stored(ctx, urgent, secrets, nbi, claimed, &patch, None).await?;
             let outcome = SetupOutcome::NoToken {
@@ -239,18 +229,7 @@ async fn setup(
             return Ok((outcome, written, malformed));
         }
     };
-    let expires = completed
-        .checked_add(jiff::SignedDuration::from_hours(
-            24 * i64::from(nbi.spec.token.expires_in_days),
-        ))
-        .unwrap_or(completed);
-    let patch = token_secret::setup_store_patch(
-        nbi,
-        &token,
-        &resp.user_id,
-        &expires.to_string(),
-        &completed.to_string(),
-    );
+    let patch = token_patch(nbi, &token, &resp.user_id, completed);
     let written =
         write_until_stored(ctx, urgent, secrets, nbi, claimed, &patch, Some(&token)).await?;
     if written.is_none() {
@@ -268,6 +247,41 @@ async fn setup(
         email: resp.email,
     };
     Ok((outcome, written, None))
+}
+
+/// The patch recording a setup answered without a (well-formed) token; logs which.
+fn no_token_patch(user_id: &str, completed: jiff::Timestamp, malformed: bool) -> serde_json::Value {
+    let outcome = if malformed {
+        warn!(user_id = %user_id,
+            "setup succeeded but returned a malformed token; not stored");
+        token_secret::OUTCOME_TOKEN_MALFORMED
+    } else {
+        warn!(user_id = %user_id,
+            "setup succeeded without a token (server lacks NB_SETUP_PAT_ENABLED=true)");
+        token_secret::OUTCOME_TOKEN_NOT_ISSUED
+    };
+    token_secret::no_token_patch(user_id, &completed.to_string(), outcome)
+}
+
+/// The patch that stores setup's token, with its expiry (`spec.token.expiresInDays` after setup).
+fn token_patch(
+    nbi: &NetbirdInstance,
+    token: &SecretString,
+    user_id: &str,
+    completed: jiff::Timestamp,
+) -> serde_json::Value {
+    let expires = completed
+        .checked_add(jiff::SignedDuration::from_hours(
+            24 * i64::from(nbi.spec.token.expires_in_days),
+        ))
+        .unwrap_or(completed);
+    token_secret::setup_store_patch(
+        nbi,
+        token,
+        user_id,
+        &expires.to_string(),
+        &completed.to_string(),
+    )
 }
 
 /// What the in-memory cache of fingerprint comparisons is keyed by (never stored anywhere).

@@ -57,22 +57,7 @@ pub(super) async fn write_until_stored(
     let mut failures = 0;
     let mut reported = false;
     loop {
-        // a write the apiserver does not answer is cut off at the shutdown deadline too
-        let answered = {
-            let attempt = write.attempt(secrets);
-            tokio::pin!(attempt);
-            let answered = tokio::select! {
-                r = &mut attempt => Some(r),
-                () = ctx.shutdown.cancelled() => None,
-            };
-            match answered {
-                Some(r) => Some(r),
-                None => match ctx.shutdown_deadline() {
-                    Some(at) => tokio::time::timeout_at(at, &mut attempt).await.ok(),
-                    None => Some(attempt.await),
-                },
-            }
-        };
+        let answered = write.attempt_before_deadline(ctx, secrets).await;
         let error = match answered {
             Some(Ok(s)) => return Ok(Some(s)),
             Some(Err(e)) => {
@@ -99,23 +84,7 @@ pub(super) async fn write_until_stored(
         if let Some(at) = deadline
             && tokio::time::Instant::now() >= at
         {
-            if token.is_none() {
-                warn!(
-                    secret = %name,
-                    error = %error,
-                    "shutting down with the setup outcome not recorded on the token Secret"
-                );
-                return Ok(None);
-            }
-            tracing::error!(
-                namespace = nbi.metadata.namespace.as_deref().unwrap_or_default(),
-                instance = %nbi.name_any(),
-                secret = %name,
-                error = %error,
-                "shutting down with the token not stored: the token NetBird issued is LOST \
-                 (NetBird shows a token only once). Log in to the dashboard as the owner, \
-                 create a personal access token and put it under the token Secret's key"
-            );
+            give_up_at_shutdown(nbi, &name, &error, token.is_some());
             return Ok(None);
         }
         // not shutting down: the write is held in memory and retried by the instance's next
@@ -124,16 +93,42 @@ pub(super) async fn write_until_stored(
             ctx.memory.hold_write(&nbi.uid().unwrap_or_default(), write);
             return Err(storing_token(&name, &error));
         }
-        let mut wait = delay;
-        if let Some(at) = deadline {
-            // never sleep past the deadline
-            wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
-        }
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            // a shutdown starts the deadline at once
-            () = ctx.shutdown.cancelled(), if deadline.is_none() => {}
-        }
+        wait_before_retry(ctx, delay, deadline).await;
+    }
+}
+
+/// Says what a shutdown loses: the setup outcome only, or (loudly) the token NetBird issued.
+fn give_up_at_shutdown(nbi: &NetbirdInstance, name: &str, error: &str, holds_token: bool) {
+    if !holds_token {
+        warn!(
+            secret = %name,
+            error = %error,
+            "shutting down with the setup outcome not recorded on the token Secret"
+        );
+        return;
+    }
+    tracing::error!(
+        namespace = nbi.metadata.namespace.as_deref().unwrap_or_default(),
+        instance = %nbi.name_any(),
+        secret = %name,
+        error = %error,
+        "shutting down with the token not stored: the token NetBird issued is LOST \
+         (NetBird shows a token only once). Log in to the dashboard as the owner, \
+         create a personal access token and put it under the token Secret's key"
+    );
+}
+
+/// Sleeps `delay` before the next attempt, never past the shutdown deadline.
+async fn wait_before_retry(ctx: &Context, delay: Duration, deadline: Option<tokio::time::Instant>) {
+    let mut wait = delay;
+    if let Some(at) = deadline {
+        // never sleep past the deadline
+        wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
+    }
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        // a shutdown starts the deadline at once
+        () = ctx.shutdown.cancelled(), if deadline.is_none() => {}
     }
 }
 
@@ -188,6 +183,28 @@ impl HeldWrite {
                     Err(unlabelled(&self.secret))
                 }
             }
+        }
+    }
+
+    /// One attempt, cut off at the shutdown deadline if unanswered by then (`None`).
+    async fn attempt_before_deadline(
+        &mut self,
+        ctx: &Context,
+        secrets: &Secrets<'_>,
+    ) -> Option<Result<Secret, kube::Error>> {
+        // a write the apiserver does not answer is cut off at the shutdown deadline too
+        let attempt = self.attempt(secrets);
+        tokio::pin!(attempt);
+        let answered = tokio::select! {
+            r = &mut attempt => Some(r),
+            () = ctx.shutdown.cancelled() => None,
+        };
+        match answered {
+            Some(r) => Some(r),
+            None => match ctx.shutdown_deadline() {
+                Some(at) => tokio::time::timeout_at(at, &mut attempt).await.ok(),
+                None => Some(attempt.await),
+            },
         }
     }
 }

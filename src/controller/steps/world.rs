@@ -132,17 +132,7 @@ impl World {
         let allowed_servers = allow_list(&credentials_secret);
         let credentials = credentials_input(cref, credentials_secret);
         let ca_rv = resource_version(&ca_secret);
-        let ca = match (ca_ref, ca_secret) {
-            (None, _) => Input::NotNeeded,
-            (Some(r), None) => Input::Missing(format!(
-                "waiting for the CA Secret {} (key {})",
-                r.name, r.key
-            )),
-            (Some(r), Some(s)) => match s.data.unwrap_or_default().remove(&r.key) {
-                None => Input::Invalid(format!("CA Secret {} has no key {:?}", r.name, r.key)),
-                Some(pem) => Input::Ready(pem.0),
-            },
-        };
+        let ca = ca_input(ca_ref, ca_secret);
         let token_secret_rv = resource_version(&secret);
         let token_secret =
             token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
@@ -339,6 +329,21 @@ fn allow_list(secret: &Option<Secret>) -> Option<String> {
         .and_then(|s| s.metadata.annotations.as_ref())
         .and_then(|a| a.get(crate::binding::ANN_ALLOWED_URLS))
         .cloned()
+}
+
+/// The CA bundle as the spec asks for it: not needed, waited for, invalid, or read.
+fn ca_input(ca_ref: Option<&crate::crd::CaSecretRef>, secret: Option<Secret>) -> Input<Vec<u8>> {
+    match (ca_ref, secret) {
+        (None, _) => Input::NotNeeded,
+        (Some(r), None) => Input::Missing(format!(
+            "waiting for the CA Secret {} (key {})",
+            r.name, r.key
+        )),
+        (Some(r), Some(s)) => match s.data.unwrap_or_default().remove(&r.key) {
+            None => Input::Invalid(format!("CA Secret {} has no key {:?}", r.name, r.key)),
+            Some(pem) => Input::Ready(pem.0),
+        },
+    }
 }
 
 /// The credentials as the decision reads them, from the credentials Secret (or its absence).
