@@ -910,6 +910,7 @@ impl World {
         let kube = self.kube.clone();
         let clock = self.clock.clone();
         let current = self.current.clone();
+        self.nb.lock().unwrap().caller = Some(current.clone());
         let acting = self.acting.clone();
         let calls = self.calls.clone();
         let follow = self.follow.clone();
@@ -1770,20 +1771,23 @@ impl World {
     }
 
     async fn apply(&mut self, op: Op) {
-        // setup may be tried again once the spec, the credentials or the process changed (a new
-        // instance is a new spec: each gives up after a few tries of its own)
+        // setup may be tried again once the spec, the credentials or the process changed
         if matches!(
             op,
             Op::Spec(..)
-                | Op::Person(Person::ChangePassword(_) | Person::CreateCredentials(_))
+                | Op::Person(
+                    Person::ChangePassword(_)
+                        | Person::CreateCredentials(_)
+                        | Person::AllowList(..)
+                        | Person::DeleteCredentials(_)
+                )
                 | Op::Crash(..)
                 | Op::Sigterm(_)
                 | Op::LeaderChange
                 | Op::ServerMode(..)
-                | Op::Create(..)
         ) {
             for s in &mut self.nb.lock().unwrap().servers {
-                s.setup_500s = 0;
+                s.setup_500s.clear();
             }
         }
         match op {
@@ -2355,6 +2359,14 @@ const REGRESSIONS: &[(&str, &str)] = &[
     (
         "the credentials Secret deleted after the bootstrap, a rotation due: never rotated",
         r#"[{"Pass":0},{"Person":{"DeleteCredentials":0}},{"ToRenewal":0}]"#,
+    ),
+    (
+        "setup answering 500 after a wipe, tried on and on (found with the limit off, seed 3)",
+        r#"[{"Create":1},{"Advance":1},{"ServerMode":[0,"LocalUsersDisabled"]},{"Advance":1814400},{"Wipe":0},{"Person":{"AllowList":[1,null]}}]"#,
+    ),
+    (
+        "a setup answered but not stored (crash), then the credentials Secret deleted: never reported",
+        r#"[{"Crash":[0,3,true]},{"Person":{"DeleteCredentials":0}}]"#,
     ),
     (
         "two instances on one server both call setup",

@@ -69,16 +69,14 @@ fn check_inputs(f: &Facts<'_>) -> Option<Decision> {
         .token_secret
         .owned()
         .is_some_and(|s| matches!(s.token, TokenValue::Present(_)));
-    match f.credentials {
-        Input::Missing(m) if !holds_token => {
-            return Some(Break(Verdict::Waiting {
-                reason: Waiting::WaitingForCredentials,
-                message: m.clone(),
-                retry: false,
-            }));
-        }
-        Input::Invalid(m) if !holds_token => return Some(stalled(Stall::InvalidSpec, m.clone())),
-        _ => {}
+    // nor does it stop the instance check after a setup in flight (a crash before its token was
+    // stored): that check tells whether the token is lost, which is said whatever the credentials
+    let setup_in_flight = f.token_secret.owned().is_some_and(|s| s.setup_started());
+    if !holds_token
+        && !setup_in_flight
+        && let Some(wait) = without_credentials(f)
+    {
+        return Some(wait);
     }
     // the credentials Secret's owner decides where its password may go: checked before any call
     if let Some(list) = f.allowed_servers
@@ -311,7 +309,20 @@ fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
     if !started && !p.claimed {
         return Continue(Step::ClaimSecret);
     }
-    Continue(Step::Setup)
+    without_credentials(f).unwrap_or(Continue(Step::Setup))
+}
+
+/// What the decision is while the credentials cannot be used: missing (wait for them) or invalid.
+fn without_credentials(f: &Facts<'_>) -> Option<Decision> {
+    match f.credentials {
+        Input::Missing(m) => Some(Break(Verdict::Waiting {
+            reason: Waiting::WaitingForCredentials,
+            message: m.clone(),
+            retry: false,
+        })),
+        Input::Invalid(m) => Some(stalled(Stall::InvalidSpec, m.clone())),
+        _ => None,
+    }
 }
 
 /// The work a verified token may need: cleanup after a crash, identification, rotation.

@@ -88,8 +88,9 @@ pub struct Server {
     pub faults: VecDeque<Fault>,
     /// Passwords received in setup calls.
     pub passwords: Vec<String>,
-    /// Setup calls answered 500 since the spec, the credentials or the process last changed.
-    pub setup_500s: u32,
+    /// Setup calls answered 500 since the spec, the credentials or the process last changed, by
+    /// the instance (namespace/name) whose pass called.
+    pub setup_500s: std::collections::HashMap<String, u32>,
 }
 
 /// What the world checks at the moment of a call (it knows the Kubernetes side).
@@ -103,6 +104,9 @@ pub enum Check<'a> {
     Password { url: &'a str, password: &'a str },
 }
 
+/// The instance (namespace, name) whose pass runs, shared with the world that sets it.
+pub type Caller = std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>;
+
 type Checker = Box<dyn Fn(Check<'_>) -> Vec<String> + Send + Sync>;
 
 pub struct NetbirdState {
@@ -115,6 +119,8 @@ pub struct NetbirdState {
     /// defines it ("the managementURL it was issued by or first verified against"; the operator
     /// cannot know which dashboard a person made it in).
     pub hand_homes: Vec<(String, usize)>,
+    /// The instance (namespace, name) whose pass runs, as the world sets it.
+    pub caller: Option<Caller>,
     pub violations: Vec<String>,
     /// Calls answered (for the quiet-world check).
     pub calls: u64,
@@ -147,7 +153,7 @@ impl Server {
             tells_latest: true,
             faults: VecDeque::new(),
             passwords: Vec::new(),
-            setup_500s: 0,
+            setup_500s: Default::default(),
         }
     }
 
@@ -189,6 +195,7 @@ impl NetbirdState {
             issued: Vec::new(),
             first_trust: Vec::new(),
             hand_homes: Vec::new(),
+            caller: None,
             violations: Vec::new(),
             calls: 0,
             version_answers: Vec::new(),
@@ -629,12 +636,22 @@ impl NetbirdState {
             return json_error(412, "setup already completed");
         }
         if self.servers[s].mode == Mode::LocalUsersDisabled {
-            self.servers[s].setup_500s += 1;
-            // each of the (up to three) instances naming the server gives up after a few tries
-            if self.servers[s].setup_500s == 3 * 3 + 1 {
+            // each instance gives up after a few tries of its own
+            let caller = self
+                .caller
+                .as_ref()
+                .and_then(|c| c.lock().unwrap().clone())
+                .map(|(ns, name)| format!("{ns}/{name}"))
+                .unwrap_or_default();
+            let tries = self.servers[s]
+                .setup_500s
+                .entry(caller.clone())
+                .or_default();
+            *tries += 1;
+            if *tries == 4 {
                 self.violations.push(format!(
-                    "answers that will not change: setup on {} answered 500 nine times to the same \
-                     credentials (three instances, three tries each) and is tried again",
+                    "answers that will not change: setup on {} answered 500 three times to the \
+                     same credentials of {caller} and is tried again",
                     self.servers[s].host
                 ));
             }
