@@ -64,11 +64,11 @@ pub fn uses_tls(url: &str) -> bool {
 pub fn weaker_trust_message(secret: &str, home: &str) -> String {
     format!(
         "the token in Secret {secret} was bound to the NetBird server at {home} with its TLS \
-            certificate verified (annotation {ANN_MANAGEMENT_TLS}: verified), but \
-            spec.tls.insecureSkipVerify is true: the token is not sent without verification, where \
-            anyone on the path could take it. Turn insecureSkipVerify off (spec.tls.caSecretRef \
-            trusts a private CA); if the weaker trust is meant, whoever may write Secret {secret} \
-            sets that annotation to {}",
+         certificate verified (annotation {ANN_MANAGEMENT_TLS}: verified), but \
+         spec.tls.insecureSkipVerify is true: the token is not sent without verification, where \
+         anyone on the path could take it. Turn insecureSkipVerify off (spec.tls.caSecretRef \
+         trusts a private CA); if the weaker trust is meant, whoever may write Secret {secret} \
+         sets that annotation to {}",
         Trust::SkipVerify.as_str()
     )
 }

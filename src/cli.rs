@@ -21,7 +21,7 @@ use crate::telemetry::{self, LogFormat};
     name = "netbird-operator",
     version,
     about = "Bootstraps self-hosted NetBird management servers and keeps their API token in a \
-        Secret"
+             Secret"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -315,7 +315,7 @@ async fn run_as_leader(
         Ok(true) => info!(lease = %lease, "released the leader Lease"),
         Ok(false) => info!(lease = %lease, "the leader Lease was no longer ours; left as is"),
         Err(e) => warn!(lease = %lease, error = %e, "failed to release the leader Lease; the next \
-            leader takes it when it expires"),
+                                                     leader takes it when it expires"),
     }
     Ok(())
 }

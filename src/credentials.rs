@@ -48,8 +48,8 @@ pub enum CredentialsError {
     },
     /// The password's length is never said (no function of a password leaves its Secret).
     #[error(
-        "the password in key {key:?} of credentials Secret {secret} is {bound}; NetBird needs 8 \
-            to 72 bytes"
+        "the password in key {key:?} of credentials Secret {secret} is {bound}; NetBird needs 8 to \
+         72 bytes"
     )]
     PasswordLength {
         secret: String,
@@ -58,7 +58,7 @@ pub enum CredentialsError {
     },
     #[error(
         "the name in key {key:?} of credentials Secret {secret} is over 255 characters or holds \
-            control characters"
+         control characters"
     )]
     InvalidName { secret: String, key: String },
 }

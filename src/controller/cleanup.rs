@@ -94,7 +94,9 @@ pub async fn on_delete(
             // an answer that retrying will not change: let go now, not after finalizerTimeout
             warn!(error = %e, "could not delete the token on the server; letting go");
             let note = format!(
-                "could not delete the token on the NetBird server: {e}. Retrying cannot change                  this answer, so the NetbirdInstance is deleted now; delete the token in the                  NetBird dashboard"
+                "could not delete the token on the NetBird server: {e}. Retrying cannot change this \
+                 answer, so the NetbirdInstance is deleted now; delete the token in the NetBird \
+                 dashboard"
             );
             publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
         }
@@ -125,9 +127,9 @@ fn foreign_secret(nbi: &NetbirdInstance, world: &World) -> Option<String> {
     // a person took the Secret over (removed the operator's labels): its token is not the
     // operator's to send any more, and whoever holds it is told it stays valid
     let note = format!(
-        "Secret {} no longer carries this operator's labels ({why}): its token was not sent \
-         to be deleted and stays valid on the NetBird server. Delete it in the NetBird \
-         dashboard if nothing uses it",
+        "Secret {} no longer carries this operator's labels ({why}): its token was not sent to be \
+         deleted and stays valid on the NetBird server. Delete it in the NetBird dashboard if \
+         nothing uses it",
         nbi.token_secret_name()
     );
     warn!("the token Secret is no longer the operator's; the token is not deleted");
@@ -151,10 +153,7 @@ fn weaker_trust(nbi: &NetbirdInstance, world: &World) -> Option<String> {
             s.home_server().unwrap_or(&nbi.spec.management_url),
         )
     );
-    warn!(
-        "the token is bound to a verified server and the spec skips verification; not \
-        deleted"
-    );
+    warn!("the token is bound to a verified server and the spec skips verification; not deleted");
     Some(note)
 }
 
@@ -167,9 +166,8 @@ fn another_server(nbi: &NetbirdInstance, world: &World) -> Option<String> {
         .and_then(|s| s.home_server())?;
     // the token belongs to another server than the spec names now: it is not sent anywhere
     let note = format!(
-        "the token in Secret {} belongs to the NetBird server at {home}, and \
-            spec.managementURL is {}: \
-         it was not sent there to be deleted. Delete it in the dashboard of {home}",
+        "the token in Secret {} belongs to the NetBird server at {home}, and spec.managementURL is \
+         {}: it was not sent there to be deleted. Delete it in the dashboard of {home}",
         nbi.token_secret_name(),
         nbi.spec.management_url
     );
@@ -241,8 +239,8 @@ enum DeleteTokenError {
     #[error("the token's id is unknown (the user has several tokens)")]
     UnknownId,
     #[error(
-        "the token the Secret holds still works after the operator deleted the token its \
-         records name: it is not the token the operator recorded (put in by hand?)"
+        "the token the Secret holds still works after the operator deleted the token its records \
+         name: it is not the token the operator recorded (put in by hand?)"
     )]
     NotTheRecordedToken,
     /// NetBird's error says which call failed.

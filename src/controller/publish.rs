@@ -101,8 +101,8 @@ fn setup_performed_event(verdict: &Verdict) -> EventOf {
     // the usual case: the same pass made the instance Ready, and one Event tells both
     let note = match verdict {
         Verdict::Ready => {
-            "the one-time setup succeeded; its token is stored and verified, and the instance \
-                is Ready"
+            "the one-time setup succeeded; its token is stored and verified, and the instance is \
+             Ready"
         }
         _ => "the one-time setup succeeded and its token is stored",
     };
@@ -135,10 +135,10 @@ fn token_lost_event(nbi: &NetbirdInstance) -> EventOf {
         EventType::Warning,
         "TokenLost",
         format!(
-            "a token was put into Secret {} while a setup of this operator was in flight; \
-             the token that setup may have issued was never stored, and stays valid on the \
-             server until it expires: delete it in the NetBird dashboard (the owner's \
-             personal access tokens, named {})",
+            "a token was put into Secret {} while a setup of this operator was in flight; the \
+             token that setup may have issued was never stored, and stays valid on the server \
+             until it expires: delete it in the NetBird dashboard (the owner's personal access \
+             tokens, named {})",
             nbi.token_secret_name(),
             crate::token_secret::SETUP_TOKEN_NAME
         ),
@@ -151,10 +151,9 @@ fn previous_retired_event(nbi: &NetbirdInstance) -> EventOf {
         EventType::Normal,
         "PreviousTokenRetired",
         format!(
-            "NetBird saw no use of the previous token for spec.token.rotation.\
-             retireAfterUnused ({}) since Secret {} changed, or no longer lists it: every \
-             consumer took the new token, and the previous one was deleted before its grace \
-             period ended",
+            "NetBird saw no use of the previous token for spec.token.rotation.retireAfterUnused \
+             ({}) since Secret {} changed, or no longer lists it: every consumer took the new \
+             token, and the previous one was deleted before its grace period ended",
             nbi.spec.token.rotation.retire_after_unused,
             nbi.token_secret_name()
         ),

@@ -138,8 +138,10 @@ async fn store_held_writes(ctx: &Context) {
             let wait = SHUTDOWN_RETRY.delay(failures + 1);
             match attempt {
                 Ok(Ok(_)) => {
-                    info!(namespace = %held.namespace, instance = %held.instance, "stored the \
-                        held token Secret write at shutdown");
+                    info!(namespace = %held.namespace, instance = %held.instance, "stored the held \
+                                                                                   token Secret \
+                                                                                   write at \
+                                                                                   shutdown");
                     break;
                 }
                 _ if tokio::time::Instant::now() + wait >= deadline => {
@@ -148,10 +150,10 @@ async fn store_held_writes(ctx: &Context) {
                             namespace = %held.namespace,
                             instance = %held.instance,
                             secret = %held.secret,
-                            "shutting down with the token not stored: the token NetBird issued \
-                             is LOST (NetBird shows a token only once). Log in to the dashboard \
-                             as the owner, create a personal access token and put it under the \
-                             token Secret's key"
+                            "shutting down with the token not stored: the token NetBird issued is \
+                             LOST (NetBird shows a token only once). Log in to the dashboard as \
+                             the owner, create a personal access token and put it under the token \
+                             Secret's key"
                         );
                     }
                     break;

@@ -27,10 +27,10 @@ impl NetbirdInstanceSpec {
             {
                 return Some(format!(
                     "spec.token.{field} sets {key:?}, under {prefix:?}, which this cluster's \
-                        operator refuses (--refused-secret-key-prefixes, chart value \
-                        tokenSecret.refusedKeyPrefixes: a Secret copier of this cluster reads \
-                        such keys and would copy the token into other namespaces). Remove the \
-                        key; the token Secret is not written until then"
+                     operator refuses (--refused-secret-key-prefixes, chart value \
+                     tokenSecret.refusedKeyPrefixes: a Secret copier of this cluster reads such \
+                     keys and would copy the token into other namespaces). Remove the key; the \
+                     token Secret is not written until then"
                 ));
             }
         }
@@ -54,7 +54,7 @@ impl NetbirdInstanceSpec {
             "http" => {
                 return Some(
                     "managementURL uses http://, which would send the admin password unencrypted: \
-                        use https:// or set allowInsecureHTTP: true"
+                     use https:// or set allowInsecureHTTP: true"
                         .into(),
                 );
             }
@@ -70,7 +70,7 @@ impl NetbirdInstanceSpec {
         if !url.username().is_empty() || url.password().is_some() {
             return Some(
                 "managementURL must not carry user:password@; the credentials come from \
-                credentialsSecretRef"
+                 credentialsSecretRef"
                     .into(),
             );
         }

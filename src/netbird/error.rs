@@ -99,7 +99,7 @@ pub enum NetbirdError {
     /// gateway's `state=`) change from answer to answer.
     #[error(
         "{endpoint} answered {status} redirecting to {location}: managementURL must point at the \
-            server itself, not at a redirect"
+         server itself, not at a redirect"
     )]
     Redirect {
         endpoint: Endpoint,

@@ -291,8 +291,8 @@ pub fn classify(secret: Option<Secret>, instance: &str, key: &str) -> TokenSecre
             .map(|at| {
                 format!(
                     "; it records a setup of this operator in flight since {at}: the token that \
-                     setup may have issued was never stored and is lost (delete the owner's \
-                     token named {SETUP_TOKEN_NAME} in the NetBird dashboard)"
+                     setup may have issued was never stored and is lost (delete the owner's token \
+                     named {SETUP_TOKEN_NAME} in the NetBird dashboard)"
                 )
             })
             .unwrap_or_default();

@@ -235,8 +235,8 @@ pub fn invalid_write_message(what: &str, apiserver: &str) -> String {
         .collect();
     format!(
         "{what}: the Kubernetes API refused the Secret as invalid: {apiserver}. Fix what it names \
-            in spec.token (secretLabels, secretAnnotations, secretName or secretKey); the operator \
-            tries again when the spec changes"
+         in spec.token (secretLabels, secretAnnotations, secretName or secretKey); the operator \
+         tries again when the spec changes"
     )
 }
 

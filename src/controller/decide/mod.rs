@@ -37,8 +37,7 @@ pub fn decide(f: &Facts<'_>) -> Decision {
                 Stall::SecretConflict,
                 format!(
                     "Secret {} exists but is not managed by this operator ({why}); it is left \
-                        untouched. \
-                     Delete or rename it, or set spec.token.secretName to another name",
+                     untouched. Delete or rename it, or set spec.token.secretName to another name",
                     f.secret_name
                 ),
             );
@@ -146,8 +145,7 @@ fn stored_token(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
         TokenValue::NotText => Some(stalled(
             Stall::TokenRejected,
             format!(
-                "key {} of Secret {} holds binary data, not a token. Put a personal access \
-                    token \
+                "key {} of Secret {} holds binary data, not a token. Put a personal access token \
                  (nbp_...) there; the operator adopts it",
                 f.secret_key, f.secret_name
             ),
@@ -164,10 +162,8 @@ fn verified_token(f: &Facts<'_>, s: &OwnedSecret) -> Decision {
         Some(Err(e)) if e.is_token_rejected() => stalled(
             Stall::TokenRejected,
             format!(
-                "the token in key {} of Secret {} was rejected: {e}. Create a personal \
-                    access \
-                 token in the NetBird dashboard and put it under that key; the \
-                     operator adopts it",
+                "the token in key {} of Secret {} was rejected: {e}. Create a personal access \
+                 token in the NetBird dashboard and put it under that key; the operator adopts it",
                 f.secret_key, f.secret_name
             ),
         ),
@@ -283,8 +279,8 @@ fn setup_failed(f: &Facts<'_>, owned: Option<&OwnedSecret>, e: &NetbirdError) ->
         Some(400 | 422) => stalled(
             Stall::CredentialsRejected,
             format!(
-                "NetBird refused the credentials: {e}. Fix the credentials Secret; the \
-                    operator retries when it changes"
+                "NetBird refused the credentials: {e}. Fix the credentials Secret; the operator \
+                 retries when it changes"
             ),
         ),
         _ => unreachable_or_stalled(e, "setup failed"),

@@ -98,9 +98,8 @@ pub(super) fn ready_condition(r: &ReportInput<'_>) -> Cond {
             if r.credentials_changed {
                 m.push_str(
                     "; note: the credentials Secret no longer matches the credentials NetBird was \
-                        set up with. \
-                     The operator never changes the owner's password: change it in the NetBird \
-                         dashboard",
+                     set up with. The operator never changes the owner's password: change it in \
+                     the NetBird dashboard",
                 );
             }
             c(READY, ConditionStatus::True, "Bootstrapped", &m)
@@ -212,7 +211,7 @@ fn token_reason(r: &ReportInput<'_>, seen: &Seen<'_>) -> (&'static str, String) 
             "TokenExpiringSoon",
             format!(
                 "less than a third of the token's lifetime is left (it expires at {}) and rotation \
-                    is off: put a new token in the Secret or set spec.token.rotation.enabled",
+                 is off: put a new token in the Secret or set spec.token.rotation.enabled",
                 seen.ann(ANN_EXPIRES_AT).unwrap_or("?")
             ),
         )

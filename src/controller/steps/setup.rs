@@ -102,7 +102,7 @@ impl Stepper<'_, '_> {
                 if fresh.is_ok() {
                     info!(
                         "another NetbirdInstance's setup of this server came first; not calling \
-                        setup"
+                         setup"
                     );
                     self.probes.setup = Some(SetupOutcome::SetUpMeanwhile);
                 }
@@ -123,8 +123,8 @@ impl Stepper<'_, '_> {
         .await?;
         if let (Some(id), SetupOutcome::TokenStored { .. }) = (&earlier, &outcome) {
             warn!(token_id = %id, "setup stored a new token in a Secret that recorded a replaced \
-                token of an earlier setup; that token is no longer followed and stays valid on \
-                its own server until it expires");
+                                   token of an earlier setup; that token is no longer followed and \
+                                   stays valid on its own server until it expires");
         }
         match &outcome {
             // no answer: the server may have done it; a later "already set up" is then not taken
@@ -159,8 +159,8 @@ impl Stepper<'_, '_> {
             instance = %self.nbi.name_any(),
             setup_started_at = %started,
             "a token was put into the token Secret while a setup was in flight: the token that \
-             setup may have issued was never stored and is LOST to the operator; it stays valid \
-             on the server until it expires (delete it in the dashboard)"
+             setup may have issued was never stored and is LOST to the operator; it stays valid on \
+             the server until it expires (delete it in the dashboard)"
         );
         self.probes.abandoned_setup_ended = true;
         Ok(())

@@ -112,9 +112,9 @@ fn give_up_at_shutdown(nbi: &NetbirdInstance, name: &str, error: &str, holds_tok
         instance = %nbi.name_any(),
         secret = %name,
         error = %error,
-        "shutting down with the token not stored: the token NetBird issued is LOST \
-         (NetBird shows a token only once). Log in to the dashboard as the owner, \
-         create a personal access token and put it under the token Secret's key"
+        "shutting down with the token not stored: the token NetBird issued is LOST (NetBird shows \
+         a token only once). Log in to the dashboard as the owner, create a personal access token \
+         and put it under the token Secret's key"
     );
 }
 
