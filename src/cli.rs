@@ -265,8 +265,7 @@ type InstanceStore = kube::runtime::reflector::Store<crate::crd::NetbirdInstance
 
 /// Reconciles only while this replica holds the Lease. Losing it stops the process: the controller
 /// stops taking work at once, and the pod restarts as a follower (the controller-runtime
-/// convention),
-/// so two replicas never reconcile together for longer than the Lease's grace period.
+/// convention), so two replicas never reconcile together for longer than the Lease's grace period.
 async fn run_as_leader(
     args: &RunArgs,
     ctx: Arc<Context>,

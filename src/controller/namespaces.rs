@@ -2,15 +2,12 @@
 //!
 //! A namespaced watch per namespace is what a Role in each namespace allows (a cluster-wide watch
 //! needs a ClusterRole). Their events cannot simply be interleaved into one reflector: the
-//! reflector
-//! treats every `Init … InitDone` as a complete list of all objects and swaps its store for it,
-//! so
-//! the first namespace to finish its list would hide the others, and a relist of one namespace
-//! would drop every other namespace's objects. [`merge`] turns the per-namespace streams into one
-//! stream with the reflector's meaning: one `Init … InitDone` covering all namespaces at the
-//! start
-//! (ready only once every namespace has been listed), and after that a namespace's relist as plain
-//! `Apply` events plus a `Delete` for each object that the relist no longer has.
+//! reflector treats every `Init … InitDone` as a complete list of all objects and swaps its store
+//! for it, so the first namespace to finish its list would hide the others, and a relist of one
+//! namespace would drop every other namespace's objects. [`merge`] turns the per-namespace streams
+//! into one stream with the reflector's meaning: one `Init … InitDone` covering all namespaces at
+//! the start (ready only once every namespace has been listed), and after that a namespace's relist
+//! as plain `Apply` events plus a `Delete` for each object that the relist no longer has.
 
 use std::collections::HashMap;
 

@@ -14,9 +14,8 @@
 //! bytes a Secret).
 //!
 //! Written here rather than with a kube reflector: a reflector caches every Secret it watches (all
-//! of
-//! the cluster's, or a label selector's, which the user's credentials Secret does not carry), while
-//! this keeps only the Secrets that instances reference.
+//! of the cluster's, or a label selector's, which the user's credentials Secret does not carry),
+//! while this keeps only the Secrets that instances reference.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -366,8 +366,7 @@ pub fn no_token_patch(user_id: &str, completed_at: &str, outcome: &str) -> Value
 
 /// Ends a claim after setup definitively failed (4xx), so the next attempt is not mistaken for a
 /// lost token. A refusal of the request (400/412/422) is recorded with the generation it answered,
-/// so
-/// the same spec and credentials are never sent again.
+/// so the same spec and credentials are never sent again.
 pub fn release_patch(rejection: Option<(i64, u16, &str)>) -> Value {
     let rejected = rejection.map_or(Value::Null, |(generation, status, message)| {
         let message: String = message
