@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use netbird_operator::controller::report::CLOSED_REASONS;
 use netbird_operator::controller::{self, Context, Settings};
 use netbird_operator::crd::NetbirdInstance;
 use netbird_operator::metrics::Metrics;
@@ -720,69 +721,6 @@ fn check_look(
         },
     )
 }
-
-const CLOSED: &[(&str, &[&str])] = &[
-    (
-        "Ready",
-        &[
-            "Bootstrapped",
-            "Progressing",
-            "WaitingForCredentials",
-            "ManagementUnreachable",
-            "SettingUp",
-            "StoringToken",
-            "RotatingToken",
-            "InvalidSpec",
-            "CredentialsRejected",
-            "SetupUnavailable",
-            "TokenNotIssued",
-            "TokenLost",
-            "TokenRejected",
-            "SecretConflict",
-            "ServerNotAllowed",
-            "Suspended",
-        ],
-    ),
-    (
-        "Reconciling",
-        &[
-            "Progressing",
-            "WaitingForCredentials",
-            "ManagementUnreachable",
-            "SettingUp",
-            "StoringToken",
-            "RotatingToken",
-        ],
-    ),
-    (
-        "Stalled",
-        &[
-            "InvalidSpec",
-            "CredentialsRejected",
-            "SetupUnavailable",
-            "TokenNotIssued",
-            "TokenLost",
-            "TokenRejected",
-            "SecretConflict",
-            "ServerNotAllowed",
-        ],
-    ),
-    ("SetupComplete", &["SetupPerformed", "AlreadySetUp"]),
-    (
-        "TokenAvailable",
-        &[
-            "TokenStored",
-            "TokenAdopted",
-            "TokenRotated",
-            "TokenExpiringSoon",
-            "PreviousTokenStillInUse",
-        ],
-    ),
-    (
-        "UpdateAvailable",
-        &["UpdateAvailable", "UpToDate", "Unknown"],
-    ),
-];
 
 thread_local! {
     static JITTER: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
@@ -1523,7 +1461,7 @@ impl World {
         };
         let mut found = Vec::new();
         for c in &status.conditions {
-            match CLOSED.iter().find(|(t, _)| *t == c.type_) {
+            match CLOSED_REASONS.iter().find(|(t, _)| *t == c.type_) {
                 Some((_, reasons)) if !reasons.contains(&c.reason.as_str()) => found.push(format!(
                     "status: {ns}/{name} condition {} has reason {} outside its closed set",
                     c.type_, c.reason

@@ -13,7 +13,7 @@ use secrecy::SecretString;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::steps::{World, verify};
+use super::steps::{Deleter, World, delete_replaced, verify};
 use super::{Context, Error};
 use crate::crd::{DeletionPolicy, NetbirdInstance};
 use crate::netbird::NetbirdClient;
@@ -311,11 +311,8 @@ async fn delete_exchange_replaced(
         let old_user = secret
             .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_USER_ID))
             .unwrap_or_default();
-        match client.delete_token(old, old_user, old_id).await {
-            Ok(()) => info!(token_id = %old_id, "deleted the replaced token"),
-            Err(e) if e.is_token_rejected() => {}
-            Err(e) => return Err(e.into()),
-        }
+        delete_replaced(client, Deleter::Itself(old), old_user, old_id).await?;
+        info!(token_id = %old_id, "deleted the replaced token (or it was gone)");
     }
     Ok(())
 }
@@ -337,11 +334,8 @@ async fn delete_rotation_replaced(
         let owner = secret
             .and_then(|s| s.annotation(token_secret::ANN_PREVIOUS_USER_ID))
             .unwrap_or(user_id);
-        match client.delete_token(token, owner, old_id).await {
-            Ok(()) => info!(token_id = %old_id, "deleted the token the last rotation replaced"),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e.into()),
-        }
+        delete_replaced(client, Deleter::Current(token), owner, old_id).await?;
+        info!(token_id = %old_id, "deleted the token the last rotation replaced (or it was gone)");
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
-use super::decide::{self, Facts, Probes, Verdict};
+use super::decide::{self, Facts, Findings, Verdict};
 use super::publish::{observe, publish_events, write_status};
 use super::{Context, Error, cleanup, previous_use, publish, report, schedule, secrets, steps};
 use crate::crd::NetbirdInstance;
@@ -70,13 +70,13 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         Ok(done) => done,
         Err(wait) => return Ok(wait),
     };
-    let (verdict, probes) = (&driven.verdict, &driven.probes);
+    let (verdict, findings) = (&driven.verdict, &driven.findings);
     let watch = ctx.memory.previous_use_watch(&uid);
     let report_input = report::ReportInput {
         generation,
         previous: nbi.status.as_ref(),
         verdict,
-        probes,
+        findings,
         token_secret: &world.token_secret,
         secret_name: &known.secret_name,
         credentials_changed: driven.credentials_changed,
@@ -94,7 +94,7 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     if previous.as_ref() != Some(&status) {
         write_new_status(nbi, ctx, &api, &status, initial_rv, &world, &known).await?;
     }
-    publish_events(nbi, ctx, previous.as_ref(), &status, verdict, probes).await;
+    publish_events(nbi, ctx, previous.as_ref(), &status, verdict, findings).await;
     steps::record_credentials_check(nbi, &secrets, &mut world).await;
     observe(nbi, ctx, ns, &status, &world, verdict, in_use);
 
@@ -256,7 +256,7 @@ impl PassInputs {
         &'a self,
         nbi: &'a NetbirdInstance,
         world: &'a steps::World,
-        probes: &'a Probes,
+        findings: &'a Findings,
         credentials_changed: bool,
         setup_server_errors: u32,
         previous_use_due: bool,
@@ -284,7 +284,7 @@ impl PassInputs {
             retire_after_unused: nbi.spec.token.rotation.retire_after(),
             previous_use_due,
             now,
-            probes,
+            findings,
             allowed_servers: world.allowed_servers.as_deref(),
             secret_name: &self.secret_name,
             secret_key: &nbi.spec.token.secret_key,
@@ -311,7 +311,7 @@ impl PassInputs {
 /// What the steps of a pass came to.
 pub(super) struct PassOutcome {
     pub(super) verdict: Verdict,
-    pub(super) probes: Probes,
+    pub(super) findings: Findings,
     credentials_changed: bool,
 }
 
@@ -342,7 +342,7 @@ async fn drive(
         known,
     };
     let uid = &known.uid;
-    let (mut probes, mut credentials_changed) = match driver.prelude(world).await {
+    let (mut findings, mut credentials_changed) = match driver.prelude(world).await {
         ControlFlow::Continue(start) => start,
         ControlFlow::Break(outcome) => return Ok(outcome),
     };
@@ -352,20 +352,20 @@ async fn drive(
     let verdict = driver
         .until_verdict(
             world,
-            &mut probes,
+            &mut findings,
             &mut credentials_changed,
             setup_server_errors,
             watch.as_ref(),
         )
         .await?;
-    driver.remember_after_steps(world, setup_key, watch, &probes);
-    if probes.claimed {
+    driver.remember_after_steps(world, setup_key, watch, &findings);
+    if findings.claimed {
         // the claim recorded the fingerprint of the credentials in use
         credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
     }
     Ok(PassOutcome {
         verdict,
-        probes,
+        findings,
         credentials_changed,
     })
 }
@@ -380,8 +380,8 @@ struct Driver<'a, 's> {
 }
 
 impl Driver<'_, '_> {
-    /// Before the first decision: probes, credentials check, held write (`Break`: its verdict).
-    async fn prelude(self, world: &mut steps::World) -> ControlFlow<PassOutcome, (Probes, bool)> {
+    /// Before the first decision: findings, credentials check, held write (`Break`: its verdict).
+    async fn prelude(self, world: &mut steps::World) -> ControlFlow<PassOutcome, (Findings, bool)> {
         let Driver {
             nbi,
             ctx,
@@ -389,7 +389,7 @@ impl Driver<'_, '_> {
             known,
         } = self;
         let uid = &known.uid;
-        let mut probes = Probes::default();
+        let mut findings = Findings::default();
         if let Some(token) = world.token()
             && let Some(v) = ctx.memory.cached_verification(
                 uid,
@@ -398,7 +398,7 @@ impl Driver<'_, '_> {
                 known.started,
             )
         {
-            probes.verify = Some(Ok(v));
+            findings.verify = Some(Ok(v));
         }
         let credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
         // a token write an earlier pass could not make comes first
@@ -407,18 +407,18 @@ impl Driver<'_, '_> {
         {
             return ControlFlow::Break(PassOutcome {
                 verdict,
-                probes,
+                findings,
                 credentials_changed,
             });
         }
-        ControlFlow::Continue((probes, credentials_changed))
+        ControlFlow::Continue((findings, credentials_changed))
     }
 
     /// Decides and does the next step until a verdict (Progressing after 16 steps).
     async fn until_verdict(
         self,
         world: &mut steps::World,
-        probes: &mut Probes,
+        findings: &mut Findings,
         credentials_changed: &mut bool,
         setup_server_errors: u32,
         watch: Option<&previous_use::Watch>,
@@ -436,7 +436,7 @@ impl Driver<'_, '_> {
             let facts = known.facts(
                 nbi,
                 world,
-                probes,
+                findings,
                 *credentials_changed,
                 setup_server_errors,
                 previous_use_due,
@@ -467,10 +467,10 @@ impl Driver<'_, '_> {
                 continue;
             }
             let urgent = Urgent { ctx, nbi };
-            if let Err(v) = steps::run(step, nbi, ctx, secrets, world, probes, &urgent).await {
+            if let Err(v) = steps::run(step, nbi, ctx, secrets, world, findings, &urgent).await {
                 return Ok(v);
             }
-            self.remember_verification(world, probes);
+            self.remember_verification(world, findings);
         }
         Ok(Verdict::Waiting {
             reason: decide::Waiting::Progressing,
@@ -480,8 +480,8 @@ impl Driver<'_, '_> {
     }
 
     /// After a step: a successful verification of the token is remembered for the next passes.
-    fn remember_verification(self, world: &steps::World, probes: &Probes) {
-        if let Some(Ok(v)) = &probes.verify
+    fn remember_verification(self, world: &steps::World, findings: &Findings) {
+        if let Some(Ok(v)) = &findings.verify
             && let Some(token) = world.token()
         {
             self.ctx.memory.remember_verification(
@@ -498,15 +498,15 @@ impl Driver<'_, '_> {
         world: &steps::World,
         setup_key: [u8; 32],
         watch: Option<previous_use::Watch>,
-        probes: &Probes,
+        findings: &Findings,
     ) {
         let (ctx, uid) = (self.ctx, &self.known.uid);
-        if matches!(&probes.verify, Some(Err(_))) {
+        if matches!(&findings.verify, Some(Err(_))) {
             ctx.memory.forget_verification(uid);
         }
         // a server error of setup counts towards giving up on it (see decide's
         // SETUP_SERVER_ERRORS_LIMIT); any other answer starts the count again
-        if let Some(decide::SetupOutcome::Failed(e)) = &probes.setup {
+        if let Some(decide::SetupOutcome::Failed(e)) = &findings.setup {
             ctx.memory.count_setup_server_error(
                 uid,
                 setup_key,
@@ -515,7 +515,7 @@ impl Driver<'_, '_> {
         }
         ctx.memory.set_previous_use_watch(
             uid,
-            follow_previous_use(self.nbi, ctx, world, watch, probes),
+            follow_previous_use(self.nbi, ctx, world, watch, findings),
         );
     }
 }
@@ -548,7 +548,7 @@ fn follow_previous_use(
     ctx: &Context,
     world: &steps::World,
     before: Option<previous_use::Watch>,
-    probes: &Probes,
+    findings: &Findings,
 ) -> Option<previous_use::Watch> {
     let s = world
         .token_secret
@@ -556,7 +556,7 @@ fn follow_previous_use(
         .filter(|s| s.previous_use_followable())?;
     let previous = s.annotation(crate::token_secret::ANN_PREVIOUS_TOKEN_ID)?;
     let min = ctx.settings.previous_use_interval;
-    let Some(look) = &probes.previous_use else {
+    let Some(look) = &findings.previous_use else {
         // the first look is scheduled a minute after the rotation
         return before.filter(|w| w.token_id == previous).or_else(|| {
             Some(previous_use::first_watch(

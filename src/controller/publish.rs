@@ -7,7 +7,7 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Resource, ResourceExt};
 use tracing::warn;
 
-use super::decide::{self, Probes, Verdict};
+use super::decide::{self, Findings, Verdict};
 use super::{Context, Error, report, status_patch, steps};
 use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
 use crate::metrics::{InstanceLabels, ReasonLabels};
@@ -55,11 +55,11 @@ pub(super) async fn publish_events(
     previous: Option<&NetbirdInstanceStatus>,
     status: &NetbirdInstanceStatus,
     verdict: &Verdict,
-    probes: &Probes,
+    findings: &Findings,
 ) {
     let mut events = Vec::new();
     let setup_performed = matches!(
-        &probes.setup,
+        &findings.setup,
         Some(decide::SetupOutcome::TokenStored { .. })
     );
     if setup_performed {
@@ -74,10 +74,10 @@ pub(super) async fn publish_events(
         };
         events.push(event);
     }
-    if probes.abandoned_setup_ended {
+    if findings.abandoned_setup_ended {
         events.push(token_lost_event(nbi));
     }
-    if probes.previous_retired {
+    if findings.previous_retired {
         events.push(previous_retired_event(nbi));
     }
     events.extend(previous_still_in_use_event(previous, status));
@@ -135,12 +135,9 @@ fn token_lost_event(nbi: &NetbirdInstance) -> EventOf {
         EventType::Warning,
         "TokenLost",
         format!(
-            "a token was put into Secret {} while a setup of this operator was in flight; the \
-             token that setup may have issued was never stored, and stays valid on the server \
-             until it expires: delete it in the NetBird dashboard (the owner's personal access \
-             tokens, named {})",
+            "a token was put into Secret {} while a setup of this operator was in flight; {}",
             nbi.token_secret_name(),
-            crate::token_secret::SETUP_TOKEN_NAME
+            crate::token_secret::setup_token_lost()
         ),
     )
 }

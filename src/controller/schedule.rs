@@ -7,7 +7,7 @@ use std::time::Duration;
 use kube::runtime::controller::Action;
 use tracing::info;
 
-use super::decide::{Probes, Verdict};
+use super::decide::{Findings, Verdict};
 use super::pass::{PassInputs, PassOutcome};
 use super::{Context, report, steps};
 use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
@@ -23,7 +23,7 @@ pub(super) fn schedule(
     world: &steps::World,
 ) -> Action {
     let (verdict, uid) = (&driven.verdict, &known.uid);
-    let backoff = match counts_as_failure(verdict, &driven.probes) {
+    let backoff = match counts_as_failure(verdict, &driven.findings) {
         Some(true) => Some(ctx.memory.backoff(uid, ctx.settings.max_backoff)),
         Some(false) => {
             ctx.memory.reset_backoff(uid);
@@ -57,13 +57,13 @@ pub(super) fn schedule(
 
 /// Whether a pass counts as a failure for the backoff (Some(true)), resets it (Some(false)), or
 /// leaves it (None: suspended).
-fn counts_as_failure(verdict: &Verdict, probes: &Probes) -> Option<bool> {
+fn counts_as_failure(verdict: &Verdict, findings: &Findings) -> Option<bool> {
     match verdict {
         Verdict::Ready => Some(
-            matches!(probes.version, Some(Err(_)))
-                || probes.rotation_error.is_some()
-                || probes.exchange_error.is_some()
-                || matches!(probes.token_list, Some(Err(_))),
+            matches!(findings.version, Some(Err(_)))
+                || findings.rotation_error.is_some()
+                || findings.exchange_error.is_some()
+                || matches!(findings.token_list, Some(Err(_))),
         ),
         Verdict::Suspended => None,
         Verdict::Waiting { retry, .. } => Some(*retry),
@@ -263,16 +263,16 @@ mod tests {
 
     #[test]
     fn what_counts_as_a_failure() {
-        let mut probes = Probes::default();
-        assert_eq!(counts_as_failure(&Verdict::Ready, &probes), Some(false));
-        assert_eq!(counts_as_failure(&waiting(true), &probes), Some(true));
-        assert_eq!(counts_as_failure(&waiting(false), &probes), Some(false));
-        assert_eq!(counts_as_failure(&Verdict::Suspended, &probes), None);
-        probes.rotation_error = Some(crate::netbird::NetbirdError::Transport {
+        let mut findings = Findings::default();
+        assert_eq!(counts_as_failure(&Verdict::Ready, &findings), Some(false));
+        assert_eq!(counts_as_failure(&waiting(true), &findings), Some(true));
+        assert_eq!(counts_as_failure(&waiting(false), &findings), Some(false));
+        assert_eq!(counts_as_failure(&Verdict::Suspended, &findings), None);
+        findings.rotation_error = Some(crate::netbird::NetbirdError::Transport {
             endpoint: crate::netbird::Endpoint::Instance,
             kind: crate::netbird::TransportKind::Connect,
             detail: String::new(),
         });
-        assert_eq!(counts_as_failure(&Verdict::Ready, &probes), Some(true));
+        assert_eq!(counts_as_failure(&Verdict::Ready, &findings), Some(true));
     }
 }

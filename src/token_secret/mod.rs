@@ -73,6 +73,16 @@ pub const ANN_MALFORMED_TOKEN: &str = "bootstrap.netbird.io/malformed-token";
 pub const OWN_ANNOTATION_PREFIX: &str = "bootstrap.netbird.io/";
 /// Name NetBird gives the token setup creates.
 pub const SETUP_TOKEN_NAME: &str = "setup-token";
+
+/// What became of a setup's token when its answer can never be stored: one sentence for the log,
+/// the TokenLost Event and the SecretConflict message.
+pub fn setup_token_lost() -> String {
+    format!(
+        "the token that setup may have issued was never stored and is lost: it stays valid on the \
+         server until it expires (delete the owner's token named {SETUP_TOKEN_NAME} in the NetBird \
+         dashboard)"
+    )
+}
 pub const OUTCOME_TOKEN_NOT_ISSUED: &str = "token-not-issued";
 /// Setup answered 200 with something that is not a NetBird token (never stored).
 pub const OUTCOME_TOKEN_MALFORMED: &str = "token-malformed";
@@ -290,9 +300,8 @@ pub fn classify(secret: Option<Secret>, instance: &str, key: &str) -> TokenSecre
             .and_then(|a| a.get(ANN_SETUP_STARTED_AT))
             .map(|at| {
                 format!(
-                    "; it records a setup of this operator in flight since {at}: the token that \
-                     setup may have issued was never stored and is lost (delete the owner's token \
-                     named {SETUP_TOKEN_NAME} in the NetBird dashboard)"
+                    "; it records a setup of this operator in flight since {at}: {}",
+                    setup_token_lost()
                 )
             })
             .unwrap_or_default();

@@ -9,7 +9,7 @@ mod messages;
 mod types;
 
 pub use types::{
-    Decision, Facts, Input, Probes, SetupOutcome, Stall, Step, Verdict, Verified, Waiting,
+    Decision, Facts, Findings, Input, SetupOutcome, Stall, Step, Verdict, Verified, Waiting,
 };
 
 use std::ops::ControlFlow::{Break, Continue};
@@ -103,7 +103,7 @@ fn check_inputs(f: &Facts<'_>) -> Option<Decision> {
 /// What the operator's own token Secret decides: its metadata, the stored token (verified, kept
 /// up), or a recorded setup outcome.
 fn from_token_secret(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
-    let p = f.probes;
+    let p = f.findings;
     if !f.secret_metadata_in_sync && !p.metadata_synced {
         return Some(Continue(Step::SyncSecretMetadata));
     }
@@ -156,7 +156,7 @@ fn stored_token(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
 
 /// What the token's verification decides: verify, stop, or its upkeep, the version, Ready.
 fn verified_token(f: &Facts<'_>, s: &OwnedSecret) -> Decision {
-    let p = f.probes;
+    let p = f.findings;
     match &p.verify {
         None => Continue(Step::VerifyToken),
         Some(Err(e)) if e.is_token_rejected() => stalled(
@@ -180,7 +180,7 @@ fn verified_token(f: &Facts<'_>, s: &OwnedSecret) -> Decision {
 
 /// What a setup outcome recorded on the Secret decides (no token, malformed, refused).
 fn recorded_setup_outcome(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
-    let p = f.probes;
+    let p = f.findings;
     if s.annotation(ANN_SETUP_OUTCOME) == Some(OUTCOME_TOKEN_NOT_ISSUED) {
         return Some(stalled(Stall::TokenNotIssued, token_not_issued_message(f)));
     }
@@ -211,7 +211,7 @@ fn recorded_setup_outcome(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
 
 /// What a setup call of this pass (or a malformed token it or a rotation returned) decides.
 fn after_setup_call(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Option<Decision> {
-    let p = f.probes;
+    let p = f.findings;
     if let Some((what, why)) = &p.malformed_token {
         return Some(stalled(
             Stall::TokenNotIssued,
@@ -250,7 +250,7 @@ fn after_setup_call(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Option<Decisi
 
 /// What a failed setup call decides: token lost, claim released, or the stall it calls for.
 fn setup_failed(f: &Facts<'_>, owned: Option<&OwnedSecret>, e: &NetbirdError) -> Decision {
-    let p = f.probes;
+    let p = f.findings;
     // "already set up" after an unanswered call of this claim: that call may have been the
     // one that set it up, and its token is lost; the claim is kept as the evidence
     if e.status() == Some(412) && owned.is_some_and(|s| s.setup_unanswered()) {
@@ -289,7 +289,7 @@ fn setup_failed(f: &Facts<'_>, owned: Option<&OwnedSecret>, e: &NetbirdError) ->
 
 /// The way to the one-time setup: the instance status, the claim, the call.
 fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
-    let p = f.probes;
+    let p = f.findings;
     let instance = match &p.instance {
         None => return Continue(Step::CheckInstance),
         Some(Err(e)) => return unreachable_or_stalled(e, "could not read the instance status"),
@@ -323,7 +323,7 @@ fn without_credentials(f: &Facts<'_>) -> Option<Decision> {
 
 /// The work a verified token may need: cleanup after a crash, identification, rotation.
 fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<Decision> {
-    let p = f.probes;
+    let p = f.findings;
     if let Some(d) = leftovers(f, s) {
         return Some(d);
     }
@@ -365,7 +365,7 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<D
 
 /// What an earlier key or an interrupted rotation left: records to forget, orphans to clean.
 fn leftovers(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
-    let p = f.probes;
+    let p = f.findings;
     // the records describe the token under the key the spec named before: the token under the
     // spec's key now is another (put in by a person), and a rotation would take the old one for
     // "the previous token" and delete it while the Secret still holds it under the old key
@@ -386,7 +386,7 @@ fn previous_token(
     previous_pending: bool,
     in_grace: bool,
 ) -> Option<Decision> {
-    let p = f.probes;
+    let p = f.findings;
     if previous_pending && !in_grace && p.previous_deleted.is_none() {
         return Some(Continue(Step::DeletePreviousToken));
     }
@@ -410,7 +410,7 @@ fn previous_token(
 
 /// A new token outside a grace period: the service-user exchange, then the due renewal.
 fn new_token(f: &Facts<'_>, s: &OwnedSecret) -> Option<Decision> {
-    let p = f.probes;
+    let p = f.findings;
     if let Some(name) = f.service_user
         && s.annotation(ANN_TOKEN_ID).is_some()
         && s.annotation(crate::token_secret::ANN_SERVICE_USER) != Some(name)
@@ -479,7 +479,7 @@ mod tests {
         credentials: Input<Credentials>,
         ca: Input<Vec<u8>>,
         secret: TokenSecret,
-        probes: Probes,
+        findings: Findings,
         setup_done_before: bool,
         version_due: bool,
         suspended: bool,
@@ -500,7 +500,7 @@ mod tests {
                 credentials: creds(),
                 ca: Input::NotNeeded,
                 secret,
-                probes: Probes::default(),
+                findings: Findings::default(),
                 setup_done_before: false,
                 version_due: true,
                 suspended: false,
@@ -533,7 +533,7 @@ mod tests {
                 retire_after_unused: self.retire_after,
                 previous_use_due: self.previous_use_due,
                 now: jiff::Timestamp::UNIX_EPOCH,
-                probes: &self.probes,
+                findings: &self.findings,
                 allowed_servers: self.allowed_servers,
                 secret_name: "nb-token",
                 secret_key: "NB_API_KEY",
@@ -584,15 +584,15 @@ mod tests {
     fn fresh_instance_walks_check_claim_setup() {
         let mut w = World::new(TokenSecret::Absent);
         assert_eq!(w.decide(), Continue(Step::CheckInstance));
-        w.probes.instance = Some(Ok(InstanceStatus {
+        w.findings.instance = Some(Ok(InstanceStatus {
             setup_required: true,
         }));
         assert_eq!(w.decide(), Continue(Step::ClaimSecret));
-        w.probes.claimed = true;
+        w.findings.claimed = true;
         w.secret = owned(None, true);
         assert_eq!(w.decide(), Continue(Step::Setup));
         // setup stored the token: the world now has it, and it gets verified, then versions read
-        w.probes.setup = Some(SetupOutcome::TokenStored {
+        w.findings.setup = Some(SetupOutcome::TokenStored {
             user_id: "u1".into(),
             email: "a@b.c".into(),
         });
@@ -601,7 +601,7 @@ mod tests {
             s.annotations.remove(ANN_TOKEN_ID);
         }
         assert_eq!(w.decide(), Continue(Step::VerifyToken));
-        w.probes.verify = Some(Ok(Verified {
+        w.findings.verify = Some(Ok(Verified {
             user: user(),
             at: jiff::Timestamp::UNIX_EPOCH,
         }));
@@ -610,9 +610,9 @@ mod tests {
             Continue(Step::IdentifyToken),
             "in the same pass"
         );
-        w.probes.token_list = Some(Ok(Vec::new()));
+        w.findings.token_list = Some(Ok(Vec::new()));
         assert_eq!(w.decide(), Continue(Step::CheckVersion));
-        w.probes.version = Some(Err(transport()));
+        w.findings.version = Some(Err(transport()));
         assert_eq!(
             w.decide(),
             Break(Verdict::Ready),
@@ -665,7 +665,7 @@ mod tests {
     #[test]
     fn a_proxy_404_is_not_a_rejected_token() {
         let mut w = World::new(owned(Some("nbp_x"), false));
-        w.probes.verify = Some(Err(NetbirdError::Api {
+        w.findings.verify = Some(Err(NetbirdError::Api {
             endpoint: crate::netbird::Endpoint::CurrentUser,
             status: 404,
             message: "404 page not found".into(),
@@ -687,20 +687,20 @@ mod tests {
     #[test]
     fn setup_server_errors_stall_after_the_limit() {
         let mut w = World::new(owned(None, true));
-        w.probes.instance = Some(Ok(InstanceStatus {
+        w.findings.instance = Some(Ok(InstanceStatus {
             setup_required: true,
         }));
-        w.probes.claimed = true;
-        w.probes.setup = Some(SetupOutcome::Failed(api(500, "internal server error")));
+        w.findings.claimed = true;
+        w.findings.setup = Some(SetupOutcome::Failed(api(500, "internal server error")));
         w.setup_server_errors = 0;
         assert_eq!(reason(w.decide()), "ManagementUnreachable");
         w.setup_server_errors = SETUP_SERVER_ERRORS_LIMIT - 1;
         assert_eq!(w.decide(), Continue(Step::ReleaseClaim));
-        w.probes.claim_released = true;
+        w.findings.claim_released = true;
         assert_eq!(reason(w.decide()), "SetupUnavailable");
         // NetBird's own word that it cannot create local users: at once
         let mut w = World::new(owned(None, true));
-        w.probes.setup = Some(SetupOutcome::Failed(api(
+        w.findings.setup = Some(SetupOutcome::Failed(api(
             500,
             "local user creation is disabled",
         )));
@@ -720,7 +720,7 @@ mod tests {
     #[test]
     fn a_setup_token_lost_at_shutdown_is_token_lost() {
         let mut w = World::new(owned(None, true));
-        w.probes.setup = Some(SetupOutcome::TokenLost {
+        w.findings.setup = Some(SetupOutcome::TokenLost {
             user_id: "u".into(),
             email: "a@b.c".into(),
         });
@@ -757,7 +757,7 @@ mod tests {
         let mut w = World::new(secret);
         w.version_due = false;
         w.service_user = Some("svc");
-        w.probes.verify = Some(Ok(Verified {
+        w.findings.verify = Some(Ok(Verified {
             user: user(),
             at: jiff::Timestamp::UNIX_EPOCH,
         }));
@@ -789,7 +789,7 @@ mod tests {
             owner_references: vec![],
         }));
         w.version_due = false;
-        w.probes.verify = Some(Ok(Verified {
+        w.findings.verify = Some(Ok(Verified {
             user: user(),
             at: jiff::Timestamp::UNIX_EPOCH,
         }));
@@ -820,23 +820,23 @@ mod tests {
         );
         w.previous_use_due = true;
         assert_eq!(w.decide(), Continue(Step::CheckPreviousTokenUse));
-        w.probes.previous_use = Some(Ok(look(899, true)));
+        w.findings.previous_use = Some(Ok(look(899, true)));
         assert_eq!(w.decide(), Break(Verdict::Ready), "used 899 s ago: kept");
-        w.probes.previous_use = Some(Err(api(500, "boom")));
+        w.findings.previous_use = Some(Err(api(500, "boom")));
         assert_eq!(w.decide(), Break(Verdict::Ready), "a failed look: kept");
-        w.probes.previous_use = Some(Ok(look(900, true)));
+        w.findings.previous_use = Some(Ok(look(900, true)));
         assert_eq!(w.decide(), Continue(Step::RetirePreviousToken));
-        w.probes.previous_use = Some(Ok(look(0, false)));
+        w.findings.previous_use = Some(Ok(look(0, false)));
         assert_eq!(
             w.decide(),
             Continue(Step::RetirePreviousToken),
             "gone: records cleared"
         );
-        w.probes.previous_deleted = Some(Err(api(500, "boom")));
+        w.findings.previous_deleted = Some(Err(api(500, "boom")));
         assert_eq!(w.decide(), Break(Verdict::Ready), "one try per pass");
-        w.probes.previous_deleted = None;
+        w.findings.previous_deleted = None;
         w.retire_after = std::time::Duration::ZERO;
-        w.probes.previous_use = Some(Ok(look(86_400, true)));
+        w.findings.previous_use = Some(Ok(look(86_400, true)));
         assert_eq!(w.decide(), Break(Verdict::Ready), "0s: never early");
 
         let mut x = pending_previous(true);
@@ -846,7 +846,7 @@ mod tests {
             Break(Verdict::Ready),
             "after the exchange: not followed"
         );
-        x.probes.previous_use = Some(Ok(look(86_400, true)));
+        x.findings.previous_use = Some(Ok(look(86_400, true)));
         assert_eq!(x.decide(), Break(Verdict::Ready));
     }
 
@@ -860,7 +860,7 @@ mod tests {
     fn stored_token_is_verified_and_adopted_without_setup() {
         let mut w = World::new(owned(Some("nbp_x"), false));
         assert_eq!(w.decide(), Continue(Step::VerifyToken));
-        w.probes.verify = Some(Ok(Verified {
+        w.findings.verify = Some(Ok(Verified {
             user: user(),
             at: jiff::Timestamp::UNIX_EPOCH,
         }));
@@ -871,13 +871,13 @@ mod tests {
     #[test]
     fn rejected_token_stalls_and_unreachable_retries() {
         let mut w = World::new(owned(Some("nbp_x"), false));
-        w.probes.verify = Some(Err(api(401, "token invalid")));
+        w.findings.verify = Some(Err(api(401, "token invalid")));
         assert_eq!(reason(w.decide()), "TokenRejected");
-        w.probes.verify = Some(Err(api(404, "invalid token: pat: x not found")));
+        w.findings.verify = Some(Err(api(404, "invalid token: pat: x not found")));
         assert_eq!(reason(w.decide()), "TokenRejected");
-        w.probes.verify = Some(Err(api(500, "internal server error")));
+        w.findings.verify = Some(Err(api(500, "internal server error")));
         assert_eq!(reason(w.decide()), "ManagementUnreachable");
-        w.probes.verify = Some(Err(transport()));
+        w.findings.verify = Some(Err(transport()));
         assert_eq!(reason(w.decide()), "ManagementUnreachable");
         let w = World::new(TokenSecret::Ours(OwnedSecret {
             previous_token: None,
@@ -892,7 +892,7 @@ mod tests {
     #[test]
     fn already_set_up_without_token() {
         let mut w = World::new(TokenSecret::Absent);
-        w.probes.instance = Some(Ok(InstanceStatus {
+        w.findings.instance = Some(Ok(InstanceStatus {
             setup_required: false,
         }));
         assert_eq!(reason(w.decide()), "SetupUnavailable");
@@ -908,7 +908,7 @@ mod tests {
     #[test]
     fn a_claimed_secret_with_setup_still_required_calls_setup_without_reclaiming() {
         let mut w = World::new(owned(None, true));
-        w.probes.instance = Some(Ok(InstanceStatus {
+        w.findings.instance = Some(Ok(InstanceStatus {
             setup_required: true,
         }));
         assert_eq!(w.decide(), Continue(Step::Setup));
@@ -932,15 +932,15 @@ mod tests {
             (transport(), "ManagementUnreachable"),
         ] {
             let mut w = World::new(owned(None, true));
-            w.probes.instance = Some(Ok(InstanceStatus {
+            w.findings.instance = Some(Ok(InstanceStatus {
                 setup_required: true,
             }));
-            w.probes.claimed = true;
+            w.findings.claimed = true;
             let definitive = matches!(err.status(), Some(400 | 412 | 422));
-            w.probes.setup = Some(SetupOutcome::Failed(err));
+            w.findings.setup = Some(SetupOutcome::Failed(err));
             if definitive {
                 assert_eq!(w.decide(), Continue(Step::ReleaseClaim), "{want}");
-                w.probes.claim_released = true;
+                w.findings.claim_released = true;
                 w.secret = owned(None, false);
             }
             let step = w.decide();
@@ -952,7 +952,7 @@ mod tests {
     #[test]
     fn setup_without_token_is_remembered() {
         let mut w = World::new(owned(None, false));
-        w.probes.setup = Some(SetupOutcome::NoToken {
+        w.findings.setup = Some(SetupOutcome::NoToken {
             user_id: "u".into(),
             email: "e".into(),
         });
@@ -991,7 +991,7 @@ mod tests {
             owner_references: vec![],
         });
         let mut w = World::new(secret);
-        w.probes.instance = Some(Ok(InstanceStatus {
+        w.findings.instance = Some(Ok(InstanceStatus {
             setup_required: true,
         }));
         assert_eq!(reason(w.decide()), "CredentialsRejected");
@@ -1003,7 +1003,7 @@ mod tests {
     #[test]
     fn redirects_are_a_spec_problem() {
         let mut w = World::new(TokenSecret::Absent);
-        w.probes.instance = Some(Err(NetbirdError::Redirect {
+        w.findings.instance = Some(Err(NetbirdError::Redirect {
             endpoint: crate::netbird::Endpoint::Instance,
             status: 302,
             location: "https://elsewhere/".into(),
@@ -1016,7 +1016,7 @@ mod tests {
         let mut w = World::new(owned(Some("nbp_x"), false));
         w.in_sync = false;
         assert_eq!(w.decide(), Continue(Step::SyncSecretMetadata));
-        w.probes.metadata_synced = true;
+        w.findings.metadata_synced = true;
         assert_eq!(w.decide(), Continue(Step::VerifyToken));
     }
 
@@ -1094,7 +1094,7 @@ mod tests {
     #[test]
     fn a_malformed_token_from_setup_or_a_rotation_stalls_without_a_loop() {
         let mut w = World::new(TokenSecret::Absent);
-        w.probes.malformed_token = Some(("setup", crate::netbird::pat::PatFormatError::Checksum));
+        w.findings.malformed_token = Some(("setup", crate::netbird::pat::PatFormatError::Checksum));
         assert_eq!(reason(w.decide()), "TokenNotIssued");
 
         let mut secret = owned(None, false);
@@ -1114,7 +1114,7 @@ mod tests {
             );
         }
         let mut w = World::new(secret.clone());
-        w.probes.verify = Some(Ok(Verified {
+        w.findings.verify = Some(Ok(Verified {
             user: user(),
             at: jiff::Timestamp::UNIX_EPOCH,
         }));
@@ -1137,11 +1137,11 @@ mod tests {
                 .insert(crate::token_secret::ANN_SETUP_UNANSWERED.into(), "t".into());
         }
         let mut w = World::new(secret);
-        w.probes.instance = Some(Ok(InstanceStatus {
+        w.findings.instance = Some(Ok(InstanceStatus {
             setup_required: true,
         }));
-        w.probes.claimed = true;
-        w.probes.setup = Some(SetupOutcome::Failed(api(412, "setup already completed")));
+        w.findings.claimed = true;
+        w.findings.setup = Some(SetupOutcome::Failed(api(412, "setup already completed")));
         match w.decide() {
             Break(Verdict::Stalled { reason, message }) => {
                 assert_eq!(reason, Stall::TokenLost);
@@ -1151,7 +1151,7 @@ mod tests {
         }
         // without an unanswered call, a 412 is someone else's setup: the claim is released
         let mut w = World::new(owned(None, true));
-        w.probes.setup = Some(SetupOutcome::Failed(api(412, "setup already completed")));
+        w.findings.setup = Some(SetupOutcome::Failed(api(412, "setup already completed")));
         assert_eq!(w.decide(), Continue(Step::ReleaseClaim));
     }
 }

@@ -1,4 +1,4 @@
-//! The types the decision works on: what it is given (`Facts`, the `Probes` a pass's steps
+//! The types the decision works on: what it is given (`Facts`, the `Findings` a pass's steps
 //! filled, the `Input`s read from Secrets, a `SetupOutcome`, a `Verified` token) and what it
 //! returns (a `Decision`: the next `Step`, or the `Verdict` that ends a pass, with its `Waiting`
 //! or `Stall` reason).
@@ -55,7 +55,7 @@ pub struct Verified {
 
 /// What the steps of this pass found out.
 #[derive(Debug, Default)]
-pub struct Probes {
+pub struct Findings {
     pub metadata_synced: bool,
     pub verify: Option<Result<Verified, NetbirdError>>,
     pub instance: Option<Result<InstanceStatus, NetbirdError>>,
@@ -121,7 +121,7 @@ pub struct Facts<'a> {
     /// A look at the previous token's use is due (see `previous_use::due`).
     pub previous_use_due: bool,
     pub now: jiff::Timestamp,
-    pub probes: &'a Probes,
+    pub findings: &'a Findings,
     /// The credentials Secret's allow-list (`bootstrap.netbird.io/management-urls`), when it has
     /// one.
     pub allowed_servers: Option<&'a str>,

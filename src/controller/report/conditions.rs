@@ -6,7 +6,7 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
-use super::{ReportInput, Seen, previous_still_in_use, to_time};
+use super::{Evidence, ReportInput, previous_still_in_use, to_time};
 use crate::controller::decide::Verdict;
 use crate::crd::{NetbirdInstanceStatus, SetupState, SetupStatus, VersionStatus};
 use crate::token_secret::{
@@ -44,15 +44,20 @@ impl ConditionStatus {
 
 /// One condition as a pass sees it: its type and what it says (the generation and the transition
 /// time are added where the conditions are merged, see [`merge`]).
-pub(super) struct Cond {
+pub(super) struct ConditionUpdate {
     type_: &'static str,
     status: ConditionStatus,
     reason: String,
     message: String,
 }
 
-pub(super) fn c(type_: &'static str, status: ConditionStatus, reason: &str, message: &str) -> Cond {
-    Cond {
+pub(super) fn update(
+    type_: &'static str,
+    status: ConditionStatus,
+    reason: &str,
+    message: &str,
+) -> ConditionUpdate {
+    ConditionUpdate {
         type_,
         status,
         reason: reason.into(),
@@ -65,7 +70,7 @@ pub(super) fn c(type_: &'static str, status: ConditionStatus, reason: &str, mess
 /// did not change.
 pub(super) fn merge<const N: usize>(
     mut conditions: Vec<Condition>,
-    updates: [(&str, Option<Cond>); N],
+    updates: [(&str, Option<ConditionUpdate>); N],
     generation: Option<i64>,
     now: Timestamp,
 ) -> Vec<Condition> {
@@ -73,7 +78,7 @@ pub(super) fn merge<const N: usize>(
         match update {
             Some(u) => set(
                 &mut conditions,
-                cond(u.type_, u.status, &u.reason, &u.message, generation, now),
+                condition(u.type_, u.status, &u.reason, &u.message, generation, now),
             ),
             None => remove(&mut conditions, type_),
         }
@@ -81,7 +86,7 @@ pub(super) fn merge<const N: usize>(
     conditions
 }
 
-pub(super) fn ready_condition(r: &ReportInput<'_>) -> Cond {
+pub(super) fn ready_condition(r: &ReportInput<'_>) -> ConditionUpdate {
     use ConditionStatus::{False, Unknown};
     match r.verdict {
         Verdict::Ready => {
@@ -102,24 +107,26 @@ pub(super) fn ready_condition(r: &ReportInput<'_>) -> Cond {
                      the NetBird dashboard",
                 );
             }
-            c(READY, ConditionStatus::True, "Bootstrapped", &m)
+            update(READY, ConditionStatus::True, "Bootstrapped", &m)
         }
         Verdict::Waiting {
             reason, message, ..
-        } => c(READY, False, reason.as_str(), message),
-        Verdict::Stalled { reason, message } => c(READY, False, reason.as_str(), message),
+        } => update(READY, False, reason.as_str(), message),
+        Verdict::Stalled { reason, message } => update(READY, False, reason.as_str(), message),
         // handled by the caller: a suspended pass keeps the previous status
-        Verdict::Suspended => c(READY, Unknown, "Suspended", "reconciling is suspended"),
+        Verdict::Suspended => update(READY, Unknown, "Suspended", "reconciling is suspended"),
     }
 }
 
 /// Reconciling while the operator works on it, Stalled when it needs a person (never both).
-pub(super) fn progress_conditions(verdict: &Verdict) -> (Option<Cond>, Option<Cond>) {
+pub(super) fn progress_conditions(
+    verdict: &Verdict,
+) -> (Option<ConditionUpdate>, Option<ConditionUpdate>) {
     match verdict {
         Verdict::Waiting {
             reason, message, ..
         } => (
-            Some(c(
+            Some(update(
                 RECONCILING,
                 ConditionStatus::True,
                 reason.as_str(),
@@ -129,7 +136,12 @@ pub(super) fn progress_conditions(verdict: &Verdict) -> (Option<Cond>, Option<Co
         ),
         Verdict::Stalled { reason, message } => (
             None,
-            Some(c(STALLED, ConditionStatus::True, reason.as_str(), message)),
+            Some(update(
+                STALLED,
+                ConditionStatus::True,
+                reason.as_str(),
+                message,
+            )),
         ),
         _ => (None, None),
     }
@@ -137,15 +149,15 @@ pub(super) fn progress_conditions(verdict: &Verdict) -> (Option<Cond>, Option<Co
 
 /// SetupComplete, once the instance has its owner. Its reasons are a closed set that has no word
 /// for "not yet": until then the condition is absent (Ready says why).
-pub(super) fn setup_complete_condition(setup: &SetupStatus) -> Option<Cond> {
+pub(super) fn setup_complete_condition(setup: &SetupStatus) -> Option<ConditionUpdate> {
     match setup.state {
-        SetupState::Completed => Some(c(
+        SetupState::Completed => Some(update(
             SETUP_COMPLETE,
             ConditionStatus::True,
             "SetupPerformed",
             "this operator ran the one-time setup",
         )),
-        SetupState::AlreadySetUp | SetupState::Unavailable => Some(c(
+        SetupState::AlreadySetUp | SetupState::Unavailable => Some(update(
             SETUP_COMPLETE,
             ConditionStatus::True,
             "AlreadySetUp",
@@ -161,29 +173,34 @@ pub(super) fn setup_complete_condition(setup: &SetupStatus) -> Option<Cond> {
 /// why).
 pub(super) fn token_available_condition(
     r: &ReportInput<'_>,
-    seen: &Seen<'_>,
+    evidence: &Evidence<'_>,
     prev: &NetbirdInstanceStatus,
-) -> Option<Cond> {
+) -> Option<ConditionUpdate> {
     if *r.verdict != Verdict::Ready {
-        return kept_token_available(r, seen, prev);
+        return kept_token_available(r, evidence, prev);
     }
-    let (reason, message) = token_reason(r, seen);
+    let (reason, message) = token_reason(r, evidence);
     let rotation_failed = r
-        .probes
+        .findings
         .rotation_error
         .as_ref()
         .map(|e| format!("; renewing it failed ({e}), retrying"));
     let message = format!("{message}{}", rotation_failed.unwrap_or_default());
-    Some(c(TOKEN_AVAILABLE, ConditionStatus::True, reason, &message))
+    Some(update(
+        TOKEN_AVAILABLE,
+        ConditionStatus::True,
+        reason,
+        &message,
+    ))
 }
 
 /// TokenAvailable in a pass not Ready: kept while it waits and the Secret holds a token.
 fn kept_token_available(
     r: &ReportInput<'_>,
-    seen: &Seen<'_>,
+    evidence: &Evidence<'_>,
     prev: &NetbirdInstanceStatus,
-) -> Option<Cond> {
-    let holds_token = seen
+) -> Option<ConditionUpdate> {
+    let holds_token = evidence
         .owned
         .is_some_and(|s| matches!(s.token, crate::token_secret::TokenValue::Present(_)));
     let waiting = matches!(r.verdict, Verdict::Waiting { .. });
@@ -191,7 +208,7 @@ fn kept_token_available(
         .iter()
         .find(|c| c.type_ == TOKEN_AVAILABLE && c.status == "True")
         .filter(|_| waiting && holds_token)
-        .map(|old| Cond {
+        .map(|old| ConditionUpdate {
             type_: TOKEN_AVAILABLE,
             status: ConditionStatus::True,
             reason: old.reason.clone(),
@@ -200,9 +217,9 @@ fn kept_token_available(
 }
 
 /// TokenAvailable's reason and message in a Ready pass (the first case that holds).
-fn token_reason(r: &ReportInput<'_>, seen: &Seen<'_>) -> (&'static str, String) {
+fn token_reason(r: &ReportInput<'_>, evidence: &Evidence<'_>) -> (&'static str, String) {
     let expiring = !r.rotation_enabled
-        && seen
+        && evidence
             .owned
             .and_then(|s| s.renew_at())
             .is_some_and(|at| r.now >= at);
@@ -212,7 +229,7 @@ fn token_reason(r: &ReportInput<'_>, seen: &Seen<'_>) -> (&'static str, String) 
             format!(
                 "less than a third of the token's lifetime is left (it expires at {}) and rotation \
                  is off: put a new token in the Secret or set spec.token.rotation.enabled",
-                seen.ann(ANN_EXPIRES_AT).unwrap_or("?")
+                evidence.ann(ANN_EXPIRES_AT).unwrap_or("?")
             ),
         )
     } else if previous_still_in_use(r) {
@@ -222,24 +239,24 @@ fn token_reason(r: &ReportInput<'_>, seen: &Seen<'_>) -> (&'static str, String) 
                 "the previous token {} is still in use: NetBird saw it used at {} and it is \
                  deleted at {}. Restart the programs that read Secret {} (or give them Reloader's \
                  annotation) so that they take the new token before then",
-                seen.ann(ANN_PREVIOUS_TOKEN_ID).unwrap_or("?"),
+                evidence.ann(ANN_PREVIOUS_TOKEN_ID).unwrap_or("?"),
                 r.previous_use
                     .and_then(|o| o.last_used)
                     .map_or_else(|| "?".to_string(), |t| to_time(t).0.to_string()),
-                seen.ann(ANN_PREVIOUS_DELETE_AT).unwrap_or("?"),
+                evidence.ann(ANN_PREVIOUS_DELETE_AT).unwrap_or("?"),
                 r.secret_name
             ),
         )
-    } else if seen.ann(ANN_ROTATED_AT).is_some() {
+    } else if evidence.ann(ANN_ROTATED_AT).is_some() {
         (
             "TokenRotated",
             "the token was renewed before it expired; the new one is stored and verified"
                 .to_string(),
         )
-    } else if seen.performed_by_us
-        && seen
+    } else if evidence.performed_by_us
+        && evidence
             .ann(ANN_USER_ID)
-            .is_some_and(|u| seen.verified.is_none_or(|v| v.user.id == u))
+            .is_some_and(|u| evidence.verified.is_none_or(|v| v.user.id == u))
     {
         (
             "TokenStored",
@@ -256,9 +273,9 @@ fn token_reason(r: &ReportInput<'_>, seen: &Seen<'_>) -> (&'static str, String) 
 pub(super) fn update_available_condition(
     r: &ReportInput<'_>,
     version: Option<&VersionStatus>,
-) -> Cond {
+) -> ConditionUpdate {
     use ConditionStatus::{False, True, Unknown};
-    let (status, reason, message) = match (version, &r.probes.version) {
+    let (status, reason, message) = match (version, &r.findings.version) {
         _ if !r.version_check_enabled => (
             Unknown,
             "Unknown",
@@ -294,10 +311,10 @@ pub(super) fn update_available_condition(
         ),
         (None, _) => (Unknown, "Unknown", "versions not checked yet".to_string()),
     };
-    c(UPDATE_AVAILABLE, status, reason, &message)
+    update(UPDATE_AVAILABLE, status, reason, &message)
 }
 
-pub(super) fn cond(
+pub(super) fn condition(
     type_: &str,
     status: ConditionStatus,
     reason: &str,

@@ -13,14 +13,14 @@ pub use conditions::{
 };
 
 use self::conditions::{
-    cond, merge, progress_conditions, ready_condition, set, setup_complete_condition,
+    condition, merge, progress_conditions, ready_condition, set, setup_complete_condition,
     token_available_condition, update_available_condition,
 };
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::decide::{Probes, SetupOutcome, Stall, Verdict, Verified};
+use super::decide::{Findings, SetupOutcome, Stall, Verdict, Verified};
 use crate::crd::{NetbirdInstanceStatus, SetupState, SetupStatus, TokenStatus, VersionStatus};
 use crate::token_secret::{
     ANN_EXPIRES_AT, ANN_PREVIOUS_DELETE_AT, ANN_PREVIOUS_TOKEN_ID, ANN_ROTATED_AT,
@@ -33,7 +33,7 @@ pub struct ReportInput<'a> {
     pub generation: Option<i64>,
     pub previous: Option<&'a NetbirdInstanceStatus>,
     pub verdict: &'a Verdict,
-    pub probes: &'a Probes,
+    pub findings: &'a Findings,
     pub token_secret: &'a TokenSecret,
     pub secret_name: &'a str,
     /// The credentials Secret no longer matches the fingerprint recorded on the token Secret.
@@ -70,7 +70,7 @@ pub fn initial(generation: Option<i64>, now: Timestamp) -> NetbirdInstanceStatus
     let mut conditions = Vec::new();
     set(
         &mut conditions,
-        cond(
+        condition(
             READY,
             ConditionStatus::Unknown,
             "Progressing",
@@ -81,7 +81,7 @@ pub fn initial(generation: Option<i64>, now: Timestamp) -> NetbirdInstanceStatus
     );
     set(
         &mut conditions,
-        cond(
+        condition(
             RECONCILING,
             ConditionStatus::True,
             "Progressing",
@@ -104,8 +104,8 @@ pub fn initial(generation: Option<i64>, now: Timestamp) -> NetbirdInstanceStatus
     }
 }
 
-/// What the report reads from the token Secret and the probes, once.
-pub(super) struct Seen<'a> {
+/// What the report reads from the token Secret and the findings, once.
+pub(super) struct Evidence<'a> {
     pub(super) owned: Option<&'a OwnedSecret>,
     pub(super) verified: Option<&'a Verified>,
     /// (user id, email) of the setup this pass performed.
@@ -114,10 +114,10 @@ pub(super) struct Seen<'a> {
     pub(super) performed_by_us: bool,
 }
 
-impl<'a> Seen<'a> {
+impl<'a> Evidence<'a> {
     fn new(r: &ReportInput<'a>) -> Self {
         let owned = r.token_secret.owned();
-        let setup_result = match &r.probes.setup {
+        let setup_result = match &r.findings.setup {
             Some(SetupOutcome::TokenStored { user_id, email })
             | Some(SetupOutcome::TokenLost { user_id, email })
             | Some(SetupOutcome::NoToken { user_id, email }) => {
@@ -129,9 +129,9 @@ impl<'a> Seen<'a> {
             .and_then(|s| s.annotation(ANN_SETUP_COMPLETED_AT))
             .is_some()
             || setup_result.is_some();
-        Seen {
+        Evidence {
             owned,
-            verified: r.probes.verify.as_ref().and_then(|v| v.as_ref().ok()),
+            verified: r.findings.verify.as_ref().and_then(|v| v.as_ref().ok()),
             setup_result,
             performed_by_us,
         }
@@ -151,18 +151,18 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
             ..prev
         };
     }
-    let seen = Seen::new(r);
-    let setup = setup_status(r, &seen, prev.setup.as_ref());
+    let evidence = Evidence::new(r);
+    let setup = setup_status(r, &evidence, prev.setup.as_ref());
     // only while the Secret holds a token (a claim before setup holds none)
-    let token = seen
+    let token = evidence
         .owned
         .filter(|s| matches!(s.token, crate::token_secret::TokenValue::Present(_)))
-        .map(|_| token_status(r, &seen, prev.token.clone()));
+        .map(|_| token_status(r, &evidence, prev.token.clone()));
     let version = version_status(r, prev.version.clone());
     let ready = ready_condition(r);
     let (reconciling, stalled) = progress_conditions(r.verdict);
     let setup_complete = setup_complete_condition(&setup);
-    let token_available = token_available_condition(r, &seen, &prev);
+    let token_available = token_available_condition(r, &evidence, &prev);
     let update_available = update_available_condition(r, version.as_ref());
     let conditions = merge(
         prev.conditions,
@@ -186,9 +186,13 @@ pub fn status(r: &ReportInput<'_>) -> NetbirdInstanceStatus {
     }
 }
 
-fn setup_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<&SetupStatus>) -> SetupStatus {
+fn setup_status(
+    r: &ReportInput<'_>,
+    evidence: &Evidence<'_>,
+    prev: Option<&SetupStatus>,
+) -> SetupStatus {
     let state = match r.verdict {
-        Verdict::Ready if seen.performed_by_us => SetupState::Completed,
+        Verdict::Ready if evidence.performed_by_us => SetupState::Completed,
         Verdict::Ready => SetupState::AlreadySetUp,
         Verdict::Stalled {
             reason: Stall::TokenLost,
@@ -199,18 +203,18 @@ fn setup_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<&SetupStatus>
         Verdict::Stalled {
             reason: Stall::TokenNotIssued,
             ..
-        } if seen.ann(ANN_SETUP_OUTCOME).is_some() || seen.setup_result.is_some() => {
+        } if evidence.ann(ANN_SETUP_OUTCOME).is_some() || evidence.setup_result.is_some() => {
             SetupState::Completed
         }
         Verdict::Stalled {
             reason: Stall::SetupUnavailable,
             ..
         } => SetupState::Unavailable,
-        _ if seen.owned.is_some_and(|s| s.setup_started()) => SetupState::InProgress,
+        _ if evidence.owned.is_some_and(|s| s.setup_started()) => SetupState::InProgress,
         _ => prev.map_or(SetupState::Pending, |s| s.state),
     };
-    let owner_from_verify = seen.verified.filter(|v| v.user.role == "owner");
-    let result = seen.setup_result.as_ref();
+    let owner_from_verify = evidence.verified.filter(|v| v.user.role == "owner");
+    let result = evidence.setup_result.as_ref();
     SetupStatus {
         state,
         owner_user_id: result
@@ -222,46 +226,54 @@ fn setup_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<&SetupStatus>
             .filter(|e| !e.is_empty())
             .or_else(|| owner_from_verify.map(|v| v.user.email.clone()))
             .or_else(|| prev.and_then(|s| s.owner_email.clone())),
-        started_at: parse_time(seen.ann(ANN_SETUP_STARTED_AT))
+        started_at: parse_time(evidence.ann(ANN_SETUP_STARTED_AT))
             .or_else(|| prev.and_then(|s| s.started_at.clone())),
-        completed_at: parse_time(seen.ann(ANN_SETUP_COMPLETED_AT))
+        completed_at: parse_time(evidence.ann(ANN_SETUP_COMPLETED_AT))
             .or_else(|| prev.and_then(|s| s.completed_at.clone())),
     }
 }
 
-fn token_status(r: &ReportInput<'_>, seen: &Seen<'_>, prev: Option<TokenStatus>) -> TokenStatus {
+fn token_status(
+    r: &ReportInput<'_>,
+    evidence: &Evidence<'_>,
+    prev: Option<TokenStatus>,
+) -> TokenStatus {
     let p = prev.unwrap_or_default();
-    let token_id = seen
+    let token_id = evidence
         .owned
         .and_then(|s| s.token_id())
         .map(str::to_string)
         .or_else(|| p.token_id.clone());
-    let verified_at = last_verified_at(seen, &p, token_id.as_deref(), r.verify_interval);
-    let previous_token_last_used_at = previous_last_used(r, seen, &p);
+    let verified_at = last_verified_at(evidence, &p, token_id.as_deref(), r.verify_interval);
+    let previous_token_last_used_at = previous_last_used(r, evidence, &p);
     TokenStatus {
         secret_name: r.secret_name.to_string(),
-        user_id: seen
+        user_id: evidence
             .verified
             .map(|v| v.user.id.clone())
-            .or_else(|| seen.ann(ANN_USER_ID).map(str::to_string))
+            .or_else(|| evidence.ann(ANN_USER_ID).map(str::to_string))
             .or(p.user_id),
         last_verified_at: verified_at,
         token_id,
-        expires_at: parse_time(seen.ann(ANN_EXPIRES_AT)).or(p.expires_at),
-        last_rotated_at: parse_time(seen.ann(ANN_ROTATED_AT)).or(p.last_rotated_at),
+        expires_at: parse_time(evidence.ann(ANN_EXPIRES_AT)).or(p.expires_at),
+        last_rotated_at: parse_time(evidence.ann(ANN_ROTATED_AT)).or(p.last_rotated_at),
         // what is pending: the replaced token until it is deleted
-        previous_token_id: seen.ann(ANN_PREVIOUS_TOKEN_ID).map(str::to_string),
-        previous_token_deletion_at: seen
+        previous_token_id: evidence.ann(ANN_PREVIOUS_TOKEN_ID).map(str::to_string),
+        previous_token_deletion_at: evidence
             .ann(ANN_PREVIOUS_TOKEN_ID)
-            .and(parse_time(seen.ann(ANN_PREVIOUS_DELETE_AT))),
+            .and(parse_time(evidence.ann(ANN_PREVIOUS_DELETE_AT))),
         previous_token_last_used_at,
     }
 }
 
 /// When NetBird last saw the pending previous token used: from the last look at it, or (before
 /// the first look after a restart) as the status had it for the same token.
-fn previous_last_used(r: &ReportInput<'_>, seen: &Seen<'_>, prev: &TokenStatus) -> Option<Time> {
-    let previous = seen.ann(ANN_PREVIOUS_TOKEN_ID)?;
+fn previous_last_used(
+    r: &ReportInput<'_>,
+    evidence: &Evidence<'_>,
+    prev: &TokenStatus,
+) -> Option<Time> {
+    let previous = evidence.ann(ANN_PREVIOUS_TOKEN_ID)?;
     match r.previous_use.filter(|o| o.token_id == previous) {
         Some(o) => o.last_used.map(to_time),
         None => prev
@@ -300,12 +312,12 @@ pub fn previous_still_in_use(r: &ReportInput<'_>) -> bool {
 /// the recorded one (the first pass after an operator restart) leaves it where it is: a restart
 /// writes no status for tokens that are as they were; the scheduled checks move it.
 fn last_verified_at(
-    seen: &Seen<'_>,
+    evidence: &Evidence<'_>,
     prev: &TokenStatus,
     token_id: Option<&str>,
     interval: std::time::Duration,
 ) -> Option<Time> {
-    let Some(v) = seen.verified else {
+    let Some(v) = evidence.verified else {
         return prev.last_verified_at.clone();
     };
     match &prev.last_verified_at {
@@ -320,7 +332,7 @@ fn last_verified_at(
 }
 
 fn version_status(r: &ReportInput<'_>, prev: Option<VersionStatus>) -> Option<VersionStatus> {
-    match &r.probes.version {
+    match &r.findings.version {
         Some(Ok(v)) => Some(VersionStatus {
             management: Some(v.management_current_version.clone()),
             management_available: v.management_available_version.clone(),
@@ -348,7 +360,7 @@ pub fn storing_token(
     let mut status = previous.cloned().unwrap_or_default();
     set(
         &mut status.conditions,
-        cond(
+        condition(
             READY,
             ConditionStatus::False,
             "StoringToken",
@@ -359,7 +371,7 @@ pub fn storing_token(
     );
     set(
         &mut status.conditions,
-        cond(
+        condition(
             RECONCILING,
             ConditionStatus::True,
             "StoringToken",
@@ -452,7 +464,7 @@ mod tests {
             });
         }
         let secrets = [TokenSecret::Absent, owned(&[(ANN_USER_ID, "u1")])];
-        let probes = Probes {
+        let findings = Findings {
             verify: Some(Ok(verified(t(0)))),
             ..Default::default()
         };
@@ -460,7 +472,7 @@ mod tests {
             generation: Some(1),
             previous,
             verdict,
-            probes: &probes,
+            findings: &findings,
             token_secret: secret,
             secret_name: "nb-token",
             credentials_changed: false,
@@ -493,7 +505,7 @@ mod tests {
             (ANN_EXPIRES_AT, "2027-02-14T08:00:00Z"),
             (crate::token_secret::ANN_FINGERPRINT, "$argon2id$v=19$x"),
         ]);
-        let probes = Probes {
+        let findings = Findings {
             verify: Some(Ok(verified(t(0)))),
             version: Some(Ok(VersionInfo {
                 management_current_version: "0.77.1".into(),
@@ -507,7 +519,7 @@ mod tests {
             generation: Some(3),
             previous: None,
             verdict: &Verdict::Ready,
-            probes: &probes,
+            findings: &findings,
             token_secret: &secret,
             secret_name: "nb-token",
             credentials_changed: false,
@@ -551,7 +563,7 @@ mod tests {
             generation: Some(3),
             previous: Some(&s),
             verdict: &Verdict::Ready,
-            probes: &Probes {
+            findings: &Findings {
                 verify: Some(Ok(verified(t(0)))),
                 ..Default::default()
             },
@@ -576,7 +588,7 @@ mod tests {
     fn last_verified_at_moves_once_per_interval_or_with_another_token() {
         let secret = |id: &str| owned(&[(crate::token_secret::ANN_TOKEN_ID, id)]);
         let at = |prev: Option<&NetbirdInstanceStatus>, secret: &TokenSecret, when: i64| {
-            let probes = Probes {
+            let findings = Findings {
                 verify: Some(Ok(verified(t(when)))),
                 ..Default::default()
             };
@@ -584,7 +596,7 @@ mod tests {
                 generation: Some(1),
                 previous: prev,
                 verdict: &Verdict::Ready,
-                probes: &probes,
+                findings: &findings,
                 token_secret: secret,
                 secret_name: "nb-token",
                 credentials_changed: false,
@@ -622,12 +634,12 @@ mod tests {
             reason: Stall::SetupUnavailable,
             message: "m".into(),
         };
-        let probes = Probes::default();
+        let findings = Findings::default();
         let input = |prev, now| ReportInput {
             generation: Some(1),
             previous: prev,
             verdict: &verdict,
-            probes: &probes,
+            findings: &findings,
             token_secret: &TokenSecret::Absent,
             secret_name: "nb-token",
             credentials_changed: false,
@@ -667,7 +679,7 @@ mod tests {
             generation: Some(1),
             previous: None,
             verdict: &Verdict::Ready,
-            probes: &Probes {
+            findings: &Findings {
                 verify: Some(Ok(verified(t(0)))),
                 ..Default::default()
             },
@@ -689,7 +701,7 @@ mod tests {
     #[test]
     fn adopted_token_and_offline_version() {
         let secret = owned(&[]);
-        let probes = Probes {
+        let findings = Findings {
             verify: Some(Ok(verified(t(0)))),
             version: Some(Ok(VersionInfo {
                 management_current_version: "0.77.1".into(),
@@ -703,7 +715,7 @@ mod tests {
             generation: Some(1),
             previous: None,
             verdict: &Verdict::Ready,
-            probes: &probes,
+            findings: &findings,
             token_secret: &secret,
             secret_name: "nb-token",
             credentials_changed: false,

@@ -18,26 +18,26 @@ use crate::token_secret;
 
 impl Stepper<'_, '_> {
     pub(super) async fn rotate_token(&mut self) -> Result<(), Verdict> {
-        let (token, user) = token_and_user(self.world, self.probes)?;
+        let (token, user) = token_and_user(self.world, self.findings)?;
         match self.mint_and_store(&token, &user, None).await? {
             Minted::Stored { written, .. } => {
                 self.written(written.map(|s| *s)).await?;
-                self.probes.rotated = true;
+                self.findings.rotated = true;
                 // the new token is verified before the old one is deleted
-                self.probes.verify = None;
+                self.findings.verify = None;
             }
             Minted::Malformed => {}
             Minted::Failed(e) => {
                 warn!(error = %e.with_request_id(),
                     "failed to create a new token; the current one stays");
-                self.probes.rotation_error = Some(e);
+                self.findings.rotation_error = Some(e);
             }
         }
         Ok(())
     }
 
     pub(super) async fn exchange_for_service_user(&mut self) -> Result<(), Verdict> {
-        let (token, user) = token_and_user(self.world, self.probes)?;
+        let (token, user) = token_and_user(self.world, self.findings)?;
         let name = self
             .nbi
             .spec
@@ -48,15 +48,15 @@ impl Stepper<'_, '_> {
             .unwrap_or_default();
         match self.exchange(&token, &user, &name).await? {
             Minted::Stored { written, .. } => {
-                self.probes.exchanged = true;
-                self.probes.verify = None;
+                self.findings.exchanged = true;
+                self.findings.verify = None;
                 self.written(written.map(|s| *s)).await
             }
             Minted::Malformed => Ok(()),
             Minted::Failed(e) => {
                 warn!(error = %e.with_request_id(), service_user = %name,
                     "the service-user exchange failed; the current token stays");
-                self.probes.exchange_error = Some(e);
+                self.findings.exchange_error = Some(e);
                 self.written(None).await
             }
         }
@@ -94,7 +94,7 @@ impl Stepper<'_, '_> {
                 "rotation"
             };
             refuse_malformed(&self.client, token, owner, &created, why).await;
-            self.probes.malformed_token = Some((what, why));
+            self.findings.malformed_token = Some((what, why));
             self.patch(&malformed_patch(nbi, what, why)).await?;
             return Ok(Minted::Malformed);
         }

@@ -9,7 +9,7 @@
 use k8s_openapi::api::core::v1::Secret;
 use secrecy::SecretString;
 
-use super::decide::{Probes, Step, Verdict, Waiting};
+use super::decide::{Findings, Step, Verdict, Waiting};
 use super::secrets::Secrets;
 use crate::controller::context::Context;
 use crate::crd::NetbirdInstance;
@@ -25,6 +25,7 @@ mod world;
 pub use setup::{credentials_changed, record_credentials_check};
 pub use store::{HeldWrite, store_held};
 pub(super) use token::verify;
+pub(crate) use token::{Deleter, delete_replaced};
 pub use world::World;
 
 /// How a step says, while it still runs, what cannot wait for the end of its pass: a token
@@ -41,7 +42,7 @@ pub async fn run(
     ctx: &Context,
     secrets: &Secrets<'_>,
     world: &mut World,
-    probes: &mut Probes,
+    findings: &mut Findings,
     urgent: &dyn UrgentReport,
 ) -> Result<(), Verdict> {
     let Some(client) = world
@@ -61,19 +62,19 @@ pub async fn run(
         secrets,
         client,
         world,
-        probes,
+        findings,
         urgent,
     };
     match step {
         Step::SyncSecretMetadata => s.sync_secret_metadata().await,
         Step::VerifyToken => s.verify_token().await,
         Step::CheckInstance => {
-            s.probes.instance_asked_at = Some(tokio::time::Instant::now());
-            s.probes.instance = Some(s.client.instance_status().await);
+            s.findings.instance_asked_at = Some(tokio::time::Instant::now());
+            s.findings.instance = Some(s.client.instance_status().await);
             Ok(())
         }
         Step::CheckVersion => {
-            s.probes.version = Some(s.client.version(&s.stored_token()).await);
+            s.findings.version = Some(s.client.version(&s.stored_token()).await);
             Ok(())
         }
         Step::ClaimSecret => s.claim_secret().await,
@@ -84,7 +85,7 @@ pub async fn run(
         Step::CheckPreviousTokenUse => s.check_previous_token_use().await,
         Step::RetirePreviousToken => {
             s.delete_previous_token().await?;
-            s.probes.previous_retired = matches!(s.probes.previous_deleted, Some(Ok(())));
+            s.findings.previous_retired = matches!(s.findings.previous_deleted, Some(Ok(())));
             Ok(())
         }
         Step::RotateToken => s.rotate_token().await,
@@ -93,7 +94,7 @@ pub async fn run(
         Step::ForgetOtherKeyRecords => {
             let key = &s.nbi.spec.token.secret_key;
             s.patch(&token_secret::other_key_records_patch(key)).await?;
-            s.probes.other_key_records_forgotten = true;
+            s.findings.other_key_records_forgotten = true;
             Ok(())
         }
         Step::ReleaseClaim => s.release_claim().await,
@@ -108,7 +109,7 @@ struct Stepper<'a, 's> {
     secrets: &'a Secrets<'s>,
     client: NetbirdClient,
     world: &'a mut World,
-    probes: &'a mut Probes,
+    findings: &'a mut Findings,
     urgent: &'a dyn UrgentReport,
 }
 
@@ -146,14 +147,14 @@ impl Stepper<'_, '_> {
             let patch = token_secret::metadata_patch(self.nbi, s);
             self.patch(&patch).await?;
         }
-        self.probes.metadata_synced = true;
+        self.findings.metadata_synced = true;
         Ok(())
     }
 }
 
 /// The stored token and its verified user, for token calls.
-fn token_and_user(world: &World, probes: &Probes) -> Result<(SecretString, String), Verdict> {
-    match (world.token(), &probes.verify) {
+fn token_and_user(world: &World, findings: &Findings) -> Result<(SecretString, String), Verdict> {
+    match (world.token(), &findings.verify) {
         (Some(t), Some(Ok(v))) => Ok((t.clone(), v.user.id.clone())),
         _ => Err(Verdict::Waiting {
             reason: Waiting::Progressing,

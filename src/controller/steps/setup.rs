@@ -74,7 +74,7 @@ impl Stepper<'_, '_> {
         };
         info!(secret = %secret_name, "claimed the token Secret for setup");
         self.world.set_token_secret(nbi, Some(claimed));
-        self.probes.claimed = true;
+        self.findings.claimed = true;
         Ok(())
     }
 
@@ -94,8 +94,8 @@ impl Stepper<'_, '_> {
         // since this pass asked whether the server needs one, it asks again first
         let gate = self.ctx.setup_gates.gate(&self.nbi.spec.management_url);
         let mut last_setup = gate.lock().await;
-        if setup_gates::set_up_since(*last_setup, self.probes.instance_asked_at) {
-            self.probes.instance_asked_at = Some(tokio::time::Instant::now());
+        if setup_gates::set_up_since(*last_setup, self.findings.instance_asked_at) {
+            self.findings.instance_asked_at = Some(tokio::time::Instant::now());
             let fresh = self.client.instance_status().await;
             let required = matches!(&fresh, Ok(i) if i.setup_required);
             if !required {
@@ -104,9 +104,9 @@ impl Stepper<'_, '_> {
                         "another NetbirdInstance's setup of this server came first; not calling \
                          setup"
                     );
-                    self.probes.setup = Some(SetupOutcome::SetUpMeanwhile);
+                    self.findings.setup = Some(SetupOutcome::SetUpMeanwhile);
                 }
-                self.probes.instance = Some(fresh);
+                self.findings.instance = Some(fresh);
                 return Ok(());
             }
         }
@@ -137,8 +137,8 @@ impl Stepper<'_, '_> {
             SetupOutcome::Failed(_) | SetupOutcome::TokenLost { .. } => {}
             _ => self.written(written).await?,
         }
-        self.probes.setup = Some(outcome);
-        self.probes.malformed_token = malformed.map(|why| ("setup", why));
+        self.findings.setup = Some(outcome);
+        self.findings.malformed_token = malformed.map(|why| ("setup", why));
         Ok(())
     }
 
@@ -158,16 +158,15 @@ impl Stepper<'_, '_> {
             namespace = self.nbi.metadata.namespace.as_deref().unwrap_or_default(),
             instance = %self.nbi.name_any(),
             setup_started_at = %started,
-            "a token was put into the token Secret while a setup was in flight: the token that \
-             setup may have issued was never stored and is LOST to the operator; it stays valid on \
-             the server until it expires (delete it in the dashboard)"
+            "a token was put into the token Secret while a setup was in flight: {}",
+            token_secret::setup_token_lost()
         );
-        self.probes.abandoned_setup_ended = true;
+        self.findings.abandoned_setup_ended = true;
         Ok(())
     }
 
     pub(super) async fn release_claim(&mut self) -> Result<(), Verdict> {
-        let rejection = match &self.probes.setup {
+        let rejection = match &self.findings.setup {
             // the decision asks for this step after a definitive answer only
             Some(SetupOutcome::Failed(e)) if e.status().is_some() => Some((
                 self.nbi.metadata.generation.unwrap_or_default(),
@@ -178,7 +177,7 @@ impl Stepper<'_, '_> {
         };
         let patch = token_secret::release_patch(rejection);
         self.patch(&patch).await?;
-        self.probes.claim_released = true;
+        self.findings.claim_released = true;
         Ok(())
     }
 }

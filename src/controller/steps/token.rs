@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::{Stepper, token_and_user};
 use crate::controller::decide::{Verdict, Verified};
-use crate::netbird::NetbirdClient;
+use crate::netbird::{NetbirdClient, NetbirdError};
 use crate::token_secret;
 
 impl Stepper<'_, '_> {
@@ -36,12 +36,12 @@ impl Stepper<'_, '_> {
             .map(str::to_string);
         let verified = verify(&self.client, &token, service_user_id.as_deref()).await;
         let ctx = self.ctx;
-        self.probes.verify = Some(verified.map(|user| Verified {
+        self.findings.verify = Some(verified.map(|user| Verified {
             user,
             at: ctx.now(),
         }));
         // a token bound without TLS verification and now verified is bound as verified
-        if matches!(self.probes.verify, Some(Ok(_)))
+        if matches!(self.findings.verify, Some(Ok(_)))
             && self
                 .world
                 .token_secret
@@ -55,7 +55,7 @@ impl Stepper<'_, '_> {
     }
 
     pub(super) async fn clean_orphans(&mut self) -> Result<(), Verdict> {
-        let (token, user) = token_and_user(self.world, self.probes)?;
+        let (token, user) = token_and_user(self.world, self.findings)?;
         // the interrupted step minted for the token's own user (rotation) or for the service user
         // of the spec (exchange)
         let mut users = vec![user.clone()];
@@ -87,8 +87,8 @@ impl Stepper<'_, '_> {
         if list.is_ok() {
             self.patch(&token_secret::rotation_ended_patch()).await?;
         }
-        self.probes.token_list = Some(list.map(|()| Vec::new()));
-        self.probes.orphans_cleaned = true;
+        self.findings.token_list = Some(list.map(|()| Vec::new()));
+        self.findings.orphans_cleaned = true;
         Ok(())
     }
 
@@ -124,7 +124,7 @@ impl Stepper<'_, '_> {
     }
 
     pub(super) async fn identify_token(&mut self) -> Result<(), Verdict> {
-        let (token, user) = token_and_user(self.world, self.probes)?;
+        let (token, user) = token_and_user(self.world, self.findings)?;
         let list = self.client.list_tokens(&token, &user).await;
         if let (Ok(tokens), Some(s)) = (&list, self.world.token_secret.owned()) {
             let from_setup = s.annotation(token_secret::ANN_SETUP_COMPLETED_AT).is_some()
@@ -149,12 +149,12 @@ impl Stepper<'_, '_> {
             };
             self.patch(&patch).await?;
         }
-        self.probes.token_list = Some(list);
+        self.findings.token_list = Some(list);
         Ok(())
     }
 
     pub(super) async fn delete_previous_token(&mut self) -> Result<(), Verdict> {
-        let (token, user) = token_and_user(self.world, self.probes)?;
+        let (token, user) = token_and_user(self.world, self.findings)?;
         let annotation = |key| {
             self.world
                 .token_secret
@@ -164,19 +164,11 @@ impl Stepper<'_, '_> {
         };
         let previous = annotation(token_secret::ANN_PREVIOUS_TOKEN_ID).unwrap_or_default();
         let owner = annotation(token_secret::ANN_PREVIOUS_USER_ID).unwrap_or(user);
-        // a token the exchange replaced is deleted with itself (kept in the Secret until then); a
-        // rotated one with the current token of the same user
-        let result = match self.world.previous_token() {
-            Some(old) => match self.client.delete_token(old, &owner, &previous).await {
-                // it no longer works: expired, or deleted already
-                Err(e) if e.is_token_rejected() => Ok(()),
-                other => other,
-            },
-            None => self.client.delete_token(&token, &owner, &previous).await,
+        let deleter = match self.world.previous_token() {
+            Some(old) => Deleter::Itself(old),
+            None => Deleter::Current(&token),
         };
-        let result = match result {
-            // the stored token was just verified: NetBird's 404 is about the old one, already gone
-            Err(e) if e.is_not_found() => Ok(()),
+        let result = match delete_replaced(&self.client, deleter, &owner, &previous).await {
             // another user's token this one may not delete (a service user's token cannot delete
             // the owner's): it is left to expire
             Err(e) if e.status() == Some(403) => {
@@ -196,14 +188,14 @@ impl Stepper<'_, '_> {
                     "failed to delete the replaced token; retrying later")
             }
         }
-        self.probes.previous_deleted = Some(result);
+        self.findings.previous_deleted = Some(result);
         Ok(())
     }
 
     /// Lists the user's tokens with the current token (never the previous one: a use would move
     /// its `last_used`) to see when NetBird last saw the previous token used.
     pub(super) async fn check_previous_token_use(&mut self) -> Result<(), Verdict> {
-        let (token, user) = token_and_user(self.world, self.probes)?;
+        let (token, user) = token_and_user(self.world, self.findings)?;
         let Some(s) = self.world.token_secret.owned() else {
             return Ok(());
         };
@@ -233,7 +225,7 @@ impl Stepper<'_, '_> {
             Err(e) => warn!(token_id = %previous, error = %e.with_request_id(),
                 "failed to look at the previous token's use; looking again later"),
         }
-        self.probes.previous_use = Some(result);
+        self.findings.previous_use = Some(result);
         Ok(())
     }
 }
@@ -259,5 +251,36 @@ pub(in crate::controller) async fn verify(
             .find(|u| u.id == id)
             .ok_or(e),
         (result, _) => result,
+    }
+}
+
+/// Which token deletes a token a rotation or an exchange replaced.
+pub(crate) enum Deleter<'a> {
+    /// The replaced token itself, while the Secret still keeps it (the exchange's: the new
+    /// token belongs to a service user, which may not delete the owner's tokens).
+    Itself(&'a SecretString),
+    /// The current token, of the same user (a rotation's).
+    Current(&'a SecretString),
+}
+
+/// Deletes a token a rotation or an exchange replaced, by the one rule of what counts as gone
+/// (used by the step and by the finalizer): deleting itself, a rejection means it no longer
+/// works (expired, or deleted already); deleted by the current token, which was just verified,
+/// NetBird's own 404 is about the replaced token, gone already.
+pub(crate) async fn delete_replaced(
+    client: &NetbirdClient,
+    deleter: Deleter<'_>,
+    owner: &str,
+    id: &str,
+) -> Result<(), NetbirdError> {
+    match deleter {
+        Deleter::Itself(old) => match client.delete_token(old, owner, id).await {
+            Err(e) if e.is_token_rejected() => Ok(()),
+            other => other,
+        },
+        Deleter::Current(current) => match client.delete_token(current, owner, id).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        },
     }
 }

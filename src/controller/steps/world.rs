@@ -34,12 +34,27 @@ pub struct World {
     pub(super) unrecorded_check: Option<String>,
     /// The credentials Secret's allow-list of servers for its password, when it has one.
     pub allowed_servers: Option<String>,
-    /// Absent only by the watch's word (not read): the credentials, CA and token Secrets.
-    unseen: [bool; 3],
+    /// Which Secrets are absent only by the watch's word (not read).
+    unseen: Unseen,
     /// spec.managementURL: the only server the client talks to.
     management_url: String,
     /// How the spec has that server trusted (spec.tls.insecureSkipVerify).
     trust: crate::binding::Trust,
+}
+
+/// The Secrets a pass did not read because the watch says they do not exist: a verdict resting on
+/// such an absence is confirmed by reading them ([`World::confirm`]).
+#[derive(Clone, Copy)]
+struct Unseen {
+    credentials: bool,
+    ca: bool,
+    token: bool,
+}
+
+impl Unseen {
+    fn any(self) -> bool {
+        self.credentials || self.ca || self.token
+    }
 }
 
 impl World {
@@ -62,7 +77,7 @@ impl World {
         secrets: &Secrets<'_>,
         ctx: &Context,
     ) -> Result<bool, Error> {
-        if !self.unseen.contains(&true) {
+        if !self.unseen.any() {
             return Ok(false);
         }
         *self = Self::read_with(nbi, secrets, ctx, false).await?;
@@ -121,8 +136,11 @@ impl World {
             },
             get(nbi.token_secret_name()),
         )?;
-        let unseen =
-            [&credentials_secret, &ca_secret, &secret].map(|l| matches!(l, Lookup::Unseen));
+        let unseen = Unseen {
+            credentials: matches!(credentials_secret, Lookup::Unseen),
+            ca: matches!(ca_secret, Lookup::Unseen),
+            token: matches!(secret, Lookup::Unseen),
+        };
         let (credentials_secret, ca_secret, secret) = (
             credentials_secret.into_option(),
             ca_secret.into_option(),
@@ -257,7 +275,7 @@ impl World {
 
     /// The token Secret as a write returned it (saves reading it back).
     pub(super) fn set_token_secret(&mut self, nbi: &NetbirdInstance, secret: Option<Secret>) {
-        self.unseen[2] = false;
+        self.unseen.token = false;
         self.token_secret_rv = resource_version(&secret);
         self.token_secret =
             token_secret::classify(secret, &nbi.name_any(), &nbi.spec.token.secret_key);
