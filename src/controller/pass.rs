@@ -66,11 +66,11 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     // the pass's own failure first: it is the cause when both failed
     let work = work?;
     let initial_rv = initial_rv?;
-    let (mut world, known, driven) = match work {
+    let (mut world, pass_inputs, outcome) = match work {
         Ok(done) => done,
         Err(wait) => return Ok(wait),
     };
-    let (verdict, findings) = (&driven.verdict, &driven.findings);
+    let (verdict, findings) = (&outcome.verdict, &outcome.findings);
     let watch = ctx.memory.previous_use_watch(&uid);
     let report_input = report::ReportInput {
         generation,
@@ -78,13 +78,13 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
         verdict,
         findings,
         token_secret: &world.token_secret,
-        secret_name: &known.secret_name,
-        credentials_changed: driven.credentials_changed,
+        secret_name: &pass_inputs.secret_name,
+        credentials_changed: outcome.credentials_changed,
         credentials_gone: matches!(world.credentials, decide::Input::Missing(_)),
         version_check_enabled: nbi.spec.version_check.enabled,
         rotation_enabled: nbi.spec.token.rotation.enabled,
         now: ctx.now(),
-        verify_interval: known.interval,
+        verify_interval: pass_inputs.interval,
         previous_use: watch.as_ref().and_then(|w| w.seen.as_ref()),
         retire_after: nbi.spec.token.rotation.retire_after(),
     };
@@ -92,14 +92,19 @@ async fn pass(nbi: &NetbirdInstance, ctx: &Context, ns: &str) -> Result<Action, 
     let in_use = report::previous_still_in_use(&report_input);
     let previous = nbi.status.clone();
     if previous.as_ref() != Some(&status) {
-        write_new_status(nbi, ctx, &api, &status, initial_rv, &world, &known).await?;
+        write_new_status(nbi, ctx, &api, &status, initial_rv, &world, &pass_inputs).await?;
     }
     publish_events(nbi, ctx, previous.as_ref(), &status, verdict, findings).await;
     steps::record_credentials_check(nbi, &secrets, &mut world).await;
     observe(nbi, ctx, ns, &status, &world, verdict, in_use);
 
     Ok(schedule::schedule(
-        nbi, ctx, &known, &driven, &status, &world,
+        nbi,
+        ctx,
+        &pass_inputs,
+        &outcome,
+        &status,
+        &world,
     ))
 }
 
@@ -111,9 +116,9 @@ async fn write_new_status(
     status: &crate::crd::NetbirdInstanceStatus,
     initial_rv: Option<String>,
     world: &steps::World,
-    known: &PassInputs,
+    pass_inputs: &PassInputs,
 ) -> Result<(), Error> {
-    let uid = &known.uid;
+    let uid = &pass_inputs.uid;
     let superseded = [nbi.metadata.resource_version.clone(), initial_rv]
         .into_iter()
         .flatten()
@@ -123,8 +128,11 @@ async fn write_new_status(
         // changed nothing (a Secret write of this pass) waits for it too, instead of calling
         // NetBird and failing the same write again
         let after = ctx.memory.next_backoff(uid, ctx.settings.max_backoff);
-        ctx.memory
-            .schedule_retry(uid, Some(after), world.inputs(known.generation));
+        ctx.memory.schedule_retry(
+            uid,
+            Some(after),
+            world.inputs_digest(pass_inputs.generation),
+        );
         return Err(e);
     }
     ctx.memory
@@ -140,12 +148,12 @@ async fn read_and_drive(
     secrets: &secrets::Secrets<'_>,
     started: jiff::Timestamp,
 ) -> Result<Result<(steps::World, PassInputs, PassOutcome), Action>, Error> {
-    let known = PassInputs::new(nbi, started, &ctx.settings.refused_secret_key_prefixes);
+    let pass_inputs = PassInputs::new(nbi, started, &ctx.settings.refused_secret_key_prefixes);
     let mut world = steps::World::read(nbi, secrets, ctx).await?;
-    if let Some(left) = ctx
-        .memory
-        .retry_pending(&known.uid, &world.inputs(known.generation))
-    {
+    if let Some(left) = ctx.memory.retry_pending(
+        &pass_inputs.uid,
+        &world.inputs_digest(pass_inputs.generation),
+    ) {
         // woken by an event that changed nothing this pass depends on (typically its own status
         // write): the retry stays at its time, so a failing server is not called in a loop
         tracing::debug!(retry_in = ?left, "retry already scheduled and nothing changed");
@@ -155,8 +163,8 @@ async fn read_and_drive(
             Action::requeue(left)
         }));
     }
-    let driven = drive(nbi, ctx, secrets, &mut world, &known).await?;
-    Ok(Ok((world, known, driven)))
+    let outcome = drive(nbi, ctx, secrets, &mut world, &pass_inputs).await?;
+    Ok(Ok((world, pass_inputs, outcome)))
 }
 
 /// How long an instance's first pass may take before it writes the initial status (kstatus:
@@ -333,20 +341,20 @@ async fn drive(
     ctx: &Context,
     secrets: &secrets::Secrets<'_>,
     world: &mut steps::World,
-    known: &PassInputs,
+    pass_inputs: &PassInputs,
 ) -> Result<PassOutcome, Error> {
     let driver = Driver {
         nbi,
         ctx,
         secrets,
-        known,
+        pass_inputs,
     };
-    let uid = &known.uid;
+    let uid = &pass_inputs.uid;
     let (mut findings, mut credentials_changed) = match driver.prelude(world).await {
         ControlFlow::Continue(start) => start,
         ControlFlow::Break(outcome) => return Ok(outcome),
     };
-    let setup_key = world.setup_key(known.generation);
+    let setup_key = world.setup_key(pass_inputs.generation);
     let setup_server_errors = ctx.memory.setup_server_errors(uid, &setup_key);
     let watch = ctx.memory.previous_use_watch(uid);
     let verdict = driver
@@ -376,7 +384,7 @@ struct Driver<'a, 's> {
     nbi: &'a NetbirdInstance,
     ctx: &'a Context,
     secrets: &'a secrets::Secrets<'s>,
-    known: &'a PassInputs,
+    pass_inputs: &'a PassInputs,
 }
 
 impl Driver<'_, '_> {
@@ -386,16 +394,16 @@ impl Driver<'_, '_> {
             nbi,
             ctx,
             secrets,
-            known,
+            pass_inputs,
         } = self;
-        let uid = &known.uid;
+        let uid = &pass_inputs.uid;
         let mut findings = Findings::default();
         if let Some(token) = world.token()
             && let Some(v) = ctx.memory.cached_verification(
                 uid,
-                &known.verification_key(nbi, token),
-                known.interval,
-                known.started,
+                &pass_inputs.verification_key(nbi, token),
+                pass_inputs.interval,
+                pass_inputs.started,
             )
         {
             findings.verify = Some(Ok(v));
@@ -427,13 +435,13 @@ impl Driver<'_, '_> {
             nbi,
             ctx,
             secrets,
-            known,
+            pass_inputs,
         } = self;
         let mut read_fresh_for_setup = false;
         for _ in 0..16 {
             let now = ctx.now();
             let previous_use_due = previous_use_due(ctx, world, watch, now);
-            let facts = known.facts(
+            let facts = pass_inputs.facts(
                 nbi,
                 world,
                 findings,
@@ -485,8 +493,8 @@ impl Driver<'_, '_> {
             && let Some(token) = world.token()
         {
             self.ctx.memory.remember_verification(
-                &self.known.uid,
-                self.known.verification_key(self.nbi, token),
+                &self.pass_inputs.uid,
+                self.pass_inputs.verification_key(self.nbi, token),
                 v,
             );
         }
@@ -500,7 +508,7 @@ impl Driver<'_, '_> {
         watch: Option<previous_use::Watch>,
         findings: &Findings,
     ) {
-        let (ctx, uid) = (self.ctx, &self.known.uid);
+        let (ctx, uid) = (self.ctx, &self.pass_inputs.uid);
         if matches!(&findings.verify, Some(Err(_))) {
             ctx.memory.forget_verification(uid);
         }

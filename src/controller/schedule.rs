@@ -17,13 +17,13 @@ use crate::crd::{NetbirdInstance, NetbirdInstanceStatus};
 pub(super) fn schedule(
     nbi: &NetbirdInstance,
     ctx: &Context,
-    known: &PassInputs,
-    driven: &PassOutcome,
+    pass_inputs: &PassInputs,
+    outcome: &PassOutcome,
     status: &NetbirdInstanceStatus,
     world: &steps::World,
 ) -> Action {
-    let (verdict, uid) = (&driven.verdict, &known.uid);
-    let backoff = match counts_as_failure(verdict, &driven.findings) {
+    let (verdict, uid) = (&outcome.verdict, &pass_inputs.uid);
+    let backoff = match counts_as_failure(verdict, &outcome.findings) {
         Some(true) => Some(ctx.memory.backoff(uid, ctx.settings.max_backoff)),
         Some(false) => {
             ctx.memory.reset_backoff(uid);
@@ -36,9 +36,9 @@ pub(super) fn schedule(
         status,
         token_secret: world.token_secret.owned(),
         rotation_enabled: nbi.spec.token.rotation.enabled,
-        started: known.started,
+        started: pass_inputs.started,
         now: ctx.now(),
-        interval: known.interval,
+        interval: pass_inputs.interval,
         backoff,
         max_backoff: ctx.settings.max_backoff,
         previous_use_next: ctx.memory.previous_use_watch(uid).map(|w| w.next),
@@ -47,7 +47,7 @@ pub(super) fn schedule(
         info!(reason = report::verdict_reason(verdict), requeue_in = ?next.after, "{log}");
     }
     ctx.memory
-        .schedule_retry(uid, next.retry, world.inputs(known.generation));
+        .schedule_retry(uid, next.retry, world.inputs_digest(pass_inputs.generation));
     ctx.metrics
         .remembered_instances
         .set(ctx.remembered() as i64);

@@ -174,7 +174,7 @@ impl World {
 
     /// A digest of everything a pass depends on besides the clock: the spec's generation and the
     /// resourceVersions of the credentials, CA and token Secrets (after this pass's own writes).
-    pub fn inputs(&self, generation: Option<i64>) -> [u8; 32] {
+    pub fn inputs_digest(&self, generation: Option<i64>) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(generation.unwrap_or_default().to_le_bytes());
         for rv in [&self.credentials_rv, &self.ca_rv, &self.token_secret_rv] {
