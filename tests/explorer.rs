@@ -2048,10 +2048,11 @@ impl World {
 }
 
 /// "Verified later" (issue 20): the token a Secret records as the one its current token replaced
-/// (a rotation's or the exchange's previous token) is deleted only while the current token works
-/// at its server (known there, unexpired): deleted before, the instance may be left with no
-/// token that works (a new token the server does not know yet, see `Server::lag`). The
-/// finalizer of deletionPolicy Delete ends it all.
+/// (a rotation's or the exchange's previous token) is deleted only once the current token was
+/// verified: its server accepted it (a request authenticated with it, `last_used` set) and still
+/// knows it, unexpired. Deleted before, the instance may be left with no token that works (a new
+/// token the server does not know yet, see `Server::lag`, or one it never took). The finalizer of
+/// deletionPolicy Delete ends it all.
 fn check_successor_works(
     k: &KubeState,
     now: jiff::Timestamp,
@@ -2086,14 +2087,25 @@ fn check_successor_works(
         else {
             continue;
         };
-        let works = left
-            .iter()
-            .any(|t| t.plain == current && t.visible_at <= now && t.expires_at > now);
-        if !works {
+        let Some(t) = left.iter().find(|t| t.plain == current) else {
             out.push(format!(
                 "verified later: the token {} that Secret {ns}/{name} holds replaced was deleted \
-                 while the token it holds now does not work at the server (not verified first)",
+                 while its server does not know the token it holds now",
                 token.id
+            ));
+            continue;
+        };
+        if t.visible_at > now || t.expires_at <= now {
+            out.push(format!(
+                "verified later: the token {} that Secret {ns}/{name} holds replaced was deleted \
+                 while the token it holds now, {}, does not work at its server",
+                token.id, t.id
+            ));
+        } else if t.last_used.is_none() {
+            out.push(format!(
+                "verified later: the token {} that Secret {ns}/{name} holds replaced was deleted \
+                 before the token it holds now, {}, was verified (its server never accepted it)",
+                token.id, t.id
             ));
         }
     }
