@@ -2519,6 +2519,28 @@ const REGRESSIONS: &[(&str, &str)] = &[
         "the finalizer takes a proxy's plain 404 for a deleted token",
         r#"[{"Spec":[0,{"DeletePolicy":true}]},{"Pass":0},{"Fault":[0,"ProxyNotFound",1]},{"Delete":0},"Settle"]"#,
     ),
+    // issue 20's defects brought within reach by the model of 2026-12-04 (teeth2), each found by
+    // seed 3 with its fix undone and shrunk
+    (
+        "the exchange with gracePeriod 0s deletes the old token before the new one is verified",
+        r#"[{"Spec":[0,{"Grace":0}]},{"Spec":[0,{"ServiceUser":0}]}]"#,
+    ),
+    (
+        "a rotation's new token not verified: a lagging server's 404 taken for the old one gone",
+        r#"[{"Spec":[0,{"Grace":0}]},{"Pass":0},{"Lagging":[0,true]},{"Advance":1814400}]"#,
+    ),
+    (
+        "the initial status replaces 'token held in memory only'",
+        r#"[{"KubeFault":{"ForbidSecretPatches":3}},{"Advance":1}]"#,
+    ),
+    (
+        "secretAnnotations over the apiserver's 262144 bytes loop as Progressing",
+        r#"[{"Spec":[0,{"Annotations":3}]}]"#,
+    ),
+    (
+        "a decode error quotes the value of an answer of another shape",
+        r#"[{"Fault":[0,"WrongShape",1]},{"Pass":0}]"#,
+    ),
 ];
 
 fn parse_history(text: &str) -> Vec<Op> {
