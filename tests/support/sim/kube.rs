@@ -333,6 +333,14 @@ impl KubeState {
                 }
             }
             self.removed.push((uid.clone(), ns.into(), name.into()));
+            // a token it held in memory is lost with it (the operator says so when the watch
+            // delivers the deletion); an instance created again under the name holds nothing
+            let secret = match gone["spec"]["token"]["secretName"].as_str() {
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => format!("{name}-token"),
+            };
+            self.in_memory
+                .retain(|(n, s, _)| !(n == ns && *s == secret));
             // the garbage collector: Secrets owned by it go too
             let owned: Vec<_> = self
                 .objects
