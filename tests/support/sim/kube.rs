@@ -32,6 +32,87 @@ pub enum KubeFault {
     ServerError,
     /// The next status write answers 409 Conflict.
     ConflictStatus,
+    /// The next `n` Secret patches answer 403, creates go through: a Role with `create` but
+    /// without `patch` on secrets (tests/lifecycle.rs), fixed after a while. A new instance's
+    /// claim creates its Secret, and the token write after setup is refused: the token is held
+    /// in memory.
+    ForbidSecretPatches(u8),
+}
+
+/// What the apiserver checks of a Secret's metadata (k8s.io/apimachinery validation:
+/// `ValidateLabels`, `ValidateAnnotations`): label keys and annotation keys (in lower case) are
+/// qualified names (an optional DNS subdomain prefix of at most 253 characters and `/`, then a
+/// name of at most 63 characters of `[A-Za-z0-9_.-]` beginning and ending with a letter or
+/// digit); label values at most 63 characters of the same alphabet, empty or beginning and ending
+/// with a letter or digit; the annotations' keys and values together at most 262144 bytes. The
+/// answer: 422 Invalid, as the real apiserver's (tests/hostile.rs
+/// `a_secret_the_apiserver_refuses_is_an_invalid_spec` meets it).
+pub fn invalid_metadata(obj: &Value) -> Option<String> {
+    fn name_part(n: &str) -> bool {
+        let b = n.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    }
+    fn subdomain(p: &str) -> bool {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                let b = l.as_bytes();
+                !b.is_empty()
+                    && b[0].is_ascii_alphanumeric()
+                    && b[b.len() - 1].is_ascii_alphanumeric()
+                    && b.iter()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            })
+    }
+    fn qualified(k: &str) -> bool {
+        match k.split_once('/') {
+            Some((prefix, name)) => subdomain(prefix) && name_part(name),
+            None => name_part(k),
+        }
+    }
+    let meta = &obj["metadata"];
+    for (k, v) in meta["labels"].as_object().into_iter().flatten() {
+        let v = v.as_str().unwrap_or_default();
+        if !qualified(k) {
+            return Some(format!(
+                "metadata.labels: Invalid value: {k:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"
+            ));
+        }
+        if !(v.is_empty() || name_part(v)) {
+            return Some(format!(
+                "metadata.labels: Invalid value: {v:?}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
+            ));
+        }
+    }
+    let mut total = 0;
+    for (k, v) in meta["annotations"].as_object().into_iter().flatten() {
+        if !qualified(&k.to_lowercase()) {
+            return Some(format!(
+                "metadata.annotations: Invalid value: {k:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"
+            ));
+        }
+        total += k.len() + v.as_str().map_or(0, str::len);
+    }
+    (total > 262_144)
+        .then(|| "metadata.annotations: Too long: may not be more than 262144 bytes".to_string())
+}
+
+/// The tokens (not the previous one) a Secret's `data` in a write holds, decoded.
+fn tokens_in(obj: &Value) -> Vec<String> {
+    obj["data"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| *k != "previous-token")
+        .filter_map(|(_, v)| serde_json::from_value::<k8s_openapi::ByteString>(v.clone()).ok())
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+        .filter(|t| t.starts_with("nbp_"))
+        .collect()
 }
 
 #[derive(Default)]
@@ -62,6 +143,12 @@ pub struct KubeState {
     depth: u32,
     /// Instances removed (uid, namespace, name), for the watch's Delete.
     pub removed: Vec<(String, String, String)>,
+    /// Tokens NetBird issued that the operator holds in memory only: a write of the Secret
+    /// (namespace, name) carrying it was refused in a way retrying will not change (403, 422),
+    /// and no write stored it since (a new process holds nothing).
+    pub in_memory: Vec<(String, String, String)>,
+    /// SIGTERM: the shutdown gives held tokens up (and says so), so their status may say that.
+    pub shutting_down: bool,
 }
 
 pub type Shared = Arc<Mutex<KubeState>>;
@@ -125,6 +212,17 @@ pub fn merge(target: &mut Value, patch: &Value) {
         }
         other => *target = other.clone(),
     }
+}
+
+/// The apiserver's answer to a Secret it refuses as invalid.
+fn invalid(name: &str, why: &str) -> (u16, Value) {
+    let mut body = status_body(
+        422,
+        "Invalid",
+        &format!("Secret \"{name}\" is invalid: {why}"),
+    );
+    body["details"] = json!({"name": name, "kind": "secrets"});
+    (422, body)
 }
 
 fn meta_of(v: &Value) -> PartialObjectMeta<Secret> {
@@ -235,6 +333,14 @@ impl KubeState {
                 }
             }
             self.removed.push((uid.clone(), ns.into(), name.into()));
+            // a token it held in memory is lost with it (the operator says so when the watch
+            // delivers the deletion); an instance created again under the name holds nothing
+            let secret = match gone["spec"]["token"]["secretName"].as_str() {
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => format!("{name}-token"),
+            };
+            self.in_memory
+                .retain(|(n, s, _)| !(n == ns && *s == secret));
             // the garbage collector: Secrets owned by it go too
             let owned: Vec<_> = self
                 .objects
@@ -292,19 +398,27 @@ impl KubeState {
     fn take_fault(&mut self, f: impl Fn(&KubeFault) -> bool) -> Option<KubeFault> {
         let i = self.faults.iter().position(f)?;
         let fault = self.faults.remove(i)?;
-        if let KubeFault::ForbidSecretWrites(n) = fault
-            && n > 1
-        {
-            self.faults.insert(i, KubeFault::ForbidSecretWrites(n - 1));
+        match fault {
+            KubeFault::ForbidSecretWrites(n) if n > 1 => {
+                self.faults.insert(i, KubeFault::ForbidSecretWrites(n - 1));
+            }
+            KubeFault::ForbidSecretPatches(n) if n > 1 => {
+                self.faults.insert(i, KubeFault::ForbidSecretPatches(n - 1));
+            }
+            _ => {}
         }
         Some(fault)
     }
 
     /// Handles one request; (status, body).
     pub fn handle(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        if method != "GET" {
+            self.check_echo(path, body);
+        }
         self.depth += 1;
         let (code, value) = self.handle_inner(method, path, body);
         self.depth -= 1;
+        self.follow_held_tokens(method, path, body, code, &value);
         if method == "PATCH"
             && let [
                 "apis",
@@ -343,6 +457,100 @@ impl KubeState {
         (code, value)
     }
 
+    /// Nothing of a NetBird answer of another shape ([`super::netbird::CANARY`]) goes into any
+    /// write; no token or password into a status or an Event (a Secret's `data` holds the token,
+    /// base64-encoded).
+    fn check_echo(&mut self, path: &str, body: &[u8]) {
+        let text = String::from_utf8_lossy(body);
+        if text.contains(super::netbird::CANARY) {
+            self.violations.push(format!(
+                "decode error's text: a value of a NetBird answer of another shape went into the \
+                 write of {path}"
+            ));
+        }
+        if !path.contains("/secrets") && (text.contains("nbp_s") || text.contains("-long-enough")) {
+            self.violations.push(format!(
+                "secret hygiene: a token or a password went into the write of {path}"
+            ));
+        }
+    }
+
+    /// Tokens held in memory (refused writes of the token Secret), and the status written while
+    /// one is: the most urgent message wins (shared/crd-api.md, "Status that says what is": while
+    /// a token NetBird issued is held only in memory, Ready says so, `StoringToken`, until it is
+    /// stored or reported lost; no routine write replaces that message).
+    fn follow_held_tokens(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        code: u16,
+        answer: &Value,
+    ) {
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (method, parts.as_slice()) {
+            ("POST" | "PATCH", ["api", "v1", "namespaces", ns, "secrets", rest @ ..]) => {
+                let sent: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                let name = rest
+                    .first()
+                    .map(|n| n.to_string())
+                    .or_else(|| sent["metadata"]["name"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                if matches!(code, 403 | 422) {
+                    for t in tokens_in(&sent) {
+                        let entry = (ns.to_string(), name.clone(), t);
+                        if !self.in_memory.contains(&entry) {
+                            self.in_memory.push(entry);
+                        }
+                    }
+                } else if code < 300 {
+                    let stored = tokens_in(answer);
+                    self.in_memory
+                        .retain(|(n, s, t)| !(n == ns && *s == name && stored.contains(t)));
+                }
+            }
+            (
+                "PATCH",
+                [
+                    "apis",
+                    _,
+                    _,
+                    "namespaces",
+                    ns,
+                    "netbirdinstances",
+                    name,
+                    "status",
+                ],
+            ) if code < 300 && !self.shutting_down => {
+                let secret = match answer["spec"]["token"]["secretName"].as_str() {
+                    Some(n) if !n.is_empty() => n.to_string(),
+                    _ => format!("{name}-token"),
+                };
+                if !self
+                    .in_memory
+                    .iter()
+                    .any(|(n, s, _)| n == ns && *s == secret)
+                {
+                    return;
+                }
+                let ready = answer["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c["type"] == "Ready");
+                let reason = ready.and_then(|c| c["reason"].as_str()).unwrap_or("none");
+                if reason != "StoringToken" {
+                    self.violations.push(format!(
+                        "which message won: the status of {ns}/{name} was written with Ready \
+                         reason {reason} while the token NetBird issued is held in memory only \
+                         (writes of Secret {ns}/{secret} refused): it must say StoringToken"
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn handle_inner(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         // /api/v1/namespaces/{ns}/secrets[/{name}]
@@ -357,11 +565,12 @@ impl KubeState {
             return (500, status_body(500, "InternalError", "injected"));
         }
         if resource == "secrets" && write {
+            let patch = method == "PATCH";
             match self.take_fault(|f| {
                 matches!(
                     f,
                     KubeFault::ConflictSecretWrite | KubeFault::ForbidSecretWrites(_)
-                )
+                ) || (patch && matches!(f, KubeFault::ForbidSecretPatches(_)))
             }) {
                 Some(KubeFault::ConflictSecretWrite) => {
                     return (
@@ -369,7 +578,7 @@ impl KubeState {
                         status_body(409, "Conflict", "the object has been modified"),
                     );
                 }
-                Some(KubeFault::ForbidSecretWrites(_)) => {
+                Some(KubeFault::ForbidSecretWrites(_) | KubeFault::ForbidSecretPatches(_)) => {
                     return (403, status_body(403, "Forbidden", "secrets is forbidden"));
                 }
                 _ => {}
@@ -420,6 +629,11 @@ impl KubeState {
                     .as_str()
                     .unwrap_or_default()
                     .to_string();
+                // validation comes before storage (where AlreadyExists is found)
+                if let Some(why) = invalid_metadata(&patch) {
+                    self.writes.push(format!("create Secret {ns}/{name}"));
+                    return invalid(&name, &why);
+                }
                 if self.get("secrets", ns, &name).is_some() {
                     return (
                         409,
@@ -495,6 +709,9 @@ impl KubeState {
                         .as_str()
                         .map(str::to_string);
                     merge(&mut obj, &patch);
+                    if let Some(why) = invalid_metadata(&obj) {
+                        return invalid(name, &why);
+                    }
                     let after = obj["metadata"]["annotations"][PREV].as_str();
                     if let (Some(b), Some(a)) = (&before, after)
                         && b != a

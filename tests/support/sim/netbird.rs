@@ -26,7 +26,20 @@ pub enum Fault {
     NoAnswer,
     /// Connection refused.
     Refused,
+    /// A 200 whose JSON has another shape than NetBird's: [`CANARY`] where NetBird has a bool, a
+    /// date or an object (a server of another version, or something in front of it answering for
+    /// it; the work is not done). What the operator makes of the answer must never quote it
+    /// (shared/netbird-api.md: a server's answer may hold anything, a token included). Calls
+    /// whose answer the operator does not decode (setup, a DELETE) are answered as usual.
+    WrongShape,
 }
+
+/// The value a [`Fault::WrongShape`] answer carries: it must never show up in a status, an Event,
+/// a Secret or a log line.
+pub const CANARY: &str = "nbcanary-0f3a9e5d";
+
+/// How long a token a lagging server issued stays unknown to it (see [`Server::lag`]).
+pub const LAG_SECONDS: i64 = 5;
 
 /// How a server is set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -61,6 +74,8 @@ pub struct Token {
     pub last_used: Option<jiff::Timestamp>,
     /// Made by a person in the dashboard.
     pub by_hand: bool,
+    /// Until then the server does not find it (a lagging replica, see [`Server::lag`]).
+    pub visible_at: jiff::Timestamp,
 }
 
 /// A token a server issued to the operator (setup or token creation).
@@ -91,12 +106,24 @@ pub struct Server {
     /// Setup calls answered 500 since the spec, the credentials or the process last changed, by
     /// the instance (namespace/name) whose pass called.
     pub setup_500s: std::collections::HashMap<String, u32>,
+    /// A replicated deployment (several management replicas on one database, reads from a replica
+    /// or a cache that catches up a moment later): a token it issues is not found by the requests
+    /// of its first [`LAG_SECONDS`] seconds, which answer as for a token that does not exist (404
+    /// `invalid token: pat: <hash> not found`, shared/netbird-api.md), and is not in token
+    /// listings until then. A single NetBird on its own database does not lag; the operator must
+    /// not count on that (a new token is verified before the one it replaces is deleted).
+    pub lag: bool,
 }
 
 /// What the world checks at the moment of a call (it knows the Kubernetes side).
 pub enum Check<'a> {
-    /// A token deleted on a server: the token as it was (its `last_used` included).
-    Delete { plain: &'a str, token: &'a Token },
+    /// A token deleted on a server: the token as it was (its `last_used` included), and the
+    /// server's tokens left.
+    Delete {
+        plain: &'a str,
+        token: &'a Token,
+        left: &'a [Token],
+    },
     /// `GET /api/users/{id}/tokens` arrived (before any fault), authenticated with `plain`; the
     /// server's tokens as they are then.
     List { plain: &'a str, tokens: &'a [Token] },
@@ -154,6 +181,7 @@ impl Server {
             faults: VecDeque::new(),
             passwords: Vec::new(),
             setup_500s: Default::default(),
+            lag: false,
         }
     }
 
@@ -215,6 +243,11 @@ impl NetbirdState {
         self.next += 1;
         let plain = pat::from_secret(&format!("s{s}{:0>28}", self.next));
         let now = (self.now)();
+        let lag = if self.servers[s].lag {
+            jiff::SignedDuration::from_secs(LAG_SECONDS)
+        } else {
+            jiff::SignedDuration::ZERO
+        };
         let t = Token {
             id: format!("tok{}", self.next),
             user: user.into(),
@@ -224,6 +257,7 @@ impl NetbirdState {
             expires_at: now + jiff::SignedDuration::from_hours(24 * days),
             last_used: None,
             by_hand,
+            visible_at: now + lag,
         };
         self.servers[s].tokens.push(t.clone());
         t
@@ -276,6 +310,7 @@ impl NetbirdState {
             self.violations.extend(v);
         }
         let mut no_answer = false;
+        let mut wrong_shape = false;
         match self.servers[s].faults.pop_front() {
             Some(Fault::Timeout) => return Err(TransportKind::Timeout),
             Some(Fault::Refused) => return Err(TransportKind::Connect),
@@ -298,6 +333,7 @@ impl NetbirdState {
                 return Ok((code, json_error(code, msg).1, false));
             }
             Some(Fault::NoAnswer) => no_answer = true,
+            Some(Fault::WrongShape) => wrong_shape = true,
             None => {}
         }
         let Some(path) = path else {
@@ -312,6 +348,9 @@ impl NetbirdState {
                 _ => None,
             };
             self.check_token_travel(s, t, req.insecure_skip_verify, target);
+        }
+        if wrong_shape && let Some(answer) = wrong_shape_answer(&req.method, &path) {
+            return Ok((200, answer, no_answer));
         }
         let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
         let (code, value) = self.api(s, &req.method, &path, token.as_deref(), &body, &req.url);
@@ -404,7 +443,12 @@ impl NetbirdState {
         }
         let now = (self.now)();
         let srv = &mut self.servers[s];
-        let Some(t) = srv.tokens.iter_mut().find(|t| t.plain == token) else {
+        // a lagging replica does not know a new token yet: as for one that does not exist
+        let Some(t) = srv
+            .tokens
+            .iter_mut()
+            .find(|t| t.plain == token && t.visible_at <= now)
+        else {
             return Err(json_error(
                 404,
                 "invalid token: pat: jqethtqbbwixwx67ozgcwf1huu5pcsl1eztseukpkoq= not found",
@@ -516,10 +560,11 @@ impl NetbirdState {
                     json_error(403, "permission denied")
                 }
                 Ok(_) => {
+                    let now = (self.now)();
                     let list: Vec<Value> = self.servers[s]
                         .tokens
                         .iter()
-                        .filter(|t| t.user == *target)
+                        .filter(|t| t.user == *target && t.visible_at <= now)
                         .map(token_json)
                         .collect();
                     (
@@ -577,6 +622,7 @@ impl NetbirdState {
                         let v = check(Check::Delete {
                             plain: &gone.plain,
                             token: &gone,
+                            left: &self.servers[s].tokens,
                         });
                         self.violations.extend(v);
                     }
@@ -680,6 +726,28 @@ impl NetbirdState {
         }
         (200, out)
     }
+}
+
+/// The answer of a [`Fault::WrongShape`]: NetBird's answer to that call with [`CANARY`] where
+/// NetBird has a bool, a date or an object (serde's own message for it quotes the value); None
+/// for the calls whose answer the operator does not decode (setup, DELETE), answered as usual.
+fn wrong_shape_answer(method: &str, path: &str) -> Option<Value> {
+    let user = json!({"id": "user-x", "email": "x@example.com", "name": "x", "role": "owner",
+        "is_service_user": CANARY, "status": "active", "permissions": {}});
+    let segments: Vec<&str> = path.split('?').next().unwrap_or("").split('/').collect();
+    Some(match (method, segments.as_slice()) {
+        ("GET", ["instance"]) => json!({"setup_required": CANARY}),
+        ("GET", ["instance", "version"]) => json!({"management_current_version": "0.77.1",
+            "management_update_available": CANARY}),
+        ("GET", ["users", "current"]) | ("POST", ["users"]) => user,
+        ("GET", ["users"]) => json!([user]),
+        ("GET", ["users", _, "tokens"]) => json!([{"id": "tok-x", "name": "x",
+            "expiration_date": CANARY, "created_by": "user-x", "created_at": CANARY,
+            "last_used": CANARY}]),
+        ("POST", ["users", _, "tokens"]) => json!({"plain_token": 7,
+            "personal_access_token": CANARY}),
+        _ => return None,
+    })
 }
 
 /// The servers as the operator's network.
