@@ -2479,6 +2479,10 @@ const REGRESSIONS: &[(&str, &str)] = &[
         "a decode error quotes the value of an answer of another shape",
         r#"[{"Fault":[0,"WrongShape",1]},{"Pass":0}]"#,
     ),
+    (
+        "a fourth setup try after the watch delivers a password setup already read fresh",
+        r#"[{"Create":1},{"ServerMode":[0,"LocalUsersDisabled"]},"HoldWatch",{"Advance":1},{"Person":{"ChangePassword":0}},{"Advance":1},"Settle"]"#,
+    ),
 ];
 
 fn parse_history(text: &str) -> Vec<Op> {

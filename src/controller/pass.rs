@@ -354,19 +354,16 @@ async fn drive(
         ControlFlow::Continue(start) => start,
         ControlFlow::Break(outcome) => return Ok(outcome),
     };
-    let setup_key = world.setup_key(pass_inputs.generation);
-    let setup_server_errors = ctx.memory.setup_server_errors(uid, &setup_key);
     let watch = ctx.memory.previous_use_watch(uid);
     let verdict = driver
         .until_verdict(
             world,
             &mut findings,
             &mut credentials_changed,
-            setup_server_errors,
             watch.as_ref(),
         )
         .await?;
-    driver.remember_after_steps(world, setup_key, watch, &findings);
+    driver.remember_after_steps(world, watch, &findings);
     if findings.claimed {
         // the claim recorded the fingerprint of the credentials in use
         credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
@@ -428,7 +425,6 @@ impl Driver<'_, '_> {
         world: &mut steps::World,
         findings: &mut Findings,
         credentials_changed: &mut bool,
-        setup_server_errors: u32,
         watch: Option<&previous_use::Watch>,
     ) -> Result<Verdict, Error> {
         let Driver {
@@ -441,6 +437,12 @@ impl Driver<'_, '_> {
         for _ in 0..16 {
             let now = ctx.now();
             let previous_use_due = previous_use_due(ctx, world, watch, now);
+            // counted for the credentials as this pass last read them: setup reads them fresh
+            // before it calls, and a watch that delivers the same change later must find the
+            // count there (found by the history explorer: a fourth try after a late watch event)
+            let setup_server_errors = ctx
+                .memory
+                .setup_server_errors(&pass_inputs.uid, &world.setup_key(pass_inputs.generation));
             let facts = pass_inputs.facts(
                 nbi,
                 world,
@@ -464,11 +466,17 @@ impl Driver<'_, '_> {
                 }
                 ControlFlow::Continue(step) => step,
             };
-            // the password goes only where the credentials Secret allows: setup is decided again
-            // on the credentials Secret as the apiserver has it now, not as a lagging watch cache
-            // may (an allow-list just added would otherwise be missed; found by the history
-            // explorer)
-            if step == decide::Step::Setup && !read_fresh_for_setup {
+            // the password goes only where the credentials Secret allows: the way to setup (the
+            // instance check, the claim that records the credentials' fingerprint, the call) is
+            // decided again on the credentials Secret as the apiserver has it now, not as a
+            // lagging watch cache may (an allow-list just added would otherwise be missed, and a
+            // refusal recorded for the fresh credentials would look out of date; found by the
+            // history explorer)
+            if matches!(
+                step,
+                decide::Step::CheckInstance | decide::Step::ClaimSecret | decide::Step::Setup
+            ) && !read_fresh_for_setup
+            {
                 read_fresh_for_setup = true;
                 world.refresh_credentials(nbi, secrets).await?;
                 *credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
@@ -504,7 +512,6 @@ impl Driver<'_, '_> {
     fn remember_after_steps(
         self,
         world: &steps::World,
-        setup_key: [u8; 32],
         watch: Option<previous_use::Watch>,
         findings: &Findings,
     ) {
@@ -517,7 +524,7 @@ impl Driver<'_, '_> {
         if let Some(decide::SetupOutcome::Failed(e)) = &findings.setup {
             ctx.memory.count_setup_server_error(
                 uid,
-                setup_key,
+                world.setup_key(self.pass_inputs.generation),
                 matches!(e.status(), Some(500..=599)),
             );
         }

@@ -360,6 +360,16 @@ pub fn parse_malformed(value: &str) -> Option<(i64, &str, &str)> {
 }
 
 /// A recorded refusal: (generation, status, message).
+/// A server's message as a recorded rejection keeps it (and as a live answer is reported, so that
+/// the two say the same): no control characters, at most 200 characters.
+pub fn recorded_message(message: &str) -> String {
+    message
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect()
+}
+
 pub fn parse_rejection(value: &str) -> Option<(i64, u16, &str)> {
     let mut parts = value.splitn(3, ' ');
     let generation = parts.next()?.parse().ok()?;

@@ -369,11 +369,7 @@ pub fn no_token_patch(user_id: &str, completed_at: &str, outcome: &str) -> Value
 /// so the same spec and credentials are never sent again.
 pub fn release_patch(rejection: Option<(i64, u16, &str)>) -> Value {
     let rejected = rejection.map_or(Value::Null, |(generation, status, message)| {
-        let message: String = message
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(200)
-            .collect();
+        let message = super::recorded_message(message);
         json!(format!("{generation} {status} {message}"))
     });
     json!({"metadata": {"annotations": {

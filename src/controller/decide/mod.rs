@@ -262,9 +262,17 @@ fn setup_failed(f: &Facts<'_>, owned: Option<&OwnedSecret>, e: &NetbirdError) ->
         return Continue(Step::ReleaseClaim);
     }
     match e.status() {
+        // in the words the recorded refusal keeps, so that the passes after it say the same
         _ if gives_up => stalled(
             Stall::SetupUnavailable,
-            setup_server_error_message(f, &e.to_string()),
+            setup_server_error_message(
+                f,
+                &format!(
+                    "{}: {}",
+                    e.status().unwrap_or_default(),
+                    crate::token_secret::recorded_message(e.server_message().unwrap_or_default())
+                ),
+            ),
         ),
         Some(412) => stalled(Stall::SetupUnavailable, setup_unavailable_message(f, true)),
         Some(422)
@@ -302,7 +310,12 @@ fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
         }
         return stalled(Stall::SetupUnavailable, setup_unavailable_message(f, false));
     }
-    if !started && !p.claimed {
+    // the claim records the fingerprint of the credentials setup sends: when they changed since
+    // an earlier claim (setup reads them fresh before it calls), they are claimed again first, so
+    // that a refusal holds for the credentials it answered (found by the history explorer: behind
+    // a lagging watch, a refusal recorded against the old fingerprint let the same password be
+    // sent a fourth time once the watch delivered the change)
+    if !p.claimed && (!started || !f.credentials_unchanged) {
         return Continue(Step::ClaimSecret);
     }
     without_credentials(f).unwrap_or(Continue(Step::Setup))
@@ -578,6 +591,25 @@ mod tests {
             Break(Verdict::Waiting { reason, .. }) => reason.as_str().to_string(),
             other => format!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn credentials_changed_since_the_claim_are_claimed_again_before_setup() {
+        // a claim of an earlier pass (setup answered it with a server error), and the credentials
+        // read fresh for setup differ from its fingerprint
+        let mut w = World::new(owned(None, true));
+        w.findings.instance = Some(Ok(InstanceStatus {
+            setup_required: true,
+        }));
+        assert_eq!(w.decide(), Continue(Step::Setup), "unchanged: setup again");
+        w.credentials_unchanged = false;
+        assert_eq!(w.decide(), Continue(Step::ClaimSecret));
+        w.findings.claimed = true;
+        assert_eq!(
+            w.decide(),
+            Continue(Step::Setup),
+            "claimed in this pass: setup"
+        );
     }
 
     #[test]

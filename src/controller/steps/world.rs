@@ -103,6 +103,10 @@ impl World {
         self.credentials_rv = resource_version(&secret);
         self.allowed_servers = allow_list(&secret);
         self.credentials = credentials_input(cref, secret);
+        // a comparison made on the cached copy is not the one to record: the pass records the
+        // credentials as it last read them (else, behind a lagging watch, each pass would record
+        // the cached and then the fresh comparison, and each write would wake the next pass)
+        self.unrecorded_check = None;
         Ok(())
     }
 
