@@ -193,7 +193,13 @@ fn container_state(p: &Pod) -> (i32, Option<String>) {
         .last_state
         .as_ref()
         .and_then(|s| s.terminated.as_ref())
-        .map(|t| format!("{} (exit {})", t.reason.clone().unwrap_or_default(), t.exit_code));
+        .map(|t| {
+            format!(
+                "{} (exit {})",
+                t.reason.clone().unwrap_or_default(),
+                t.exit_code
+            )
+        });
     (c.restart_count, last)
 }
 
@@ -214,10 +220,7 @@ fn container_cgroup(node: &Node, p: &Pod) -> (u32, PathBuf) {
         .lines()
         .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
         .expect("a memory cgroup (the node runs cgroup v1)");
-    (
-        pid,
-        PathBuf::from(format!("/sys/fs/cgroup/memory{memcg}")),
-    )
+    (pid, PathBuf::from(format!("/sys/fs/cgroup/memory{memcg}")))
 }
 
 /// What a memory cgroup says (cgroup v1): bytes, and the OOM kills of its processes.
@@ -469,7 +472,9 @@ async fn the_charts_pod_holds_a_fleet() {
         Duration::ZERO
     };
     tokio::time::sleep(settle).await;
-    let pod = operator_pod(&client, &ns).await.expect("the operator's pod");
+    let pod = operator_pod(&client, &ns)
+        .await
+        .expect("the operator's pod");
     let (restarts, last) = container_state(&pod);
     let settled = read_memcg(&memcg);
     let pod_memcg = read_memcg(memcg.parent().unwrap());
@@ -482,11 +487,12 @@ async fn the_charts_pod_holds_a_fleet() {
             .unwrap_or_else(|| "gone".into())
     };
     say!(
-        "node fleet RESULT ({what}, chart default limit {chart_limit} MiB): all Ready in {fleet_time:?} ({ready_count}/{size}); idle {busy:?} later plus {settle:?}; restarts {restarts}, last state {}; container: {}; pod cgroup: {}; process RSS {}, peak RSS {}",
+        "node fleet RESULT ({what}, chart default limit {chart_limit} MiB): all Ready in {fleet_time:?} ({ready_count}/{size}); idle {busy:?} later plus {settle:?}; restarts {restarts}, last state {}; container: {}; pod cgroup: {}; process RSS {} (anonymous {}: the cgroup's rss; the binary's file pages are charged where they were first read), peak RSS {}",
         last.as_deref().unwrap_or("none"),
         describe(&settled),
         describe(&pod_memcg),
         field("VmRSS"),
+        field("RssAnon"),
         field("VmHWM")
     );
 
@@ -502,7 +508,9 @@ async fn the_charts_pod_holds_a_fleet() {
         let (pid2, memcg2) = container_cgroup(node, &pod2);
         let busy2 = until_idle(pid2, Duration::from_secs(600)).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let pod2 = operator_pod(&client, &ns).await.expect("the operator's pod");
+        let pod2 = operator_pod(&client, &ns)
+            .await
+            .expect("the operator's pod");
         let (restarts2, last2) = container_state(&pod2);
         let m2 = read_memcg(&memcg2);
         let still_ready = instances
