@@ -676,7 +676,13 @@ impl Drop for FakeFleet {
 
 impl FakeFleet {
     pub async fn start(n: usize) -> FakeFleet {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1", n).await
+    }
+
+    /// The fleet listening on `host` (an address of this machine: the node's host address for
+    /// pods to reach it, tests/node_fleet.rs), on a port of its own.
+    pub async fn start_on(host: &str, n: usize) -> FakeFleet {
+        let listener = tokio::net::TcpListener::bind((host, 0))
             .await
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
