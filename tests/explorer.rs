@@ -2483,6 +2483,10 @@ const REGRESSIONS: &[(&str, &str)] = &[
         "a fourth setup try after the watch delivers a password setup already read fresh",
         r#"[{"Create":1},{"ServerMode":[0,"LocalUsersDisabled"]},"HoldWatch",{"Advance":1},{"Person":{"ChangePassword":0}},{"Advance":1},"Settle"]"#,
     ),
+    (
+        "a fourth setup try when the refusal's record on the token Secret was refused",
+        r#"[{"Create":1},{"ServerMode":[0,"LocalUsersDisabled"]},"HoldWatch",{"Advance":1},{"Person":{"ChangePassword":0}},{"Advance":1},{"KubeFault":{"ForbidSecretPatches":2}},"Settle"]"#,
+    ),
 ];
 
 fn parse_history(text: &str) -> Vec<Op> {

@@ -298,6 +298,16 @@ fn setup_failed(f: &Facts<'_>, owned: Option<&OwnedSecret>, e: &NetbirdError) ->
 /// The way to the one-time setup: the instance status, the claim, the call.
 fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
     let p = f.findings;
+    // the limit of server errors reached for these credentials, but the refusal's record on the
+    // token Secret refused (found by the history explorer): neither setup nor the instance check
+    // is called again; this process remembers the count until the spec or the credentials change
+    // (a restart forgets it)
+    if f.setup_server_errors >= SETUP_SERVER_ERRORS_LIMIT {
+        return stalled(
+            Stall::SetupUnavailable,
+            setup_server_error_message(f, "the refusal could not be recorded on the token Secret"),
+        );
+    }
     let instance = match &p.instance {
         None => return Continue(Step::CheckInstance),
         Some(Err(e)) => return unreachable_or_stalled(e, "could not read the instance status"),
@@ -729,6 +739,13 @@ mod tests {
         w.setup_server_errors = SETUP_SERVER_ERRORS_LIMIT - 1;
         assert_eq!(w.decide(), Continue(Step::ReleaseClaim));
         w.findings.claim_released = true;
+        assert_eq!(reason(w.decide()), "SetupUnavailable");
+        // the limit reached in this process but its record refused: the next pass does not call
+        let mut w = World::new(owned(None, true));
+        w.findings.instance = Some(Ok(InstanceStatus {
+            setup_required: true,
+        }));
+        w.setup_server_errors = SETUP_SERVER_ERRORS_LIMIT;
         assert_eq!(reason(w.decide()), "SetupUnavailable");
         // NetBird's own word that it cannot create local users: at once
         let mut w = World::new(owned(None, true));

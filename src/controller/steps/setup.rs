@@ -72,6 +72,8 @@ impl Stepper<'_, '_> {
                 )
             })?,
         };
+        // the claim recorded its own comparison: one made earlier in this pass is out of date
+        self.world.unrecorded_check = None;
         info!(secret = %secret_name, "claimed the token Secret for setup");
         self.world.set_token_secret(nbi, Some(claimed));
         self.findings.claimed = true;
