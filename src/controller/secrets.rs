@@ -75,14 +75,15 @@ impl Entry {
 
 /// A Secret's JSON with the substrings every token Secret repeats replaced by one byte each: a
 /// control character, which serde_json never writes unescaped (it writes `\u0001`), so the
-/// replacement is undone exactly. About a third of a token Secret's JSON (the annotation keys'
-/// `bootstrap.netbird.io/` prefix, the metadata's keys).
+/// replacement is undone exactly. About half of a token Secret's JSON (its annotation and label
+/// keys, the metadata's keys).
 mod packed {
-    /// Replaced by byte 1, 2, ...: longest first where one contains another.
-    pub(super) const WORDS: [&[u8]; 15] = [
-        b"\"bootstrap.netbird.io/",
+    use crate::token_secret::*;
+
+    /// Replaced by byte 1, 2, ... (at most 31: bytes below 0x20): where one word begins with
+    /// another, the longer one first.
+    pub(super) const WORDS: [&[u8]; 30] = [
         b"{\"apiVersion\":\"v1\",\"kind\":\"Secret\",",
-        b"\"app.kubernetes.io/managed-by\":\"netbird-operator\"",
         b"\"metadata\":{",
         b"\"annotations\":{",
         b"\"labels\":{",
@@ -94,7 +95,25 @@ mod packed {
         b"\"data\":{",
         b"\"type\":\"Opaque\"",
         b"\"ownerReferences\":[",
-        b":00Z\"",
+        b"\"app.kubernetes.io/managed-by\":\"netbird-operator\"",
+        b"\"NB_API_KEY\"",
+        LABEL_INSTANCE.as_bytes(),
+        ANN_USER_ID.as_bytes(),
+        ANN_EXPIRES_AT.as_bytes(),
+        ANN_SETUP_STARTED_AT.as_bytes(),
+        ANN_SETUP_COMPLETED_AT.as_bytes(),
+        ANN_SETUP_OUTCOME.as_bytes(),
+        ANN_FINGERPRINT.as_bytes(),
+        ANN_CREDENTIALS_CHECKED.as_bytes(),
+        ANN_TOKEN_ID.as_bytes(),
+        ANN_TOKEN_KEY.as_bytes(),
+        ANN_ISSUED_AT.as_bytes(),
+        ANN_ROTATED_AT.as_bytes(),
+        ANN_PREVIOUS_TOKEN_ID.as_bytes(),
+        ANN_PREVIOUS_DELETE_AT.as_bytes(),
+        ANN_SERVICE_USER.as_bytes(),
+        // the other annotations' prefix, after the keys it begins
+        b"bootstrap.netbird.io/",
     ];
 
     /// `json` (serde_json's output: no unescaped control characters) with the words replaced.
@@ -649,7 +668,7 @@ mod tests {
         fn packing_is_undone_exactly(
             key in "[a-z./-]{1,40}",
             value in proptest::prelude::any::<String>(),
-            word in 0..15usize,
+            word in 0..packed::WORDS.len(),
         ) {
             let mut s = token_secret();
             let word = String::from_utf8_lossy(packed::WORDS[word]).into_owned();
@@ -658,6 +677,19 @@ mod tests {
             annotations.insert(format!("{key}{word}"), format!("{word}{value}{word}"));
             let json = serde_json::to_vec(&s).unwrap();
             proptest::prop_assert_eq!(packed::unpack(&packed::pack(&json)), json);
+        }
+    }
+
+    #[test]
+    fn packed_words_are_control_characters_in_order() {
+        assert!(packed::WORDS.len() < 0x20);
+        for (i, word) in packed::WORDS.iter().enumerate() {
+            // a word that begins with a later one is found first
+            assert!(
+                !packed::WORDS[..i].iter().any(|w| word.starts_with(w)),
+                "{}",
+                String::from_utf8_lossy(word)
+            );
         }
     }
 
