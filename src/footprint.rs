@@ -62,11 +62,15 @@ pub(crate) fn kept_by<T>(f: impl FnOnce() -> T) -> (T, isize) {
 
 #[test]
 fn size_classes_are_jemallocs() {
-    let classes: Vec<usize> = [1, 8, 9, 16, 17, 33, 128, 129, 160, 161, 257, 1024, 1025, 1300]
-        .map(size_class)
-        .to_vec();
+    let classes: Vec<usize> = [
+        1, 8, 9, 16, 17, 33, 128, 129, 160, 161, 257, 1024, 1025, 1300,
+    ]
+    .map(size_class)
+    .to_vec();
     assert_eq!(
         classes,
-        [8, 8, 16, 16, 32, 48, 128, 160, 160, 192, 320, 1024, 1280, 1536]
+        [
+            8, 8, 16, 16, 32, 48, 128, 160, 160, 192, 320, 1024, 1280, 1536
+        ]
     );
 }

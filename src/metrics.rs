@@ -175,7 +175,7 @@ impl InstanceSeries {
 }
 
 /// The labels of a per-instance series, as the Families encoded them.
-fn instance_labels<'a>(instance: &'a InstanceLabels) -> [(&'static str, &'a str); 2] {
+fn instance_labels(instance: &InstanceLabels) -> [(&'static str, &str); 2] {
     [
         ("namespace", instance.namespace.as_str()),
         ("name", instance.name.as_str()),
@@ -352,10 +352,8 @@ mod tests {
         assert!(text.contains(r#"condition="Stalled"} 0"#), "{text}");
         assert!(text.contains(r#"condition="UpdateAvailable"} 1"#), "{text}");
         m.set_token_expiry(&nb, Some(3600));
-        assert!(
-            m.encode()
-                .contains("netbird_operator_token_expiry_seconds{namespace=\"netbird\",name=\"nb\"} 3600"),
-        );
+        let expiry = r#"netbird_operator_token_expiry_seconds{namespace="netbird",name="nb"} 3600"#;
+        assert!(m.encode().contains(expiry));
         m.forget_instance(&nb);
         let text = m.encode();
         assert!(

@@ -218,8 +218,7 @@ impl Memory {
     pub(super) fn count_setup_server_error(&self, uid: &str, key: [u8; 32], server_error: bool) {
         let before = self.setup_server_errors(uid, &key);
         self.remember(uid, |m| {
-            m.setup_server_errors =
-                server_error.then(|| Box::new((key, before.saturating_add(1))));
+            m.setup_server_errors = server_error.then(|| Box::new((key, before.saturating_add(1))));
         });
     }
 
