@@ -219,17 +219,8 @@ pub(super) fn observe(
         } else {
             ctx.metrics.previous_token_in_use.remove(&labels);
         }
-        match expires {
-            Some((_, expires)) => {
-                ctx.metrics
-                    .token_expiry
-                    .get_or_create(&labels)
-                    .set(ctx.now().duration_until(expires).as_secs());
-            }
-            None => {
-                ctx.metrics.token_expiry.remove(&labels);
-            }
-        }
+        let seconds = expires.map(|(_, expires)| ctx.now().duration_until(expires).as_secs());
+        ctx.metrics.set_token_expiry(&labels, seconds);
     });
     if !matches!(verdict, Verdict::Ready | Verdict::Suspended) {
         let reason = report::verdict_reason(verdict);

@@ -234,4 +234,23 @@ mod tests {
         assert!(s.metadata.managed_fields.is_none());
         assert!(s.metadata.annotations.unwrap().contains_key(LAST_APPLIED));
     }
+
+    /// What the types of a stored instance take inline (the store keeps each instance in an `Arc`
+    /// of this size, whatever it holds).
+    #[test]
+    fn inline_size_of_a_stored_instance() {
+        use std::mem::size_of;
+        let mut nbi = applied_instance();
+        instance(&mut nbi);
+        let (_, bytes) = crate::footprint::kept_by(|| std::sync::Arc::new(nbi.clone()));
+        eprintln!(
+            "a stored instance: {bytes} bytes with one condition; inline: NetbirdInstance {} \
+             (ObjectMeta {}, spec {}, status {}), in its Arc {}",
+            size_of::<NetbirdInstance>(),
+            size_of::<ObjectMeta>(),
+            size_of::<crate::crd::NetbirdInstanceSpec>(),
+            size_of::<Option<crate::crd::NetbirdInstanceStatus>>(),
+            crate::footprint::size_class(size_of::<NetbirdInstance>() + 16),
+        );
+    }
 }
