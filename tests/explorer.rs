@@ -2487,6 +2487,10 @@ const REGRESSIONS: &[(&str, &str)] = &[
         "a fourth setup try when the refusal's record on the token Secret was refused",
         r#"[{"Create":1},{"ServerMode":[0,"LocalUsersDisabled"]},"HoldWatch",{"Advance":1},{"Person":{"ChangePassword":0}},{"Advance":1},{"KubeFault":{"ForbidSecretPatches":2}},"Settle"]"#,
     ),
+    (
+        "setup retried without backoff behind a lagging watch (the fresh read changed the retry gate's digest)",
+        r#"[{"Create":1},{"ServerMode":[0,"LocalUsersDisabled"]},"HoldWatch",{"KubeFault":{"ForbidSecretPatches":3}},{"Advance":1},{"Person":{"ChangePassword":0}},{"Advance":1},"Settle"]"#,
+    ),
 ];
 
 fn parse_history(text: &str) -> Vec<Op> {

@@ -26,6 +26,10 @@ pub struct World {
     pub token_secret_rv: Option<String>,
     /// resourceVersion of the credentials Secret as read.
     pub(super) credentials_rv: Option<String>,
+    /// resourceVersion of the credentials Secret as the pass first read it (the watch's copy): what
+    /// the retry gate's digest holds, so that a fresh read for setup does not make the next pass,
+    /// which reads the same copy, look changed.
+    first_read_credentials_rv: Option<String>,
     /// resourceVersion of the CA Secret as read.
     ca_rv: Option<String>,
     pub(super) client: Option<NetbirdClient>,
@@ -163,6 +167,7 @@ impl World {
             ca,
             token_secret,
             token_secret_rv,
+            first_read_credentials_rv: credentials_rv.clone(),
             credentials_rv,
             ca_rv,
             client: None,
@@ -181,7 +186,11 @@ impl World {
     pub fn inputs_digest(&self, generation: Option<i64>) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(generation.unwrap_or_default().to_le_bytes());
-        for rv in [&self.credentials_rv, &self.ca_rv, &self.token_secret_rv] {
+        for rv in [
+            &self.first_read_credentials_rv,
+            &self.ca_rv,
+            &self.token_secret_rv,
+        ] {
             h.update(rv.as_deref().unwrap_or("-").as_bytes());
             h.update([0]);
         }
