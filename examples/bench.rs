@@ -15,15 +15,12 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
 use netbird_operator::crd::NetbirdInstance;
 use netbird_operator::netbird::{ClientOptions, NetbirdClient, SetupRequest};
 use secrecy::SecretString;
@@ -291,10 +288,6 @@ async fn namespace(client: &kube::Client, name: &str) {
     let _ = secrets.create(&PostParams::default(), &admin).await;
 }
 
-fn is_ready(n: &NetbirdInstance) -> bool {
-    support::ready_is(n, "True", "Bootstrapped")
-}
-
 /// What the operator does for one instance, in a straight line: the same NetBird calls (instance,
 /// setup, current user, version) and the same Kubernetes writes (the resource, its first status, the
 /// claimed token Secret, the token, the final status), and the credentials fingerprint.
@@ -348,32 +341,6 @@ async fn straight_line(client: &kube::Client, ns: &str, name: &str, url: &str) {
     nbis.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .unwrap();
-}
-
-/// The names of the Ready instances, kept by a watch: the benchmark waits on it instead of polling,
-/// so the measuring does not load the apiserver it measures (a list of a thousand instances every
-/// 200 ms did).
-fn ready_names(api: Api<NetbirdInstance>) -> tokio::sync::watch::Receiver<HashSet<String>> {
-    let (tx, rx) = tokio::sync::watch::channel(HashSet::new());
-    tokio::spawn(async move {
-        let mut events = std::pin::pin!(
-            watcher(api, watcher::Config::default())
-                .default_backoff()
-                .applied_objects()
-        );
-        while let Some(Ok(nbi)) = events.next().await {
-            let name = nbi.name_any();
-            let ready = is_ready(&nbi);
-            tx.send_if_modified(|names| {
-                if ready {
-                    names.insert(name)
-                } else {
-                    names.remove(&name)
-                }
-            });
-        }
-    });
-    rx
 }
 
 async fn http_ok(url: &str) -> bool {
@@ -537,7 +504,7 @@ async fn scale(
     while !http_ok(&format!("http://127.0.0.1:{port}/readyz")).await {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut ready = ready_names(api.clone());
+    let mut ready = support::ready_names(api.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle_kib = rss_kib(op.id());
     let api0 = apiserver_requests(client).await;
@@ -1006,7 +973,7 @@ async fn main() {
     while !http_ok(&format!("http://127.0.0.1:{port}/readyz")).await {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut ready = ready_names(ops.clone());
+    let mut ready = support::ready_names(ops.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle = rss_kib(op.id());
     eprintln!("idle RSS {rss_idle} KiB");

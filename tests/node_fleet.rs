@@ -16,7 +16,6 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -24,7 +23,6 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use netbird_operator::crd::NetbirdInstance;
 use serde_json::json;
@@ -116,30 +114,6 @@ where
             Err(e) => panic!("apply {name}: {e}"),
         }
     }
-}
-
-/// The names of the Ready instances, kept by a watch (no polling of the apiserver under load).
-fn ready_names(api: Api<NetbirdInstance>) -> tokio::sync::watch::Receiver<HashSet<String>> {
-    let (tx, rx) = tokio::sync::watch::channel(HashSet::new());
-    tokio::spawn(async move {
-        let mut events = std::pin::pin!(
-            watcher(api, watcher::Config::default())
-                .default_backoff()
-                .applied_objects()
-        );
-        while let Some(Ok(nbi)) = events.next().await {
-            let name = nbi.name_any();
-            let ready = support::ready_is(&nbi, "True", "Bootstrapped");
-            tx.send_if_modified(|names| {
-                if ready {
-                    names.insert(name)
-                } else {
-                    names.remove(&name)
-                }
-            });
-        }
-    });
-    rx
 }
 
 /// The operator's pod: the one of the release not being deleted.
@@ -400,7 +374,7 @@ async fn the_charts_pod_holds_a_fleet() {
     );
 
     // the fleet, applied at once; progress every 30 s
-    let mut ready = ready_names(instances.clone());
+    let mut ready = support::ready_names(instances.clone());
     let t0 = Instant::now();
     let applying = {
         let (instances, secrets) = (instances.clone(), secrets.clone());

@@ -762,6 +762,37 @@ pub fn ready_is(n: &NetbirdInstance, status: &str, reason: &str) -> bool {
     condition(n, "Ready").is_some_and(|(s, r, _)| s == status && r == reason)
 }
 
+/// The names of the Ready instances, kept by a watch: a run waits on it instead of polling, so the
+/// measuring does not load the apiserver it measures (a list of a thousand instances every 200 ms
+/// did). Used by the benchmark and the fleet on the node.
+pub fn ready_names(
+    api: kube::Api<NetbirdInstance>,
+) -> tokio::sync::watch::Receiver<std::collections::HashSet<String>> {
+    use futures::StreamExt;
+    use kube::ResourceExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let (tx, rx) = tokio::sync::watch::channel(std::collections::HashSet::new());
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(
+            watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+        );
+        while let Some(Ok(nbi)) = events.next().await {
+            let name = nbi.name_any();
+            let ready = ready_is(&nbi, "True", "Bootstrapped");
+            tx.send_if_modified(|names| {
+                if ready {
+                    names.insert(name)
+                } else {
+                    names.remove(&name)
+                }
+            });
+        }
+    });
+    rx
+}
+
 /// A real NetBird combined server with its data in a temp dir; stopped when dropped (and by the
 /// watchdog when the test process ends).
 pub struct NetbirdServer {
