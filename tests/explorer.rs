@@ -2491,6 +2491,12 @@ const REGRESSIONS: &[(&str, &str)] = &[
         "setup retried without backoff behind a lagging watch (the fresh read changed the retry gate's digest)",
         r#"[{"Create":1},{"ServerMode":[0,"LocalUsersDisabled"]},"HoldWatch",{"KubeFault":{"ForbidSecretPatches":3}},{"Advance":1},{"Person":{"ChangePassword":0}},{"Advance":1},"Settle"]"#,
     ),
+    (
+        "a rotation overwrites the record of an exchange's replaced token whose deletion failed \
+         after its grace period (its clean-up refused, then a proxy's 404), and the stale \
+         previous-user-id sends the next deletion to the wrong user",
+        r#"[{"Spec":[0,{"ServiceUser":0}]},{"Pass":0},{"KubeFault":"ConflictSecretWrite"},{"Create":1},{"Advance":1814400},{"Fault":[0,"ProxyNotFound",2]},{"Person":{"ChangePassword":1}},"Settle",{"Advance":1}]"#,
+    ),
 ];
 
 fn parse_history(text: &str) -> Vec<Op> {

@@ -90,6 +90,11 @@ async fn bad_specs_are_refused_at_admission() {
             "secretKey",
         ),
         (
+            "secretKey the operator keeps a replaced token under",
+            json!({"token": {"secretKey": "previous-token"}}),
+            "previous-token",
+        ),
+        (
             "secretName too long",
             json!({"token": {"secretName": "a".repeat(254)}}),
             "secretName",

@@ -77,6 +77,13 @@ impl NetbirdInstanceSpec {
         if url.query().is_some() || url.fragment().is_some() {
             return Some("managementURL must not have a query or fragment".into());
         }
+        if self.token.secret_key == crate::token_secret::PREVIOUS_TOKEN_KEY {
+            return Some(format!(
+                "token.secretKey {} is the key the operator keeps a replaced token under during \
+                 the service-user exchange; choose another key",
+                crate::token_secret::PREVIOUS_TOKEN_KEY
+            ));
+        }
         if !(1..=365).contains(&self.token.expires_in_days) {
             return Some(format!(
                 "token.expiresInDays is {}; it must be 1 to 365",

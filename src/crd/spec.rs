@@ -191,6 +191,11 @@ pub struct TokenSpec {
     /// Key of the token in the Secret. NB_API_KEY is what the official NetBird operator reads.
     #[serde(default = "default_secret_key")]
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[x_kube(
+        validation = Rule::new("self != 'previous-token'")
+            .message("secretKey previous-token is the key the operator keeps a replaced token \
+                under during the service-user exchange; choose another key")
+    )]
     pub secret_key: String,
 
     /// Lifetime of the token in days (1 to 365), sent to NetBird when the token is created.

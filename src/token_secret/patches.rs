@@ -342,13 +342,20 @@ pub fn rotated_patch(
     ann[ANN_ROTATION_STARTED_AT] = Value::Null;
     ann[ANN_PREVIOUS_TOKEN_ID] = new.previous.map_or(Value::Null, |(id, _)| json!(id));
     ann[ANN_PREVIOUS_DELETE_AT] = new.previous.map_or(Value::Null, |(_, at)| json!(at));
+    // the whole record of the replaced token, every field written: a field left out would keep
+    // the value of an earlier record (another user's id, another token) in the merge
+    ann[ANN_PREVIOUS_USER_ID] = Value::Null;
+    let mut previous_token = Value::Null;
     if let Some(x) = exchange {
         ann[ANN_USER_ID] = json!(x.service_user_id);
         ann[ANN_SERVICE_USER] = json!(x.service_user);
         if new.previous.is_some() {
             ann[ANN_PREVIOUS_USER_ID] = json!(x.previous_user);
-            patch["data"][PREVIOUS_TOKEN_KEY] = data_value(x.previous_token);
+            previous_token = data_value(x.previous_token);
         }
+    }
+    if nbi.spec.token.secret_key != PREVIOUS_TOKEN_KEY {
+        patch["data"][PREVIOUS_TOKEN_KEY] = previous_token;
     }
     patch
 }
@@ -439,6 +446,40 @@ mod tests {
         assert_eq!(p["data"][PREVIOUS_TOKEN_KEY], Value::Null);
         assert_eq!(p["data"]["NB_API_KEY"], json!("bmJwX2FiYw=="));
         assert_eq!(ann[ANN_USER_ID], json!("u1"));
+    }
+
+    #[test]
+    fn a_rotation_writes_the_whole_record_of_the_replaced_token() {
+        let token = SecretString::from("nbp_abc");
+        let new = NewToken {
+            token: &token,
+            id: "tok5",
+            expires_at: "2027-02-01T00:00:00Z",
+            issued_at: "now",
+            previous: Some(("tok4", "later")),
+        };
+        // a rotation's replaced token is the current user's, and the Secret keeps no copy: the
+        // fields of an earlier record (an exchange's owner and its token) are removed
+        let p = rotated_patch(&nbi(DeletionPolicy::Retain), &new, None);
+        let ann = &p["metadata"]["annotations"];
+        assert_eq!(ann[ANN_PREVIOUS_TOKEN_ID], json!("tok4"));
+        assert_eq!(ann[ANN_PREVIOUS_DELETE_AT], json!("later"));
+        assert_eq!(ann[ANN_PREVIOUS_USER_ID], Value::Null);
+        assert_eq!(p["data"][PREVIOUS_TOKEN_KEY], Value::Null);
+        // the exchange records the owner and keeps the owner's token for its own deletion
+        let old = SecretString::from("nbp_old");
+        let x = Exchange {
+            service_user_id: "svc",
+            service_user: "netbird-operator",
+            previous_user: "owner",
+            previous_token: &old,
+        };
+        let p = rotated_patch(&nbi(DeletionPolicy::Retain), &new, Some(&x));
+        assert_eq!(
+            p["metadata"]["annotations"][ANN_PREVIOUS_USER_ID],
+            json!("owner")
+        );
+        assert_eq!(p["data"][PREVIOUS_TOKEN_KEY], json!("bmJwX29sZA=="));
     }
 
     #[test]

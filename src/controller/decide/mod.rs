@@ -377,10 +377,12 @@ fn token_upkeep(f: &Facts<'_>, s: &crate::token_secret::OwnedSecret) -> Option<D
     // the Secret records whose token it holds: a server that describes users unexpectedly can never
     // make the exchange run again
     // (after identification: the exchange deletes the old token by its id)
-    // A new token waits while a replaced token is in its grace period:
-    // the Secret keeps the record of one previous token, and overwriting it would leave that
-    // token valid until its own expiry, unwatched (the pass is scheduled for the grace's end)
-    if in_grace {
+    // A new token waits while the Secret records a replaced token: in its grace period (the pass
+    // is scheduled for its end), or past it with its deletion failed in this pass (retried with
+    // backoff). The Secret keeps the record of one previous token, and overwriting it would leave
+    // that token valid until its own expiry, unwatched (found by the history explorer: seed 3,
+    // history 3798)
+    if previous_pending {
         return None;
     }
     new_token(f, s)
