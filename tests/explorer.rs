@@ -213,7 +213,8 @@ fn kube_fault() -> impl Strategy<Value = KubeFault> {
         (1u8..8).prop_map(KubeFault::ForbidSecretWrites),
         Just(KubeFault::ServerError),
         Just(KubeFault::ConflictStatus),
-        (1u8..8).prop_map(KubeFault::ForbidSecretPatches),
+        // a few refusals, or (255) until an admin fixes the Role: in effect the rest of the history
+        prop_oneof![3 => 1u8..8, 1 => Just(u8::MAX)].prop_map(KubeFault::ForbidSecretPatches),
     ]
 }
 
@@ -379,10 +380,15 @@ impl Spec {
 // ---------------------------------------------------------------------------------------------
 // The world
 
-/// ERROR log lines of the operator (the "said so" of a lost token); and what a WARN or ERROR
-/// line must never hold (a NetBird answer's value, a token, a password) when one does.
+/// ERROR log lines of the operator (the "said so" of a lost token); what a WARN or ERROR line
+/// must never hold (a NetBird answer's value, a token, a password) when one does; and the moments
+/// (the simulated clock) a token was said LOST.
 #[derive(Clone, Default)]
-struct ErrorLog(Arc<Mutex<Vec<String>>>, Arc<Mutex<Vec<String>>>);
+struct ErrorLog(
+    Arc<Mutex<Vec<String>>>,
+    Arc<Mutex<Vec<String>>>,
+    Arc<Mutex<Vec<tokio::time::Instant>>>,
+);
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ErrorLog {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
@@ -407,6 +413,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ErrorLog {
                 .push("secret hygiene: a log line holds a token or a password".into());
         }
         if *event.metadata().level() == tracing::Level::ERROR {
+            if m.0.contains("is LOST") {
+                self.2.lock().unwrap().push(tokio::time::Instant::now());
+            }
             self.0.lock().unwrap().push(m.0);
         }
     }
@@ -756,6 +765,12 @@ thread_local! {
 }
 
 /// The operator's jitter, from the history's seeded generator (splitmix64).
+/// The longest a pass may take on the simulated clock: a few NetBird calls, each cut off at its
+/// request timeout (30 s), and the 10 s a failing token write is retried before it is held in
+/// memory; after SIGTERM the shutdown timeout (50 s). A pass that waits for a failing write until
+/// it succeeds (the Secret's RBAC fixed after an hour) holds a controller slot that long.
+const PASS_LIMIT: Duration = Duration::from_secs(20 * 60);
+
 fn jitter() -> f64 {
     JITTER.with(|s| {
         let mut z = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -1235,6 +1250,10 @@ impl World {
             biased;
             r = controller::reconcile(Arc::new(nbi), ctx) => Some(r),
             _ = crashed.wait_for(|c| *c) => None,
+            () = tokio::time::sleep(PASS_LIMIT) => {
+                self.held_slot(slot);
+                None
+            }
         };
         *self.current.lock().unwrap() = None;
         self.acting.lock().unwrap().clear();
@@ -1251,6 +1270,17 @@ impl World {
         }
         self.collect_violations();
         outcome.map(|_| calls1 == calls0 && writes1 == writes0)
+    }
+
+    /// A pass that did not end within [`PASS_LIMIT`] of the simulated clock.
+    fn held_slot(&mut self, slot: usize) {
+        let (ns, name) = SLOTS[slot];
+        self.violate(format!(
+            "controller slot: a pass of {ns}/{name} held its slot for over {} minutes (the \
+             controller runs at most --concurrency passes at once: a pass that waits for a write \
+             that keeps failing starves every other instance)",
+            PASS_LIMIT.as_secs() / 60
+        ));
     }
 
     /// Passes of two slots at once.
@@ -1279,6 +1309,7 @@ impl World {
                 )
             } => {}
             _ = crashed.wait_for(|c| *c) => {}
+            () = tokio::time::sleep(PASS_LIMIT) => self.held_slot(a),
         }
         self.acting.lock().unwrap().clear();
         self.record_held();
@@ -1817,12 +1848,7 @@ impl World {
                     self.restart();
                 }
             }
-            Op::Sigterm(s) => {
-                self.kube.lock().unwrap().shutting_down = true;
-                self.ctx.shutdown.cancel();
-                self.pass(s as usize, false).await;
-                self.restart();
-            }
+            Op::Sigterm(s) => self.sigterm(s as usize).await,
             Op::LeaderChange => self.restart(),
             Op::HoldWatch => self.hold_watch = true,
             Op::ReleaseWatch(reorder) => {
@@ -1841,6 +1867,34 @@ impl World {
         }
         self.record_held();
         self.collect_violations();
+    }
+
+    /// SIGTERM while a pass of the slot is in flight, and the end `controller::run` makes: the
+    /// pass finishes, the token writes held in memory are tried until the shutdown deadline, a new
+    /// process starts. A token held at the SIGTERM is given up (said LOST) only near the deadline,
+    /// `shutdown_timeout` after the SIGTERM (issue 20: not counted from the write's first failure).
+    async fn sigterm(&mut self, slot: usize) {
+        self.kube.lock().unwrap().shutting_down = true;
+        let said = self.errors.2.lock().unwrap().len();
+        let began = tokio::time::Instant::now();
+        self.ctx.shutdown.cancel();
+        self.pass(slot, false).await;
+        controller::store_held_writes(&self.ctx).await;
+        let timeout = settings().shutdown_timeout;
+        let early: Vec<_> = self.errors.2.lock().unwrap()[said..]
+            .iter()
+            .map(|at| at.duration_since(began))
+            .filter(|after| *after < timeout / 2)
+            .collect();
+        for after in early {
+            self.violate(format!(
+                "shutdown: a held token said LOST {:.1} s after SIGTERM, long before the shutdown \
+                 deadline ({} s after it)",
+                after.as_secs_f64(),
+                timeout.as_secs()
+            ));
+        }
+        self.restart();
     }
 
     /// The end of a history: faults gone, the watch delivered, the world settled twice (a day
@@ -2496,6 +2550,11 @@ const REGRESSIONS: &[(&str, &str)] = &[
          after its grace period (its clean-up refused, then a proxy's 404), and the stale \
          previous-user-id sends the next deletion to the wrong user",
         r#"[{"Spec":[0,{"ServiceUser":0}]},{"Pass":0},{"KubeFault":"ConflictSecretWrite"},{"Create":1},{"Advance":1814400},{"Fault":[0,"ProxyNotFound",2]},{"Person":{"ChangePassword":1}},"Settle",{"Advance":1}]"#,
+    ),
+    (
+        "the initial status says Progressing while a token is held in memory, after the urgent \
+         StoringToken write failed",
+        r#"[{"KubeFault":"ConflictStatus"},{"KubeFault":{"ForbidSecretPatches":3}},{"Advance":1}]"#,
     ),
 ];
 

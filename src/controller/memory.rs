@@ -46,8 +46,9 @@ struct InstanceMemory {
     /// none.
     setup_server_errors: Option<Box<([u8; 32], u32)>>,
     /// Held across the status writes made during a pass besides its outcome (the initial status,
-    /// the report of a token held in memory); true once the urgent one was written, so the routine
-    /// one never replaces it. Made when first needed (most instances never need it).
+    /// the report of a token held in memory); true once the urgent one was tried, so the routine
+    /// one never replaces it (nor says Progressing while the token is held: when the urgent write
+    /// failed, the pass's outcome says StoringToken). Made when first needed (most instances never need it).
     side_status: Option<Arc<tokio::sync::Mutex<bool>>>,
     /// A token Secret write that kept failing, held for the next passes (and the shutdown); boxed:
     /// most instances hold none.

@@ -41,4 +41,4 @@ pub use context::{Context, Error, Settings};
 pub use pass::reconcile;
 pub use publish::instance_gauges;
 pub use recorder::Recorder;
-pub use watch::run;
+pub use watch::{run, store_held_writes};

@@ -198,8 +198,8 @@ async fn first_status_if_slow<T>(
     *gate.lock().await = false;
     let write_initial = || async {
         // a token held in memory already said so: that message stays (see report_storing_token)
-        let urgent_written = gate.lock().await;
-        if *urgent_written {
+        let urgent_tried = gate.lock().await;
+        if *urgent_tried {
             return Ok(None);
         }
         let status = report::initial(nbi.metadata.generation, started);

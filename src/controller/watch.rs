@@ -125,8 +125,9 @@ const SHUTDOWN_RETRY: super::backoff::Backoff = super::backoff::Backoff {
 };
 
 /// At shutdown: the token writes held in memory are tried until the shutdown deadline; what is
-/// still not written is said loudly, instance by instance.
-async fn store_held_writes(ctx: &Context) {
+/// still not written is said loudly, instance by instance. Public for the history explorer, whose
+/// SIGTERM ends the way `run` does.
+pub async fn store_held_writes(ctx: &Context) {
     for mut held in ctx.memory.take_all_held_writes() {
         let secrets = secrets::Secrets::new(ctx.client.clone(), &held.namespace, &ctx.secret_cache);
         let mut failures = 0;
