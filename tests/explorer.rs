@@ -1244,6 +1244,9 @@ impl World {
         *self.acting.lock().unwrap() = vec![acting(&nbi)];
         let (calls0, writes0, versions0) = self.counters();
         let versions0 = versions0.len();
+        let finalizing =
+            (!late && nbi.metadata.deletion_timestamp.is_some()).then(|| self.answers_and_faults());
+        let uid = nbi.metadata.uid.clone();
         let mut crashed = self.calls.crashed.subscribe();
         let ctx = self.ctx.clone();
         let outcome = tokio::select! {
@@ -1263,6 +1266,9 @@ impl World {
         if !late {
             self.failed_pass[slot] = matches!(outcome, Some(Err(_)));
         }
+        if let (Some(before), Some(_)) = (finalizing, &outcome) {
+            self.check_finalizer_lets_go(slot, uid.as_deref(), before);
+        }
         // an answer the process died with, or whose status write failed, was never recorded: the
         // status keeps the one before (until the next version check)
         if versions1.len() > versions0 && matches!(outcome, Some(Ok(_))) {
@@ -1270,6 +1276,49 @@ impl World {
         }
         self.collect_violations();
         outcome.map(|_| calls1 == calls0 && writes1 == writes0)
+    }
+
+    /// How many NetBird calls were answered and Kubernetes faults fired so far.
+    fn answers_and_faults(&self) -> (usize, u64) {
+        let answers = self.nb.lock().unwrap().answers.len();
+        (answers, self.kube.lock().unwrap().faults_fired)
+    }
+
+    /// Answers that will not change (issue 20; invariant 7 for the finalizer): a finalizer pass
+    /// whose every NetBird call was answered, none with a 5xx or 429 (the answers a retry may
+    /// change), and which met no Kubernetes fault, lets the instance go: the token is deleted (or
+    /// was gone), or the answer says it cannot be, and retrying would only repeat it.
+    fn check_finalizer_lets_go(&mut self, slot: usize, uid: Option<&str>, before: (usize, u64)) {
+        let (answers, fired) = before;
+        let retryable = {
+            let nb = self.nb.lock().unwrap();
+            nb.answers[answers..]
+                .iter()
+                .any(|a| !matches!(a, Some(200..=299 | 400..=428 | 430..=499)))
+        };
+        let k = self.kube.lock().unwrap();
+        let (met_fault, shutting_down) = (k.faults_fired != fired, k.shutting_down);
+        drop(k);
+        if retryable || met_fault || shutting_down {
+            return;
+        }
+        let held = self.instance(slot).filter(|nbi| {
+            nbi.metadata.uid.as_deref() == uid
+                && nbi
+                    .metadata
+                    .finalizers
+                    .iter()
+                    .flatten()
+                    .any(|f| f == controller::cleanup::FINALIZER)
+        });
+        if held.is_some() {
+            let (ns, name) = SLOTS[slot];
+            self.violate(format!(
+                "answers that will not change: the finalizer of {ns}/{name} kept the instance \
+                 after a pass whose NetBird answers retrying cannot change (no 5xx, no 429, none \
+                 lost): it must let go now, not after its timeout"
+            ));
+        }
     }
 
     /// A pass that did not end within [`PASS_LIMIT`] of the simulated clock.
@@ -2555,6 +2604,23 @@ const REGRESSIONS: &[(&str, &str)] = &[
         "the initial status says Progressing while a token is held in memory, after the urgent \
          StoringToken write failed",
         r#"[{"KubeFault":"ConflictStatus"},{"KubeFault":{"ForbidSecretPatches":3}},{"Advance":1}]"#,
+    ),
+    // the three below were found with their fix undone (docs/reliability.md, teeth3): kept so
+    // that `make test` guards the rule whatever the random search reaches
+    (
+        "a pass retries a token write the apiserver keeps refusing until it succeeds, holding \
+         its controller slot (found with the hold-after-10-s rule undone, history 9)",
+        r#"[{"KubeFault":{"ForbidSecretPatches":255}},{"Advance":1}]"#,
+    ),
+    (
+        "the shutdown deadline of a held token counted from its first failed write, not from \
+         SIGTERM (found with that defect put back, history 1533 of 5000)",
+        r#"[{"Fault":[0,{"Status":401},1]},{"Advance":1},{"KubeFault":{"ForbidSecretPatches":255}},{"Pass":0},{"Advance":1},{"Advance":13},{"Sigterm":0}]"#,
+    ),
+    (
+        "the finalizer retries an answer that will not change until its timeout (found with the \
+         let-go rule undone, history 684)",
+        r#"[{"Pass":0},{"Person":{"HandToken":0}},{"Spec":[0,{"DeletePolicy":true}]},"Settle",{"Delete":0}]"#,
     ),
 ];
 

@@ -123,6 +123,8 @@ pub struct KubeState {
     pub objects: BTreeMap<(String, String, String), Value>,
     pub events: Vec<Value>,
     pub faults: VecDeque<KubeFault>,
+    /// How many injected faults answered a request.
+    pub faults_fired: u64,
     /// Writes by the operator (through the service), for the quiet-world check.
     pub writes: Vec<String>,
     /// Secret watch events not delivered yet.
@@ -398,6 +400,7 @@ impl KubeState {
     fn take_fault(&mut self, f: impl Fn(&KubeFault) -> bool) -> Option<KubeFault> {
         let i = self.faults.iter().position(f)?;
         let fault = self.faults.remove(i)?;
+        self.faults_fired += 1;
         match fault {
             KubeFault::ForbidSecretWrites(n) if n > 1 => {
                 self.faults.insert(i, KubeFault::ForbidSecretWrites(n - 1));

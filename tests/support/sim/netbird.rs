@@ -156,6 +156,8 @@ pub struct NetbirdState {
     pub lied_about: Vec<String>,
     /// Each version answer: whether it told the latest release.
     pub version_answers: Vec<bool>,
+    /// Each call's answer: its status, or None (no answer: refused, timed out, lost).
+    pub answers: Vec<Option<u16>>,
     pub checker: Option<Checker>,
     pub now: Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>,
 }
@@ -227,6 +229,7 @@ impl NetbirdState {
             violations: Vec::new(),
             calls: 0,
             version_answers: Vec::new(),
+            answers: Vec::new(),
             lied_about: Vec::new(),
             checker: None,
             now,
@@ -773,6 +776,11 @@ impl SimulatedNetwork for Network {
             let (handled, date) = {
                 let mut st = state.lock().unwrap();
                 let out = st.handle(&request);
+                let answer = match &out {
+                    Ok((code, _, false)) if crash.is_none() => Some(*code),
+                    _ => None,
+                };
+                st.answers.push(answer);
                 let date = http_date((st.now)());
                 if let Ok((200, body, false)) = &out {
                     let plain = body["personal_access_token"]
