@@ -162,7 +162,7 @@ fn edit() -> impl Strategy<Value = Edit> {
         1 => any::<bool>().prop_map(Edit::Insecure),
         1 => any::<bool>().prop_map(Edit::Suspend),
         1 => (0u8..4).prop_map(Edit::Labels),
-        1 => (0u8..4).prop_map(Edit::Annotations),
+        1 => (0u8..5).prop_map(Edit::Annotations),
         1 => any::<bool>().prop_map(Edit::VersionCheck),
     ]
 }
@@ -351,6 +351,15 @@ impl Spec {
         match self.annotations {
             0 => {}
             3 => token["secretAnnotations"] = json!({"note": "a".repeat(262_144)}),
+            // 4: a Secret copier's annotations (the CRD's rule refuses them at admission; an
+            // instance stored before that rule keeps them)
+            4 => {
+                token["secretAnnotations"] = json!({
+                    "reflector.v1.k8s.emberstack.com/reflection-allowed": "true",
+                    "reflector.v1.k8s.emberstack.com/reflection-auto-enabled": "true",
+                    "note": "a4",
+                });
+            }
             a => token["secretAnnotations"] = json!({"note": format!("a{a}")}),
         }
         if let Some(s) = self.service_user {
@@ -2660,9 +2669,15 @@ fn the_model_matches_the_real_apiserver() {
             let h: Vec<Op> =
                 proptest::strategy::ValueTree::current(&history(25).new_tree(&mut runner).unwrap())
                     .into_iter()
-                    // (a label value stored before the CRD's rule: the real apiserver refuses it
-                    // at admission now)
-                    .filter(|op| !matches!(op, Op::KubeFault(_) | Op::Spec(_, Edit::Labels(3))))
+                    // (a label value and a copier's annotations stored before the CRD's rules:
+                    // the real apiserver refuses them at admission now)
+                    .filter(|op| {
+                        !matches!(
+                            op,
+                            Op::KubeFault(_)
+                                | Op::Spec(_, Edit::Labels(3) | Edit::Annotations(4))
+                        )
+                    })
                     .collect();
             let hh = h.clone();
             let (_, log, _) = std::thread::spawn(move || run_with(&hh, true))

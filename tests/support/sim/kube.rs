@@ -47,6 +47,31 @@ pub enum KubeFault {
 /// with a letter or digit; the annotations' keys and values together at most 262144 bytes. The
 /// answer: 422 Invalid, as the real apiserver's (tests/hostile.rs
 /// `a_secret_the_apiserver_refuses_is_an_invalid_spec` meets it).
+/// Key prefixes of well-known Secret copiers (reflector, replicator, kubed): a token Secret that
+/// carries one is copied into other namespaces. The model's own list (not the operator's), so a
+/// prefix the operator forgot is found.
+const COPIER_PREFIXES: [&str; 3] = [
+    "reflector.v1.k8s.emberstack.com/",
+    "replicator.v1.mittwald.de/",
+    "kubed.appscode.com/",
+];
+
+/// A Secret copier's key on the Secret `obj` (no person in the model puts one there).
+fn copier_key(obj: &Value) -> Option<String> {
+    ["labels", "annotations"]
+        .iter()
+        .filter_map(|m| obj["metadata"][m].as_object())
+        .flat_map(|m| m.iter())
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, _)| k)
+        .find(|k| {
+            COPIER_PREFIXES
+                .iter()
+                .any(|p| k.to_ascii_lowercase().starts_with(p))
+        })
+        .cloned()
+}
+
 pub fn invalid_metadata(obj: &Value) -> Option<String> {
     fn name_part(n: &str) -> bool {
         let b = n.as_bytes();
@@ -397,6 +422,17 @@ impl KubeState {
         }
     }
 
+    /// Trust (no spec field can make a token travel): a Secret the operator writes never carries
+    /// a Secret copier's key, whatever an instance stored before the CRD's rule asks for.
+    fn check_copier(&mut self, ns: &str, name: &str, secret: &Value) {
+        if let Some(key) = copier_key(secret) {
+            self.violations.push(format!(
+                "copier annotations: the operator wrote Secret {ns}/{name} with {key}: a Secret \
+                 copier would put the token into other namespaces"
+            ));
+        }
+    }
+
     fn take_fault(&mut self, f: impl Fn(&KubeFault) -> bool) -> Option<KubeFault> {
         let i = self.faults.iter().position(f)?;
         let fault = self.faults.remove(i)?;
@@ -648,6 +684,7 @@ impl KubeState {
                     );
                 }
                 self.writes.push(format!("create Secret {ns}/{name}"));
+                self.check_copier(ns, &name, &patch);
                 let mut obj = patch;
                 obj["metadata"]
                     .as_object_mut()
@@ -715,6 +752,7 @@ impl KubeState {
                     if let Some(why) = invalid_metadata(&obj) {
                         return invalid(name, &why);
                     }
+                    self.check_copier(ns, name, &obj);
                     let after = obj["metadata"]["annotations"][PREV].as_str();
                     if let (Some(b), Some(a)) = (&before, after)
                         && b != a
