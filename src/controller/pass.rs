@@ -433,7 +433,7 @@ impl Driver<'_, '_> {
             secrets,
             pass_inputs,
         } = self;
-        let mut read_fresh_for_setup = false;
+        let (mut read_fresh_for_setup, mut read_fresh_for_deletion) = (false, false);
         for _ in 0..16 {
             let now = ctx.now();
             let previous_use_due = previous_use_due(ctx, world, watch, now);
@@ -481,6 +481,21 @@ impl Driver<'_, '_> {
                 world.refresh_credentials(nbi, secrets).await?;
                 *credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
                 continue;
+            }
+            // a replaced token is deleted on the token Secret as the apiserver has it now: when a
+            // person changed it behind a lagging watch, what this pass found out about the token
+            // it read (verified, listed, looked at) is about another token
+            if matches!(
+                step,
+                decide::Step::DeletePreviousToken | decide::Step::RetirePreviousToken
+            ) && !read_fresh_for_deletion
+            {
+                read_fresh_for_deletion = true;
+                if world.confirm_token_secret(nbi, secrets, ctx).await? {
+                    findings.forget_token_findings();
+                    *credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
+                    continue;
+                }
             }
             let urgent = Urgent { ctx, nbi };
             if let Err(v) = steps::run(step, nbi, ctx, secrets, world, findings, &urgent).await {

@@ -90,6 +90,17 @@ pub struct Findings {
     pub malformed_token: Option<(&'static str, crate::netbird::pat::PatFormatError)>,
 }
 
+impl Findings {
+    /// Forgets what the steps found out about the token the pass read (its verification, its
+    /// user's tokens, the look at the previous one): the token Secret changed under the pass.
+    pub fn forget_token_findings(&mut self) {
+        self.verify = None;
+        self.token_list = None;
+        self.previous_use = None;
+        self.previous_deleted = None;
+    }
+}
+
 /// Everything the decision looks at.
 #[derive(Debug)]
 pub struct Facts<'a> {

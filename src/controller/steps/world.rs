@@ -88,6 +88,34 @@ impl World {
         Ok(true)
     }
 
+    /// Whether the token Secret changed since this pass read it, as the apiserver has it now
+    /// (never the watch cache, which may lag without knowing it); when it did, the world is read
+    /// anew. Before a step deletes a replaced token on the server: a person may have put another
+    /// token in, and the token verified before the deletion must be the one the Secret holds
+    /// (found by the history explorer: seed 3, a hand token behind a held watch, and the rotation's
+    /// previous token retired before it was verified).
+    pub async fn confirm_token_secret(
+        &mut self,
+        nbi: &NetbirdInstance,
+        secrets: &Secrets<'_>,
+        ctx: &Context,
+    ) -> Result<bool, Error> {
+        let name = nbi.token_secret_name();
+        let now = secrets
+            .get_uncached(&name)
+            .await
+            .map_err(|error| Error::ReadSecret {
+                name: name.clone(),
+                error,
+            })?;
+        if resource_version(&now) == self.token_secret_rv {
+            return Ok(false);
+        }
+        secrets.read_fresh_next(&name);
+        *self = Self::read_with(nbi, secrets, ctx, false).await?;
+        Ok(true)
+    }
+
     /// Reads the credentials Secret again from the apiserver itself, never the watch cache (which
     /// may lag without knowing it): what setup decides on before it sends the password (an
     /// allow-list just added must not be missed).

@@ -47,6 +47,20 @@ pub enum KubeFault {
 /// with a letter or digit; the annotations' keys and values together at most 262144 bytes. The
 /// answer: 422 Invalid, as the real apiserver's (tests/hostile.rs
 /// `a_secret_the_apiserver_refuses_is_an_invalid_spec` meets it).
+/// The length of the over-long passwords a person puts in (bytes): a number no message has
+/// another reason to hold.
+pub const LONG_PASSWORD: usize = 1187;
+
+/// Whether `text` names [`LONG_PASSWORD`] as a number of its own.
+pub fn names_long_password_length(text: &str) -> bool {
+    let n = LONG_PASSWORD.to_string();
+    text.match_indices(&n).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + n.len()..].chars().next();
+        !before.is_some_and(|c| c.is_ascii_digit()) && !after.is_some_and(|c| c.is_ascii_digit())
+    })
+}
+
 /// Key prefixes of well-known Secret copiers (reflector, replicator, kubed): a token Secret that
 /// carries one is copied into other namespaces. The model's own list (not the operator's), so a
 /// prefix the operator forgot is found.
@@ -510,6 +524,12 @@ impl KubeState {
         if !path.contains("/secrets") && (text.contains("nbp_s") || text.contains("-long-enough")) {
             self.violations.push(format!(
                 "secret hygiene: a token or a password went into the write of {path}"
+            ));
+        }
+        if !path.contains("/secrets") && names_long_password_length(&text) {
+            self.violations.push(format!(
+                "secret hygiene: the password's length (a function of it) went into the write of \
+                 {path}"
             ));
         }
     }
