@@ -77,14 +77,14 @@ fn check_inputs(f: &Facts<'_>) -> Option<Decision> {
     {
         return Some(wait);
     }
-    // the credentials Secret's owner decides where its password may go: checked before any call
-    if let Some(list) = f.allowed_servers
-        && !crate::binding::allowed(list, f.management_url)
+    // the credentials Secret's owner decides where its password may go: checked before any call,
+    // but for the instance check after a setup in flight (no password, no token: it tells whether
+    // that setup's token is lost, which is said whatever the allow-list says now; found by the
+    // history explorer: seed 3, an allow-list changed after a setup whose token was never stored)
+    if !(setup_in_flight && !holds_token)
+        && let Some(refused) = password_not_allowed(f)
     {
-        return Some(stalled(
-            Stall::ServerNotAllowed,
-            password_not_allowed_message(f, list),
-        ));
+        return Some(refused);
     }
     match f.ca {
         Input::Missing(m) => {
@@ -295,6 +295,17 @@ fn setup_failed(f: &Facts<'_>, owned: Option<&OwnedSecret>, e: &NetbirdError) ->
     }
 }
 
+/// Stalled/ServerNotAllowed when the credentials Secret's allow-list does not name the server.
+fn password_not_allowed(f: &Facts<'_>) -> Option<Decision> {
+    let list = f.allowed_servers?;
+    (!crate::binding::allowed(list, f.management_url)).then(|| {
+        stalled(
+            Stall::ServerNotAllowed,
+            password_not_allowed_message(f, list),
+        )
+    })
+}
+
 /// The way to the one-time setup: the instance status, the claim, the call.
 fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
     let p = f.findings;
@@ -319,6 +330,9 @@ fn towards_setup(f: &Facts<'_>, owned: Option<&OwnedSecret>) -> Decision {
             return stalled(Stall::TokenLost, token_lost_message(f, started));
         }
         return stalled(Stall::SetupUnavailable, setup_unavailable_message(f, false));
+    }
+    if let Some(refused) = password_not_allowed(f) {
+        return refused;
     }
     // the claim records the fingerprint of the credentials setup sends: when they changed since
     // an earlier claim (setup reads them fresh before it calls), they are claimed again first, so
