@@ -2644,6 +2644,11 @@ const REGRESSIONS: &[(&str, &str)] = &[
          the server out: ServerNotAllowed hid TokenLost (seed 3, history 2158 of 5000)",
         r#"[{"KubeFault":{"ForbidSecretPatches":255}},{"Delete":0},{"Create":1},{"Advance":1},{"Person":{"AllowList":[1,1]}},"LeaderChange"]"#,
     ),
+    (
+        "the password sent past an allow-list the fresh read had seen, after a confirmation \
+         read the watch's older copy of the credentials (seed 2, history 341)",
+        r#"[{"Fault":[0,{"Status":401},2]},{"Pass":0},"HoldWatch",{"Spec":[0,{"Url":0}]},{"Pass":0},{"Person":{"AllowList":[0,1]}},{"Advance":1},{"Spec":[0,{"Grace":0}]},{"Crash":[0,3,true]}]"#,
+    ),
     // the three below were found with their fix undone (docs/reliability.md, teeth3): kept so
     // that `make test` guards the rule whatever the random search reaches
     (
