@@ -2048,6 +2048,14 @@ impl World {
         }
         self.hold_watch = false;
         self.deliver(false);
+        // suspended instances are resumed: `suspend` observes nothing, so a token lost in a crash
+        // is said once the instance is resumed, not while it is suspended (seed 3: a crash after
+        // setup was handled, then suspend)
+        for slot in 0..SLOTS.len() {
+            if self.specs[slot].suspend {
+                self.edit_spec(slot, Edit::Suspend(false));
+            }
+        }
         self.settle().await;
         // a rotation's previous token still in its grace period is looked at (ten minutes on: a
         // consumer's last use may be recent, or not) before the grace periods end
