@@ -362,8 +362,12 @@ async fn drive(
             &mut credentials_changed,
             watch.as_ref(),
         )
-        .await?;
+        .await;
+    // what the steps found out is remembered however the pass ends: a look at the previous
+    // token's use followed by a failed read of a Secret is not made again at once (found by the
+    // history explorer: seed 3, history 2161 of 5000, and seed 6, history 307)
     driver.remember_after_steps(world, watch, &findings);
+    let verdict = verdict?;
     if findings.claimed {
         // the claim recorded the fingerprint of the credentials in use
         credentials_changed = steps::credentials_changed(nbi, ctx, world).await;
