@@ -2726,6 +2726,12 @@ const REGRESSIONS: &[(&str, &str)] = &[
          in a failed read of the token Secret (seed 3, history 2161 of 5000)",
         r#"[{"Pass":0},{"ToRenewal":0},{"KubeFault":"ServerError"},{"Advance":3600}]"#,
     ),
+    (
+        "spec.token.secretName changed while the (Delete-policy) instance was deleted: the \
+         finalizer looked at the new Secret only, and the token of the one it wrote was left \
+         valid with nothing said (seed 3, history 4357 of 5000)",
+        r#"[{"Spec":[0,{"DeletePolicy":true}]},{"Advance":1},{"Delete":0},{"Create":1},{"Spec":[0,{"SecretName":1}]}]"#,
+    ),
     // the three below were found with their fix undone (docs/reliability.md, teeth3): kept so
     // that `make test` guards the rule whatever the random search reaches
     (

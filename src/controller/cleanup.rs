@@ -76,6 +76,70 @@ pub async fn on_delete(
     if !has_finalizer(nbi) {
         return Ok(Action::await_change());
     }
+    // the Secrets the instance wrote under an earlier spec.token.secretName hold tokens too (its
+    // owner reference takes them with it): each is cleaned up like the one the spec names (found
+    // by the history explorer: seed 3, history 4357, a secretName changed while the instance was
+    // deleted, and its token left valid with nothing said)
+    for name in earlier_token_secrets(nbi, ctx).await? {
+        let mut earlier = nbi.clone();
+        earlier.spec.token.secret_name = name;
+        if let Some(retry_in) = clean_up(&earlier, ctx, secrets, attempt).await? {
+            return Ok(Action::requeue(retry_in));
+        }
+    }
+    if let Some(retry_in) = clean_up(nbi, ctx, secrets, attempt).await? {
+        return Ok(Action::requeue(retry_in));
+    }
+    remove_finalizer(nbi, api).await
+}
+
+/// The Secrets in the instance's namespace that carry the operator's labels for it, other than the
+/// one the spec names now, and that still hold a token.
+async fn earlier_token_secrets(nbi: &NetbirdInstance, ctx: &Context) -> Result<Vec<String>, Error> {
+    let current = nbi.token_secret_name();
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(
+        ctx.client.clone(),
+        nbi.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    let selector = format!(
+        "{}={},{}={}",
+        token_secret::LABEL_MANAGED_BY,
+        token_secret::MANAGED_BY,
+        token_secret::LABEL_INSTANCE,
+        nbi.name_any()
+    );
+    let listed = api
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await
+        .map_err(|error| Error::ReadSecret {
+            name: format!("({selector})"),
+            error,
+        })?;
+    Ok(listed
+        .items
+        .into_iter()
+        .filter(|s| s.metadata.name.as_deref() != Some(current.as_str()))
+        .filter(|s| {
+            let key = s
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(token_secret::ANN_TOKEN_KEY))
+                .map_or(nbi.spec.token.secret_key.as_str(), String::as_str);
+            s.data.as_ref().is_some_and(|d| d.contains_key(key))
+        })
+        .filter_map(|s| s.metadata.name)
+        .collect())
+}
+
+/// Deletes the token of the Secret the spec of `nbi` names, if it may be sent: None when done (or
+/// when retrying cannot change the answer: let go), Some(delay) to retry.
+async fn clean_up(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+    secrets: &super::secrets::Secrets<'_>,
+    attempt: u32,
+) -> Result<Option<Duration>, Error> {
     // the token to delete is the one the Secret holds now, not the one a lagging watch last
     // reported (a person may have put another in)
     secrets.read_fresh_next(&nbi.token_secret_name());
@@ -85,7 +149,7 @@ pub async fn on_delete(
         .or_else(|| another_server(nbi, &world))
     {
         publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
-        return remove_finalizer(nbi, api).await;
+        return Ok(None);
     }
     let outcome = delete_token(nbi, &world).await;
     match &outcome {
@@ -102,21 +166,25 @@ pub async fn on_delete(
         }
         Err(e) => {
             if let Some(retry_in) = deletion_failed(nbi, ctx, attempt, e).await {
-                return Ok(Action::requeue(retry_in));
+                return Ok(Some(retry_in));
             }
         }
     }
-    if outcome.is_ok() {
+    // (a Secret without a token has nothing to report)
+    if outcome.is_ok() && world.token().is_some() {
         publish(
             ctx,
             nbi,
             EventType::Normal,
             "TokenDeleted",
-            "the token was deleted on the NetBird server".into(),
+            format!(
+                "the token of Secret {} was deleted on the NetBird server",
+                nbi.token_secret_name()
+            ),
         )
         .await;
     }
-    remove_finalizer(nbi, api).await
+    Ok(None)
 }
 
 /// A token not sent because a person took the Secret over: logs it, and returns the Event's note.

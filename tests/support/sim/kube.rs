@@ -182,6 +182,8 @@ pub struct KubeState {
     pub faults: VecDeque<KubeFault>,
     /// How many injected faults answered a request.
     pub faults_fired: u64,
+    /// The query of the request being handled (a list's `labelSelector`).
+    query: String,
     /// Writes by the operator (through the service), for the quiet-world check.
     pub writes: Vec<String>,
     /// Secret watch events not delivered yet.
@@ -454,6 +456,40 @@ impl KubeState {
         }
     }
 
+    /// The namespace's Secrets that carry every label of the request's `labelSelector` (only
+    /// `key=value` terms, what the operator sends).
+    fn list_secrets(&self, ns: &str) -> Value {
+        let selector = self
+            .query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("labelSelector="))
+            .map(|v| {
+                url::form_urlencoded::parse(format!("s={v}").as_bytes())
+                    .map(|(_, v)| v.into_owned())
+                    .next()
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        let terms: Vec<(&str, &str)> = selector
+            .split(',')
+            .filter_map(|t| t.split_once('='))
+            .collect();
+        let items: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|((r, n, _), _)| r == "secrets" && n == ns)
+            .map(|(_, v)| v)
+            .filter(|v| {
+                terms
+                    .iter()
+                    .all(|(k, want)| v["metadata"]["labels"][*k].as_str() == Some(*want))
+            })
+            .cloned()
+            .collect();
+        json!({"apiVersion": "v1", "kind": "SecretList",
+            "metadata": {"resourceVersion": self.rv.to_string()}, "items": items})
+    }
+
     /// Trust (no spec field can make a token travel): a Secret the operator writes never carries
     /// a Secret copier's key, whatever an instance stored before the CRD's rule asks for.
     fn check_copier(&mut self, ns: &str, name: &str, secret: &Value) {
@@ -696,6 +732,7 @@ impl KubeState {
                 (200, ev)
             }
             (_, "events", _) => (200, json!({})),
+            ("GET", "secrets", None) => (200, self.list_secrets(ns)),
             ("GET", r, Some(name)) => match self.get(r, ns, name) {
                 Some(v) => (200, v.clone()),
                 None => (
@@ -832,6 +869,7 @@ pub fn client(state: Shared, calls: Arc<Calls>, epoch: u64) -> kube::Client {
                 .unwrap_or_default();
             let method = parts.method.to_string();
             let path = parts.uri.path().to_string();
+            let query = parts.uri.query().unwrap_or_default().to_string();
             let counts = method != "GET" && !path.contains("/events");
             let crash = if counts {
                 calls.tick(epoch)
@@ -843,7 +881,11 @@ pub fn client(state: Shared, calls: Arc<Calls>, epoch: u64) -> kube::Client {
             if crash == Some(false) {
                 futures::future::pending::<()>().await;
             }
-            let (code, value) = state.lock().unwrap().handle(&method, &path, &body);
+            let (code, value) = {
+                let mut st = state.lock().unwrap();
+                st.query = query;
+                st.handle(&method, &path, &body)
+            };
             if method != "GET" || code != 200 {
                 super::trace(|| {
                     format!(
