@@ -21,7 +21,7 @@ use netbird_operator::crd::NetbirdInstance;
 use netbird_operator::netbird::{ClientOptions, NetbirdClient};
 use secrecy::SecretString;
 use serde_json::json;
-use support::node::{self, HOST_IP, Node};
+use support::node::{self, Cleanup, HOST_IP, Node};
 use support::{NetbirdServer, ready_is};
 use tokio::sync::Mutex;
 
@@ -38,14 +38,6 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{:05x}", h.finish() & 0xf_ffff)
 }
 
-/// Removes what a test installed, even when it fails: the helm release (when named) and its
-/// namespace.
-struct Cleanup {
-    node: &'static Node,
-    namespace: String,
-    release: Option<String>,
-}
-
 /// Runs kubectl with these arguments when dropped (a test's cluster-scoped leftovers).
 struct KubectlOnDrop(&'static Node, Vec<String>);
 
@@ -53,23 +45,6 @@ impl Drop for KubectlOnDrop {
     fn drop(&mut self) {
         let args: Vec<&str> = self.1.iter().map(String::as_str).collect();
         let _ = self.0.run(&self.0.kubectl, &args, None);
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(r) = &self.release {
-            let _ = self.node.run(
-                &self.node.helm,
-                &["uninstall", r, "-n", &self.namespace, "--wait=false"],
-                None,
-            );
-        }
-        let _ = self.node.run(
-            &self.node.kubectl,
-            &["delete", "namespace", &self.namespace, "--wait=false"],
-            None,
-        );
     }
 }
 

@@ -27,7 +27,7 @@ use kube::{Client, ResourceExt};
 use netbird_operator::crd::NetbirdInstance;
 use serde_json::json;
 use support::fake_netbird::FakeFleet;
-use support::node::{self, HOST_IP, Node};
+use support::node::{self, Cleanup, HOST_IP, Node};
 
 const RELEASE: &str = "nbop";
 const CHART: &str = support::chart::CHART;
@@ -279,28 +279,6 @@ async fn until_idle(pid: u32, limit: Duration) -> Duration {
     t0.elapsed()
 }
 
-/// Removes the release and the namespace, even when the test fails (the node itself goes when the
-/// process ends).
-struct Cleanup {
-    node: &'static Node,
-    namespace: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = self.node.run(
-            &self.node.helm,
-            &["uninstall", RELEASE, "-n", &self.namespace, "--wait=false"],
-            None,
-        );
-        let _ = self.node.run(
-            &self.node.kubectl,
-            &["delete", "namespace", &self.namespace, "--wait=false"],
-            None,
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charts_pod_holds_a_fleet() {
     let Some((size, own)) = fleet_spec() else {
@@ -328,6 +306,7 @@ async fn the_charts_pod_holds_a_fleet() {
     let _cleanup = Cleanup {
         node,
         namespace: ns.clone(),
+        release: Some(RELEASE.to_string()),
     };
     Api::<Namespace>::all(client.clone())
         .create(

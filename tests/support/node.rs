@@ -189,6 +189,31 @@ fn run_script(script: &str, args: &[String], env: &[(&str, String)]) -> String {
     text
 }
 
+/// Removes what a test installed on the node, even when it fails: the helm release (when named)
+/// and its namespace (the node itself goes when the process ends).
+pub struct Cleanup {
+    pub node: &'static Node,
+    pub namespace: String,
+    pub release: Option<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(r) = &self.release {
+            let _ = self.node.run(
+                &self.node.helm,
+                &["uninstall", r, "-n", &self.namespace, "--wait=false"],
+                None,
+            );
+        }
+        let _ = self.node.run(
+            &self.node.kubectl,
+            &["delete", "namespace", &self.namespace, "--wait=false"],
+            None,
+        );
+    }
+}
+
 impl Node {
     /// The node of this test process, started on first use; None (after one loud line) where node
     /// tests cannot run.
