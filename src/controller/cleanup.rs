@@ -76,27 +76,32 @@ pub async fn on_delete(
     if !has_finalizer(nbi) {
         return Ok(Action::await_change());
     }
-    // the Secrets the instance wrote under an earlier spec.token.secretName hold tokens too (its
-    // owner reference takes them with it): each is cleaned up like the one the spec names (found
-    // by the history explorer: seed 3, history 4357, a secretName changed while the instance was
-    // deleted, and its token left valid with nothing said)
-    for name in earlier_token_secrets(nbi, ctx).await? {
-        let mut earlier = nbi.clone();
-        earlier.spec.token.secret_name = name;
-        if let Some(retry_in) = clean_up(&earlier, ctx, secrets, attempt).await? {
+    // every token the instance's Secrets hold goes: the one the spec names, and those it wrote
+    // under an earlier spec.token.secretName or secretKey (its owner reference takes those
+    // Secrets with it), each like the first (found by the history explorer: seed 3, history 4357,
+    // a secretName or a secretKey changed while the instance was deleted, and the token left valid
+    // with nothing said)
+    for (name, key) in token_places(nbi, ctx).await? {
+        let mut place = nbi.clone();
+        place.spec.token.secret_name = name;
+        place.spec.token.secret_key = key;
+        if let Some(retry_in) = clean_up(&place, ctx, secrets, attempt).await? {
             return Ok(Action::requeue(retry_in));
         }
-    }
-    if let Some(retry_in) = clean_up(nbi, ctx, secrets, attempt).await? {
-        return Ok(Action::requeue(retry_in));
     }
     remove_finalizer(nbi, api).await
 }
 
-/// The Secrets in the instance's namespace that carry the operator's labels for it, other than the
-/// one the spec names now, and that still hold a token.
-async fn earlier_token_secrets(nbi: &NetbirdInstance, ctx: &Context) -> Result<Vec<String>, Error> {
-    let current = nbi.token_secret_name();
+/// Where the instance's tokens are, as (Secret, key): the Secret and key the spec names (first,
+/// whatever they hold: a Secret taken over or gone is reported as before), then every other
+/// Secret of the instance (the operator's labels, owned by this instance) and key (the one its
+/// records name, the spec's) that holds a token.
+async fn token_places(
+    nbi: &NetbirdInstance,
+    ctx: &Context,
+) -> Result<Vec<(String, String)>, Error> {
+    let spec_key = nbi.spec.token.secret_key.clone();
+    let mut places = vec![(nbi.token_secret_name(), spec_key.clone())];
     let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(
         ctx.client.clone(),
         nbi.metadata.namespace.as_deref().unwrap_or_default(),
@@ -115,21 +120,34 @@ async fn earlier_token_secrets(nbi: &NetbirdInstance, ctx: &Context) -> Result<V
             name: format!("({selector})"),
             error,
         })?;
-    Ok(listed
-        .items
-        .into_iter()
-        .filter(|s| s.metadata.name.as_deref() != Some(current.as_str()))
-        .filter(|s| {
-            let key = s
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(token_secret::ANN_TOKEN_KEY))
-                .map_or(nbi.spec.token.secret_key.as_str(), String::as_str);
-            s.data.as_ref().is_some_and(|d| d.contains_key(key))
-        })
-        .filter_map(|s| s.metadata.name)
-        .collect())
+    let uid = nbi.uid();
+    for s in listed.items {
+        let owned = s
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| Some(&o.uid) == uid.as_ref());
+        let (Some(name), Some(data)) = (s.metadata.name.as_ref(), s.data.as_ref()) else {
+            continue;
+        };
+        if !owned {
+            continue;
+        }
+        let recorded = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(token_secret::ANN_TOKEN_KEY))
+            .cloned();
+        for key in recorded.into_iter().chain([spec_key.clone()]) {
+            let place = (name.clone(), key);
+            if data.contains_key(&place.1) && !places.contains(&place) {
+                places.push(place);
+            }
+        }
+    }
+    Ok(places)
 }
 
 /// Deletes the token of the Secret the spec of `nbi` names, if it may be sent: None when done (or
