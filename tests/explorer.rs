@@ -1814,6 +1814,27 @@ impl World {
                 .collect()
         };
         let overwritten = self.kube.lock().unwrap().overwritten_previous.clone();
+        // tokens the live process still holds in memory are not lost: the operator's memory
+        // holds a write with a token for the instance whose Secret's write carried it, and its
+        // status says StoringToken (the "which message won" invariant holds every status write to
+        // that), e.g. when a person took the labels off the Secret, which the operator then never
+        // writes (seed 8, history 1424)
+        let in_memory: Vec<String> = {
+            let k = self.kube.lock().unwrap();
+            k.in_memory
+                .iter()
+                .filter(|(ns, secret, _)| {
+                    SLOTS.iter().enumerate().any(|(slot, (sns, name))| {
+                        sns == ns
+                            && self.specs[slot].secret_name(name) == *secret
+                            && k.get("netbirdinstances", ns, name)
+                                .and_then(|v| v["metadata"]["uid"].as_str())
+                                .is_some_and(|uid| self.ctx.holds_token(uid))
+                    })
+                })
+                .map(|(_, _, t)| t.clone())
+                .collect()
+        };
         let said = {
             let k = self.kube.lock().unwrap();
             let events = k
@@ -1859,6 +1880,7 @@ impl World {
                 .filter(|t| t.expires_at > now);
             if let Some(t) = alive
                 && !held.contains(&i.plain)
+                && !in_memory.contains(&i.plain)
                 && !previous.contains(&t.id)
                 && !overwritten.contains(&t.id)
                 && !self.dropped_by_person.contains(&t.id)

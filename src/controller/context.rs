@@ -167,6 +167,13 @@ impl Context {
         self.memory.forget(uid, &self.metrics);
     }
 
+    /// Whether a token Secret write carrying a token NetBird issued is held in memory for the
+    /// instance (its Secret could not be written; the status says StoringToken). For the history
+    /// explorer: such a token is held, not lost.
+    pub fn holds_token(&self, uid: &str) -> bool {
+        self.memory.holds_token(uid)
+    }
+
     /// How many instances the passes remember something about.
     pub fn remembered(&self) -> usize {
         self.memory.remembered()

@@ -198,6 +198,15 @@ impl Memory {
             .map(|held| *held)
     }
 
+    /// Whether a write that carries a token is held for the instance.
+    pub(super) fn holds_token(&self, uid: &str) -> bool {
+        lock(&self.memories)
+            .live
+            .get(uid)
+            .and_then(|m| m.held_write.as_ref())
+            .is_some_and(|held| held.holds_token)
+    }
+
     /// Every held write, taken out of memory (at shutdown).
     pub(super) fn take_all_held_writes(&self) -> Vec<steps::HeldWrite> {
         lock(&self.memories)
