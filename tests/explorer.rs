@@ -1242,6 +1242,7 @@ impl World {
                 if let Some(mut obj) = secret {
                     let ns = SLOTS[slot as usize].0;
                     self.dropped_by_person.extend(dropped(&obj));
+                    self.drop_claim(slot as usize, &obj);
                     obj["metadata"]["labels"] = json!({});
                     self.kube.lock().unwrap().put("secrets", ns, &sname, obj);
                 }
@@ -1250,6 +1251,7 @@ impl World {
                 let (sname, secret) = self.token_secret(slot as usize);
                 if let Some(obj) = secret {
                     self.dropped_by_person.extend(dropped(&obj));
+                    self.drop_claim(slot as usize, &obj);
                     let ns = SLOTS[slot as usize].0;
                     self.kube.lock().unwrap().remove("secrets", ns, &sname);
                 }
@@ -1267,6 +1269,25 @@ impl World {
                 }
             }
         }
+    }
+
+    /// A person who deletes (or takes over) a token Secret that claims a setup in flight
+    /// (`setup-started-at`) removes the operator's only record of that setup: its token, if the
+    /// server issued one the operator never received, can no longer be told lost (the contract's
+    /// step 3 ties TokenLost to that record; seeds 4 and 9 found the case: a crash between the
+    /// handled setup and its answer, then the Secret deleted).
+    fn drop_claim(&mut self, slot: usize, secret: &Value) {
+        if secret["metadata"]["annotations"]["bootstrap.netbird.io/setup-started-at"].is_null() {
+            return;
+        }
+        let server = usize::from(self.specs[slot].url == 2);
+        let nb = self.nb.lock().unwrap();
+        let undelivered = nb
+            .issued
+            .iter()
+            .filter(|i| i.server == server && !i.delivered)
+            .map(|i| i.plain.clone());
+        self.dropped_by_person.extend(undelivered);
     }
 
     /// A person puts `plain` into the slot's token Secret (creating it with the operator's labels
