@@ -1273,21 +1273,29 @@ impl World {
 
     /// A person who deletes (or takes over) a token Secret that claims a setup in flight
     /// (`setup-started-at`) removes the operator's only record of that setup: its token, if the
-    /// server issued one the operator never received, can no longer be told lost (the contract's
-    /// step 3 ties TokenLost to that record; seeds 4 and 9 found the case: a crash between the
-    /// handled setup and its answer, then the Secret deleted).
+    /// server issued one that no Secret holds (never received, or received and lost in a crash
+    /// before it was stored), can no longer be told lost (the contract's step 3 ties TokenLost to
+    /// that record; seeds 4 and 9 found the case: a crash in the setup, then the Secret deleted).
     fn drop_claim(&mut self, slot: usize, secret: &Value) {
         if secret["metadata"]["annotations"]["bootstrap.netbird.io/setup-started-at"].is_null() {
             return;
         }
         let server = usize::from(self.specs[slot].url == 2);
+        let stored: Vec<String> = {
+            let k = self.kube.lock().unwrap();
+            k.objects
+                .iter()
+                .filter(|((r, _, _), _)| r == "secrets")
+                .flat_map(|(_, v)| held_tokens(v))
+                .collect()
+        };
         let nb = self.nb.lock().unwrap();
-        let undelivered = nb
+        let unstored = nb
             .issued
             .iter()
-            .filter(|i| i.server == server && !i.delivered)
+            .filter(|i| i.server == server && !stored.contains(&i.plain))
             .map(|i| i.plain.clone());
-        self.dropped_by_person.extend(undelivered);
+        self.dropped_by_person.extend(unstored);
     }
 
     /// A person puts `plain` into the slot's token Secret (creating it with the operator's labels

@@ -39,6 +39,19 @@ pub enum KubeFault {
     ForbidSecretPatches(u8),
 }
 
+impl KubeFault {
+    /// What is left of a counted fault once it answered a request.
+    fn rest(self) -> Option<KubeFault> {
+        match self {
+            KubeFault::ForbidSecretWrites(n) if n > 1 => Some(KubeFault::ForbidSecretWrites(n - 1)),
+            KubeFault::ForbidSecretPatches(n) if n > 1 => {
+                Some(KubeFault::ForbidSecretPatches(n - 1))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What the apiserver checks of a Secret's metadata (k8s.io/apimachinery validation:
 /// `ValidateLabels`, `ValidateAnnotations`): label keys and annotation keys (in lower case) are
 /// qualified names (an optional DNS subdomain prefix of at most 253 characters and `/`, then a
@@ -505,14 +518,8 @@ impl KubeState {
         let i = self.faults.iter().position(f)?;
         let fault = self.faults.remove(i)?;
         self.faults_fired += 1;
-        match fault {
-            KubeFault::ForbidSecretWrites(n) if n > 1 => {
-                self.faults.insert(i, KubeFault::ForbidSecretWrites(n - 1));
-            }
-            KubeFault::ForbidSecretPatches(n) if n > 1 => {
-                self.faults.insert(i, KubeFault::ForbidSecretPatches(n - 1));
-            }
-            _ => {}
+        if let Some(rest) = fault.rest() {
+            self.faults.insert(i, rest);
         }
         Some(fault)
     }
