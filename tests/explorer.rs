@@ -1944,16 +1944,29 @@ impl World {
         // servers some live instance reaches: only a live instance can say anything, and only
         // about a server its calls reach (URLS[1], a wrong path prefix, gets a proxy's 404: the
         // status says the URL looks wrong; seed 13, history 795)
-        let watched: Vec<usize> = (0..3)
+        // (and by the instance whose pass asked for the token: another instance on the same
+        // server cannot know of it; seed 13, history 1659)
+        let reaching: Vec<(usize, (String, String))> = (0..3)
             .filter(|&s| self.live(s) && self.specs[s].url != 1)
-            .map(|s| usize::from(self.specs[s].url == 2))
+            .map(|s| {
+                let (ns, name) = SLOTS[s];
+                (
+                    usize::from(self.specs[s].url == 2),
+                    (ns.to_string(), name.to_string()),
+                )
+            })
             .collect();
+        let owed = |i: &sim::netbird::Issued| {
+            reaching.iter().any(|(server, who)| {
+                *server == i.server && i.instance.as_ref().is_none_or(|x| x == who)
+            })
+        };
         let nb = self.nb.lock().unwrap();
         let mut lost = Vec::new();
         for i in nb
             .issued
             .iter()
-            .filter(|i| watched.contains(&i.server) && !nb.lied_about.contains(&i.plain))
+            .filter(|i| owed(i) && !nb.lied_about.contains(&i.plain))
         {
             let alive = nb.servers[i.server]
                 .tokens

@@ -84,6 +84,8 @@ pub struct Issued {
     pub server: usize,
     pub plain: String,
     pub delivered: bool,
+    /// The instance (namespace, name) whose pass asked for it.
+    pub instance: Option<(String, String)>,
 }
 
 pub struct Server {
@@ -437,6 +439,11 @@ impl NetbirdState {
     }
 
     /// The user a request authenticates as (the auth middleware).
+    /// The instance whose pass makes the call being handled.
+    fn calling(&self) -> Option<(String, String)> {
+        self.caller.as_ref().and_then(|c| c.lock().unwrap().clone())
+    }
+
     fn caller(&mut self, s: usize, token: Option<&str>) -> Result<User, (u16, Value)> {
         let Some(token) = token else {
             return Err(json_error(401, "no valid authentication provided"));
@@ -599,6 +606,7 @@ impl NetbirdState {
                         server: s,
                         plain: t.plain.clone(),
                         delivered: false,
+                        instance: self.calling(),
                     });
                     (
                         200,
@@ -724,6 +732,7 @@ impl NetbirdState {
                 server: s,
                 plain: t.plain.clone(),
                 delivered: false,
+                instance: self.calling(),
             });
             out["personal_access_token"] = json!(t.plain);
         }
