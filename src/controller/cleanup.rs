@@ -169,7 +169,7 @@ async fn clean_up(
         publish(ctx, nbi, EventType::Warning, "TokenNotDeleted", note).await;
         return Ok(None);
     }
-    let outcome = delete_token(nbi, &world).await;
+    let outcome = delete_token(nbi, &world, ctx.now()).await;
     match &outcome {
         Ok(what) => info!(what = %what, "token cleanup done"),
         Err(e) if !e.is_transient() => {
@@ -329,6 +329,11 @@ enum DeleteTokenError {
          name: it is not the token the operator recorded (put in by hand?)"
     )]
     NotTheRecordedToken,
+    #[error(
+        "NetBird does not know the token yet (issued {0} s ago: a replicated server may not have \
+         it everywhere); looking again"
+    )]
+    NotYetKnown(i64),
     /// NetBird's error says which call failed.
     #[error(transparent)]
     Netbird(#[from] crate::netbird::NetbirdError),
@@ -339,6 +344,7 @@ impl DeleteTokenError {
     fn is_transient(&self) -> bool {
         match self {
             DeleteTokenError::Netbird(e) => e.is_transient(),
+            DeleteTokenError::NotYetKnown(_) => true,
             DeleteTokenError::NoClient
             | DeleteTokenError::UnknownId
             | DeleteTokenError::NotTheRecordedToken => false,
@@ -347,7 +353,15 @@ impl DeleteTokenError {
 }
 
 /// Deletes the stored token on the server. Ok(description) when there is nothing (more) to do.
-async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, DeleteTokenError> {
+/// How long after a token was issued a server that does not know it may just not have it yet (a
+/// replicated NetBird): the finalizer does not take such an answer for "already invalid" then.
+const NEW_TOKEN_LAG: i64 = 60;
+
+async fn delete_token(
+    nbi: &NetbirdInstance,
+    world: &World,
+    now: jiff::Timestamp,
+) -> Result<String, DeleteTokenError> {
     let Some(token) = world.token() else {
         return Ok("no token in the Secret".into());
     };
@@ -363,7 +377,18 @@ async fn delete_token(nbi: &NetbirdInstance, world: &World) -> Result<String, De
     delete_exchange_replaced(client, world).await?;
     let user = match verify(client, token, service_user_id).await {
         Ok(u) => u,
-        Err(e) if e.is_token_rejected() => return Ok("the token was already invalid".into()),
+        // a token issued moments ago that the server does not know yet is not taken for gone
+        // (its rotation's previous token would be left valid too; found by the history explorer:
+        // seed 13, history 1805, a rotation on a lagging server, then the deletion)
+        Err(e) if e.is_token_rejected() => {
+            let age = secret
+                .and_then(token_secret::OwnedSecret::issued_at)
+                .map(|at| now.duration_since(at).as_secs());
+            if let Some(age) = age.filter(|a| (0..NEW_TOKEN_LAG).contains(a)) {
+                return Err(DeleteTokenError::NotYetKnown(age));
+            }
+            return Ok("the token was already invalid".into());
+        }
         Err(e) => return Err(e.into()),
     };
     delete_rotation_replaced(client, world, token, &user.id).await?;

@@ -175,6 +175,11 @@ impl OwnedSecret {
         self.annotation(key)?.parse().ok()
     }
 
+    /// When the stored token was issued, when known.
+    pub fn issued_at(&self) -> Option<jiff::Timestamp> {
+        self.time(ANN_ISSUED_AT)
+    }
+
     /// When the stored token was issued and when it expires, when both are known.
     pub fn lifetime(&self) -> Option<(jiff::Timestamp, jiff::Timestamp)> {
         let issued = self.time(ANN_ISSUED_AT)?;
