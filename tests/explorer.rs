@@ -1332,14 +1332,7 @@ impl World {
             return;
         }
         let server = usize::from(self.specs[slot].url == 2);
-        let stored: Vec<String> = {
-            let k = self.kube.lock().unwrap();
-            k.objects
-                .iter()
-                .filter(|((r, _, _), _)| r == "secrets")
-                .flat_map(|(_, v)| held_tokens(v))
-                .collect()
-        };
+        let stored = self.stored_tokens();
         let nb = self.nb.lock().unwrap();
         let unstored = nb
             .issued
@@ -1883,18 +1876,21 @@ impl World {
         }
     }
 
+    /// The tokens every Secret holds now.
+    fn stored_tokens(&self) -> Vec<String> {
+        let k = self.kube.lock().unwrap();
+        k.objects
+            .iter()
+            .filter(|((r, _, _), _)| r == "secrets")
+            .flat_map(|(_, v)| held_tokens(v))
+            .collect()
+    }
+
     /// Invariant 5 at the end: every token NetBird issued to the operator that still works is
     /// in a Secret, or its loss was said (ERROR log, Event, status).
     fn check_lost_tokens(&mut self) {
         let now = self.now();
-        let held: Vec<String> = {
-            let k = self.kube.lock().unwrap();
-            k.objects
-                .iter()
-                .filter(|((r, _, _), _)| r == "secrets")
-                .flat_map(|(_, v)| held_tokens(v))
-                .collect()
-        };
+        let held = self.stored_tokens();
         // a rotated-away token inside its grace period is recorded by its id
         let previous: Vec<String> = {
             let k = self.kube.lock().unwrap();
